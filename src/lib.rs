@@ -1,0 +1,29 @@
+//! The wire contracts shared by `memoh-agent` and `container-server`.
+//!
+//! - [`pb`]: code generated from `proto/` (the container service of WIRE.md and the agent's
+//!   control API), plus [`FILE_DESCRIPTOR_SET`] for gRPC server reflection.
+//! - [`limits`]: sizes and defaults both sides must agree on.
+//! - [`client`]: the typed client of `mcpcontainer.ContainerService`, with per-call deadlines on
+//!   unary calls, none on streams, and optional bearer-token / bot-routing metadata.
+
+pub mod client;
+pub mod limits;
+
+/// Generated protobuf and gRPC code.
+pub mod pb {
+    /// `mcpcontainer`: the in-container server's API (WIRE.md).
+    #[allow(missing_docs, clippy::all)]
+    pub mod mcpcontainer {
+        tonic::include_proto!("mcpcontainer");
+    }
+    /// `memoh.agent.v1`: the host agent's control API.
+    #[allow(missing_docs, clippy::all)]
+    pub mod agent {
+        tonic::include_proto!("memoh.agent.v1");
+    }
+}
+
+/// Encoded `FileDescriptorSet` of every proto in `proto/`, for gRPC reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("descriptor");
+
+pub use client::{ContainerClient, ExecResult};
