@@ -1,0 +1,115 @@
+//! The agent's TOML configuration. Every key is optional; defaults follow DESIGN.md.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::error::AgentError;
+
+/// Default location of the configuration file.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/memoh/agent.toml";
+
+/// The agent's settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// containerd's gRPC socket.
+    pub containerd_socket: PathBuf,
+    /// containerd namespace holding the bots' containers, images and snapshots.
+    pub namespace: String,
+    /// Snapshotter for bot root filesystems.
+    pub snapshotter: String,
+    /// OCI runtime of the bots' tasks.
+    pub runtime: String,
+    /// Image used when a bot is created without one.
+    pub image: String,
+    /// CNI network configuration directory (`*.conflist`, `*.conf`).
+    pub cni_conf_dir: PathBuf,
+    /// CNI plugin directories, searched in order.
+    pub cni_bin_dirs: Vec<PathBuf>,
+    /// Name of the CNI network bots join.
+    pub cni_network: String,
+    /// Bridge of the default network (used when the agent writes the default conflist).
+    pub cni_bridge: String,
+    /// Subnet of the default network.
+    pub cni_subnet: String,
+    /// Root of legacy bind-mounted data (`<data_root>/bots/<bot>`).
+    pub data_root: PathBuf,
+    /// The agent's own state: per-bot logs, CNI results, network namespaces' records.
+    pub state_dir: PathBuf,
+    /// Unix socket of the control API.
+    pub control_socket: PathBuf,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            containerd_socket: "/run/containerd/containerd.sock".into(),
+            namespace: "default".into(),
+            snapshotter: "overlayfs".into(),
+            runtime: "io.containerd.runc.v2".into(),
+            image: "docker.io/memohai/mcp:latest".into(),
+            cni_conf_dir: "/etc/cni/net.d".into(),
+            cni_bin_dirs: vec!["/opt/cni/bin".into(), "/usr/lib/cni".into()],
+            cni_network: "memoh-cni".into(),
+            cni_bridge: "cni0".into(),
+            cni_subnet: "10.88.0.0/16".into(),
+            data_root: "/var/lib/memoh".into(),
+            state_dir: "/var/lib/memoh-agent".into(),
+            control_socket: "/run/memoh/agent.sock".into(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads `path`; a missing file at the default location means all defaults.
+    pub fn load(path: Option<&Path>) -> Result<Self, AgentError> {
+        let (path, must_exist) = match path {
+            Some(p) => (p.to_path_buf(), true),
+            None => (PathBuf::from(DEFAULT_CONFIG_PATH), false),
+        };
+        match std::fs::read_to_string(&path) {
+            Ok(text) => Self::parse(&text).map_err(|e| AgentError::Config {
+                path: path.clone(),
+                reason: e,
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !must_exist => {
+                Ok(Self::default())
+            }
+            Err(e) => Err(AgentError::Config {
+                path,
+                reason: e.to_string(),
+            }),
+        }
+    }
+
+    /// Parses TOML text.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e| e.message().to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_config_is_defaults() {
+        let c = Config::parse("").unwrap();
+        assert_eq!(c.namespace, "default");
+        assert_eq!(c.cni_network, "memoh-cni");
+    }
+
+    #[test]
+    fn unknown_key_is_an_error() {
+        let e = Config::parse("nope = 1").unwrap_err();
+        assert!(e.contains("unknown field"), "{e}");
+    }
+
+    #[test]
+    fn keys_override() {
+        let c = Config::parse("namespace = \"test\"\ncni_bin_dirs = [\"/x\"]").unwrap();
+        assert_eq!(c.namespace, "test");
+        assert_eq!(c.cni_bin_dirs, vec![PathBuf::from("/x")]);
+    }
+}

@@ -1,0 +1,180 @@
+//! The agent's one error type and its mapping to gRPC statuses.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong in the agent. Messages are lowercase and name the problem.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The configuration file could not be read or parsed.
+    #[error("config {path}: {reason}")]
+    Config {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A bot id that does not match `[-_a-zA-Z0-9]+`.
+    #[error("invalid bot id {0:?}: use letters, digits, '-' and '_'")]
+    InvalidBotId(String),
+    /// No such bot.
+    #[error("unknown bot {0:?}")]
+    UnknownBot(String),
+    /// The bot already exists.
+    #[error("bot {0:?} already exists")]
+    BotExists(String),
+    /// The bot exists but is not running or not reachable.
+    #[error("bot {bot:?} is unavailable: {reason}")]
+    BotUnavailable {
+        /// The bot.
+        bot: String,
+        /// Why.
+        reason: String,
+    },
+    /// containerd could not be reached at all.
+    #[error("containerd unreachable at {socket}: {reason}")]
+    ContainerdUnreachable {
+        /// The socket tried.
+        socket: PathBuf,
+        /// The connection error.
+        reason: String,
+    },
+    /// A containerd call failed.
+    #[error("containerd {op}: {status}")]
+    Containerd {
+        /// The operation, e.g. "create container mcp-a".
+        op: String,
+        /// containerd's answer.
+        status: tonic::Status,
+    },
+    /// An image reference that cannot be parsed.
+    #[error("invalid image reference {reference:?}: {reason}")]
+    InvalidImageRef {
+        /// The reference as given.
+        reference: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The image is not in containerd's image store.
+    #[error("image {0:?} not found; import or pull it first")]
+    ImageNotFound(String),
+    /// An image archive or registry answer that cannot be used.
+    #[error("image {reference:?}: {reason}")]
+    Image {
+        /// The image or archive.
+        reference: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// A CNI plugin or network set-up step failed.
+    #[error("network {op}: {reason}")]
+    Network {
+        /// The step, e.g. "cni add mcp-a".
+        op: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// A call into a bot's container server failed.
+    #[error("bot {bot:?}: {status}")]
+    Bot {
+        /// The bot.
+        bot: String,
+        /// The server's answer.
+        status: tonic::Status,
+    },
+    /// Local I/O on the host.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path involved.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// A request that is malformed in another way.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// The operation cannot run in the bot's current state.
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// The operation did not finish in time.
+    #[error("timed out: {0}")]
+    Timeout(String),
+}
+
+impl AgentError {
+    /// Builds an [`AgentError::Io`].
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// Builds an [`AgentError::Containerd`].
+    pub fn containerd(op: impl Into<String>, status: tonic::Status) -> Self {
+        Self::Containerd {
+            op: op.into(),
+            status,
+        }
+    }
+}
+
+impl From<AgentError> for tonic::Status {
+    fn from(e: AgentError) -> Self {
+        use tonic::Code;
+        let code = match &e {
+            AgentError::Config { .. } => Code::FailedPrecondition,
+            AgentError::InvalidBotId(_) => Code::InvalidArgument,
+            AgentError::UnknownBot(_) => Code::NotFound,
+            AgentError::BotExists(_) => Code::AlreadyExists,
+            AgentError::BotUnavailable { .. } => Code::Unavailable,
+            AgentError::ContainerdUnreachable { .. } => Code::Unavailable,
+            AgentError::Containerd { status, .. } => match status.code() {
+                Code::NotFound => Code::NotFound,
+                Code::AlreadyExists => Code::AlreadyExists,
+                Code::Unavailable => Code::Unavailable,
+                _ => Code::Internal,
+            },
+            AgentError::InvalidImageRef { .. } => Code::InvalidArgument,
+            AgentError::ImageNotFound(_) => Code::NotFound,
+            AgentError::Image { .. } => Code::Internal,
+            AgentError::Network { .. } => Code::Internal,
+            AgentError::Bot { status, .. } => status.code(),
+            AgentError::Io { .. } => Code::Internal,
+            AgentError::InvalidArgument(_) => Code::InvalidArgument,
+            AgentError::FailedPrecondition(_) => Code::FailedPrecondition,
+            AgentError::Timeout(_) => Code::DeadlineExceeded,
+        };
+        tonic::Status::new(code, e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::Code;
+
+    #[test]
+    fn codes() {
+        let cases: Vec<(AgentError, Code)> = vec![
+            (AgentError::InvalidBotId("a b".into()), Code::InvalidArgument),
+            (AgentError::UnknownBot("x".into()), Code::NotFound),
+            (AgentError::BotExists("x".into()), Code::AlreadyExists),
+            (
+                AgentError::BotUnavailable {
+                    bot: "x".into(),
+                    reason: "stopped".into(),
+                },
+                Code::Unavailable,
+            ),
+            (AgentError::ImageNotFound("x".into()), Code::NotFound),
+            (AgentError::Timeout("x".into()), Code::DeadlineExceeded),
+            (
+                AgentError::containerd("get", tonic::Status::not_found("nope")),
+                Code::NotFound,
+            ),
+        ];
+        for (e, code) in cases {
+            assert_eq!(tonic::Status::from(e).code(), code);
+        }
+    }
+}
