@@ -15,6 +15,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("descriptor.bin"))
+        // Payload fields decode as `bytes::Bytes`, sliced from the receive buffer without a copy.
+        .bytes(".mcpcontainer")
         .compile_protos(&protos, &["proto"])?;
     Ok(())
 }

@@ -9,6 +9,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use hyper_util::rt::TokioIo;
 use tonic::metadata::AsciiMetadataValue;
@@ -167,11 +168,11 @@ impl ContainerClient {
     }
 
     /// `WriteFile`: replaces the file's content atomically.
-    pub async fn write_file(&self, path: &str, content: Vec<u8>) -> Result<(), Status> {
+    pub async fn write_file(&self, path: &str, content: impl Into<Bytes>) -> Result<(), Status> {
         let mut c = self.inner.clone();
         let req = pb::WriteFileRequest {
             path: path.into(),
-            content,
+            content: content.into(),
         };
         self.deadline(c.write_file(unary(req, self.unary_deadline)))
             .await
@@ -245,27 +246,29 @@ impl ContainerClient {
     /// of at most 64 KiB. Returns the server's `bytes_written`.
     pub async fn write_raw<S>(&self, path: &str, data: S) -> Result<i64, Status>
     where
-        S: Stream<Item = Vec<u8>> + Send + 'static,
+        S: Stream<Item = Bytes> + Send + 'static,
     {
         let mut c = self.inner.clone();
         let first = futures::stream::once(futures::future::ready(pb::WriteRawChunk {
             path: path.into(),
-            data: Vec::new(),
+            data: Bytes::new(),
         }));
         let rest = data.flat_map(|buf| {
-            let chunks: Vec<pb::WriteRawChunk> = if buf.len() <= RAW_CHUNK_SIZE {
-                vec![pb::WriteRawChunk {
+            let mut chunks = Vec::with_capacity(buf.len() / RAW_CHUNK_SIZE + 1);
+            let mut rest = buf;
+            while rest.len() > RAW_CHUNK_SIZE {
+                let head = rest.split_to(RAW_CHUNK_SIZE);
+                chunks.push(pb::WriteRawChunk {
                     path: String::new(),
-                    data: buf,
-                }]
-            } else {
-                buf.chunks(RAW_CHUNK_SIZE)
-                    .map(|c| pb::WriteRawChunk {
-                        path: String::new(),
-                        data: c.to_vec(),
-                    })
-                    .collect()
-            };
+                    data: head,
+                });
+            }
+            if !rest.is_empty() {
+                chunks.push(pb::WriteRawChunk {
+                    path: String::new(),
+                    data: rest,
+                });
+            }
             futures::stream::iter(chunks)
         });
         let r = c.write_raw(first.chain(rest)).await?.into_inner();
@@ -280,7 +283,7 @@ impl ContainerClient {
         stdin: S,
     ) -> Result<Streaming<pb::ExecOutput>, Status>
     where
-        S: Stream<Item = Vec<u8>> + Send + 'static,
+        S: Stream<Item = Bytes> + Send + 'static,
     {
         let mut c = self.inner.clone();
         let input = futures::stream::once(futures::future::ready(first)).chain(stdin.map(|d| {
