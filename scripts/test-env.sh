@@ -13,7 +13,8 @@
 # is never used. Containerd 1.6's shims still put their sockets in /run/containerd/s/ (a
 # hard-coded path, named by a hash that includes our socket path, so they never collide), and
 # runc keeps its state in /run/containerd/runc/<namespace> unless the client passes a runc root:
-# tests should pass MEMOH_TEST_RUNC_ROOT (`ctr run --runc-root`, or the runc options' Root).
+# tests should pass MEMOH_TEST_RUNC_ROOT (`ctr run --runc-root`, or the runc options' Root),
+# and `ctr` clients MEMOH_TEST_FIFO_DIR (`--fifo-dir`; its default is /run/containerd/fifo).
 #
 # Overrides: MEMOH_TEST_RUN (default /run/memoh-test), MEMOH_TEST_LIB (default
 # /var/lib/memoh-test), MEMOH_TEST_REGISTRY_PORT (default: a free port, kept while up).
@@ -30,6 +31,7 @@ CTRD_PID="$RUN/containerd.pid"
 CTRD_ROOT="$LIB/containerd"
 CTRD_STATE="$RUN/containerd"
 RUNC_ROOT="$RUN/runc"
+FIFO_DIR="$RUN/fifo"
 REG_CONFIG="$RUN/registry.yml"
 REG_PID="$RUN/registry.pid"
 REG_PORT_FILE="$RUN/registry.port"
@@ -219,7 +221,7 @@ unmount_under() {
 
 cmd_up() {
     [ "$(id -u)" = "0" ] || die "must run as root"
-    mkdir -p "$RUN" "$LIB" "$LOGS" "$RUNC_ROOT"
+    mkdir -p "$RUN" "$LIB" "$LOGS" "$RUNC_ROOT" "$FIFO_DIR"
     chmod 0711 "$RUN" "$LIB"
     start_containerd
     start_registry
@@ -235,9 +237,14 @@ cmd_down() {
     kill_leftover_shims
     stop "$REG_PID" "${REGISTRY:-/usr/bin/docker-registry}"
     unmount_under "$LIB" "$RUN"
-    rm -rf "$CTRD_ROOT" "$CTRD_STATE" "$RUNC_ROOT" "$REG_STORAGE" "$LIB/opt" \
+    rm -rf "$CTRD_ROOT" "$CTRD_STATE" "$RUNC_ROOT" "$FIFO_DIR" "$REG_STORAGE" "$LIB/opt" \
         "$CTRD_CONFIG" "$REG_CONFIG" "$REG_PORT_FILE" "$SOCK" "$SOCK.ttrpc"
     rmdir "$RUN" 2>/dev/null || true
+    # Our shims made /run/containerd/s (containerd 1.6 hard-codes it). Remove it only when it
+    # is empty and no system containerd lives there.
+    if [ ! -e /run/containerd/containerd.sock ]; then
+        rmdir /run/containerd/s 2>/dev/null && rmdir /run/containerd 2>/dev/null || true
+    fi
     log "down"
 }
 
@@ -247,6 +254,7 @@ cmd_env() {
     echo "export MEMOH_TEST_CONTAINERD_SOCK=$SOCK"
     echo "export MEMOH_TEST_NAMESPACE=$NAMESPACE"
     echo "export MEMOH_TEST_RUNC_ROOT=$RUNC_ROOT"
+    echo "export MEMOH_TEST_FIFO_DIR=$FIFO_DIR"
     echo "export MEMOH_TEST_REGISTRY=127.0.0.1:${port:-UNSET}"
     echo "export MEMOH_TEST_IMAGE_TAR=$IMAGE_TAR"
     [ -n "$port" ] || log "registry is not up (run: $0 up)"
