@@ -1,1 +1,26 @@
-//! Placeholder.
+//! `container-server`: the gRPC server inside every bot container.
+//!
+//! It serves `mcpcontainer.ContainerService` (WIRE.md) plus gRPC health and reflection.
+//! Modules, from the wire inwards:
+//! - [`server`]: assembles the tonic server, the bearer-token check, size limits, shutdown.
+//! - [`service`]: thin handlers; [`convert`] maps wire types to domain types and back.
+//! - [`fs`]: file operations (atomic writes, listings, stat); [`window`]: `ReadFile`'s numbered
+//!   line window; [`mode`]: Go-style mode strings and times; [`paths`]: path cleaning.
+//! - [`exec`]: streaming commands in their own process groups; [`reaper`]: PID 1 duties.
+//! - [`config`], [`error`]: settings and the one error type.
+
+pub mod config;
+pub mod convert;
+pub mod error;
+pub mod exec;
+pub mod fs;
+pub mod mode;
+pub mod paths;
+pub mod reaper;
+pub mod server;
+pub mod service;
+pub mod window;
+
+pub use config::{Config, ListenAddr};
+pub use error::ServerError;
+pub use server::{run, Listener};

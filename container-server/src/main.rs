@@ -1,1 +1,120 @@
-fn main() {}
+//! `container-server` entry point: flags and environment, logging, bind, run.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use container_server::{Config, ListenAddr, Listener};
+use memoh_proto::limits;
+
+/// The gRPC server of a bot container: file I/O and streaming exec on port 9090.
+#[derive(Parser, Debug)]
+#[command(name = "container-server", version, about)]
+struct Args {
+    /// Listen address: `:PORT` (all interfaces), `IP:PORT`, or `unix:/path/to/socket`.
+    #[arg(long, env = "MCP_LISTEN_ADDR", default_value = limits::DEFAULT_LISTEN_ADDR)]
+    listen: String,
+    /// Data directory: relative paths resolve here and commands run here by default.
+    #[arg(long, env = "MCP_DATA_DIR", default_value = limits::DEFAULT_DATA_DIR)]
+    data_dir: PathBuf,
+    /// Template directory whose regular files seed the data directory on start.
+    #[arg(long, env = "MCP_TEMPLATE_DIR", default_value = limits::DEFAULT_TEMPLATE_DIR)]
+    template_dir: PathBuf,
+    /// File holding the bearer token callers must present; without it the server is open.
+    #[arg(long, env = "MCP_AUTH_TOKEN_FILE")]
+    auth_token_file: Option<PathBuf>,
+    /// Seconds running calls may take to finish after SIGTERM before commands are killed.
+    #[arg(long, env = "MCP_SHUTDOWN_GRACE", default_value_t = 10)]
+    shutdown_grace: u64,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MCP_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match real_main(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("container-server: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main(args: Args) -> anyhow::Result<()> {
+    let listen: ListenAddr = args.listen.parse().map_err(anyhow::Error::msg)?;
+    let token = match &args.auth_token_file {
+        Some(p) => {
+            let t = std::fs::read_to_string(p)
+                .map_err(|e| anyhow::anyhow!("auth token file {}: {e}", p.display()))?;
+            let t = t.trim().to_string();
+            anyhow::ensure!(!t.is_empty(), "auth token file {} is empty", p.display());
+            Some(t)
+        }
+        None => None,
+    };
+    let mut config = Config::new(&args.data_dir);
+    config.template_dir = args.template_dir;
+    config.auth_token = token;
+    config.shutdown_grace = std::time::Duration::from_secs(args.shutdown_grace);
+    config.reap_all = std::process::id() == 1;
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let listener = bind(&listen).await?;
+        container_server::run(listener, config, shutdown_signal()).await?;
+        Ok(())
+    })
+}
+
+async fn bind(addr: &ListenAddr) -> anyhow::Result<Listener> {
+    match addr {
+        ListenAddr::Tcp(a) => {
+            let l = match tokio::net::TcpListener::bind(a).await {
+                Ok(l) => l,
+                // `:PORT` binds [::]; fall back to IPv4 where IPv6 is off.
+                Err(_) if a.ip().is_unspecified() && a.is_ipv6() => {
+                    tokio::net::TcpListener::bind(("0.0.0.0", a.port())).await?
+                }
+                Err(e) => return Err(anyhow::anyhow!("listen on {a}: {e}")),
+            };
+            tracing::info!(addr = %l.local_addr()?, "listening");
+            Ok(Listener::Tcp(l))
+        }
+        ListenAddr::Unix(p) => {
+            if let Ok(md) = std::fs::symlink_metadata(p) {
+                use std::os::unix::fs::FileTypeExt;
+                if md.file_type().is_socket() {
+                    std::fs::remove_file(p)?;
+                }
+            }
+            let l = tokio::net::UnixListener::bind(p)
+                .map_err(|e| anyhow::anyhow!("listen on {}: {e}", p.display()))?;
+            tracing::info!(path = %p.display(), "listening");
+            Ok(Listener::Unix(l))
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers there is nothing to wait for; run until killed.
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

@@ -1,0 +1,133 @@
+//! The server's one error type and its single mapping to gRPC statuses.
+
+use std::path::PathBuf;
+
+use tonic::{Code, Status};
+
+/// Everything a server operation can fail with. Messages are lowercase and name the path.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The request lacks a required field or has a malformed one.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The path does not exist.
+    #[error("{}: no such file or directory", .0.display())]
+    NotFound(PathBuf),
+    /// The operation needs a file but found a directory.
+    #[error("{}: is a directory", .0.display())]
+    IsDirectory(PathBuf),
+    /// The operation needs a directory but found something else.
+    #[error("{}: not a directory", .0.display())]
+    NotDirectory(PathBuf),
+    /// Non-recursive delete of a directory that has entries.
+    #[error("{}: directory not empty (set recursive to delete it)", .0.display())]
+    DirectoryNotEmpty(PathBuf),
+    /// A request message above the size limit.
+    #[error("{0}")]
+    TooLarge(String),
+    /// The caller did not present the expected bearer token.
+    #[error("missing or invalid bearer token")]
+    Unauthenticated,
+    /// Any other I/O failure.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The path involved.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// The command could not be started.
+    #[error("exec: {0}")]
+    Spawn(std::io::Error),
+    /// The server is shutting down.
+    #[error("server is shutting down")]
+    ShuttingDown,
+}
+
+impl ServerError {
+    /// Classifies an I/O error on `path`: a missing path is [`ServerError::NotFound`].
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        let path = path.into();
+        match source.kind() {
+            std::io::ErrorKind::NotFound => Self::NotFound(path),
+            std::io::ErrorKind::IsADirectory => Self::IsDirectory(path),
+            std::io::ErrorKind::NotADirectory => Self::NotDirectory(path),
+            std::io::ErrorKind::DirectoryNotEmpty => Self::DirectoryNotEmpty(path),
+            _ => Self::Io { path, source },
+        }
+    }
+
+    /// The gRPC code of this error. Exhaustive on purpose: a new variant must choose its code.
+    pub fn code(&self) -> Code {
+        match self {
+            ServerError::InvalidArgument(_) => Code::InvalidArgument,
+            ServerError::NotFound(_) => Code::NotFound,
+            ServerError::IsDirectory(_) => Code::InvalidArgument,
+            ServerError::NotDirectory(_) => Code::InvalidArgument,
+            ServerError::DirectoryNotEmpty(_) => Code::FailedPrecondition,
+            ServerError::TooLarge(_) => Code::ResourceExhausted,
+            ServerError::Unauthenticated => Code::Unauthenticated,
+            ServerError::Io { .. } => Code::Internal,
+            ServerError::Spawn(_) => Code::Internal,
+            ServerError::ShuttingDown => Code::Unavailable,
+        }
+    }
+}
+
+impl From<ServerError> for Status {
+    fn from(e: ServerError) -> Self {
+        Status::new(e.code(), e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Error, ErrorKind};
+
+    #[test]
+    fn every_variant_has_its_code() {
+        let p = || PathBuf::from("/data/x");
+        let cases = [
+            (
+                ServerError::InvalidArgument("path is empty".into()),
+                Code::InvalidArgument,
+            ),
+            (ServerError::NotFound(p()), Code::NotFound),
+            (ServerError::IsDirectory(p()), Code::InvalidArgument),
+            (ServerError::NotDirectory(p()), Code::InvalidArgument),
+            (
+                ServerError::DirectoryNotEmpty(p()),
+                Code::FailedPrecondition,
+            ),
+            (ServerError::TooLarge("big".into()), Code::ResourceExhausted),
+            (ServerError::Unauthenticated, Code::Unauthenticated),
+            (
+                ServerError::Io {
+                    path: p(),
+                    source: Error::from(ErrorKind::PermissionDenied),
+                },
+                Code::Internal,
+            ),
+            (
+                ServerError::Spawn(Error::from(ErrorKind::Other)),
+                Code::Internal,
+            ),
+            (ServerError::ShuttingDown, Code::Unavailable),
+        ];
+        for (e, code) in cases {
+            let s = Status::from(e);
+            assert_eq!(s.code(), code, "{}", s.message());
+            assert!(!s.message().is_empty());
+        }
+    }
+
+    #[test]
+    fn io_classification() {
+        let e = ServerError::io("/x", Error::from(ErrorKind::NotFound));
+        assert!(matches!(e, ServerError::NotFound(_)));
+        assert_eq!(e.to_string(), "/x: no such file or directory");
+        let e = ServerError::io("/x", Error::from_raw_os_error(libc::ENOTEMPTY));
+        assert!(matches!(e, ServerError::DirectoryNotEmpty(_)));
+    }
+}

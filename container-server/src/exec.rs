@@ -1,0 +1,286 @@
+//! Streaming exec: `/bin/sh -c COMMAND` in its own process group, stdin fed from the client,
+//! stdout and stderr streamed as they arrive by exactly one task, and the whole group killed on
+//! timeout, cancellation or shutdown.
+
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::unix::pipe;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::error::ServerError;
+use crate::reaper::{Exit, Reaper};
+
+/// Read size for the child's output pipes.
+const READ_CHUNK: usize = 32 * 1024;
+
+/// A validated exec request.
+#[derive(Debug, Clone)]
+pub struct ExecSpec {
+    /// Passed to `/bin/sh -c`.
+    pub command: String,
+    /// Existing directory to run in.
+    pub work_dir: PathBuf,
+    /// Added to the server's own environment.
+    pub env: Vec<(String, String)>,
+    /// Kill the process group after this long.
+    pub timeout: Duration,
+    /// Delivered to stdin before anything else.
+    pub stdin: Bytes,
+}
+
+impl ExecSpec {
+    /// Validates the first message's fields. `timeout_seconds` of zero or less means `default`.
+    pub fn new(
+        command: String,
+        work_dir: PathBuf,
+        env: &[String],
+        timeout_seconds: i32,
+        default_timeout: Duration,
+        stdin: Bytes,
+    ) -> Result<Self, ServerError> {
+        if command.trim().is_empty() {
+            return Err(ServerError::InvalidArgument("command is empty".into()));
+        }
+        if command.contains('\0') {
+            return Err(ServerError::InvalidArgument(
+                "command contains a NUL byte".into(),
+            ));
+        }
+        let mut vars = Vec::with_capacity(env.len());
+        for e in env {
+            match e.split_once('=') {
+                Some((k, v)) if !k.is_empty() && !e.contains('\0') => {
+                    vars.push((k.to_string(), v.to_string()))
+                }
+                _ => {
+                    return Err(ServerError::InvalidArgument(format!(
+                        "env entry {e:?} is not KEY=VALUE"
+                    )))
+                }
+            }
+        }
+        match std::fs::metadata(&work_dir) {
+            Ok(md) if md.is_dir() => {}
+            Ok(_) => {
+                return Err(ServerError::InvalidArgument(format!(
+                    "work dir {} is not a directory",
+                    work_dir.display()
+                )))
+            }
+            Err(_) => {
+                return Err(ServerError::InvalidArgument(format!(
+                    "work dir {} does not exist",
+                    work_dir.display()
+                )))
+            }
+        }
+        let timeout = if timeout_seconds <= 0 {
+            default_timeout
+        } else {
+            Duration::from_secs(timeout_seconds as u64)
+        };
+        Ok(Self {
+            command,
+            work_dir,
+            env: vars,
+            timeout,
+            stdin,
+        })
+    }
+}
+
+/// What the exec stream carries, in domain form.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExecEvent {
+    /// Bytes from stdout.
+    Stdout(Bytes),
+    /// Bytes from stderr.
+    Stderr(Bytes),
+    /// The last event: the exit code (-1 for a signal or the timeout's kill).
+    Exit(i32),
+}
+
+/// A started command. [`Running::drive`] streams it to the end.
+pub struct Running {
+    pgid: Pid,
+    exit: tokio::sync::oneshot::Receiver<Exit>,
+    stdout: pipe::Receiver,
+    stderr: pipe::Receiver,
+    stdin: Option<pipe::Sender>,
+    initial_stdin: Bytes,
+    timeout: Duration,
+}
+
+/// Starts the command. Errors here are the caller's to report as a status.
+pub fn start(spec: ExecSpec, reaper: &Reaper) -> Result<Running, ServerError> {
+    let mut cmd = std::process::Command::new("/bin/sh");
+    cmd.arg("-c")
+        .arg(&spec.command)
+        .current_dir(&spec.work_dir)
+        .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    let (mut child, exit) = reaper.spawn(&mut cmd).map_err(ServerError::Spawn)?;
+    let pgid = Pid::from_raw(child.id() as i32);
+    let conv = |e: std::io::Error| {
+        let _ = killpg(pgid, Signal::SIGKILL);
+        ServerError::Spawn(e)
+    };
+    let stdout =
+        pipe::Receiver::from_owned_fd(child.stdout.take().expect("piped").into()).map_err(conv)?;
+    let stderr =
+        pipe::Receiver::from_owned_fd(child.stderr.take().expect("piped").into()).map_err(conv)?;
+    let stdin =
+        pipe::Sender::from_owned_fd(child.stdin.take().expect("piped").into()).map_err(conv)?;
+    // The reaper owns waiting; dropping std's handle neither waits nor kills.
+    drop(child);
+    debug!(pgid = pgid.as_raw(), command = %spec.command, "exec started");
+    Ok(Running {
+        pgid,
+        exit,
+        stdout,
+        stderr,
+        stdin: Some(stdin),
+        initial_stdin: spec.stdin,
+        timeout: spec.timeout,
+    })
+}
+
+fn kill_group(pgid: Pid) {
+    match killpg(pgid, Signal::SIGKILL) {
+        Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
+        Err(e) => warn!(pgid = pgid.as_raw(), error = %e, "killing process group failed"),
+    }
+}
+
+/// Feeds stdin: the first message's bytes, then each chunk from the client; the client's
+/// half-close (the channel ending) closes the child's stdin.
+async fn feed_stdin(mut pipe: pipe::Sender, first: Bytes, mut rx: mpsc::Receiver<Bytes>) {
+    if !first.is_empty() && pipe.write_all(&first).await.is_err() {
+        return;
+    }
+    while let Some(chunk) = rx.recv().await {
+        if pipe.write_all(&chunk).await.is_err() {
+            // The child closed its stdin or exited; drain nothing more.
+            return;
+        }
+    }
+}
+
+impl Running {
+    /// Streams the command to its end into `out`, then sends exactly one [`ExecEvent::Exit`].
+    /// Kills the whole process group when the timeout passes, when `out` closes (the client
+    /// went away) or when `shutdown` fires. Returns the exit code sent (None if the client left).
+    pub async fn drive(
+        mut self,
+        stdin_rx: mpsc::Receiver<Bytes>,
+        out: mpsc::Sender<ExecEvent>,
+        shutdown: CancellationToken,
+    ) -> Option<i32> {
+        let pgid = self.pgid;
+        // Kill the group if this future is dropped mid-way (e.g. a panic or runtime shutdown).
+        let guard = KillOnDrop(Some(pgid));
+        let feeder = tokio::spawn(feed_stdin(
+            self.stdin.take().expect("stdin is set at start"),
+            std::mem::take(&mut self.initial_stdin),
+            stdin_rx,
+        ));
+        let deadline = Instant::now()
+            .checked_add(self.timeout)
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(86400 * 365 * 10));
+        let sleep = tokio::time::sleep_until(deadline);
+        tokio::pin!(sleep);
+        let mut out_buf = BytesMut::with_capacity(READ_CHUNK);
+        let mut err_buf = BytesMut::with_capacity(READ_CHUNK);
+        let (mut out_open, mut err_open) = (true, true);
+        let mut exit: Option<Exit> = None;
+        let mut killed = false;
+        loop {
+            if exit.is_some() && !out_open && !err_open {
+                break;
+            }
+            tokio::select! {
+                _ = out.closed() => {
+                    debug!(pgid = pgid.as_raw(), "client left; killing process group");
+                    kill_group(pgid);
+                    feeder.abort();
+                    return None;
+                }
+                _ = shutdown.cancelled(), if !killed => {
+                    kill_group(pgid);
+                    killed = true;
+                }
+                _ = &mut sleep, if !killed => {
+                    debug!(pgid = pgid.as_raw(), "timeout; killing process group");
+                    kill_group(pgid);
+                    killed = true;
+                }
+                r = self.stdout.read_buf(&mut out_buf), if out_open => match r {
+                    Ok(0) | Err(_) => out_open = false,
+                    Ok(_) => {
+                        let chunk = out_buf.split().freeze();
+                        out_buf.reserve(READ_CHUNK);
+                        if out.send(ExecEvent::Stdout(chunk)).await.is_err() {
+                            kill_group(pgid);
+                            feeder.abort();
+                            return None;
+                        }
+                    }
+                },
+                r = self.stderr.read_buf(&mut err_buf), if err_open => match r {
+                    Ok(0) | Err(_) => err_open = false,
+                    Ok(_) => {
+                        let chunk = err_buf.split().freeze();
+                        err_buf.reserve(READ_CHUNK);
+                        if out.send(ExecEvent::Stderr(chunk)).await.is_err() {
+                            kill_group(pgid);
+                            feeder.abort();
+                            return None;
+                        }
+                    }
+                },
+                st = &mut self.exit, if exit.is_none() => {
+                    exit = Some(st.unwrap_or(Exit::Signal(0)));
+                }
+            }
+        }
+        feeder.abort();
+        if killed {
+            // Anything the group left running is gone too.
+            kill_group(pgid);
+        }
+        drop(guard.disarm());
+        let code = exit.map(Exit::wire_code).unwrap_or(-1);
+        let _ = out.send(ExecEvent::Exit(code)).await;
+        Some(code)
+    }
+}
+
+struct KillOnDrop(Option<Pid>);
+
+impl KillOnDrop {
+    fn disarm(mut self) -> Self {
+        self.0 = None;
+        self
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(pgid) = self.0 {
+            kill_group(pgid);
+        }
+    }
+}

@@ -1,0 +1,250 @@
+//! Assembles and runs the gRPC server: the container service (behind the optional bearer-token
+//! check), health, reflection, message-size limits, and the one shutdown path.
+
+use std::future::Future;
+use std::time::Duration;
+
+use memoh_proto::limits::MAX_MESSAGE_SIZE;
+use memoh_proto::pb::mcpcontainer::container_service_server::ContainerServiceServer;
+use tokio::net::{TcpListener, UnixListener};
+use tokio_stream::wrappers::UnixListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::server::TcpIncoming;
+use tonic::{Code, Request, Status};
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::error::ServerError;
+use crate::fs;
+use crate::paths::Resolver;
+use crate::reaper::Reaper;
+use crate::service::Service;
+
+/// A bound listener handed to [`run`].
+pub enum Listener {
+    /// TCP.
+    Tcp(TcpListener),
+    /// Unix socket.
+    Unix(UnixListener),
+}
+
+/// Checks `authorization: Bearer TOKEN` when a token is configured.
+#[derive(Clone)]
+pub struct Auth {
+    expected: Option<Vec<u8>>,
+}
+
+impl Auth {
+    /// `None` leaves the service open, as the Go server is.
+    pub fn new(token: Option<&str>) -> Self {
+        Self {
+            expected: token.map(|t| format!("Bearer {t}").into_bytes()),
+        }
+    }
+}
+
+/// Compares in time independent of where the first difference is.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl tonic::service::Interceptor for Auth {
+    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
+        let Some(expected) = &self.expected else {
+            return Ok(req);
+        };
+        match req.metadata().get("authorization") {
+            Some(v) if constant_time_eq(v.as_bytes(), expected) => Ok(req),
+            _ => Err(ServerError::Unauthenticated.into()),
+        }
+    }
+}
+
+/// If `s` is tonic's "decoded message length too large" error, the status clients expect
+/// instead: RESOURCE_EXHAUSTED, pointing large uploads at WriteRaw.
+pub fn rewrite_too_large(s: &Status) -> Option<Status> {
+    if s.code() != Code::OutOfRange || !s.message().contains("message length too large") {
+        return None;
+    }
+    let found = s
+        .message()
+        .split("found ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .unwrap_or("?");
+    Some(
+        ServerError::TooLarge(format!(
+            "request message of {found} bytes exceeds the {MAX_MESSAGE_SIZE}-byte limit; \
+             stream large files with WriteRaw"
+        ))
+        .into(),
+    )
+}
+
+/// Rewrites a trailers-only error response produced before a handler ran (tonic rejects an
+/// oversized unary request while decoding it).
+fn rewrite_response<B>(mut resp: http::Response<B>) -> http::Response<B> {
+    let h = resp.headers();
+    if h.get("grpc-status").map(|v| v.as_bytes()) != Some(b"11") {
+        return resp;
+    }
+    let Ok(status) = Status::from_header_map(h).ok_or(()) else {
+        return resp;
+    };
+    if let Some(new) = rewrite_too_large(&status) {
+        let h = resp.headers_mut();
+        h.remove("grpc-status");
+        h.remove("grpc-message");
+        h.remove("grpc-status-details-bin");
+        if let Err(e) = new.add_header(h) {
+            warn!(error = %e, "could not rewrite status");
+        }
+    }
+    resp
+}
+
+/// Runs the server on `listener` until `shutdown` resolves, then stops accepting, gives running
+/// calls `config.shutdown_grace` to finish, kills the remaining exec process groups, and returns.
+pub async fn run(
+    listener: Listener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    let seeded = {
+        let (d, t) = (config.data_dir.clone(), config.template_dir.clone());
+        tokio::task::spawn_blocking(move || fs::seed_data_dir(&d, &t))
+            .await
+            .map_err(|e| ServerError::Spawn(std::io::Error::other(e)))??
+    };
+    if seeded > 0 {
+        info!(files = seeded, "seeded data directory from template");
+    }
+    let reaper = Reaper::start(config.reap_all).map_err(ServerError::Spawn)?;
+    let kill = CancellationToken::new();
+    let service = Service::new(
+        Resolver::new(&config.data_dir),
+        reaper,
+        kill.clone(),
+        config.default_exec_timeout,
+    );
+    let svc = ContainerServiceServer::new(service)
+        .max_decoding_message_size(MAX_MESSAGE_SIZE)
+        .max_encoding_message_size(MAX_MESSAGE_SIZE);
+    let svc = InterceptedService::new(svc, Auth::new(config.auth_token.as_deref()));
+
+    let (health, health_svc) = tonic_health::server::health_reporter();
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(memoh_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ServerError::Spawn(std::io::Error::other(e)))?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(memoh_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| ServerError::Spawn(std::io::Error::other(e)))?;
+
+    let router = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .initial_stream_window_size(4 * 1024 * 1024)
+        .initial_connection_window_size(8 * 1024 * 1024)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .layer(tower::util::MapResponseLayer::new(rewrite_response))
+        .add_service(health_svc)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(svc);
+
+    health
+        .set_serving::<ContainerServiceServer<Service>>()
+        .await;
+    health
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+
+    let fired = CancellationToken::new();
+    let signal = {
+        let (fired, health) = (fired.clone(), health.clone());
+        async move {
+            shutdown.await;
+            info!("shutting down: no new connections");
+            health
+                .set_service_status("", tonic_health::ServingStatus::NotServing)
+                .await;
+            fired.cancel();
+        }
+    };
+    let grace = config.shutdown_grace;
+    let killer = {
+        let (fired, kill) = (fired.clone(), kill.clone());
+        async move {
+            fired.cancelled().await;
+            tokio::time::sleep(grace).await;
+            warn!("grace period over: killing running commands");
+            kill.cancel();
+            // Streams end once their process groups are gone; give them a moment, then stop.
+            tokio::time::sleep(Duration::from_secs(3)).await;
+        }
+    };
+
+    info!(data_dir = %config.data_dir.display(), auth = config.auth_token.is_some(), "serving");
+    let serve = async {
+        match listener {
+            Listener::Tcp(l) => {
+                let incoming = TcpIncoming::from(l).with_nodelay(Some(true));
+                router.serve_with_incoming_shutdown(incoming, signal).await
+            }
+            Listener::Unix(l) => {
+                router
+                    .serve_with_incoming_shutdown(UnixListenerStream::new(l), signal)
+                    .await
+            }
+        }
+    };
+    tokio::select! {
+        r = serve => r.map_err(|e| ServerError::Spawn(std::io::Error::other(e)))?,
+        _ = killer => warn!("calls still running after the grace period; exiting anyway"),
+    }
+    kill.cancel();
+    info!("stopped");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::service::Interceptor;
+
+    #[test]
+    fn auth_interceptor() {
+        let mut open = Auth::new(None);
+        assert!(open.call(Request::new(())).is_ok());
+        let mut auth = Auth::new(Some("s3cret"));
+        let err = auth.call(Request::new(())).unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated);
+        let mut req = Request::new(());
+        req.metadata_mut()
+            .insert("authorization", "Bearer wrong!".parse().unwrap());
+        assert_eq!(auth.call(req).unwrap_err().code(), Code::Unauthenticated);
+        let mut req = Request::new(());
+        req.metadata_mut()
+            .insert("authorization", "Bearer s3cret".parse().unwrap());
+        assert!(auth.call(req).is_ok());
+    }
+
+    #[test]
+    fn too_large_is_rewritten() {
+        let s = Status::out_of_range(
+            "Error, decoded message length too large: found 20000000 bytes, the limit is: 16777216 bytes",
+        );
+        let r = rewrite_too_large(&s).unwrap();
+        assert_eq!(r.code(), Code::ResourceExhausted);
+        assert!(r.message().contains("20000000"), "{}", r.message());
+        assert!(r.message().contains("WriteRaw"));
+        assert!(rewrite_too_large(&Status::out_of_range("other")).is_none());
+    }
+}

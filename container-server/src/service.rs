@@ -1,0 +1,324 @@
+//! `mcpcontainer.ContainerService` handlers: span, validate, call one domain function, map the
+//! error. Blocking filesystem work runs on tokio's blocking pool.
+
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures::{Stream, StreamExt};
+use memoh_proto::limits::RAW_CHUNK_SIZE;
+use memoh_proto::pb::mcpcontainer as pb;
+use pb::container_service_server::ContainerService;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{debug, instrument};
+
+use crate::convert;
+use crate::error::ServerError;
+use crate::exec::{self, ExecSpec};
+use crate::fs;
+use crate::paths::Resolver;
+use crate::reaper::Reaper;
+use crate::window::WindowSpec;
+
+/// Shared state of the service.
+#[derive(Clone)]
+pub struct Service {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    resolver: Resolver,
+    reaper: Reaper,
+    kill: CancellationToken,
+    default_timeout: Duration,
+}
+
+impl Service {
+    /// Builds the service. `kill` fires when running exec groups must die (shutdown).
+    pub fn new(
+        resolver: Resolver,
+        reaper: Reaper,
+        kill: CancellationToken,
+        default_timeout: Duration,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                resolver,
+                reaper,
+                kill,
+                default_timeout,
+            }),
+        }
+    }
+
+    fn resolve(&self, field: &str, path: &str) -> Result<PathBuf, ServerError> {
+        self.inner.resolver.resolve(field, path)
+    }
+}
+
+/// Runs blocking filesystem work off the async threads.
+async fn blocking<T, F>(f: F) -> Result<T, Status>
+where
+    F: FnOnce() -> Result<T, ServerError> + Send + 'static,
+    T: Send + 'static,
+{
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map_err(Status::from),
+        Err(e) => Err(Status::internal(format!("worker failed: {e}"))),
+    }
+}
+
+/// Maps a receive error on a client stream: an oversized message becomes RESOURCE_EXHAUSTED.
+fn inbound_error(s: Status) -> Status {
+    crate::server::rewrite_too_large(&s).unwrap_or(s)
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+enum RawWrite {
+    Data(Bytes),
+    Commit,
+}
+
+#[tonic::async_trait]
+impl ContainerService for Service {
+    #[instrument(skip_all, fields(path = %req.get_ref().path))]
+    async fn read_file(
+        &self,
+        req: Request<pb::ReadFileRequest>,
+    ) -> Result<Response<pb::ReadFileResponse>, Status> {
+        let r = req.into_inner();
+        let path = self.resolve("path", &r.path)?;
+        let spec = WindowSpec::from_request(r.line_offset, r.n_lines);
+        let w = blocking(move || fs::read_file(&path, spec)).await?;
+        Ok(Response::new(convert::read_file_response(w)))
+    }
+
+    #[instrument(skip_all, fields(path = %req.get_ref().path, len = req.get_ref().content.len()))]
+    async fn write_file(
+        &self,
+        req: Request<pb::WriteFileRequest>,
+    ) -> Result<Response<pb::WriteFileResponse>, Status> {
+        let r = req.into_inner();
+        let path = self.resolve("path", &r.path)?;
+        blocking(move || fs::write_file(&path, &r.content)).await?;
+        Ok(Response::new(pb::WriteFileResponse {}))
+    }
+
+    #[instrument(skip_all, fields(path = %req.get_ref().path, recursive = req.get_ref().recursive))]
+    async fn list_dir(
+        &self,
+        req: Request<pb::ListDirRequest>,
+    ) -> Result<Response<pb::ListDirResponse>, Status> {
+        let r = req.into_inner();
+        let path = self.inner.resolver.resolve_or_data_dir("path", &r.path)?;
+        let entries = blocking(move || fs::list_dir(&path, r.recursive)).await?;
+        Ok(Response::new(pb::ListDirResponse {
+            entries: entries.into_iter().map(convert::file_entry).collect(),
+        }))
+    }
+
+    #[instrument(skip_all, fields(path = %req.get_ref().path))]
+    async fn stat(
+        &self,
+        req: Request<pb::StatRequest>,
+    ) -> Result<Response<pb::StatResponse>, Status> {
+        let path = self.resolve("path", &req.into_inner().path)?;
+        let e = blocking(move || fs::stat(&path)).await?;
+        Ok(Response::new(pb::StatResponse {
+            entry: Some(convert::file_entry(e)),
+        }))
+    }
+
+    #[instrument(skip_all, fields(path = %req.get_ref().path))]
+    async fn mkdir(
+        &self,
+        req: Request<pb::MkdirRequest>,
+    ) -> Result<Response<pb::MkdirResponse>, Status> {
+        let path = self.resolve("path", &req.into_inner().path)?;
+        blocking(move || fs::mkdir(&path)).await?;
+        Ok(Response::new(pb::MkdirResponse {}))
+    }
+
+    #[instrument(skip_all, fields(old = %req.get_ref().old_path, new = %req.get_ref().new_path))]
+    async fn rename(
+        &self,
+        req: Request<pb::RenameRequest>,
+    ) -> Result<Response<pb::RenameResponse>, Status> {
+        let r = req.into_inner();
+        let old = self.resolve("old_path", &r.old_path)?;
+        let new = self.resolve("new_path", &r.new_path)?;
+        blocking(move || fs::rename(&old, &new)).await?;
+        Ok(Response::new(pb::RenameResponse {}))
+    }
+
+    type ExecStream = BoxStream<pb::ExecOutput>;
+
+    #[instrument(skip_all)]
+    async fn exec(
+        &self,
+        req: Request<Streaming<pb::ExecInput>>,
+    ) -> Result<Response<Self::ExecStream>, Status> {
+        let mut inbound = req.into_inner();
+        let first = match inbound.message().await {
+            Ok(Some(m)) => m,
+            Ok(None) => {
+                return Err(ServerError::InvalidArgument(
+                    "exec stream closed before its first message".into(),
+                )
+                .into())
+            }
+            Err(s) => return Err(inbound_error(s)),
+        };
+        let work_dir = if first.work_dir.is_empty() {
+            self.inner.resolver.data_dir().to_path_buf()
+        } else {
+            self.resolve("work_dir", &first.work_dir)?
+        };
+        let spec = ExecSpec::new(
+            first.command,
+            work_dir,
+            &first.env,
+            first.timeout_seconds,
+            self.inner.default_timeout,
+            first.stdin_data,
+        )?;
+        debug!(command = %spec.command, "exec");
+        let running = exec::start(spec, &self.inner.reaper)?;
+        let (stdin_tx, stdin_rx) = mpsc::channel::<Bytes>(16);
+        tokio::spawn(async move {
+            // Ends on the client's half-close or on any stream error; either closes stdin.
+            while let Ok(Some(m)) = inbound.message().await {
+                if !m.stdin_data.is_empty() && stdin_tx.send(m.stdin_data).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let (out_tx, out_rx) = mpsc::channel(32);
+        tokio::spawn(running.drive(stdin_rx, out_tx, self.inner.kill.clone()));
+        let stream = ReceiverStream::new(out_rx).map(|ev| Ok(convert::exec_output(ev)));
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    type ReadRawStream = BoxStream<pb::DataChunk>;
+
+    #[instrument(skip_all, fields(path = %req.get_ref().path))]
+    async fn read_raw(
+        &self,
+        req: Request<pb::ReadRawRequest>,
+    ) -> Result<Response<Self::ReadRawStream>, Status> {
+        let path = self.resolve("path", &req.into_inner().path)?;
+        let p = path.clone();
+        let file = blocking(move || fs::open_for_read(&p)).await?;
+        let (tx, rx) = mpsc::channel::<Result<pb::DataChunk, Status>>(16);
+        tokio::task::spawn_blocking(move || {
+            use std::io::Read;
+            let mut file = file;
+            let mut buf = BytesMut::with_capacity(RAW_CHUNK_SIZE * 16);
+            loop {
+                if buf.capacity() < RAW_CHUNK_SIZE {
+                    buf.reserve(RAW_CHUNK_SIZE * 16);
+                }
+                let start = buf.len();
+                buf.resize(start + RAW_CHUNK_SIZE, 0);
+                let n = match file.read(&mut buf[start..]) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {
+                        buf.truncate(start);
+                        continue;
+                    }
+                    Err(e) => {
+                        let _ = tx.blocking_send(Err(ServerError::io(&path, e).into()));
+                        return;
+                    }
+                };
+                buf.truncate(start + n);
+                if n == 0 {
+                    return;
+                }
+                let chunk = buf.split().freeze();
+                if tx.blocking_send(Ok(pb::DataChunk { data: chunk })).is_err() {
+                    return; // the client left
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    #[instrument(skip_all)]
+    async fn write_raw(
+        &self,
+        req: Request<Streaming<pb::WriteRawChunk>>,
+    ) -> Result<Response<pb::WriteRawResponse>, Status> {
+        let mut inbound = req.into_inner();
+        let first = match inbound.message().await.map_err(inbound_error)? {
+            Some(m) => m,
+            None => {
+                return Err(ServerError::InvalidArgument(
+                    "write stream closed before its first chunk".into(),
+                )
+                .into())
+            }
+        };
+        let path = self.resolve("path", &first.path)?;
+        tracing::Span::current().record("path", tracing::field::display(path.display()));
+        let p = path.clone();
+        let file = blocking(move || fs::AtomicFile::create(&p)).await?;
+        let (tx, mut rx) = mpsc::channel::<RawWrite>(16);
+        let writer = tokio::task::spawn_blocking(move || -> Result<Option<u64>, ServerError> {
+            let mut file = file;
+            while let Some(m) = rx.blocking_recv() {
+                match m {
+                    RawWrite::Data(d) => file.write(&d)?,
+                    RawWrite::Commit => return file.commit().map(Some),
+                }
+            }
+            // The sender went away without Commit: the upload was aborted; the temp file goes.
+            Ok(None)
+        });
+        let mut pending = Some(first.data);
+        let outcome: Result<(), Status> = loop {
+            let data = match pending.take() {
+                Some(d) => d,
+                None => match inbound.message().await {
+                    Ok(Some(m)) => m.data,
+                    Ok(None) => break Ok(()),
+                    Err(s) => break Err(inbound_error(s)),
+                },
+            };
+            if !data.is_empty() && tx.send(RawWrite::Data(data)).await.is_err() {
+                // The writer stopped on an error; it is reported below.
+                break Ok(());
+            }
+        };
+        if outcome.is_ok() {
+            let _ = tx.send(RawWrite::Commit).await;
+        }
+        drop(tx);
+        let written = match writer.await {
+            Ok(r) => r?,
+            Err(e) => return Err(Status::internal(format!("writer failed: {e}"))),
+        };
+        outcome?;
+        let written = written.ok_or_else(|| Status::internal("upload was not committed"))?;
+        Ok(Response::new(pb::WriteRawResponse {
+            bytes_written: written as i64,
+        }))
+    }
+
+    #[instrument(skip_all, fields(path = %req.get_ref().path, recursive = req.get_ref().recursive))]
+    async fn delete_file(
+        &self,
+        req: Request<pb::DeleteFileRequest>,
+    ) -> Result<Response<pb::DeleteFileResponse>, Status> {
+        let r = req.into_inner();
+        let path = self.resolve("path", &r.path)?;
+        blocking(move || fs::delete(&path, r.recursive)).await?;
+        Ok(Response::new(pb::DeleteFileResponse {}))
+    }
+}
