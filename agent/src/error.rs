@@ -73,6 +73,21 @@ pub enum AgentError {
         /// What went wrong.
         reason: String,
     },
+    /// A CNI plugin ran and reported failure (its `{code, msg, details}` object, or its
+    /// output when it printed none).
+    #[error("cni plugin {plugin} {command} for {container} failed (code {code}): {reason}")]
+    CniPlugin {
+        /// The plugin type, e.g. "bridge".
+        plugin: String,
+        /// ADD, CHECK or DEL.
+        command: String,
+        /// The CNI container id.
+        container: String,
+        /// The CNI error code (0 when the plugin printed no error object).
+        code: u64,
+        /// The plugin's message and details.
+        reason: String,
+    },
     /// A call into a bot's container server failed.
     #[error("bot {bot:?}: {status}")]
     Bot {
@@ -138,6 +153,7 @@ impl From<AgentError> for tonic::Status {
             AgentError::ImageNotFound(_) => Code::NotFound,
             AgentError::Image { .. } => Code::Internal,
             AgentError::Network { .. } => Code::Internal,
+            AgentError::CniPlugin { .. } => Code::Internal,
             AgentError::Bot { status, .. } => status.code(),
             AgentError::Io { .. } => Code::Internal,
             AgentError::InvalidArgument(_) => Code::InvalidArgument,
@@ -156,7 +172,10 @@ mod tests {
     #[test]
     fn codes() {
         let cases: Vec<(AgentError, Code)> = vec![
-            (AgentError::InvalidBotId("a b".into()), Code::InvalidArgument),
+            (
+                AgentError::InvalidBotId("a b".into()),
+                Code::InvalidArgument,
+            ),
             (AgentError::UnknownBot("x".into()), Code::NotFound),
             (AgentError::BotExists("x".into()), Code::AlreadyExists),
             (
@@ -168,6 +187,16 @@ mod tests {
             ),
             (AgentError::ImageNotFound("x".into()), Code::NotFound),
             (AgentError::Timeout("x".into()), Code::DeadlineExceeded),
+            (
+                AgentError::CniPlugin {
+                    plugin: "bridge".into(),
+                    command: "ADD".into(),
+                    container: "mcp-x".into(),
+                    code: 11,
+                    reason: "no".into(),
+                },
+                Code::Internal,
+            ),
             (
                 AgentError::containerd("get", tonic::Status::not_found("nope")),
                 Code::NotFound,

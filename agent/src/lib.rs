@@ -3,8 +3,11 @@
 //! Modules:
 //! - [`config`]: the TOML configuration.
 //! - [`error`]: [`AgentError`], the one error type, and its gRPC status mapping.
+//! - [`network`]: bot networking: named namespaces, CNI (a small libcni), MASQUERADE and
+//!   bot-to-bot isolation ([`network::Network`]).
 
 pub mod config;
 pub mod error;
+pub mod network;
 
 pub use error::AgentError;

@@ -1,0 +1,253 @@
+//! Named network namespaces owned by the agent (`/run/netns/memoh-<bot>`).
+//!
+//! The agent creates a bot's namespace before its task and hands the path to the OCI spec,
+//! so the namespace outlives the task: CNI DEL still finds the bot's interface after the
+//! task died, and after an agent restart.
+
+use std::future::Future;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::error::AgentError;
+
+use super::cmd;
+
+/// Where iproute2 (and so the agent) keeps named namespaces.
+pub const NETNS_RUN_DIR: &str = "/run/netns";
+
+/// Prefix of the agent's namespace names.
+pub const NETNS_PREFIX: &str = "memoh-";
+
+/// How long one `ip`/`nsenter` call may take.
+const TOOL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The namespace name of bot `bot`: `memoh-<bot>`.
+pub fn netns_name(bot: &str) -> String {
+    format!("{NETNS_PREFIX}{bot}")
+}
+
+/// Whether `name` is usable as a namespace name (a plain file name, no path tricks).
+pub fn valid_netns_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 200
+        && name != "."
+        && name != ".."
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// The outside system: the host's named network namespaces.
+pub trait Netns: Send + Sync {
+    /// The path of namespace `name`.
+    fn path(&self, name: &str) -> PathBuf;
+
+    /// Creates namespace `name` with its loopback up, or returns the existing one.
+    fn create(&self, name: &str) -> impl Future<Output = Result<PathBuf, AgentError>> + Send;
+
+    /// Deletes namespace `name`; a missing one is not an error.
+    fn delete(&self, name: &str) -> impl Future<Output = Result<(), AgentError>> + Send;
+
+    /// Whether `path` is a live namespace (a mounted nsfs file).
+    fn exists(&self, path: &Path) -> impl Future<Output = bool> + Send;
+
+    /// The addresses of interface `ifname` inside the namespace at `path`, `None` when the
+    /// namespace or the interface does not exist.
+    fn interface_addrs(
+        &self,
+        path: &Path,
+        ifname: &str,
+    ) -> impl Future<Output = Result<Option<Vec<(IpAddr, u8)>>, AgentError>> + Send;
+}
+
+/// Namespaces through iproute2 (`ip netns`) and util-linux `nsenter`.
+#[derive(Debug, Clone, Default)]
+pub struct IpNetns;
+
+impl IpNetns {
+    async fn ip(op: &str, args: &[&str]) -> Result<cmd::Finished, AgentError> {
+        cmd::run(op, "ip".as_ref(), args, &[], None, TOOL_TIMEOUT).await
+    }
+}
+
+/// Whether `path` is a namespace file: a bind mount of nsfs.
+fn is_nsfs(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path)
+        .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::NSFS_MAGIC)
+}
+
+impl Netns for IpNetns {
+    fn path(&self, name: &str) -> PathBuf {
+        Path::new(NETNS_RUN_DIR).join(name)
+    }
+
+    async fn create(&self, name: &str) -> Result<PathBuf, AgentError> {
+        let op = format!("create netns {name}");
+        if !valid_netns_name(name) {
+            return Err(AgentError::InvalidArgument(format!(
+                "network namespace name {name:?}"
+            )));
+        }
+        let path = self.path(name);
+        if is_nsfs(&path) {
+            return Ok(path);
+        }
+        if path.exists() {
+            // A file left by a crash between create and mount (or after a reboot emptied the
+            // mount): not a namespace, so start over.
+            tracing::warn!(path = %path.display(), "replacing a stale network namespace file");
+            let _ = Self::ip(&op, &["netns", "delete", name]).await;
+            let _ = std::fs::remove_file(&path);
+        }
+        let out = Self::ip(&op, &["netns", "add", name]).await?;
+        if !out.success() && !is_nsfs(&path) {
+            return Err(AgentError::Network {
+                op,
+                reason: out.stderr_text(),
+            });
+        }
+        let out = Self::ip(&op, &["-n", name, "link", "set", "lo", "up"]).await?;
+        if !out.success() {
+            return Err(AgentError::Network {
+                op,
+                reason: format!("loopback up: {}", out.stderr_text()),
+            });
+        }
+        tracing::debug!(netns = %path.display(), "created network namespace");
+        Ok(path)
+    }
+
+    async fn delete(&self, name: &str) -> Result<(), AgentError> {
+        if !valid_netns_name(name) {
+            return Err(AgentError::InvalidArgument(format!(
+                "network namespace name {name:?}"
+            )));
+        }
+        let path = self.path(name);
+        if !path.exists() {
+            return Ok(());
+        }
+        let op = format!("delete netns {name}");
+        let out = Self::ip(&op, &["netns", "delete", name]).await?;
+        if out.success() || !path.exists() {
+            tracing::debug!(netns = %path.display(), "deleted network namespace");
+            return Ok(());
+        }
+        Err(AgentError::Network {
+            op,
+            reason: out.stderr_text(),
+        })
+    }
+
+    async fn exists(&self, path: &Path) -> bool {
+        let path = path.to_path_buf();
+        tokio::task::spawn_blocking(move || is_nsfs(&path))
+            .await
+            .unwrap_or(false)
+    }
+
+    async fn interface_addrs(
+        &self,
+        path: &Path,
+        ifname: &str,
+    ) -> Result<Option<Vec<(IpAddr, u8)>>, AgentError> {
+        if !self.exists(path).await {
+            return Ok(None);
+        }
+        let op = format!("inspect {ifname} in {}", path.display());
+        let mut net = std::ffi::OsString::from("--net=");
+        net.push(path);
+        let args: [&std::ffi::OsStr; 8] = [
+            &net,
+            "ip".as_ref(),
+            "-j".as_ref(),
+            "addr".as_ref(),
+            "show".as_ref(),
+            "dev".as_ref(),
+            ifname.as_ref(),
+            "up".as_ref(),
+        ];
+        let out = cmd::run(&op, "nsenter".as_ref(), args, &[], None, TOOL_TIMEOUT).await?;
+        if !out.success() {
+            let err = out.stderr_text();
+            if err.contains("does not exist") {
+                return Ok(None);
+            }
+            return Err(AgentError::Network { op, reason: err });
+        }
+        parse_ip_addr_json(&out.stdout).map_err(|reason| AgentError::Network { op, reason })
+    }
+}
+
+/// Parses `ip -j addr show dev X`: the addresses of the first (only) link; `None` when the
+/// output lists no link (for example a link that is down when `up` was asked for).
+pub fn parse_ip_addr_json(stdout: &[u8]) -> Result<Option<Vec<(IpAddr, u8)>>, String> {
+    let text = String::from_utf8_lossy(stdout);
+    if text.trim().is_empty() {
+        return Ok(None);
+    }
+    let v: Value = serde_json::from_str(&text).map_err(|e| format!("ip -j output: {e}"))?;
+    let Some(link) = v.as_array().and_then(|a| a.first()) else {
+        return Ok(None);
+    };
+    let mut addrs = Vec::new();
+    for a in link
+        .get("addr_info")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let (Some(local), Some(len)) = (
+            a.get("local").and_then(Value::as_str),
+            a.get("prefixlen").and_then(Value::as_u64),
+        ) else {
+            continue;
+        };
+        let ip: IpAddr = local
+            .parse()
+            .map_err(|e| format!("ip -j address {local:?}: {e}"))?;
+        addrs.push((ip, u8::try_from(len).unwrap_or(u8::MAX)));
+    }
+    Ok(Some(addrs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert_eq!(netns_name("a-1_b"), "memoh-a-1_b");
+        for ok in ["memoh-a", "x.y", "A_9"] {
+            assert!(valid_netns_name(ok), "{ok}");
+        }
+        for bad in ["", ".", "..", "a/b", "a b", "../x"] {
+            assert!(!valid_netns_name(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn ip_addr_json() {
+        let out = br#"[{"ifindex":2,"ifname":"eth0","addr_info":[
+            {"family":"inet","local":"10.210.3.7","prefixlen":24,"scope":"global"},
+            {"family":"inet6","local":"fe80::1","prefixlen":64,"scope":"link"}]}]"#;
+        let got = parse_ip_addr_json(out).unwrap().unwrap();
+        assert_eq!(
+            got,
+            vec![
+                ("10.210.3.7".parse().unwrap(), 24),
+                ("fe80::1".parse().unwrap(), 64)
+            ]
+        );
+        assert_eq!(parse_ip_addr_json(b"").unwrap(), None);
+        assert_eq!(parse_ip_addr_json(b"[]").unwrap(), None);
+        assert_eq!(
+            parse_ip_addr_json(br#"[{"ifname":"eth0","addr_info":[]}]"#).unwrap(),
+            Some(vec![])
+        );
+        assert!(parse_ip_addr_json(b"{").is_err());
+    }
+}

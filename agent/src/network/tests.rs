@@ -1,0 +1,393 @@
+//! Unit tests of the setup/teardown logic over fake plugins, namespaces and firewall.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use serde_json::json;
+
+use super::cni::fake::FakeExec;
+use super::cni::CniCommand;
+use super::*;
+
+#[derive(Default)]
+struct FakeNetns {
+    /// Live namespaces and the addresses of their `eth0`.
+    live: Mutex<HashMap<PathBuf, Vec<(IpAddr, u8)>>>,
+    deleted: Mutex<Vec<String>>,
+}
+
+impl FakeNetns {
+    fn set(&self, path: &str, addrs: &[(&str, u8)]) {
+        self.live.lock().unwrap().insert(
+            path.into(),
+            addrs
+                .iter()
+                .map(|(a, l)| (a.parse().unwrap(), *l))
+                .collect(),
+        );
+    }
+}
+
+impl Netns for FakeNetns {
+    fn path(&self, name: &str) -> PathBuf {
+        Path::new("/run/netns").join(name)
+    }
+    async fn create(&self, name: &str) -> Result<PathBuf, AgentError> {
+        let p = self.path(name);
+        self.live.lock().unwrap().entry(p.clone()).or_default();
+        Ok(p)
+    }
+    async fn delete(&self, name: &str) -> Result<(), AgentError> {
+        self.live.lock().unwrap().remove(&self.path(name));
+        self.deleted.lock().unwrap().push(name.to_string());
+        Ok(())
+    }
+    async fn exists(&self, path: &Path) -> bool {
+        self.live.lock().unwrap().contains_key(path)
+    }
+    async fn interface_addrs(
+        &self,
+        path: &Path,
+        _ifname: &str,
+    ) -> Result<Option<Vec<(IpAddr, u8)>>, AgentError> {
+        Ok(self
+            .live
+            .lock()
+            .unwrap()
+            .get(path)
+            .filter(|a| !a.is_empty())
+            .cloned())
+    }
+}
+
+#[derive(Default)]
+struct FakeFirewall {
+    calls: Mutex<Vec<String>>,
+}
+
+impl FakeFirewall {
+    fn calls(&self) -> Vec<String> {
+        self.calls.lock().unwrap().clone()
+    }
+    fn log(&self, s: String) {
+        self.calls.lock().unwrap().push(s);
+    }
+}
+
+impl Firewall for FakeFirewall {
+    async fn ensure_masquerade(&self, subnet: &str) -> Result<bool, AgentError> {
+        self.log(format!("masq {subnet}"));
+        Ok(true)
+    }
+    async fn remove_masquerade(&self, subnet: &str) -> Result<bool, AgentError> {
+        self.log(format!("unmasq {subnet}"));
+        Ok(true)
+    }
+    async fn ensure_isolation(&self, bridge: &str) -> Result<bool, AgentError> {
+        self.log(format!("isolate {bridge}"));
+        Ok(true)
+    }
+    async fn remove_isolation(&self, bridge: &str) -> Result<bool, AgentError> {
+        self.log(format!("unisolate {bridge}"));
+        Ok(true)
+    }
+    async fn remove_cni_masq(&self, network: &str, container: &str) -> Result<usize, AgentError> {
+        self.log(format!("cni-masq {network} {container}"));
+        Ok(1)
+    }
+}
+
+struct Env {
+    _dir: tempfile::TempDir,
+    net: Network<FakeExec, FakeFirewall, FakeNetns>,
+}
+
+fn env() -> Env {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = NetworkConfig {
+        conf_dir: dir.path().join("net.d"),
+        bin_dirs: vec![],
+        network: "memoh-cni".into(),
+        bridge: "br-test".into(),
+        subnet: "10.210.3.0/24".into(),
+        ipam_data_dir: Some(dir.path().join("ipam")),
+        state_dir: dir.path().join("state"),
+        ifname: "eth0".into(),
+        plugin_timeout: Duration::from_secs(5),
+        masquerade: true,
+        isolate: true,
+    };
+    Env {
+        net: Network::with_parts(
+            cfg,
+            FakeExec::default(),
+            FakeFirewall::default(),
+            FakeNetns::default(),
+        ),
+        _dir: dir,
+    }
+}
+
+fn add_result(ip: &str) -> Value {
+    json!({
+        "cniVersion": "1.0.0",
+        "interfaces": [
+            {"name": "br-test"},
+            {"name": "veth0001"},
+            {"name": "eth0", "sandbox": "/run/netns/memoh-a"}
+        ],
+        "ips": [{"interface": 2, "address": format!("{ip}/24"), "gateway": "10.210.3.1"}]
+    })
+}
+
+fn commands(e: &Env) -> Vec<CniCommand> {
+    e.net
+        .cni()
+        .exec()
+        .calls()
+        .iter()
+        .map(|c| c.command)
+        .collect()
+}
+
+const NS: &str = "/run/netns/memoh-a";
+
+#[tokio::test]
+async fn fresh_setup_adds_saves_and_sets_host_rules() {
+    let e = env();
+    e.net.netns().set(NS, &[]);
+    e.net
+        .cni()
+        .exec()
+        .answer(CniCommand::Add, Ok(Some(add_result("10.210.3.2"))));
+    let bn = e.net.setup("a", Path::new(NS)).await.unwrap();
+    assert_eq!(bn.ip, "10.210.3.2".parse::<IpAddr>().unwrap());
+    assert_eq!(bn.prefix_len, 24);
+    assert_eq!(bn.bridge.as_deref(), Some("br-test"));
+    assert_eq!(bn.host_veth.as_deref(), Some("veth0001"));
+    assert_eq!(bn.container_id, "mcp-a");
+    assert_eq!(commands(&e), [CniCommand::Add]);
+    // The default network was written with the configured bridge, subnet and dataDir.
+    let add = &e.net.cni().exec().calls()[0];
+    assert_eq!(add.config["bridge"], "br-test");
+    assert_eq!(
+        add.config["ipam"]["ranges"][0][0]["subnet"],
+        "10.210.3.0/24"
+    );
+    assert!(e.net.config().conf_dir.join("memoh-cni.conflist").is_file());
+    assert_eq!(
+        e.net.firewall().calls(),
+        ["masq 10.210.3.0/24", "isolate br-test"]
+    );
+    assert_eq!(e.net.saved("a").await.unwrap(), Some(bn));
+}
+
+#[tokio::test]
+async fn healthy_bot_keeps_its_address() {
+    let e = env();
+    e.net.netns().set(NS, &[]);
+    e.net
+        .cni()
+        .exec()
+        .answer(CniCommand::Add, Ok(Some(add_result("10.210.3.2"))));
+    let first = e.net.setup("a", Path::new(NS)).await.unwrap();
+    e.net.netns().set(NS, &[("10.210.3.2", 24)]);
+    let again = e.net.setup("a", Path::new(NS)).await.unwrap();
+    assert_eq!(first, again);
+    assert_eq!(commands(&e), [CniCommand::Add, CniCommand::Check]);
+    // Host rules are ensured on every setup, healthy or not.
+    assert_eq!(e.net.firewall().calls().len(), 4);
+}
+
+#[tokio::test]
+async fn unhealthy_bot_is_detached_and_attached_again() {
+    for (why, addrs, check_fails) in [
+        ("address gone", vec![], false),
+        ("other address", vec![("10.210.3.9", 24)], false),
+        ("check fails", vec![("10.210.3.2", 24)], true),
+    ] {
+        let e = env();
+        e.net.netns().set(NS, &[]);
+        let exec = e.net.cni().exec();
+        exec.answer(CniCommand::Add, Ok(Some(add_result("10.210.3.2"))));
+        e.net.setup("a", Path::new(NS)).await.unwrap();
+        e.net.netns().set(NS, &addrs);
+        if check_fails {
+            exec.answer(CniCommand::Check, Err("bridge port missing"));
+        }
+        exec.answer(CniCommand::Add, Ok(Some(add_result("10.210.3.3"))));
+        let bn = e.net.setup("a", Path::new(NS)).await.unwrap();
+        assert_eq!(bn.ip, "10.210.3.3".parse::<IpAddr>().unwrap(), "{why}");
+        let cmds = commands(&e);
+        assert_eq!(cmds.first(), Some(&CniCommand::Add), "{why}");
+        assert_eq!(
+            &cmds[cmds.len() - 2..],
+            [CniCommand::Del, CniCommand::Add],
+            "{why}"
+        );
+        // The stale DEL carried the saved result.
+        let del = exec
+            .calls()
+            .into_iter()
+            .find(|c| c.command == CniCommand::Del)
+            .unwrap();
+        assert_eq!(del.config["prevResult"], add_result("10.210.3.2"), "{why}");
+    }
+}
+
+#[tokio::test]
+async fn retryable_add_errors_delete_and_add_once_more() {
+    for msg in [
+        "failed to allocate for range 0: 10.210.3.2 has been allocated to mcp-a, duplicate allocation is not allowed",
+        "container veth name provided (eth0) already exists",
+        "could not set bridge's mac address: device busy",
+    ] {
+        let e = env();
+        let exec = e.net.cni().exec();
+        exec.answer(CniCommand::Add, Err(msg));
+        exec.answer(CniCommand::Add, Ok(Some(add_result("10.210.3.4"))));
+        let bn = e.net.setup("a", Path::new(NS)).await.unwrap();
+        assert_eq!(bn.ip, "10.210.3.4".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            commands(&e),
+            [CniCommand::Add, CniCommand::Del, CniCommand::Add],
+            "{msg}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn retry_happens_once_and_failures_are_cleaned_up() {
+    let e = env();
+    let exec = e.net.cni().exec();
+    exec.answer(CniCommand::Add, Err("duplicate allocation is not allowed"));
+    exec.answer(CniCommand::Add, Err("duplicate allocation is not allowed"));
+    let err = e.net.setup("a", Path::new(NS)).await.unwrap_err();
+    assert!(err.to_string().contains("duplicate allocation"), "{err}");
+    assert_eq!(
+        commands(&e),
+        [
+            CniCommand::Add,
+            CniCommand::Del,
+            CniCommand::Add,
+            CniCommand::Del
+        ]
+    );
+    assert_eq!(e.net.saved("a").await.unwrap(), None);
+    assert!(e.net.firewall().calls().is_empty());
+}
+
+#[tokio::test]
+async fn other_add_errors_are_not_retried() {
+    let e = env();
+    e.net.cni().exec().answer(
+        CniCommand::Add,
+        Err("failed to create bridge: permission denied"),
+    );
+    let err = e.net.setup("a", Path::new(NS)).await.unwrap_err();
+    assert!(matches!(err, AgentError::CniPlugin { .. }), "{err}");
+    assert_eq!(commands(&e), [CniCommand::Add, CniCommand::Del]);
+}
+
+#[tokio::test]
+async fn an_empty_ip_is_an_error() {
+    let e = env();
+    e.net.cni().exec().answer(
+        CniCommand::Add,
+        Ok(Some(
+            json!({"cniVersion": "1.0.0", "interfaces": [], "ips": []}),
+        )),
+    );
+    let err = e.net.setup("a", Path::new(NS)).await.unwrap_err();
+    assert!(err.to_string().contains("no ip address"), "{err}");
+    assert_eq!(commands(&e), [CniCommand::Add, CniCommand::Del]);
+    assert_eq!(e.net.saved("a").await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn teardown_of_unknown_bot_succeeds() {
+    let e = env();
+    e.net.teardown("nobody").await.unwrap();
+    assert!(commands(&e).is_empty());
+    assert_eq!(*e.net.netns().deleted.lock().unwrap(), ["memoh-nobody"]);
+}
+
+#[tokio::test]
+async fn teardown_uses_saved_state_even_when_the_netns_is_gone() {
+    for netns_alive in [true, false] {
+        let e = env();
+        e.net.netns().set(NS, &[]);
+        let exec = e.net.cni().exec();
+        exec.answer(CniCommand::Add, Ok(Some(add_result("10.210.3.2"))));
+        e.net.setup("a", Path::new(NS)).await.unwrap();
+        if !netns_alive {
+            e.net.netns().live.lock().unwrap().clear();
+        }
+        e.net.teardown("a").await.unwrap();
+        let del = exec.calls().pop().unwrap();
+        assert_eq!(del.command, CniCommand::Del);
+        assert_eq!(del.config["prevResult"], add_result("10.210.3.2"));
+        assert_eq!(del.netns.is_some(), netns_alive);
+        let cleaned = e
+            .net
+            .firewall()
+            .calls()
+            .contains(&"cni-masq memoh-cni mcp-a".to_string());
+        assert_eq!(cleaned, !netns_alive);
+        assert_eq!(e.net.saved("a").await.unwrap(), None);
+        assert!(!e.net.netns().exists(Path::new(NS)).await);
+        // A second teardown is a no-op.
+        e.net.teardown("a").await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn failed_del_keeps_state_for_a_retry() {
+    let e = env();
+    e.net.netns().set(NS, &[]);
+    let exec = e.net.cni().exec();
+    exec.answer(CniCommand::Add, Ok(Some(add_result("10.210.3.2"))));
+    e.net.setup("a", Path::new(NS)).await.unwrap();
+    exec.answer(CniCommand::Del, Err("ipam store locked"));
+    assert!(e.net.teardown("a").await.is_err());
+    assert!(e.net.saved("a").await.unwrap().is_some());
+    e.net.teardown("a").await.unwrap();
+    assert!(e.net.saved("a").await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn bad_bot_ids_are_refused() {
+    let e = env();
+    for bad in ["", "a b", "../x", "a/b"] {
+        assert!(matches!(
+            e.net.setup(bad, Path::new(NS)).await,
+            Err(AgentError::InvalidBotId(_))
+        ));
+        assert!(matches!(
+            e.net.teardown(bad).await,
+            Err(AgentError::InvalidBotId(_))
+        ));
+    }
+}
+
+#[test]
+fn retryable_classification() {
+    let cases = [
+        (
+            "10.0.0.2 has been allocated to x, duplicate allocation is not allowed",
+            true,
+        ),
+        ("container veth name provided (eth0) already exists", true),
+        ("failed to set bridge's mac address", true),
+        ("could not set bridge mac address to aa:bb", true),
+        ("failed to find plugin \"bridge\"", false),
+        ("no IP addresses available in range set", false),
+    ];
+    for (msg, want) in cases {
+        let e = AgentError::Network {
+            op: "cni add".into(),
+            reason: msg.into(),
+        };
+        assert_eq!(is_retryable_add_error(&e), want, "{msg}");
+    }
+}
