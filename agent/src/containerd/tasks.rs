@@ -1,0 +1,259 @@
+//! Tasks: the running side of containers, and the exit events used for crash detection.
+
+use std::path::Path;
+use std::time::Duration;
+
+use containerd_client::services::v1::{
+    events_client::EventsClient, tasks_client::TasksClient, CreateTaskRequest, DeleteTaskRequest,
+    GetRequest, KillRequest, StartRequest, SubscribeRequest, WaitRequest,
+};
+use containerd_client::types::v1::Status;
+use futures::StreamExt;
+use prost::Message;
+use tonic::Code;
+
+use super::{
+    rootfs_to_pb, to_system_time, Containerd, RootfsMount, TaskExit, TaskExitStream, TaskIo,
+    TaskState, TaskStatus,
+};
+use crate::error::AgentError;
+
+/// Topic of task exit events.
+pub const TASK_EXIT_TOPIC: &str = "/tasks/exit";
+
+/// The stdio URI the runc shim opens as an append-only host file.
+pub(crate) fn file_uri(path: Option<&Path>) -> Result<String, AgentError> {
+    match path {
+        None => Ok(String::new()),
+        Some(p) if p.is_absolute() => Ok(format!("file://{}", p.display())),
+        Some(p) => Err(AgentError::InvalidArgument(format!(
+            "task log path {} must be absolute",
+            p.display()
+        ))),
+    }
+}
+
+fn state_from_pb(status: i32) -> TaskState {
+    match Status::try_from(status) {
+        Ok(Status::Created) => TaskState::Created,
+        Ok(Status::Running) => TaskState::Running,
+        Ok(Status::Stopped) => TaskState::Stopped,
+        Ok(Status::Paused) => TaskState::Paused,
+        Ok(Status::Pausing) => TaskState::Pausing,
+        _ => TaskState::Unknown,
+    }
+}
+
+impl Containerd {
+    fn tasks(&self) -> TasksClient<tonic::transport::Channel> {
+        TasksClient::new(self.channel.clone())
+    }
+
+    pub(crate) async fn create_task_inner(
+        &self,
+        container_id: &str,
+        rootfs: &[RootfsMount],
+        io: &TaskIo,
+    ) -> Result<u32, AgentError> {
+        let req = self.request(CreateTaskRequest {
+            container_id: container_id.to_string(),
+            rootfs: rootfs.iter().map(rootfs_to_pb).collect(),
+            stdin: String::new(),
+            stdout: file_uri(io.stdout.as_deref())?,
+            stderr: file_uri(io.stderr.as_deref())?,
+            terminal: false,
+            ..Default::default()
+        });
+        let out = self
+            .tasks()
+            .create(req)
+            .await
+            .map_err(|s| AgentError::containerd(format!("create task {container_id}"), s))?
+            .into_inner();
+        tracing::debug!(container = %container_id, pid = out.pid, "task created");
+        Ok(out.pid)
+    }
+
+    pub(crate) async fn start_task_inner(&self, container_id: &str) -> Result<u32, AgentError> {
+        let req = self.request(StartRequest {
+            container_id: container_id.to_string(),
+            exec_id: String::new(),
+        });
+        let out = self
+            .tasks()
+            .start(req)
+            .await
+            .map_err(|s| AgentError::containerd(format!("start task {container_id}"), s))?
+            .into_inner();
+        tracing::info!(container = %container_id, pid = out.pid, "task started");
+        Ok(out.pid)
+    }
+
+    pub(crate) async fn kill_task_inner(
+        &self,
+        container_id: &str,
+        signal: i32,
+        all: bool,
+    ) -> Result<(), AgentError> {
+        let signal = u32::try_from(signal)
+            .map_err(|_| AgentError::InvalidArgument(format!("signal {signal}")))?;
+        let req = self.request(KillRequest {
+            container_id: container_id.to_string(),
+            exec_id: String::new(),
+            signal,
+            all,
+        });
+        self.tasks()
+            .kill(req)
+            .await
+            .map_err(|s| AgentError::containerd(format!("kill task {container_id}"), s))?;
+        Ok(())
+    }
+
+    pub(crate) async fn wait_task_inner(
+        &self,
+        container_id: &str,
+        timeout: Duration,
+    ) -> Result<TaskExit, AgentError> {
+        let pid = self
+            .task_status_inner(container_id)
+            .await?
+            .map(|s| s.pid)
+            .unwrap_or(0);
+        let req = self.request(WaitRequest {
+            container_id: container_id.to_string(),
+            exec_id: String::new(),
+        });
+        let mut client = self.tasks();
+        let out = tokio::time::timeout(timeout, client.wait(req))
+            .await
+            .map_err(|_| {
+                AgentError::Timeout(format!(
+                    "task {container_id} still running after {timeout:?}"
+                ))
+            })?
+            .map_err(|s| AgentError::containerd(format!("wait task {container_id}"), s))?
+            .into_inner();
+        Ok(TaskExit {
+            container_id: container_id.to_string(),
+            pid,
+            exit_status: out.exit_status,
+            exited_at: to_system_time(out.exited_at),
+        })
+    }
+
+    pub(crate) async fn delete_task_inner(
+        &self,
+        container_id: &str,
+    ) -> Result<Option<TaskExit>, AgentError> {
+        let req = self.request(DeleteTaskRequest {
+            container_id: container_id.to_string(),
+        });
+        match self.tasks().delete(req).await {
+            Ok(r) => {
+                let r = r.into_inner();
+                tracing::debug!(container = %container_id, status = r.exit_status, "task deleted");
+                Ok(Some(TaskExit {
+                    container_id: container_id.to_string(),
+                    pid: r.pid,
+                    exit_status: r.exit_status,
+                    exited_at: to_system_time(r.exited_at),
+                }))
+            }
+            Err(s) if s.code() == Code::NotFound => Ok(None),
+            Err(s) => Err(AgentError::containerd(
+                format!("delete task {container_id}"),
+                s,
+            )),
+        }
+    }
+
+    pub(crate) async fn task_status_inner(
+        &self,
+        container_id: &str,
+    ) -> Result<Option<TaskStatus>, AgentError> {
+        let req = self.request(GetRequest {
+            container_id: container_id.to_string(),
+            exec_id: String::new(),
+        });
+        match self.tasks().get(req).await {
+            Ok(r) => Ok(r.into_inner().process.map(|p| {
+                let state = state_from_pb(p.status);
+                let stopped = state == TaskState::Stopped;
+                TaskStatus {
+                    state,
+                    pid: p.pid,
+                    exit_status: stopped.then_some(p.exit_status),
+                    exited_at: if stopped {
+                        to_system_time(p.exited_at)
+                    } else {
+                        None
+                    },
+                }
+            })),
+            Err(s) if s.code() == Code::NotFound => Ok(None),
+            Err(s) => Err(AgentError::containerd(
+                format!("get task {container_id}"),
+                s,
+            )),
+        }
+    }
+
+    pub(crate) async fn subscribe_task_exits_inner(&self) -> Result<TaskExitStream, AgentError> {
+        let filter = format!("topic=={TASK_EXIT_TOPIC:?},namespace=={:?}", self.namespace);
+        let req = self.request(SubscribeRequest {
+            filters: vec![filter],
+        });
+        let stream = EventsClient::new(self.channel.clone())
+            .subscribe(req)
+            .await
+            .map_err(|s| AgentError::containerd("subscribe to task exits", s))?
+            .into_inner();
+        let out = stream.filter_map(|item| async move {
+            match item {
+                Err(s) => Some(Err(AgentError::containerd("task exit events", s))),
+                Ok(env) => {
+                    let any = env.event?;
+                    match containerd_client::events::TaskExit::decode(any.value.as_slice()) {
+                        // Exits of exec'd processes carry their exec id; only the init
+                        // process's exit means the container stopped.
+                        Ok(e) if e.id.is_empty() || e.id == e.container_id => Some(Ok(TaskExit {
+                            container_id: e.container_id,
+                            pid: e.pid,
+                            exit_status: e.exit_status,
+                            exited_at: to_system_time(e.exited_at),
+                        })),
+                        Ok(_) => None,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "undecodable task exit event");
+                            None
+                        }
+                    }
+                }
+            }
+        });
+        Ok(out.boxed())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stdio_uris() {
+        assert_eq!(file_uri(None).unwrap(), "");
+        assert_eq!(
+            file_uri(Some(Path::new("/var/log/b.log"))).unwrap(),
+            "file:///var/log/b.log"
+        );
+        assert!(file_uri(Some(Path::new("rel.log"))).is_err());
+    }
+
+    #[test]
+    fn states() {
+        assert_eq!(state_from_pb(Status::Running as i32), TaskState::Running);
+        assert_eq!(state_from_pb(Status::Stopped as i32), TaskState::Stopped);
+        assert_eq!(state_from_pb(99), TaskState::Unknown);
+    }
+}
