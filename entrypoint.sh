@@ -5,14 +5,16 @@
 # container's writable layer: the copy travels with the container's snapshots, and an image
 # upgrade reaches existing containers because a differing /opt/mcp replaces the copy on the
 # next start. The copy is atomic (temp name in /app, then rename), so a crash half-way never
-# leaves a truncated /app/mcp. `exec` makes the server PID 1 so it receives SIGTERM directly.
+# leaves a truncated /app/mcp, and a running /app/mcp ("text file busy") is replaced safely.
+# A copy that lost its execute bit is replaced too. `exec` makes the server PID 1 so it
+# receives SIGTERM directly.
 set -eu
 
 SRC=/opt/mcp
 DIR=/app
 DST=$DIR/mcp
 
-if [ ! -f "$DST" ] || ! cmp -s "$SRC" "$DST"; then
+if [ ! -f "$DST" ] || [ ! -x "$DST" ] || ! cmp -s "$SRC" "$DST"; then
     mkdir -p "$DIR"
     tmp="$DIR/.mcp.tmp.$$"
     rm -f "$tmp"
