@@ -21,7 +21,8 @@ use crate::limits::{self, MAX_MESSAGE_SIZE, RAW_CHUNK_SIZE};
 use crate::pb::mcpcontainer as pb;
 use pb::container_service_client::ContainerServiceClient;
 
-type Inner = ContainerServiceClient<InterceptedService<Channel, CallMetadata>>;
+/// The generated client with our metadata interceptor.
+pub type Inner = ContainerServiceClient<InterceptedService<Channel, CallMetadata>>;
 
 /// Metadata attached to every call: `authorization: Bearer TOKEN` and `x-memoh-bot: BOT`.
 #[derive(Clone, Default, Debug)]
@@ -36,7 +37,8 @@ impl tonic::service::Interceptor for CallMetadata {
             req.metadata_mut().insert("authorization", t.clone());
         }
         if let Some(b) = &self.bot {
-            req.metadata_mut().insert(limits::BOT_METADATA_KEY, b.clone());
+            req.metadata_mut()
+                .insert(limits::BOT_METADATA_KEY, b.clone());
         }
         Ok(req)
     }
@@ -133,6 +135,17 @@ impl ContainerClient {
         Ok(Self::with_metadata(channel, md))
     }
 
+    /// The generated client underneath, carrying the same metadata; for forwarding calls
+    /// unchanged (the agent's proxy).
+    pub fn raw(&self) -> Inner {
+        self.inner.clone()
+    }
+
+    /// The deadline of unary calls.
+    pub fn deadline_of_unary(&self) -> Duration {
+        self.unary_deadline
+    }
+
     /// Sets the deadline of every unary call made through this client.
     pub fn unary_deadline(mut self, d: Duration) -> Self {
         self.unary_deadline = d;
@@ -180,7 +193,11 @@ impl ContainerClient {
     }
 
     /// `ListDir`.
-    pub async fn list_dir(&self, path: &str, recursive: bool) -> Result<Vec<pb::FileEntry>, Status> {
+    pub async fn list_dir(
+        &self,
+        path: &str,
+        recursive: bool,
+    ) -> Result<Vec<pb::FileEntry>, Status> {
         let mut c = self.inner.clone();
         let req = pb::ListDirRequest {
             path: path.into(),
@@ -333,5 +350,7 @@ pub async fn collect_exec(out: &mut Streaming<pb::ExecOutput>) -> Result<ExecRes
             Err(_) => return Err(Status::internal("unknown exec output stream kind")),
         }
     }
-    Err(Status::unavailable("exec stream ended without an exit status"))
+    Err(Status::unavailable(
+        "exec stream ended without an exit status",
+    ))
 }

@@ -1,15 +1,26 @@
 //! `memoh-agent`: the host agent that owns every bot's container.
 //!
 //! Modules:
+//! - [`bots`]: the lifecycle [`bots::Manager`]: create, start, stop, delete, reconcile, restarts.
+//! - [`control`], [`proxy`]: the control API and the container-service router on the socket.
+//! - [`daemon`]: startup, the control socket, systemd readiness; [`cli`]: the operator's CLI.
+//! - [`ids`]: bot ids and derived names; [`pool`]: one channel per bot.
 //! - [`config`]: the TOML configuration.
 //! - [`containerd`]: images, containers, snapshots and tasks on containerd ([`containerd::Runtime`]).
 //! - [`error`]: [`AgentError`], the one error type, and its gRPC status mapping.
 //! - [`network`]: bot networking: named namespaces, CNI (a small libcni), MASQUERADE and
 //!   bot-to-bot isolation ([`network::Network`]).
 
+pub mod bots;
+pub mod cli;
 pub mod config;
 pub mod containerd;
+pub mod control;
+pub mod daemon;
 pub mod error;
+pub mod ids;
 pub mod network;
+pub mod pool;
+pub mod proxy;
 
 pub use error::AgentError;

@@ -1,1 +1,150 @@
-fn main() {}
+//! `memoh-agent`: the daemon (`serve`) and the operator's CLI in one binary.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use memoh_agent::cli::{self, BotCmd, ImageCmd};
+use memoh_agent::config::Config;
+
+/// Host agent for bot containers on containerd.
+#[derive(Parser, Debug)]
+#[command(name = "memoh-agent", version, about)]
+struct Args {
+    /// The agent's control socket (CLI commands).
+    #[arg(
+        long,
+        global = true,
+        env = "MEMOH_AGENT_SOCKET",
+        default_value = "/run/memoh/agent.sock"
+    )]
+    socket: PathBuf,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run the daemon.
+    Serve {
+        /// TOML configuration (default /etc/memoh/agent.toml; missing means defaults).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Manage bots.
+    #[command(subcommand)]
+    Bot(BotCmd),
+    /// Run a command in a bot: `exec BOT -- CMD ARGS...`.
+    Exec {
+        /// Bot id.
+        bot: String,
+        /// Working directory inside the bot (default /data).
+        #[arg(long, short = 'w')]
+        workdir: Option<String>,
+        /// Seconds before the command's process group is killed (0: the server's default).
+        #[arg(long, default_value_t = 0)]
+        timeout: i32,
+        /// The command and its arguments.
+        #[arg(last = true, required = true)]
+        argv: Vec<String>,
+    },
+    /// Copy a file into or out of a bot: one side is `BOT:PATH`.
+    Cp {
+        /// Source.
+        src: String,
+        /// Destination.
+        dst: String,
+    },
+    /// The bot server's own stdout and stderr.
+    Logs {
+        /// Bot id.
+        bot: String,
+        /// Keep printing as the log grows.
+        #[arg(long, short)]
+        follow: bool,
+        /// Only the last N bytes.
+        #[arg(long, default_value_t = 0)]
+        tail: u64,
+    },
+    /// Manage images.
+    #[command(subcommand)]
+    Image(ImageCmd),
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let is_daemon = matches!(args.cmd, Cmd::Serve { .. });
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MEMOH_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(if is_daemon { "info" } else { "warn" })
+    });
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("memoh-agent: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let r = rt.block_on(dispatch(args));
+    // Don't wait for a stdin reader blocked in the background.
+    rt.shutdown_background();
+    match r {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("memoh-agent: {}", e.message);
+            ExitCode::from(e.code)
+        }
+    }
+}
+
+async fn dispatch(args: Args) -> Result<u8, cli::CliError> {
+    let socket = args.socket;
+    match args.cmd {
+        Cmd::Serve { config } => serve(config).await,
+        Cmd::Bot(c) => cli::bot(&socket, c).await,
+        Cmd::Exec {
+            bot,
+            workdir,
+            timeout,
+            argv,
+        } => cli::exec(&socket, &bot, &argv, workdir, timeout).await,
+        Cmd::Cp { src, dst } => cli::cp(&socket, &src, &dst).await,
+        Cmd::Logs { bot, follow, tail } => cli::logs(&socket, bot, follow, tail).await,
+        Cmd::Image(c) => cli::image(&socket, c).await,
+    }
+}
+
+async fn serve(config: Option<PathBuf>) -> Result<u8, cli::CliError> {
+    let fail = |e: memoh_agent::AgentError| cli::CliError {
+        message: e.to_string(),
+        code: 1,
+    };
+    let cfg = Config::load(config.as_deref()).map_err(fail)?;
+    let listener = memoh_agent::daemon::bind_control(&cfg).map_err(fail)?;
+    memoh_agent::daemon::run(cfg, listener, shutdown_signal())
+        .await
+        .map_err(fail)?;
+    Ok(0)
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!("shutting down; bots keep running");
+}

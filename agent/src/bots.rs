@@ -1,0 +1,727 @@
+//! The bot lifecycle: create, start, stop, delete, list, inspect, reconcile, and the watcher
+//! that restarts crashed bots.
+//!
+//! containerd's metadata is the only record of bots: a bot is a container labelled
+//! `mcp.bot_id`, its desired state is the container's `memoh.desired` label, its address is the
+//! saved CNI result. In memory the agent only caches what it can rebuild from those: routes for
+//! the pool, restart counters. One lock per bot serialises every lifecycle operation on it;
+//! operations on different bots run in parallel.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use futures::StreamExt;
+use memoh_proto::ContainerClient;
+use tokio::sync::OwnedMutexGuard;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::config::Config;
+use crate::containerd::spec::{build_spec, BindMount, SpecOptions};
+use crate::containerd::{
+    label_filter, ContainerInfo, NewContainer, Runtime, TaskIo, TaskState, TaskStatus,
+};
+use crate::error::AgentError;
+use crate::ids::{self, LABEL_BOT_ID, LABEL_DESIRED, LABEL_IMAGE};
+use crate::network::Network;
+use crate::pool::{Pool, Route};
+
+/// Where the bearer token appears inside a bot's container.
+pub const TOKEN_MOUNT: &str = "/run/memoh/token";
+/// How long `create` and `start` wait for the bot's server to answer.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// SIGTERM grace before SIGKILL on stop.
+pub const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// What `bot ls` and `bot inspect` show.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BotInfo {
+    /// The bot id.
+    pub bot_id: String,
+    /// `mcp-<bot>`.
+    pub container_id: String,
+    /// Image reference of the container.
+    pub image: String,
+    /// Task state: running, stopped, created, paused, unknown, or absent.
+    pub status: String,
+    /// Address, when attached.
+    pub ip: Option<IpAddr>,
+    /// Creation time of the container record.
+    pub created_at: Option<SystemTime>,
+    /// Host pid of the server, when running.
+    pub pid: u32,
+    /// Automatic restarts since the agent started.
+    pub restart_count: u32,
+    /// Exit code of the last task that ended (-1: signal or unknown).
+    pub last_exit_code: Option<i32>,
+    /// When that task ended.
+    pub last_exit_at: Option<SystemTime>,
+}
+
+#[derive(Debug, Default, Clone)]
+struct Health {
+    restart_count: u32,
+    last_exit_code: Option<i32>,
+    last_exit_at: Option<SystemTime>,
+    last_start: Option<std::time::Instant>,
+    backoff: u32,
+}
+
+/// The lifecycle manager. Cheap to share behind an `Arc`.
+pub struct Manager {
+    cfg: Config,
+    rt: Arc<dyn Runtime>,
+    net: Arc<Network>,
+    pool: Pool,
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    routes: Mutex<HashMap<String, Route>>,
+    health: Mutex<HashMap<String, Health>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn status_name(s: Option<&TaskStatus>) -> &'static str {
+    match s.map(|s| s.state) {
+        None => "absent",
+        Some(TaskState::Running) => "running",
+        Some(TaskState::Stopped) => "stopped",
+        Some(TaskState::Created) => "created",
+        Some(TaskState::Paused) | Some(TaskState::Pausing) => "paused",
+        Some(TaskState::Unknown) => "unknown",
+    }
+}
+
+fn exit_code(status: u32) -> i32 {
+    // runc reports 128+N for a signal; clients see -1 for signals.
+    if status > 128 {
+        -1
+    } else {
+        status as i32
+    }
+}
+
+/// A random token from the kernel's generator, hex encoded.
+fn new_token() -> Result<String, AgentError> {
+    use std::io::Read;
+    let mut b = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .map_err(|e| AgentError::io("/dev/urandom", e))?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+impl Manager {
+    /// A manager over a runtime and the network module.
+    pub fn new(cfg: Config, rt: Arc<dyn Runtime>, net: Arc<Network>) -> Self {
+        Self {
+            cfg,
+            rt,
+            net,
+            pool: Pool::new(memoh_proto::limits::DEFAULT_UNARY_DEADLINE),
+            locks: Mutex::default(),
+            routes: Mutex::default(),
+            health: Mutex::default(),
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// The runtime.
+    pub fn runtime(&self) -> &Arc<dyn Runtime> {
+        &self.rt
+    }
+
+    /// The network module.
+    pub fn network(&self) -> &Arc<Network> {
+        &self.net
+    }
+
+    /// Takes the bot's lifecycle lock.
+    pub async fn lock_bot(&self, bot: &str) -> OwnedMutexGuard<()> {
+        let m = lock(&self.locks)
+            .entry(bot.to_string())
+            .or_default()
+            .clone();
+        m.lock_owned().await
+    }
+
+    async fn container(&self, bot: &str) -> Result<ContainerInfo, AgentError> {
+        ids::validate(bot)?;
+        self.rt
+            .get_container(&ids::container_id(bot))
+            .await?
+            .ok_or_else(|| AgentError::UnknownBot(bot.to_string()))
+    }
+
+    async fn set_desired(&self, bot: &str, desired: &str) -> Result<(), AgentError> {
+        let labels = HashMap::from([(LABEL_DESIRED.to_string(), desired.to_string())]);
+        self.rt
+            .update_container_labels(&ids::container_id(bot), &labels)
+            .await
+            .map(|_| ())
+    }
+
+    fn forget_route(&self, bot: &str) {
+        lock(&self.routes).remove(bot);
+        self.pool.evict(bot);
+    }
+
+    /// Creates the bot's container from `image` (the configured default when `None`) and starts
+    /// it; returns once its server answers. A leftover container or snapshot of the bot is
+    /// reused, never discarded: a stopped one is started, a running one is an error.
+    pub async fn create(&self, bot: &str, image: Option<&str>) -> Result<BotInfo, AgentError> {
+        ids::validate(bot)?;
+        let _g = self.lock_bot(bot).await;
+        let cid = ids::container_id(bot);
+        if let Some(c) = self.rt.get_container(&cid).await? {
+            let st = self.rt.task_status(&cid).await?;
+            if st.as_ref().is_some_and(|s| s.state == TaskState::Running) {
+                return Err(AgentError::BotExists(bot.to_string()));
+            }
+            info!(bot, "container exists without a running task; starting it");
+            self.set_desired(bot, "running").await?;
+            self.start_locked(bot, &c).await?;
+            return self.info(bot).await;
+        }
+        let image = image
+            .filter(|s| !s.is_empty())
+            .unwrap_or(&self.cfg.image)
+            .to_string();
+        let resolved = self.rt.ensure_unpacked(&image).await?;
+        let bot_labels = HashMap::from([(LABEL_BOT_ID.to_string(), bot.to_string())]);
+        // An existing active snapshot holds the bot's data from an earlier container: keep it.
+        let snapshot_key = cid.clone();
+        if self.rt.stat_snapshot(&snapshot_key).await?.is_none() {
+            self.rt
+                .prepare_snapshot(&snapshot_key, Some(&resolved.chain_id), &bot_labels)
+                .await?;
+        } else {
+            info!(bot, "reusing the bot's existing snapshot");
+        }
+        let c = self
+            .create_container_record(bot, &resolved.name, &resolved.config, &snapshot_key)
+            .await?;
+        if let Err(e) = self.start_locked(bot, &c).await {
+            warn!(bot, error = %e, "start after create failed; the container is kept");
+            return Err(e);
+        }
+        self.info(bot).await
+    }
+
+    /// Writes a fresh token and creates the container record (spec, labels) on `snapshot_key`.
+    async fn create_container_record(
+        &self,
+        bot: &str,
+        image: &str,
+        image_config: &crate::containerd::ImageConfig,
+        snapshot_key: &str,
+    ) -> Result<ContainerInfo, AgentError> {
+        let cid = ids::container_id(bot);
+        let dir = ids::bot_dir(&self.cfg.state_dir, bot);
+        let token = new_token()?;
+        let token_path = ids::token_path(&self.cfg.state_dir, bot);
+        {
+            let (d, p, t) = (dir.clone(), token_path.clone(), token.clone());
+            tokio::task::spawn_blocking(move || write_private(&d, &p, &t))
+                .await
+                .map_err(|e| AgentError::io(&dir, std::io::Error::other(e)))??;
+        }
+        let netns = self.net.netns_path(bot);
+        let mut opts = SpecOptions::new(&cid, bot).with_host_files();
+        opts.netns_path = Some(netns);
+        opts.extra_env
+            .push(("MCP_AUTH_TOKEN_FILE".into(), TOKEN_MOUNT.into()));
+        opts.extra_mounts.push(BindMount {
+            source: token_path,
+            destination: PathBuf::from(TOKEN_MOUNT),
+            readonly: true,
+        });
+        let spec = build_spec(image_config, &opts)?;
+        let labels = HashMap::from([
+            (LABEL_BOT_ID.to_string(), bot.to_string()),
+            (LABEL_DESIRED.to_string(), "running".to_string()),
+            (LABEL_IMAGE.to_string(), image.to_string()),
+        ]);
+        self.rt
+            .create_container(&NewContainer {
+                id: cid,
+                image: image.to_string(),
+                snapshot_key: snapshot_key.to_string(),
+                labels,
+                spec,
+            })
+            .await
+    }
+
+    /// Starts a stopped bot (no-op for a running one, which gets its network checked).
+    pub async fn start(&self, bot: &str) -> Result<BotInfo, AgentError> {
+        let _g = self.lock_bot(bot).await;
+        let c = self.container(bot).await?;
+        self.set_desired(bot, "running").await?;
+        self.start_locked(bot, &c).await?;
+        self.info(bot).await
+    }
+
+    /// Starts the task of `c` (deleting a stopped task entry first), attaches the network,
+    /// and waits until the server answers. The caller holds the bot's lock.
+    async fn start_locked(&self, bot: &str, c: &ContainerInfo) -> Result<(), AgentError> {
+        let cid = &c.id;
+        match self.rt.task_status(cid).await? {
+            Some(s) if s.state == TaskState::Running => {
+                let ip = self.attach(bot, c).await?;
+                debug!(bot, %ip, "already running");
+                return self.wait_ready(bot).await;
+            }
+            Some(_) => {
+                self.rt.delete_task(cid).await?;
+            }
+            None => {}
+        }
+        let mounts = self.rt.snapshot_mounts(&c.snapshot_key).await?;
+        self.net.create_netns(bot).await?;
+        let log = ids::log_path(&self.cfg.state_dir, bot);
+        if let Some(parent) = log.parent() {
+            tokio::fs::create_dir_all(parent)
+                .await
+                .map_err(|e| AgentError::io(parent, e))?;
+        }
+        self.rt
+            .create_task(cid, &mounts, &TaskIo::log_file(&log))
+            .await?;
+        if let Err(e) = self.rt.start_task(cid).await {
+            let _ = self.rt.delete_task(cid).await;
+            return Err(e);
+        }
+        lock(&self.health)
+            .entry(bot.to_string())
+            .or_default()
+            .last_start = Some(std::time::Instant::now());
+        // A new task is a new server: drop any channel to the old one.
+        self.pool.evict(bot);
+        if let Err(e) = self.attach(bot, c).await {
+            warn!(bot, error = %e, "network setup failed; stopping the task");
+            let _ = self.kill_and_delete_task(cid, Duration::from_secs(5)).await;
+            return Err(e);
+        }
+        self.wait_ready(bot).await
+    }
+
+    /// Attaches the bot (keeping a healthy address) and records its route.
+    async fn attach(&self, bot: &str, c: &ContainerInfo) -> Result<IpAddr, AgentError> {
+        let netns = self.net.netns_path(bot);
+        let bn = self.net.setup(bot, &netns).await?;
+        let token = tokio::fs::read_to_string(ids::token_path(&self.cfg.state_dir, bot))
+            .await
+            .ok()
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty());
+        let generation = format!(
+            "{}:{}",
+            c.snapshot_key,
+            c.created_at
+                .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+                .map(|d| d.as_nanos())
+                .unwrap_or_default()
+        );
+        let route = Route {
+            ip: bn.ip,
+            token,
+            generation,
+        };
+        let mut routes = lock(&self.routes);
+        if routes.get(bot) != Some(&route) {
+            self.pool.evict(bot);
+            routes.insert(bot.to_string(), route);
+        }
+        Ok(bn.ip)
+    }
+
+    /// Polls the bot's server until it answers or [`READY_TIMEOUT`] passes.
+    async fn wait_ready(&self, bot: &str) -> Result<(), AgentError> {
+        let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
+        let mut delay = Duration::from_millis(5);
+        loop {
+            let last = match self.cached_client(bot) {
+                Some(c) => match c.ping().await {
+                    Ok(()) => return Ok(()),
+                    Err(s) => s.message().to_string(),
+                },
+                None => "no route".into(),
+            };
+            if tokio::time::Instant::now() >= deadline {
+                return Err(AgentError::BotUnavailable {
+                    bot: bot.to_string(),
+                    reason: format!("server did not answer within {READY_TIMEOUT:?}: {last}"),
+                });
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_millis(100));
+        }
+    }
+
+    fn cached_client(&self, bot: &str) -> Option<ContainerClient> {
+        let route = lock(&self.routes).get(bot).cloned()?;
+        let c = self.pool.client(bot, &route).ok()?;
+        Some(c.unary_deadline(Duration::from_secs(2)))
+    }
+
+    /// The client of a bot's server: NOT_FOUND for an unknown bot, UNAVAILABLE (with the
+    /// reason) for one that is down.
+    pub async fn client(&self, bot: &str) -> Result<ContainerClient, AgentError> {
+        ids::validate(bot)?;
+        let route = lock(&self.routes).get(bot).cloned();
+        if let Some(route) = route {
+            return self.pool.client(bot, &route);
+        }
+        // Not cached: explain why.
+        let c = self.container(bot).await?;
+        let st = self.rt.task_status(&c.id).await?;
+        let reason = match st.as_ref().map(|s| s.state) {
+            Some(TaskState::Running) => {
+                // Running but unknown to us (e.g. mid-reconcile): attach and answer.
+                let _g = self.lock_bot(bot).await;
+                self.attach(bot, &c).await?;
+                let route = lock(&self.routes).get(bot).cloned();
+                if let Some(route) = route {
+                    return self.pool.client(bot, &route);
+                }
+                "no address".to_string()
+            }
+            _ => format!("task is {}", status_name(st.as_ref())),
+        };
+        Err(AgentError::BotUnavailable {
+            bot: bot.to_string(),
+            reason,
+        })
+    }
+
+    /// Reports a failed call on `bot`'s channel: transport failures evict it so the next call
+    /// dials afresh.
+    pub fn report_failure(&self, bot: &str, status: &tonic::Status) {
+        if status.code() == tonic::Code::Unavailable || status.code() == tonic::Code::Unknown {
+            if let Some(route) = lock(&self.routes).get(bot).cloned() {
+                self.pool.evict_if(bot, &route);
+            }
+        }
+    }
+
+    async fn kill_and_delete_task(&self, cid: &str, grace: Duration) -> Result<(), AgentError> {
+        let Some(st) = self.rt.task_status(cid).await? else {
+            return Ok(());
+        };
+        if st.state == TaskState::Running || st.state == TaskState::Created {
+            if !grace.is_zero() {
+                self.rt.kill_task(cid, libc::SIGTERM, false).await.ok();
+                if self.rt.wait_task(cid, grace).await.is_ok() {
+                    self.rt.delete_task(cid).await?;
+                    return Ok(());
+                }
+            }
+            self.rt.kill_task(cid, libc::SIGKILL, true).await.ok();
+            if let Err(e) = self.rt.wait_task(cid, Duration::from_secs(10)).await {
+                warn!(container = cid, error = %e, "task did not exit after SIGKILL");
+            }
+        }
+        self.rt.delete_task(cid).await?;
+        Ok(())
+    }
+
+    /// Stops the bot: SIGTERM, bounded wait, SIGKILL, bounded wait; removes the task entry and
+    /// detaches the network. The bot stays stopped across agent restarts.
+    pub async fn stop(&self, bot: &str) -> Result<BotInfo, AgentError> {
+        let _g = self.lock_bot(bot).await;
+        let c = self.container(bot).await?;
+        self.set_desired(bot, "stopped").await?;
+        self.forget_route(bot);
+        self.kill_and_delete_task(&c.id, STOP_GRACE).await?;
+        self.net.teardown(bot).await?;
+        self.info(bot).await
+    }
+
+    /// Deletes the bot: task entries first, then the network, the container, its snapshots
+    /// and the agent's state of it.
+    pub async fn delete(&self, bot: &str, keep_versions: bool) -> Result<(), AgentError> {
+        let _g = self.lock_bot(bot).await;
+        let c = self.container(bot).await?;
+        self.forget_route(bot);
+        self.kill_and_delete_task(&c.id, Duration::ZERO).await?;
+        self.net.teardown(bot).await?;
+        self.rt.delete_container(&c.id).await?;
+        self.remove_snapshots(bot, &c.snapshot_key, keep_versions)
+            .await?;
+        let dir = ids::bot_dir(&self.cfg.state_dir, bot);
+        match tokio::fs::remove_dir_all(&dir).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(AgentError::io(&dir, e)),
+        }
+        lock(&self.health).remove(bot);
+        info!(bot, "deleted");
+        Ok(())
+    }
+
+    /// Removes the bot's active snapshot and (unless `keep_versions`) every snapshot labelled
+    /// with the bot, children before parents.
+    async fn remove_snapshots(
+        &self,
+        bot: &str,
+        active: &str,
+        keep_versions: bool,
+    ) -> Result<(), AgentError> {
+        self.rt.remove_snapshot(active).await?;
+        if keep_versions {
+            return Ok(());
+        }
+        let mut left = self
+            .rt
+            .list_snapshots(&[label_filter(LABEL_BOT_ID, Some(bot))])
+            .await?;
+        // Remove leaves first; each pass removes every snapshot nothing else depends on.
+        while !left.is_empty() {
+            let parents: std::collections::HashSet<String> =
+                left.iter().filter_map(|s| s.parent.clone()).collect();
+            let (leaves, rest): (Vec<_>, Vec<_>) =
+                left.into_iter().partition(|s| !parents.contains(&s.name));
+            if leaves.is_empty() {
+                warn!(bot, "snapshot cycle; leaving {} snapshots", rest.len());
+                break;
+            }
+            for s in leaves {
+                self.rt.remove_snapshot(&s.name).await?;
+            }
+            left = rest;
+        }
+        Ok(())
+    }
+
+    /// Every bot.
+    pub async fn list(&self) -> Result<Vec<BotInfo>, AgentError> {
+        let containers = self
+            .rt
+            .list_containers(&[label_filter(LABEL_BOT_ID, None)])
+            .await?;
+        let mut out = Vec::with_capacity(containers.len());
+        for c in containers {
+            let Some(bot) = c.labels.get(LABEL_BOT_ID).cloned() else {
+                continue;
+            };
+            out.push(self.describe(&bot, &c).await?);
+        }
+        out.sort_by(|a, b| a.bot_id.cmp(&b.bot_id));
+        Ok(out)
+    }
+
+    /// One bot.
+    pub async fn info(&self, bot: &str) -> Result<BotInfo, AgentError> {
+        let c = self.container(bot).await?;
+        self.describe(bot, &c).await
+    }
+
+    async fn describe(&self, bot: &str, c: &ContainerInfo) -> Result<BotInfo, AgentError> {
+        let st = self.rt.task_status(&c.id).await?;
+        let ip = match self.net.saved(bot).await {
+            Ok(Some(bn)) if st.as_ref().is_some_and(|s| s.state == TaskState::Running) => {
+                Some(bn.ip)
+            }
+            _ => None,
+        };
+        let h = lock(&self.health).get(bot).cloned().unwrap_or_default();
+        let (mut last_exit_code, mut last_exit_at) = (h.last_exit_code, h.last_exit_at);
+        if let Some(s) = st.as_ref().filter(|s| s.state == TaskState::Stopped) {
+            last_exit_code = s.exit_status.map(exit_code);
+            last_exit_at = s.exited_at;
+        }
+        Ok(BotInfo {
+            bot_id: bot.to_string(),
+            container_id: c.id.clone(),
+            image: c.image.clone(),
+            status: status_name(st.as_ref()).to_string(),
+            ip,
+            created_at: c.created_at,
+            pid: st
+                .as_ref()
+                .filter(|s| s.state == TaskState::Running)
+                .map(|s| s.pid)
+                .unwrap_or(0),
+            restart_count: h.restart_count,
+            last_exit_code,
+            last_exit_at,
+        })
+    }
+
+    /// Brings every bot whose desired state is `running` back: a missing or stopped task is
+    /// started again and re-networked; a running one keeps its address. Returns how many bots
+    /// were started.
+    pub async fn reconcile(&self) -> Result<usize, AgentError> {
+        let containers = self
+            .rt
+            .list_containers(&[label_filter(LABEL_BOT_ID, None)])
+            .await?;
+        let mut started = 0;
+        for c in containers {
+            let Some(bot) = c.labels.get(LABEL_BOT_ID).cloned() else {
+                continue;
+            };
+            if c.labels.get(LABEL_DESIRED).map(String::as_str) == Some("stopped") {
+                continue;
+            }
+            let _g = self.lock_bot(&bot).await;
+            // Re-read under the lock: another operation may have changed it.
+            let Some(c) = self.rt.get_container(&c.id).await? else {
+                continue;
+            };
+            let running = self
+                .rt
+                .task_status(&c.id)
+                .await?
+                .is_some_and(|s| s.state == TaskState::Running);
+            let r = if running {
+                self.attach(&bot, &c).await.map(|_| ())
+            } else {
+                started += 1;
+                info!(bot, "reconcile: starting");
+                self.start_locked(&bot, &c).await
+            };
+            if let Err(e) = r {
+                warn!(bot, error = %e, "reconcile failed for bot");
+            }
+        }
+        Ok(started)
+    }
+
+    /// Watches task exits and restarts bots that should be running, with backoff; re-runs
+    /// [`Manager::reconcile`] periodically and after containerd comes back. Ends on `stop`.
+    pub fn spawn_watchers(self: &Arc<Self>, stop: CancellationToken) {
+        let me = self.clone();
+        let s = stop.clone();
+        tokio::spawn(async move {
+            loop {
+                let events = tokio::select! {
+                    _ = s.cancelled() => return,
+                    r = me.rt.subscribe_task_exits() => r,
+                };
+                match events {
+                    Ok(mut events) => loop {
+                        let ev = tokio::select! {
+                            _ = s.cancelled() => return,
+                            ev = events.next() => ev,
+                        };
+                        match ev {
+                            Some(Ok(exit)) => me.on_exit(exit),
+                            Some(Err(e)) => {
+                                warn!(error = %e, "task event stream failed");
+                                break;
+                            }
+                            None => break,
+                        }
+                    },
+                    Err(e) => debug!(error = %e, "cannot subscribe to task events yet"),
+                }
+                tokio::select! {
+                    _ = s.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+                // containerd may have restarted: make sure every bot is up.
+                if let Err(e) = me.reconcile().await {
+                    debug!(error = %e, "reconcile after event stream loss failed");
+                }
+            }
+        });
+        let me = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(15));
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                if let Err(e) = me.reconcile().await {
+                    debug!(error = %e, "periodic reconcile failed");
+                }
+            }
+        });
+    }
+
+    fn on_exit(self: &Arc<Self>, exit: crate::containerd::TaskExit) {
+        let Some(bot) = ids::bot_of_container(&exit.container_id).map(str::to_string) else {
+            return;
+        };
+        let delay = {
+            let mut h = lock(&self.health);
+            let h = h.entry(bot.clone()).or_default();
+            h.last_exit_code = Some(exit_code(exit.exit_status));
+            h.last_exit_at = exit.exited_at.or(Some(SystemTime::now()));
+            // A bot that ran for a minute starts its backoff over.
+            if h.last_start
+                .is_some_and(|t| t.elapsed() > Duration::from_secs(60))
+            {
+                h.backoff = 0;
+            }
+            let d = Duration::from_millis(250) * 2u32.saturating_pow(h.backoff.min(7));
+            h.backoff += 1;
+            d.min(Duration::from_secs(30))
+        };
+        let me = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let _g = me.lock_bot(&bot).await;
+            let Ok(Some(c)) = me.rt.get_container(&ids::container_id(&bot)).await else {
+                return;
+            };
+            if c.labels.get(LABEL_DESIRED).map(String::as_str) == Some("stopped") {
+                return;
+            }
+            if let Ok(Some(st)) = me.rt.task_status(&c.id).await {
+                if st.state == TaskState::Running {
+                    return;
+                }
+            }
+            me.forget_route(&bot);
+            info!(bot, ?delay, "bot's server exited; restarting");
+            match me.start_locked(&bot, &c).await {
+                Ok(()) => {
+                    lock(&me.health)
+                        .entry(bot.clone())
+                        .or_default()
+                        .restart_count += 1;
+                }
+                Err(e) => warn!(bot, error = %e, "restart failed; will retry"),
+            }
+        });
+    }
+}
+
+/// Writes `content` to `path` (mode 0600) inside `dir` (created 0700).
+fn write_private(
+    dir: &std::path::Path,
+    path: &std::path::Path,
+    content: &str,
+) -> Result<(), AgentError> {
+    use std::io::Write;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| AgentError::io(dir, e))?;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| AgentError::io(&tmp, e))?;
+    f.write_all(content.as_bytes())
+        .map_err(|e| AgentError::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| AgentError::io(path, e))
+}

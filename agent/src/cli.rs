@@ -1,0 +1,488 @@
+//! The operator's CLI: a client of the agent's control socket.
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use clap::Subcommand;
+use futures::StreamExt;
+use memoh_proto::client::unix_channel;
+use memoh_proto::pb::agent as pb;
+use memoh_proto::pb::agent::agent_service_client::AgentServiceClient;
+use memoh_proto::pb::mcpcontainer::exec_output::Stream as OutKind;
+use memoh_proto::pb::mcpcontainer::ExecInput;
+use memoh_proto::ContainerClient;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::transport::Channel;
+
+/// A CLI failure: one line for stderr and the exit code.
+#[derive(Debug)]
+pub struct CliError {
+    /// The line to print.
+    pub message: String,
+    /// The exit code.
+    pub code: u8,
+}
+
+impl CliError {
+    fn new(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            code: 1,
+        }
+    }
+}
+
+/// Turns a status from the agent into one readable line.
+fn status_err(socket: &Path, s: tonic::Status) -> CliError {
+    let msg = s.message();
+    if s.code() == tonic::Code::Unavailable
+        && (msg.contains("transport") || msg.contains("connect") || msg.contains("No such file"))
+    {
+        return CliError::new(format!(
+            "agent not running: cannot connect to {} ({})",
+            socket.display(),
+            msg.lines().next().unwrap_or_default()
+        ));
+    }
+    CliError::new(msg.to_string())
+}
+
+/// Bot subcommands.
+#[derive(Subcommand, Debug)]
+pub enum BotCmd {
+    /// Create and start a bot; returns once its server answers.
+    Create {
+        /// Bot id (`[-_a-zA-Z0-9]+`).
+        bot: String,
+        /// Image reference (default: the configured image).
+        #[arg(long)]
+        image: Option<String>,
+    },
+    /// Start a stopped bot.
+    Start {
+        /// Bot id.
+        bot: String,
+    },
+    /// Stop a bot (SIGTERM, then SIGKILL).
+    Stop {
+        /// Bot id.
+        bot: String,
+    },
+    /// Delete a bot, its container and its data.
+    Rm {
+        /// Bot id.
+        bot: String,
+        /// Keep the bot's committed versions.
+        #[arg(long)]
+        keep_versions: bool,
+    },
+    /// List bots.
+    Ls {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one bot as JSON.
+    Inspect {
+        /// Bot id.
+        bot: String,
+    },
+}
+
+/// Image subcommands.
+#[derive(Subcommand, Debug)]
+pub enum ImageCmd {
+    /// Import an OCI or Docker archive.
+    Import {
+        /// The archive.
+        file: PathBuf,
+        /// Name for an archive that carries none.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Pull from a registry.
+    Pull {
+        /// Image reference.
+        reference: String,
+        /// Allow plain HTTP to this registry.
+        #[arg(long)]
+        insecure: bool,
+    },
+    /// List images.
+    Ls,
+}
+
+async fn control(socket: &Path) -> AgentServiceClient<Channel> {
+    AgentServiceClient::new(unix_channel(socket))
+}
+
+fn bot_json(b: &pb::BotInfo) -> serde_json::Value {
+    serde_json::json!({
+        "bot_id": b.bot_id,
+        "container_id": b.container_id,
+        "image": b.image,
+        "status": b.status,
+        "ip": b.ip,
+        "created_at": b.created_at,
+        "pid": b.pid,
+        "restart_count": b.restart_count,
+        "last_exit_code": b.last_exit_code,
+        "last_exit_at": b.last_exit_at,
+    })
+}
+
+/// Runs a bot subcommand.
+pub async fn bot(socket: &Path, cmd: BotCmd) -> Result<u8, CliError> {
+    let mut c = control(socket).await;
+    let e = |s| status_err(socket, s);
+    match cmd {
+        BotCmd::Create { bot, image } => {
+            let r = c
+                .create_bot(pb::CreateBotRequest {
+                    bot_id: bot,
+                    image: image.unwrap_or_default(),
+                })
+                .await
+                .map_err(e)?
+                .into_inner();
+            println!("{} {} {}", r.bot_id, r.status, r.ip);
+        }
+        BotCmd::Start { bot } => {
+            let r = c.start_bot(pb::BotRef { bot_id: bot }).await.map_err(e)?;
+            let r = r.into_inner();
+            println!("{} {} {}", r.bot_id, r.status, r.ip);
+        }
+        BotCmd::Stop { bot } => {
+            let r = c.stop_bot(pb::BotRef { bot_id: bot }).await.map_err(e)?;
+            let r = r.into_inner();
+            println!("{} {}", r.bot_id, r.status);
+        }
+        BotCmd::Rm { bot, keep_versions } => {
+            c.delete_bot(pb::DeleteBotRequest {
+                bot_id: bot.clone(),
+                keep_versions,
+            })
+            .await
+            .map_err(e)?;
+            println!("{bot} deleted");
+        }
+        BotCmd::Ls { json } => {
+            let bots = c
+                .list_bots(pb::ListBotsRequest {})
+                .await
+                .map_err(e)?
+                .into_inner()
+                .bots;
+            if json {
+                let v: Vec<_> = bots.iter().map(bot_json).collect();
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            } else {
+                println!(
+                    "{:<24} {:<10} {:<16} {:<8} IMAGE",
+                    "BOT", "STATUS", "IP", "RESTARTS"
+                );
+                for b in bots {
+                    println!(
+                        "{:<24} {:<10} {:<16} {:<8} {}",
+                        b.bot_id, b.status, b.ip, b.restart_count, b.image
+                    );
+                }
+            }
+        }
+        BotCmd::Inspect { bot } => {
+            let b = c
+                .inspect_bot(pb::BotRef { bot_id: bot })
+                .await
+                .map_err(e)?
+                .into_inner();
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&bot_json(&b)).unwrap_or_default()
+            );
+        }
+    }
+    Ok(0)
+}
+
+/// Runs an image subcommand, with a progress line on a terminal.
+pub async fn image(socket: &Path, cmd: ImageCmd) -> Result<u8, CliError> {
+    let mut c = control(socket).await;
+    let e = |s| status_err(socket, s);
+    let stream = match cmd {
+        ImageCmd::Ls => {
+            let images = c
+                .list_images(pb::ListImagesRequest {})
+                .await
+                .map_err(e)?
+                .into_inner()
+                .images;
+            println!("{:<56} DIGEST", "NAME");
+            for i in images {
+                println!("{:<56} {}", i.name, i.digest);
+            }
+            return Ok(0);
+        }
+        ImageCmd::Import { file, name } => {
+            let abs = std::fs::canonicalize(&file)
+                .map_err(|err| CliError::new(format!("{}: {err}", file.display())))?;
+            c.import_image(pb::ImportImageRequest {
+                path: abs.to_string_lossy().into_owned(),
+                name: name.unwrap_or_default(),
+            })
+            .await
+            .map_err(e)?
+            .into_inner()
+        }
+        ImageCmd::Pull {
+            reference,
+            insecure,
+        } => c
+            .pull_image(pb::PullImageRequest {
+                reference,
+                insecure,
+            })
+            .await
+            .map_err(e)?
+            .into_inner(),
+    };
+    let tty = std::io::stderr().is_terminal();
+    let mut stream = stream;
+    let mut last = None;
+    while let Some(m) = stream.next().await {
+        let m = m.map_err(e)?;
+        if tty && m.total > 0 {
+            let pct = m.current.saturating_mul(100) / m.total.max(1);
+            let bar = "#".repeat((pct / 4) as usize);
+            eprint!("\r{:<10} [{bar:<25}] {pct:>3}%", m.phase);
+        }
+        if m.phase == "done" {
+            last = Some(m);
+        }
+    }
+    if tty {
+        eprintln!();
+    }
+    match last {
+        Some(m) => {
+            println!("{}", m.image);
+            Ok(0)
+        }
+        None => Err(CliError::new("image job ended without a result")),
+    }
+}
+
+/// Prints the bot's server log.
+pub async fn logs(socket: &Path, bot: String, follow: bool, tail: u64) -> Result<u8, CliError> {
+    let mut c = control(socket).await;
+    let mut s = c
+        .bot_logs(pb::BotLogsRequest {
+            bot_id: bot,
+            tail_bytes: tail,
+            follow,
+        })
+        .await
+        .map_err(|s| status_err(socket, s))?
+        .into_inner();
+    let mut out = std::io::stdout().lock();
+    while let Some(m) = s.next().await {
+        let m = m.map_err(|s| status_err(socket, s))?;
+        let _ = out.write_all(&m.data);
+        let _ = out.flush();
+    }
+    Ok(0)
+}
+
+fn bot_client(socket: &Path, bot: &str) -> Result<ContainerClient, CliError> {
+    crate::ids::validate(bot).map_err(|e| CliError::new(e.to_string()))?;
+    ContainerClient::with_auth(unix_channel(socket), None, Some(bot))
+        .map_err(|s| CliError::new(s.message().to_string()))
+}
+
+/// Runs a command in a bot, streaming output live and stdin through; returns its exit code.
+pub async fn exec(
+    socket: &Path,
+    bot: &str,
+    argv: &[String],
+    work_dir: Option<String>,
+    timeout: i32,
+) -> Result<u8, CliError> {
+    if argv.is_empty() {
+        return Err(CliError::new("exec needs a command after --"));
+    }
+    let client = bot_client(socket, bot)?;
+    let command = if argv.len() == 1 {
+        argv[0].clone()
+    } else {
+        argv.iter()
+            .map(|a| shell_quote(a))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(8);
+    // stdin goes through as it comes; EOF closes the command's stdin.
+    tokio::spawn(async move {
+        let mut stdin = tokio::io::stdin();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match stdin.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    if tx.send(Bytes::copy_from_slice(&buf[..n])).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    let first = ExecInput {
+        command,
+        work_dir: work_dir.unwrap_or_default(),
+        timeout_seconds: timeout,
+        ..Default::default()
+    };
+    let mut out = client
+        .exec(first, tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .map_err(|s| status_err(socket, s))?;
+    let mut stdout = tokio::io::stdout();
+    let mut stderr = tokio::io::stderr();
+    while let Some(m) = out.message().await.map_err(|s| status_err(socket, s))? {
+        match OutKind::try_from(m.stream) {
+            Ok(OutKind::Stdout) => {
+                let _ = stdout.write_all(&m.data).await;
+                let _ = stdout.flush().await;
+            }
+            Ok(OutKind::Stderr) => {
+                let _ = stderr.write_all(&m.data).await;
+                let _ = stderr.flush().await;
+            }
+            Ok(OutKind::Exit) => {
+                let code = m.exit_code;
+                return Ok(if code < 0 { 137 } else { (code & 0xff) as u8 });
+            }
+            Err(_) => {}
+        }
+    }
+    Err(CliError::new(
+        "the bot's server ended the command without an exit status",
+    ))
+}
+
+fn shell_quote(s: &str) -> String {
+    if !s.is_empty()
+        && s.bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b"-_./=:,@%+".contains(&c))
+    {
+        return s.to_string();
+    }
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+/// `cp SRC DST`: exactly one side is `BOT:PATH`. Streams any size; downloads land atomically.
+pub async fn cp(socket: &Path, src: &str, dst: &str) -> Result<u8, CliError> {
+    match (split_remote(src), split_remote(dst)) {
+        (Some(_), Some(_)) => Err(CliError::new("cp between two bots is not supported")),
+        (None, None) => Err(CliError::new("cp needs one side as BOT:PATH")),
+        (None, Some((bot, path))) => {
+            let client = bot_client(socket, bot)?;
+            let local = PathBuf::from(src);
+            let md = std::fs::metadata(&local).map_err(|e| CliError::new(format!("{src}: {e}")))?;
+            if md.is_dir() {
+                return Err(CliError::new(format!(
+                    "{src} is a directory; cp copies files"
+                )));
+            }
+            let f = tokio::fs::File::open(&local)
+                .await
+                .map_err(|e| CliError::new(format!("{src}: {e}")))?;
+            let stream = tokio_util::io::ReaderStream::with_capacity(f, 64 * 1024)
+                .map(|r| r.unwrap_or_default());
+            let n = client
+                .write_raw(path, stream)
+                .await
+                .map_err(|s| status_err(socket, s))?;
+            if n as u64 != md.len() {
+                return Err(CliError::new(format!(
+                    "short upload: sent {} bytes, the bot stored {n}",
+                    md.len()
+                )));
+            }
+            Ok(0)
+        }
+        (Some((bot, path)), None) => {
+            let client = bot_client(socket, bot)?;
+            let mut local = PathBuf::from(dst);
+            if local.is_dir() {
+                let name = Path::new(path)
+                    .file_name()
+                    .ok_or_else(|| CliError::new(format!("{path} has no file name")))?;
+                local = local.join(name);
+            }
+            let parent = local
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."))
+                .to_path_buf();
+            let tmp = tempfile::NamedTempFile::new_in(&parent)
+                .map_err(|e| CliError::new(format!("{}: {e}", parent.display())))?;
+            let mut out = tokio::fs::File::from_std(
+                tmp.reopen()
+                    .map_err(|e| CliError::new(format!("{}: {e}", parent.display())))?,
+            );
+            let mut s = client
+                .read_raw(path)
+                .await
+                .map_err(|s| status_err(socket, s))?;
+            while let Some(c) = s.message().await.map_err(|s| status_err(socket, s))? {
+                out.write_all(&c.data)
+                    .await
+                    .map_err(|e| CliError::new(format!("{}: {e}", local.display())))?;
+            }
+            out.flush()
+                .await
+                .map_err(|e| CliError::new(format!("{}: {e}", local.display())))?;
+            drop(out);
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o644));
+            tmp.persist(&local)
+                .map_err(|e| CliError::new(format!("{}: {}", local.display(), e.error)))?;
+            Ok(0)
+        }
+    }
+}
+
+/// `BOT:PATH` -> `(BOT, PATH)`; a local path (no colon, or starting with `/` or `.`) -> None.
+fn split_remote(s: &str) -> Option<(&str, &str)> {
+    if s.starts_with('/') || s.starts_with('.') {
+        return None;
+    }
+    let (bot, path) = s.split_once(':')?;
+    if bot.is_empty() || crate::ids::validate(bot).is_err() {
+        return None;
+    }
+    Some((bot, path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn remote_paths() {
+        assert_eq!(split_remote("b1:/data/x"), Some(("b1", "/data/x")));
+        assert_eq!(split_remote("b1:rel"), Some(("b1", "rel")));
+        assert_eq!(split_remote("/tmp/a:b"), None);
+        assert_eq!(split_remote("./a:b"), None);
+        assert_eq!(split_remote("file.txt"), None);
+        assert_eq!(split_remote("a b:x"), None);
+    }
+
+    #[test]
+    fn quoting() {
+        assert_eq!(shell_quote("ls"), "ls");
+        assert_eq!(shell_quote("a b"), "'a b'");
+        assert_eq!(shell_quote("it's"), "'it'\\''s'");
+        assert_eq!(shell_quote(""), "''");
+    }
+}

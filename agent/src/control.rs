@@ -1,0 +1,301 @@
+//! The control API (`memoh.agent.v1.AgentService`) served on the agent's unix socket.
+//! Handlers validate, call the [`Manager`], and map errors; conversions live at the bottom.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use futures::Stream;
+use memoh_proto::pb::agent as pb;
+use pb::agent_service_server::AgentService;
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+use tracing::instrument;
+
+use crate::bots::{BotInfo, Manager};
+use crate::containerd::{Progress, ProgressPhase, PullOptions};
+use crate::error::AgentError;
+use crate::ids;
+
+/// The control service.
+#[derive(Clone)]
+pub struct Control {
+    mgr: Arc<Manager>,
+}
+
+impl Control {
+    /// Serves `mgr`.
+    pub fn new(mgr: Arc<Manager>) -> Self {
+        Self { mgr }
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+fn rfc3339(t: Option<SystemTime>) -> String {
+    t.map(|t| {
+        chrono::DateTime::<chrono::Utc>::from(t).to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    })
+    .unwrap_or_default()
+}
+
+/// A domain bot as the wire `BotInfo`.
+pub fn bot_info(b: BotInfo) -> pb::BotInfo {
+    pb::BotInfo {
+        bot_id: b.bot_id,
+        container_id: b.container_id,
+        image: b.image,
+        status: b.status,
+        ip: b.ip.map(|i| i.to_string()).unwrap_or_default(),
+        created_at: rfc3339(b.created_at),
+        pid: b.pid,
+        restart_count: b.restart_count,
+        last_exit_code: b.last_exit_code.unwrap_or(-1),
+        last_exit_at: rfc3339(b.last_exit_at),
+    }
+}
+
+fn progress_msg(p: Progress) -> pb::Progress {
+    let phase = match p.phase {
+        ProgressPhase::Reading => "reading",
+        ProgressPhase::Writing => "fetching",
+        ProgressPhase::Unpacking => "unpacking",
+        ProgressPhase::Done => "done",
+    };
+    pb::Progress {
+        phase: phase.into(),
+        current: p.current,
+        total: p.total,
+        ..Default::default()
+    }
+}
+
+/// Runs an image job in the background, streaming its progress and a final message.
+fn progress_stream<F, Fut>(job: F) -> BoxStream<pb::Progress>
+where
+    F: FnOnce(mpsc::Sender<Result<pb::Progress, Status>>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<pb::Progress, AgentError>> + Send + 'static,
+{
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(async move {
+        let last = job(tx.clone()).await;
+        let _ = tx.send(last.map_err(Status::from)).await;
+    });
+    Box::pin(ReceiverStream::new(rx))
+}
+
+#[tonic::async_trait]
+impl AgentService for Control {
+    #[instrument(skip_all, fields(bot = %req.get_ref().bot_id))]
+    async fn create_bot(
+        &self,
+        req: Request<pb::CreateBotRequest>,
+    ) -> Result<Response<pb::BotInfo>, Status> {
+        let r = req.into_inner();
+        let mgr = self.mgr.clone();
+        // Detached: the bot is created even if the caller goes away mid-way.
+        let info = tokio::spawn(async move { mgr.create(&r.bot_id, Some(&r.image)).await })
+            .await
+            .map_err(|e| Status::internal(format!("create task failed: {e}")))??;
+        Ok(Response::new(bot_info(info)))
+    }
+
+    #[instrument(skip_all, fields(bot = %req.get_ref().bot_id))]
+    async fn start_bot(&self, req: Request<pb::BotRef>) -> Result<Response<pb::BotInfo>, Status> {
+        let bot = req.into_inner().bot_id;
+        let mgr = self.mgr.clone();
+        let info = tokio::spawn(async move { mgr.start(&bot).await })
+            .await
+            .map_err(|e| Status::internal(format!("start task failed: {e}")))??;
+        Ok(Response::new(bot_info(info)))
+    }
+
+    #[instrument(skip_all, fields(bot = %req.get_ref().bot_id))]
+    async fn stop_bot(&self, req: Request<pb::BotRef>) -> Result<Response<pb::BotInfo>, Status> {
+        let bot = req.into_inner().bot_id;
+        let mgr = self.mgr.clone();
+        let info = tokio::spawn(async move { mgr.stop(&bot).await })
+            .await
+            .map_err(|e| Status::internal(format!("stop task failed: {e}")))??;
+        Ok(Response::new(bot_info(info)))
+    }
+
+    #[instrument(skip_all, fields(bot = %req.get_ref().bot_id))]
+    async fn delete_bot(
+        &self,
+        req: Request<pb::DeleteBotRequest>,
+    ) -> Result<Response<pb::DeleteBotResponse>, Status> {
+        let r = req.into_inner();
+        let mgr = self.mgr.clone();
+        tokio::spawn(async move { mgr.delete(&r.bot_id, r.keep_versions).await })
+            .await
+            .map_err(|e| Status::internal(format!("delete task failed: {e}")))??;
+        Ok(Response::new(pb::DeleteBotResponse {}))
+    }
+
+    async fn list_bots(
+        &self,
+        _req: Request<pb::ListBotsRequest>,
+    ) -> Result<Response<pb::ListBotsResponse>, Status> {
+        let bots = self.mgr.list().await?;
+        Ok(Response::new(pb::ListBotsResponse {
+            bots: bots.into_iter().map(bot_info).collect(),
+        }))
+    }
+
+    async fn inspect_bot(&self, req: Request<pb::BotRef>) -> Result<Response<pb::BotInfo>, Status> {
+        let info = self.mgr.info(&req.into_inner().bot_id).await?;
+        Ok(Response::new(bot_info(info)))
+    }
+
+    type BotLogsStream = BoxStream<pb::LogChunk>;
+
+    async fn bot_logs(
+        &self,
+        req: Request<pb::BotLogsRequest>,
+    ) -> Result<Response<Self::BotLogsStream>, Status> {
+        let r = req.into_inner();
+        // Unknown bots are NOT_FOUND even if a log file is left over.
+        self.mgr.info(&r.bot_id).await?;
+        let path = ids::log_path(&self.mgr.config().state_dir, &r.bot_id);
+        let mut f = match tokio::fs::File::open(&path).await {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !r.follow => {
+                return Ok(Response::new(Box::pin(futures::stream::empty())));
+            }
+            Err(e) => return Err(AgentError::io(&path, e).into()),
+        };
+        if r.tail_bytes > 0 {
+            let len = f.metadata().await.map(|m| m.len()).unwrap_or(0);
+            let start = len.saturating_sub(r.tail_bytes);
+            f.seek(std::io::SeekFrom::Start(start))
+                .await
+                .map_err(|e| AgentError::io(&path, e))?;
+        }
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                match f.read(&mut buf).await {
+                    Ok(0) if r.follow => {
+                        tokio::select! {
+                            _ = tx.closed() => return,
+                            _ = tokio::time::sleep(std::time::Duration::from_millis(200)) => {}
+                        }
+                    }
+                    Ok(0) => return,
+                    Ok(n) => {
+                        let chunk = pb::LogChunk {
+                            data: buf[..n].to_vec(),
+                        };
+                        if tx.send(Ok(chunk)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::internal(e.to_string()))).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type ImportImageStream = BoxStream<pb::Progress>;
+
+    #[instrument(skip_all, fields(path = %req.get_ref().path))]
+    async fn import_image(
+        &self,
+        req: Request<pb::ImportImageRequest>,
+    ) -> Result<Response<Self::ImportImageStream>, Status> {
+        let r = req.into_inner();
+        if r.path.is_empty() || !r.path.starts_with('/') {
+            return Err(AgentError::InvalidArgument(
+                "import needs the absolute path of an archive".into(),
+            )
+            .into());
+        }
+        let rt = self.mgr.runtime().clone();
+        Ok(Response::new(progress_stream(move |tx| async move {
+            let cb = move |p: Progress| {
+                let _ = tx.try_send(Ok(progress_msg(p)));
+            };
+            let name = (!r.name.is_empty()).then_some(r.name.as_str());
+            let names = rt
+                .import_archive(std::path::Path::new(&r.path), name, &cb)
+                .await?;
+            Ok(pb::Progress {
+                phase: "done".into(),
+                image: names.join(","),
+                ..Default::default()
+            })
+        })))
+    }
+
+    type PullImageStream = BoxStream<pb::Progress>;
+
+    #[instrument(skip_all, fields(reference = %req.get_ref().reference))]
+    async fn pull_image(
+        &self,
+        req: Request<pb::PullImageRequest>,
+    ) -> Result<Response<Self::PullImageStream>, Status> {
+        let r = req.into_inner();
+        if r.reference.is_empty() {
+            return Err(AgentError::InvalidArgument("image reference is empty".into()).into());
+        }
+        let rt = self.mgr.runtime().clone();
+        Ok(Response::new(progress_stream(move |tx| async move {
+            let cb = move |p: Progress| {
+                let _ = tx.try_send(Ok(progress_msg(p)));
+            };
+            let opts = PullOptions {
+                insecure: r.insecure,
+                credentials: None,
+            };
+            let name = rt.pull_image(&r.reference, &opts, &cb).await?;
+            let digest = rt
+                .resolve_image(&name)
+                .await
+                .map(|i| i.target_digest)
+                .unwrap_or_default();
+            Ok(pb::Progress {
+                phase: "done".into(),
+                image: name,
+                digest,
+                ..Default::default()
+            })
+        })))
+    }
+
+    async fn list_images(
+        &self,
+        _req: Request<pb::ListImagesRequest>,
+    ) -> Result<Response<pb::ListImagesResponse>, Status> {
+        let images = self.mgr.runtime().list_images().await?;
+        Ok(Response::new(pb::ListImagesResponse {
+            images: images
+                .into_iter()
+                .map(|i| pb::ImageInfo {
+                    name: i.name,
+                    digest: i.target_digest,
+                    size: i.size,
+                    created_at: String::new(),
+                })
+                .collect(),
+        }))
+    }
+
+    async fn version(
+        &self,
+        _req: Request<pb::VersionRequest>,
+    ) -> Result<Response<pb::VersionResponse>, Status> {
+        let containerd_version = self.mgr.runtime().version().await?;
+        Ok(Response::new(pb::VersionResponse {
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+            containerd_version,
+        }))
+    }
+}

@@ -1,0 +1,119 @@
+//! The daemon: connects to containerd, reconciles, serves the control socket, tells systemd.
+
+use std::future::Future;
+use std::os::unix::fs::PermissionsExt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use memoh_proto::limits::MAX_MESSAGE_SIZE;
+use memoh_proto::pb::agent::agent_service_server::AgentServiceServer;
+use memoh_proto::pb::mcpcontainer::container_service_server::ContainerServiceServer;
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::UnixListenerStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::bots::Manager;
+use crate::config::Config;
+use crate::containerd::{Containerd, Runtime};
+use crate::control::Control;
+use crate::error::AgentError;
+use crate::network::{Network, NetworkConfig};
+use crate::proxy::Proxy;
+
+/// Connects to containerd, retrying for `wait` (containerd may start after the agent).
+pub async fn connect_runtime(cfg: &Config, wait: Duration) -> Result<Containerd, AgentError> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        match Containerd::from_config(cfg).await {
+            Ok(c) => match c.version().await {
+                Ok(v) => {
+                    info!(version = %v, socket = %cfg.containerd_socket.display(), "containerd answered");
+                    return Ok(c);
+                }
+                Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
+                Err(e) => warn!(error = %e, "containerd not ready"),
+            },
+            Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
+            Err(e) => warn!(error = %e, "containerd not reachable yet"),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Binds the control socket (mode 0660), replacing a stale socket file.
+pub fn bind_control(cfg: &Config) -> Result<UnixListener, AgentError> {
+    let path = &cfg.control_socket;
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| AgentError::io(parent, e))?;
+    }
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(AgentError::FailedPrecondition(format!(
+            "another agent is serving {}",
+            path.display()
+        )));
+    }
+    let _ = std::fs::remove_file(path);
+    let l = UnixListener::bind(path).map_err(|e| AgentError::io(path, e))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .map_err(|e| AgentError::io(path, e))?;
+    Ok(l)
+}
+
+/// Tells systemd (when it started us with `Type=notify`) that we are ready.
+pub fn notify_ready() {
+    let Some(sock) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let sock = sock.to_string_lossy().into_owned();
+    let r = (|| -> std::io::Result<()> {
+        let d = std::os::unix::net::UnixDatagram::unbound()?;
+        if let Some(abstract_name) = sock.strip_prefix('@') {
+            use std::os::linux::net::SocketAddrExt;
+            let addr = std::os::unix::net::SocketAddr::from_abstract_name(abstract_name)?;
+            d.send_to_addr(b"READY=1\nSTATUS=serving", &addr)?;
+        } else {
+            d.send_to(b"READY=1\nSTATUS=serving", &sock)?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = r {
+        warn!(error = %e, "could not notify systemd");
+    }
+}
+
+/// Runs the agent until `shutdown` resolves: containerd, reconcile, watchers, control socket.
+pub async fn run(
+    cfg: Config,
+    listener: UnixListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), AgentError> {
+    let rt = connect_runtime(&cfg, Duration::from_secs(30)).await?;
+    let rt: Arc<dyn Runtime> = Arc::new(rt);
+    let net = Arc::new(Network::new(NetworkConfig::from_config(&cfg)));
+    let mgr = Arc::new(Manager::new(cfg, rt, net));
+    match mgr.reconcile().await {
+        Ok(n) => info!(started = n, "reconciled bots from containerd"),
+        Err(e) => warn!(error = %e, "reconcile failed; the watcher retries"),
+    }
+    let stop = CancellationToken::new();
+    mgr.spawn_watchers(stop.clone());
+
+    let (health, health_svc) = tonic_health::server::health_reporter();
+    health.set_serving::<AgentServiceServer<Control>>().await;
+    let router = tonic::transport::Server::builder()
+        .add_service(health_svc)
+        .add_service(AgentServiceServer::new(Control::new(mgr.clone())))
+        .add_service(
+            ContainerServiceServer::new(Proxy::new(mgr.clone()))
+                .max_decoding_message_size(MAX_MESSAGE_SIZE)
+                .max_encoding_message_size(MAX_MESSAGE_SIZE),
+        );
+    notify_ready();
+    info!("agent ready");
+    let r = router
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .await;
+    stop.cancel();
+    r.map_err(|e| AgentError::FailedPrecondition(format!("control server: {e}")))
+}
