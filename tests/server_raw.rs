@@ -1,0 +1,355 @@
+//! In-process tests of the streaming transfers ReadRaw and WriteRaw against the real server.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{expect_code, mode_of, names_in, pseudo_random, TestServer};
+use memoh_proto::pb::mcpcontainer as pb;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Code;
+
+async fn read_all(s: &TestServer, path: &str) -> (Vec<u8>, Vec<usize>) {
+    let mut stream = s.client.read_raw(path).await.expect("read_raw starts");
+    let mut data = Vec::new();
+    let mut sizes = Vec::new();
+    while let Some(chunk) = stream.message().await.expect("chunk") {
+        sizes.push(chunk.data.len());
+        data.extend_from_slice(&chunk.data);
+    }
+    (data, sizes)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_raw_is_byte_exact_in_small_chunks() {
+    let s = TestServer::start().await;
+    std::fs::create_dir_all(&s.data).unwrap();
+    for (name, len) in [
+        ("empty", 0usize),
+        ("one", 1),
+        ("exact", 64 * 1024),
+        ("plus1", 64 * 1024 + 1),
+        ("big", 5 * 1024 * 1024 + 123),
+    ] {
+        let want = pseudo_random(len, len as u64 + 1);
+        std::fs::write(s.path(name), &want).unwrap();
+        let (got, sizes) = read_all(&s, name).await;
+        assert!(got == want, "{name}: {} of {} bytes", got.len(), want.len());
+        assert!(
+            sizes.iter().all(|&n| n > 0 && n <= 64 * 1024),
+            "{name}: chunk sizes {sizes:?}"
+        );
+        if len > 0 {
+            assert!(sizes.len() >= len.div_ceil(64 * 1024), "{name}");
+        }
+    }
+    // Absolute paths and links work; the content is the target's.
+    std::os::unix::fs::symlink(s.path("one"), s.path("link")).unwrap();
+    let (got, _) = read_all(&s, s.path("link").to_str().unwrap()).await;
+    assert_eq!(got, std::fs::read(s.path("one")).unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_raw_errors() {
+    let s = TestServer::start().await;
+    s.client.mkdir("adir").await.unwrap();
+    let st = expect_code(s.client.read_raw("missing.bin").await, Code::NotFound);
+    assert!(st.message().contains("missing.bin"), "{}", st.message());
+    let err = s
+        .client
+        .read_raw("adir")
+        .await
+        .expect_err("reading a directory is an error");
+    assert_ne!(err.code(), Code::NotFound);
+    assert!(err.message().contains("directory"), "{}", err.message());
+    // The server keeps serving.
+    s.client.write_file("ok", &b"1"[..]).await.unwrap();
+    assert_eq!(read_all(&s, "ok").await.0, b"1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_raw_writes_modes_and_counts() {
+    let s = TestServer::start().await;
+    let data = pseudo_random(4 * 1024 * 1024 + 777, 99);
+    let bufs: Vec<Bytes> = data
+        .chunks(300_000)
+        .map(|c| Bytes::copy_from_slice(c))
+        .collect();
+    let n = s
+        .client
+        .write_raw("up/load/file.bin", futures::stream::iter(bufs))
+        .await
+        .unwrap();
+    assert_eq!(n, data.len() as i64, "bytes_written is the total");
+    let p = s.path("up/load/file.bin");
+    assert!(std::fs::read(&p).unwrap() == data);
+    assert_eq!(mode_of(&p), 0o644);
+    assert_eq!(mode_of(&s.path("up")), 0o755);
+    assert_eq!(mode_of(&s.path("up/load")), 0o755);
+
+    // Overwrite: keeps the permission bits, leaves exactly the new (shorter) bytes.
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let n = s
+        .client
+        .write_raw(
+            "up/load/file.bin",
+            futures::stream::iter([Bytes::from_static(b"short")]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(n, 5);
+    assert_eq!(std::fs::read(&p).unwrap(), b"short");
+    assert_eq!(mode_of(&p), 0o640);
+    assert_eq!(names_in(&s.path("up/load")), ["file.bin"], "no temp files");
+
+    // A path and no data creates an empty file, and empties an existing one.
+    let n = s
+        .client
+        .write_raw("empty/new", futures::stream::empty())
+        .await
+        .unwrap();
+    assert_eq!(n, 0);
+    assert_eq!(std::fs::read(s.path("empty/new")).unwrap(), b"");
+    assert_eq!(mode_of(&s.path("empty/new")), 0o644);
+    s.client
+        .write_raw("up/load/file.bin", futures::stream::empty())
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(&p).unwrap(), b"");
+    assert_eq!(mode_of(&p), 0o640);
+
+    // `sub/../x` is cleaned: no `sub` appears.
+    s.client
+        .write_raw(
+            "sub/../x",
+            futures::stream::iter([Bytes::from_static(b"x")]),
+        )
+        .await
+        .unwrap();
+    assert!(!s.path("sub").exists());
+    assert_eq!(std::fs::read(s.path("x")).unwrap(), b"x");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_raw_path_only_in_the_first_chunk() {
+    let s = TestServer::start().await;
+    let mut raw = s.raw();
+    // Data in the first chunk counts; paths in later chunks are ignored.
+    let chunks = vec![
+        pb::WriteRawChunk {
+            path: "first.txt".into(),
+            data: Bytes::from_static(b"AB"),
+        },
+        pb::WriteRawChunk {
+            path: "other.txt".into(),
+            data: Bytes::from_static(b"CD"),
+        },
+        pb::WriteRawChunk {
+            path: String::new(),
+            data: Bytes::from_static(b"EF"),
+        },
+    ];
+    let r = raw
+        .write_raw(futures::stream::iter(chunks))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.bytes_written, 6);
+    assert_eq!(std::fs::read(s.path("first.txt")).unwrap(), b"ABCDEF");
+    assert!(!s.path("other.txt").exists());
+
+    // Missing path in the first chunk (even if a later one has one): INVALID_ARGUMENT.
+    let chunks = vec![
+        pb::WriteRawChunk {
+            path: String::new(),
+            data: Bytes::from_static(b"data"),
+        },
+        pb::WriteRawChunk {
+            path: "late.txt".into(),
+            data: Bytes::from_static(b"more"),
+        },
+    ];
+    let st = expect_code(
+        raw.write_raw(futures::stream::iter(chunks)).await,
+        Code::InvalidArgument,
+    );
+    assert!(st.message().contains("path"), "{}", st.message());
+    assert!(!s.path("late.txt").exists());
+    // A stream closed before its first chunk.
+    expect_code(
+        raw.write_raw(futures::stream::empty::<pb::WriteRawChunk>())
+            .await,
+        Code::InvalidArgument,
+    );
+    // A directory cannot be replaced.
+    s.client.mkdir("dir").await.unwrap();
+    let err = s
+        .client
+        .write_raw("dir", futures::stream::iter([Bytes::from_static(b"x")]))
+        .await
+        .expect_err("writing over a directory");
+    assert_ne!(err.code(), Code::Ok);
+    assert!(s.path("dir").is_dir());
+    let mut names = names_in(&s.data);
+    names.sort();
+    assert_eq!(names, ["dir", "first.txt"], "no temp files left");
+}
+
+/// Starts a WriteRaw of `path` on its own connection and returns the sender of its chunks,
+/// the call's task and a trigger that aborts the upload mid-stream with a client-side error:
+/// a chunk above the client's encoding limit makes the request body fail, so hyper resets the
+/// HTTP/2 stream (RST_STREAM) instead of ending it cleanly.
+async fn start_upload(
+    s: &TestServer,
+    path: &str,
+) -> (
+    mpsc::Sender<pb::WriteRawChunk>,
+    tokio::task::JoinHandle<Result<tonic::Response<pb::WriteRawResponse>, tonic::Status>>,
+) {
+    let mut raw = s.raw().max_encoding_message_size(1024 * 1024);
+    let (tx, rx) = mpsc::channel::<pb::WriteRawChunk>(4);
+    let call = tokio::spawn(async move { raw.write_raw(ReceiverStream::new(rx)).await });
+    tx.send(pb::WriteRawChunk {
+        path: path.into(),
+        data: Bytes::from(vec![b'N'; 64 * 1024]),
+    })
+    .await
+    .unwrap();
+    (tx, call)
+}
+
+async fn abort_upload(
+    tx: mpsc::Sender<pb::WriteRawChunk>,
+    call: tokio::task::JoinHandle<Result<tonic::Response<pb::WriteRawResponse>, tonic::Status>>,
+) {
+    // Too large for the client's own limit: the request body fails mid-stream.
+    tx.send(pb::WriteRawChunk {
+        path: String::new(),
+        data: Bytes::from(vec![b'X'; 2 * 1024 * 1024]),
+    })
+    .await
+    .unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(10), call)
+        .await
+        .expect("the aborted call ends")
+        .unwrap();
+    assert!(r.is_err(), "the aborted upload must not succeed: {r:?}");
+    drop(tx);
+}
+
+/// Waits until `dir` holds exactly `want`.
+async fn wait_for_names(dir: &std::path::Path, want: &[&str]) -> Vec<String> {
+    let mut names = Vec::new();
+    for _ in 0..250 {
+        names = if dir.exists() {
+            names_in(dir)
+        } else {
+            Vec::new()
+        };
+        if names == want {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    names
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aborted_write_raw_leaves_the_old_file() {
+    let s = TestServer::start().await;
+    s.client
+        .write_file("keep/target.bin", &b"old content"[..])
+        .await
+        .unwrap();
+    let dir = s.path("keep");
+    let (tx, call) = start_upload(&s, "keep/target.bin").await;
+    for _ in 0..16 {
+        tx.send(pb::WriteRawChunk {
+            path: String::new(),
+            data: Bytes::from(vec![b'N'; 64 * 1024]),
+        })
+        .await
+        .unwrap();
+    }
+    // Wait until the server has its temp file with data in it: the upload is under way.
+    let mut under_way = false;
+    for _ in 0..250 {
+        let tmp_size: u64 = names_in(&dir)
+            .iter()
+            .filter(|n| *n != "target.bin")
+            .filter_map(|n| std::fs::metadata(dir.join(n)).ok())
+            .map(|m| m.len())
+            .sum();
+        if tmp_size > 0 {
+            under_way = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        under_way,
+        "the upload's temp file appeared: {:?}",
+        names_in(&dir)
+    );
+    abort_upload(tx, call).await;
+    let names = wait_for_names(&dir, &["target.bin"]).await;
+    assert_eq!(names, ["target.bin"], "the temp file is removed");
+    let content = std::fs::read(s.path("keep/target.bin")).unwrap();
+    assert!(
+        content == b"old content",
+        "the old file is untouched; it now holds {} bytes",
+        content.len()
+    );
+
+    // An aborted upload to a new path leaves no file behind.
+    let (tx, call) = start_upload(&s, "fresh/new.bin").await;
+    let mut started = false;
+    for _ in 0..250 {
+        if s.path("fresh").is_dir() && !names_in(&s.path("fresh")).is_empty() {
+            started = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(started, "upload started");
+    abort_upload(tx, call).await;
+    let left = wait_for_names(&s.path("fresh"), &[]).await;
+    assert!(left.is_empty(), "nothing left behind: {left:?}");
+
+    // The server keeps serving uploads.
+    let n = s
+        .client
+        .write_raw(
+            "keep/target.bin",
+            futures::stream::iter([Bytes::from_static(b"new")]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(n, 3);
+    assert_eq!(std::fs::read(s.path("keep/target.bin")).unwrap(), b"new");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_round_trip_of_a_multi_mib_file() {
+    let s = TestServer::start().await;
+    let data = pseudo_random(8 * 1024 * 1024 + 3, 5);
+    let n = s
+        .client
+        .write_raw(
+            "round/trip.bin",
+            futures::stream::iter([Bytes::from(data.clone())]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(n, data.len() as i64);
+    let (got, sizes) = read_all(&s, "round/trip.bin").await;
+    assert!(got == data, "{} of {} bytes", got.len(), data.len());
+    assert!(sizes.iter().all(|&n| n <= 64 * 1024));
+    assert_eq!(
+        s.client.stat("round/trip.bin").await.unwrap().size,
+        data.len() as i64
+    );
+}
