@@ -76,3 +76,12 @@ def test_reflected_descriptor_matches_the_wire_tables(server, package):
     out = their_msgs["ExecOutput"]
     (enum,) = [e for e in out.enum_type if e.name == "Stream"]
     assert {v.name: v.number for v in enum.value} == {"STDOUT": 0, "STDERR": 1, "EXIT": 2}
+
+
+def test_reflection_lists_only_served_services(server):
+    """grpcurl `list` shows what reflection lists; a listed service must be one the server serves."""
+    r = reflect(server.channel, "grpc.reflection.v1", reflection_pb2.ServerReflectionRequest(list_services=""))
+    names = {s.name for s in r.list_services_response.service}
+    served = {SERVICE, "grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection",
+              "grpc.reflection.v1alpha.ServerReflection"}
+    assert names <= served, "listed but not served: %s" % sorted(names - served)
