@@ -9,14 +9,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         unsafe { std::env::set_var("PROTOC", protoc) };
     }
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
-    let protos = ["proto/mcpcontainer.proto", "proto/agent.proto"];
-    for p in protos {
-        println!("cargo:rerun-if-changed={p}");
+    // One descriptor set per service, so each server's reflection lists only what it serves.
+    for (proto, descriptor) in [
+        ("proto/mcpcontainer.proto", "mcpcontainer_descriptor.bin"),
+        ("proto/agent.proto", "agent_descriptor.bin"),
+    ] {
+        println!("cargo:rerun-if-changed={proto}");
+        tonic_prost_build::configure()
+            .file_descriptor_set_path(out.join(descriptor))
+            // Payload fields decode as `bytes::Bytes`, sliced from the receive buffer.
+            .bytes(".mcpcontainer")
+            .compile_protos(&[proto], &["proto"])?;
     }
-    tonic_prost_build::configure()
-        .file_descriptor_set_path(out.join("descriptor.bin"))
-        // Payload fields decode as `bytes::Bytes`, sliced from the receive buffer without a copy.
-        .bytes(".mcpcontainer")
-        .compile_protos(&protos, &["proto"])?;
     Ok(())
 }

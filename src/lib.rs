@@ -23,7 +23,11 @@ pub mod pb {
     }
 }
 
-/// Encoded `FileDescriptorSet` of every proto in `proto/`, for gRPC reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("descriptor");
+/// Encoded `FileDescriptorSet` of `mcpcontainer.proto`, for the server's gRPC reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    tonic::include_file_descriptor_set!("mcpcontainer_descriptor");
+/// Encoded `FileDescriptorSet` of `agent.proto`, for the agent's gRPC reflection.
+pub const AGENT_FILE_DESCRIPTOR_SET: &[u8] =
+    tonic::include_file_descriptor_set!("agent_descriptor");
 
 pub use client::{ContainerClient, ExecResult};

@@ -237,6 +237,8 @@ impl Manager {
         let netns = self.net.netns_path(bot);
         let mut opts = SpecOptions::new(&cid, bot).with_host_files();
         opts.netns_path = Some(netns);
+        // runc cannot raise a limit above the hard limit it inherits from containerd.
+        opts.nofile = opts.nofile.min(host_nofile_limit());
         opts.extra_env
             .push(("MCP_AUTH_TOKEN_FILE".into(), TOKEN_MOUNT.into()));
         opts.extra_mounts.push(BindMount {
@@ -698,6 +700,13 @@ impl Manager {
             }
         });
     }
+}
+
+/// The hard `RLIMIT_NOFILE` of this process (containerd normally runs with the same or more).
+fn host_nofile_limit() -> u64 {
+    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map(|(_, hard)| hard)
+        .unwrap_or(1024)
 }
 
 /// Writes `content` to `path` (mode 0600) inside `dir` (created 0700).

@@ -33,6 +33,11 @@ pub struct Config {
     pub cni_bridge: String,
     /// Subnet of the default network.
     pub cni_subnet: String,
+    /// host-local IPAM's `dataDir` in the network the agent writes; unset keeps the plugin's
+    /// default (`/var/lib/cni/networks`).
+    pub cni_ipam_dir: Option<PathBuf>,
+    /// How long `serve` waits for containerd to answer at startup, in seconds.
+    pub containerd_wait_secs: u64,
     /// Root of legacy bind-mounted data (`<data_root>/bots/<bot>`).
     pub data_root: PathBuf,
     /// The agent's own state: per-bot logs, CNI results, network namespaces' records.
@@ -54,6 +59,8 @@ impl Default for Config {
             cni_network: "memoh-cni".into(),
             cni_bridge: "cni0".into(),
             cni_subnet: "10.88.0.0/16".into(),
+            cni_ipam_dir: None,
+            containerd_wait_secs: 30,
             data_root: "/var/lib/memoh".into(),
             state_dir: "/var/lib/memoh-agent".into(),
             control_socket: "/run/memoh/agent.sock".into(),

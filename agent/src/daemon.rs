@@ -88,7 +88,7 @@ pub async fn run(
     listener: UnixListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), AgentError> {
-    let rt = connect_runtime(&cfg, Duration::from_secs(30)).await?;
+    let rt = connect_runtime(&cfg, Duration::from_secs(cfg.containerd_wait_secs)).await?;
     let rt: Arc<dyn Runtime> = Arc::new(rt);
     let net = Arc::new(Network::new(NetworkConfig::from_config(&cfg)));
     let mgr = Arc::new(Manager::new(cfg, rt, net));
@@ -101,8 +101,15 @@ pub async fn run(
 
     let (health, health_svc) = tonic_health::server::health_reporter();
     health.set_serving::<AgentServiceServer<Control>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(memoh_proto::AGENT_FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(memoh_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| AgentError::FailedPrecondition(format!("reflection: {e}")))?;
     let router = tonic::transport::Server::builder()
         .add_service(health_svc)
+        .add_service(reflection)
         .add_service(AgentServiceServer::new(Control::new(mgr.clone())))
         .add_service(
             ContainerServiceServer::new(Proxy::new(mgr.clone()))
