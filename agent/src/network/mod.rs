@@ -75,7 +75,7 @@ impl NetworkConfig {
             network: c.cni_network.clone(),
             bridge: c.cni_bridge.clone(),
             subnet: c.cni_subnet.clone(),
-            ipam_data_dir: None,
+            ipam_data_dir: c.cni_ipam_dir.clone(),
             state_dir: c.state_dir.clone(),
             ifname: "eth0".into(),
             plugin_timeout: cni::DEFAULT_PLUGIN_TIMEOUT,
@@ -294,14 +294,14 @@ impl<E: PluginExec, F: Firewall, N: Netns> Network<E, F, N> {
             netns: Some(netns.to_path_buf()),
             ifname: self.cfg.ifname.clone(),
         };
-        let raw = match self.cni.add(&net, &rt).await {
+        let raw = match self.add(&net, &rt).await {
             Ok(v) => v,
             Err(e) if is_retryable_add_error(&e) => {
                 tracing::warn!(bot, error = %e, "cni add failed on leftovers; removing and adding again");
                 if let Err(de) = self.cni.del(&net, &rt, None).await {
                     tracing::warn!(bot, error = %de, "cni del before the second add failed; ignored");
                 }
-                match self.cni.add(&net, &rt).await {
+                match self.add(&net, &rt).await {
                     Ok(v) => v,
                     Err(e) => return Err(self.undo_add(&net, &rt, e).await),
                 }
@@ -410,6 +410,16 @@ impl<E: PluginExec, F: Firewall, N: Netns> Network<E, F, N> {
             }
         }
         Ok(())
+    }
+
+    /// ADD, after making sure the bridge (if it exists) has a MAC the plugin can set.
+    async fn add(&self, net: &NetworkConfList, rt: &RuntimeConf) -> Result<Value, AgentError> {
+        if let Some(bridge) = net.bridge_name() {
+            if let Err(e) = self.netns.pin_bridge_mac(&bridge).await {
+                tracing::warn!(bridge, error = %e, "cannot pin the bridge's mac address");
+            }
+        }
+        self.cni.add(net, rt).await
     }
 
     /// DEL of a saved attachment whose errors are only logged.

@@ -40,7 +40,8 @@ pub fn valid_netns_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
-/// The outside system: the host's named network namespaces.
+/// The outside system: the host's named network namespaces (and the one piece of host link
+/// plumbing the bridge plugin gets wrong, see [`Netns::pin_bridge_mac`]).
 pub trait Netns: Send + Sync {
     /// The path of namespace `name`.
     fn path(&self, name: &str) -> PathBuf;
@@ -61,6 +62,16 @@ pub trait Netns: Send + Sync {
         path: &Path,
         ifname: &str,
     ) -> impl Future<Output = Result<Option<Vec<(IpAddr, u8)>>, AgentError>> + Send;
+
+    /// Gives an existing `bridge` an explicitly set MAC address (its current one, or a random
+    /// locally administered one when it has none); returns whether it changed anything.
+    ///
+    /// Without a set address the kernel derives the bridge's MAC from its ports, and a bridge
+    /// whose last port went away has 00:00:00:00:00:00. The bridge plugin then fails ADD with
+    /// "could not set bridge's mac" on every attempt, DEL-and-retry included, because DEL
+    /// removes the only port again. A set address survives port churn.
+    fn pin_bridge_mac(&self, bridge: &str)
+        -> impl Future<Output = Result<bool, AgentError>> + Send;
 }
 
 /// Namespaces through iproute2 (`ip netns`) and util-linux `nsenter`.
@@ -180,6 +191,69 @@ impl Netns for IpNetns {
         }
         parse_ip_addr_json(&out.stdout).map_err(|reason| AgentError::Network { op, reason })
     }
+
+    async fn pin_bridge_mac(&self, bridge: &str) -> Result<bool, AgentError> {
+        if !valid_netns_name(bridge) {
+            return Err(AgentError::InvalidArgument(format!(
+                "bridge name {bridge:?}"
+            )));
+        }
+        let sys = Path::new("/sys/class/net").join(bridge);
+        let read = |f: &str| {
+            std::fs::read_to_string(sys.join(f))
+                .map(|s| s.trim().to_string())
+                .unwrap_or_default()
+        };
+        if !sys.join("bridge").is_dir() {
+            return Ok(false);
+        }
+        // NET_ADDR_SET: someone (the plugin, or we) already chose the address.
+        if read("addr_assign_type") == "3" {
+            return Ok(false);
+        }
+        let current = read("address");
+        let mac = if usable_mac(&current) {
+            current
+        } else {
+            random_mac()
+        };
+        let op = format!("pin mac of bridge {bridge}");
+        let out = Self::ip(&op, &["link", "set", "dev", bridge, "address", &mac]).await?;
+        if !out.success() {
+            return Err(AgentError::Network {
+                op,
+                reason: out.stderr_text(),
+            });
+        }
+        tracing::info!(bridge, mac, "pinned the bridge's mac address");
+        Ok(true)
+    }
+}
+
+/// A random locally administered unicast MAC address.
+fn random_mac() -> String {
+    let mut b = [0u8; 6];
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
+        .is_err()
+    {
+        let n = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default()
+            ^ u128::from(std::process::id());
+        b.copy_from_slice(&n.to_le_bytes()[..6]);
+    }
+    b[0] = (b[0] & 0xfe) | 0x02;
+    b.iter()
+        .map(|x| format!("{x:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Whether `mac` is usable as an address (not empty, not all zeros).
+fn usable_mac(mac: &str) -> bool {
+    !mac.is_empty() && mac.split(':').any(|x| x != "00")
 }
 
 /// Parses `ip -j addr show dev X`: the addresses of the first (only) link; `None` when the
@@ -227,6 +301,20 @@ mod tests {
         for bad in ["", ".", "..", "a/b", "a b", "../x"] {
             assert!(!valid_netns_name(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn macs() {
+        for _ in 0..20 {
+            let m = random_mac();
+            assert_eq!(m.len(), 17, "{m}");
+            let first = u8::from_str_radix(&m[..2], 16).unwrap();
+            assert_eq!(first & 0x03, 0x02, "{m} is local unicast");
+            assert!(usable_mac(&m));
+        }
+        assert!(!usable_mac("00:00:00:00:00:00"));
+        assert!(!usable_mac(""));
+        assert!(usable_mac("96:66:84:57:35:22"));
     }
 
     #[test]

@@ -14,6 +14,7 @@ struct FakeNetns {
     /// Live namespaces and the addresses of their `eth0`.
     live: Mutex<HashMap<PathBuf, Vec<(IpAddr, u8)>>>,
     deleted: Mutex<Vec<String>>,
+    pinned: Mutex<Vec<String>>,
 }
 
 impl FakeNetns {
@@ -57,6 +58,10 @@ impl Netns for FakeNetns {
             .get(path)
             .filter(|a| !a.is_empty())
             .cloned())
+    }
+    async fn pin_bridge_mac(&self, bridge: &str) -> Result<bool, AgentError> {
+        self.pinned.lock().unwrap().push(bridge.to_string());
+        Ok(false)
     }
 }
 
@@ -253,6 +258,8 @@ async fn retryable_add_errors_delete_and_add_once_more() {
             [CniCommand::Add, CniCommand::Del, CniCommand::Add],
             "{msg}"
         );
+        // The bridge's MAC is pinned before each ADD.
+        assert_eq!(*e.net.netns().pinned.lock().unwrap(), ["br-test", "br-test"]);
     }
 }
 

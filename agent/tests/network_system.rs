@@ -1,0 +1,674 @@
+//! System tests of bot networking against the real CNI plugins, iptables and network
+//! namespaces. They need root: without it they are skipped, except under `CI`, where they fail.
+//!
+//! Each test owns a bridge (`mtst<tag>`), a /24 in 10.200-249.x.0, a conf dir and an IPAM
+//! dataDir in a temp dir, its namespaces, an isolation chain and a MASQUERADE comment, and a
+//! guard removes all of it, even when the test fails. Traffic only flows between namespaces
+//! and bridges the test created; nothing is sent through MASQUERADE.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command as StdCommand;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use memoh_agent::network::{
+    self, conf, ExecPlugins, IpNetns, Iptables, Netns, Network, NetworkConfig, RuntimeConf,
+};
+
+/// Whether the tests can run; panics under CI when they cannot.
+fn require_root() -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("network system tests need root (CI is set, so they must not be skipped)");
+    }
+    eprintln!("skipped: network system tests need root");
+    false
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// Four hex digits that differ between tests and runs.
+fn tag() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    let n = nanos ^ (std::process::id() << 8) ^ (COUNTER.fetch_add(1, Ordering::SeqCst) * 7919);
+    format!("{:04x}", n & 0xffff)
+}
+
+fn sh(program: &str, args: &[&str]) -> std::process::Output {
+    StdCommand::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e}"))
+}
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    tag: String,
+    bridge: String,
+    subnet: String,
+    prefix: String,
+    network_name: String,
+    chain: String,
+    comment: String,
+    bots: Vec<String>,
+    net: Network<ExecPlugins, Iptables, IpNetns>,
+}
+
+impl Fixture {
+    /// A fixture on 10.<200..249>.<octet>.0/24 (a second octet no host route uses).
+    fn new(octet: u8) -> Self {
+        let tag = tag();
+        let routes =
+            String::from_utf8_lossy(&sh("ip", &["-4", "route", "show"]).stdout).to_string();
+        let seed = u16::from_str_radix(&tag, 16).unwrap();
+        let second = (0..50u16)
+            .map(|i| 200 + (seed + i) % 50)
+            .find(|s| !routes.contains(&format!("10.{s}.{octet}.")))
+            .expect("a free 10.2xx subnet");
+        let prefix = format!("10.{second}.{octet}");
+        let dir = tempfile::tempdir().unwrap();
+        let bridge = format!("mtst{tag}");
+        let network_name = format!("mtst-{tag}");
+        let chain = format!("MTST-ISO-{}", tag.to_uppercase());
+        let comment = format!("mtst-masq-{tag}");
+        let subnet = format!("{prefix}.0/24");
+        let cfg = NetworkConfig {
+            conf_dir: dir.path().join("net.d"),
+            bin_dirs: vec!["/opt/cni/bin".into(), "/usr/lib/cni".into()],
+            network: network_name.clone(),
+            bridge: bridge.clone(),
+            subnet: subnet.clone(),
+            ipam_data_dir: Some(dir.path().join("ipam")),
+            state_dir: dir.path().join("state"),
+            ifname: "eth0".into(),
+            plugin_timeout: Duration::from_secs(30),
+            masquerade: true,
+            isolate: true,
+        };
+        let net = Network::with_parts(
+            cfg.clone(),
+            ExecPlugins::new(cfg.bin_dirs.clone(), cfg.plugin_timeout),
+            Iptables::with_names(&chain, &comment),
+            IpNetns,
+        );
+        Self {
+            dir,
+            tag,
+            bridge,
+            subnet,
+            prefix,
+            network_name,
+            chain,
+            comment,
+            bots: Vec::new(),
+            net,
+        }
+    }
+
+    /// A bot id owned by this fixture (its namespace is cleaned up by the guard).
+    fn bot(&mut self, name: &str) -> String {
+        let bot = format!("t{}{name}", self.tag);
+        self.bots.push(bot.clone());
+        bot
+    }
+
+    /// host-local's reservations: files named after an address.
+    fn reservations(&self) -> Vec<(IpAddr, String)> {
+        let dir = self.dir.path().join("ipam").join(&self.network_name);
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return Vec::new();
+        };
+        entries
+            .filter_map(Result::ok)
+            .filter_map(|e| {
+                let ip: IpAddr = e.file_name().to_str()?.parse().ok()?;
+                let owner = std::fs::read_to_string(e.path()).unwrap_or_default();
+                Some((ip, owner))
+            })
+            .collect()
+    }
+
+    fn in_subnet(&self, ip: IpAddr) -> bool {
+        ip.to_string().starts_with(&format!("{}.", self.prefix))
+    }
+
+    fn nat_rules_mentioning(&self, what: &str) -> Vec<String> {
+        String::from_utf8_lossy(&sh("iptables", &["-w", "5", "-t", "nat", "-S"]).stdout)
+            .lines()
+            .filter(|l| l.contains(what))
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        for bot in &self.bots {
+            let _ = sh("ip", &["netns", "delete", &network::netns::netns_name(bot)]);
+        }
+        let _ = sh("ip", &["link", "delete", &self.bridge]);
+        // The agent's MASQUERADE rule for this subnet, under this test's comment.
+        let masq = [
+            "-w",
+            "5",
+            "-t",
+            "nat",
+            "-D",
+            "POSTROUTING",
+            "-s",
+            &self.subnet,
+            "!",
+            "-d",
+            &self.subnet,
+            "-j",
+            "MASQUERADE",
+            "-m",
+            "comment",
+            "--comment",
+            &self.comment,
+        ];
+        while sh("iptables", &masq).status.success() {}
+        // The isolation chain.
+        while sh("iptables", &["-w", "5", "-D", "FORWARD", "-j", &self.chain])
+            .status
+            .success()
+        {}
+        let _ = sh("iptables", &["-w", "5", "-F", &self.chain]);
+        let _ = sh("iptables", &["-w", "5", "-X", &self.chain]);
+        // The bridge plugin's masquerade rules and chains for this network.
+        let quoted = format!("name: \\\"{}\\\"", self.network_name);
+        for rule in self.nat_rules_mentioning(&quoted) {
+            if let Some(spec) = rule.strip_prefix("-A ") {
+                let _ = sh("sh", &["-c", &format!("iptables -w 5 -t nat -D {spec}")]);
+                if let Some(chain) = spec
+                    .split_whitespace()
+                    .last()
+                    .filter(|c| c.starts_with("CNI-"))
+                {
+                    let _ = sh("iptables", &["-w", "5", "-t", "nat", "-F", chain]);
+                    let _ = sh("iptables", &["-w", "5", "-t", "nat", "-X", chain]);
+                }
+            }
+        }
+    }
+}
+
+/// Runs `args` inside namespace `ns`; returns whether it succeeded.
+async fn in_netns(ns: &str, args: &[&str]) -> bool {
+    tokio::process::Command::new("ip")
+        .args(["netns", "exec", ns])
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .status()
+        .await
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+async fn ping(ns: &str, ip: IpAddr) -> bool {
+    in_netns(
+        ns,
+        &["busybox", "ping", "-c", "1", "-W", "1", &ip.to_string()],
+    )
+    .await
+}
+
+fn state_file(f: &Fixture, bot: &str) -> PathBuf {
+    f.dir
+        .path()
+        .join("state")
+        .join("cni")
+        .join(format!("{bot}.json"))
+}
+
+#[tokio::test]
+async fn setup_is_stable_and_teardown_releases_everything() {
+    if !require_root() {
+        return;
+    }
+    let mut f = Fixture::new(11);
+    let bot = f.bot("a");
+    let ns = f.net.create_netns(&bot).await.unwrap();
+    assert_eq!(ns, Path::new("/run/netns").join(format!("memoh-{bot}")));
+    assert!(f.net.netns().exists(&ns).await);
+
+    let first = f.net.setup(&bot, &ns).await.unwrap();
+    assert!(f.in_subnet(first.ip), "{} not in {}", first.ip, f.subnet);
+    assert_eq!(first.prefix_len, 24);
+    assert_eq!(
+        first.gateway,
+        Some(format!("{}.1", f.prefix).parse().unwrap())
+    );
+    assert_eq!(first.bridge.as_deref(), Some(f.bridge.as_str()));
+    let veth = first.host_veth.clone().expect("host veth in the result");
+    let link = sh("ip", &["-o", "link", "show", "dev", &veth]);
+    assert!(
+        String::from_utf8_lossy(&link.stdout).contains(&format!("master {}", f.bridge)),
+        "{veth} is not on {}",
+        f.bridge
+    );
+    let addrs = f
+        .net
+        .netns()
+        .interface_addrs(&ns, "eth0")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(addrs.iter().any(|(ip, _)| *ip == first.ip), "{addrs:?}");
+    assert!(state_file(&f, &bot).is_file());
+    assert_eq!(f.reservations().len(), 1);
+
+    // A healthy bot keeps its address, however often setup runs.
+    for _ in 0..2 {
+        let again = f.net.setup(&bot, &ns).await.unwrap();
+        assert_eq!(again, first);
+    }
+    assert_eq!(f.reservations().len(), 1);
+    assert_eq!(f.net.saved(&bot).await.unwrap(), Some(first.clone()));
+
+    // Teardown releases the address, the namespace and the saved state; twice is fine.
+    f.net.teardown(&bot).await.unwrap();
+    assert!(f.reservations().is_empty(), "{:?}", f.reservations());
+    assert!(!ns.exists());
+    assert!(!state_file(&f, &bot).exists());
+    f.net.teardown(&bot).await.unwrap();
+    assert!(f
+        .nat_rules_mentioning(&format!("id: \\\"mcp-{bot}\\\""))
+        .is_empty());
+
+    // And the bot can be set up again.
+    let ns = f.net.create_netns(&bot).await.unwrap();
+    let second = f.net.setup(&bot, &ns).await.unwrap();
+    assert!(f.in_subnet(second.ip));
+    assert_eq!(f.reservations().len(), 1);
+    f.net.teardown(&bot).await.unwrap();
+    assert!(f.reservations().is_empty());
+}
+
+#[tokio::test]
+async fn teardown_after_the_namespace_is_gone_releases_the_address() {
+    if !require_root() {
+        return;
+    }
+    let mut f = Fixture::new(12);
+    let bot = f.bot("gone");
+    let ns = f.net.create_netns(&bot).await.unwrap();
+    let bn = f.net.setup(&bot, &ns).await.unwrap();
+    assert_eq!(f.reservations().len(), 1);
+    let cni_rule = format!("id: \\\"mcp-{bot}\\\"");
+    assert!(
+        !f.nat_rules_mentioning(&cni_rule).is_empty(),
+        "the bridge plugin's masquerade rule should exist while the bot is up"
+    );
+
+    // The task died and took the namespace with it (and the agent may have restarted: a new
+    // Network over the same state dir).
+    assert!(sh("ip", &["netns", "delete", &format!("memoh-{bot}")])
+        .status
+        .success());
+    let veth = bn.host_veth.unwrap();
+    assert!(!sh("ip", &["link", "show", "dev", &veth]).status.success());
+    let restarted = Network::with_parts(
+        f.net.config().clone(),
+        ExecPlugins::new(f.net.config().bin_dirs.clone(), Duration::from_secs(30)),
+        Iptables::with_names(&f.chain, &f.comment),
+        IpNetns,
+    );
+    restarted.teardown(&bot).await.unwrap();
+    assert!(f.reservations().is_empty(), "{:?}", f.reservations());
+    assert!(
+        f.nat_rules_mentioning(&cni_rule).is_empty(),
+        "{:?}",
+        f.nat_rules_mentioning(&cni_rule)
+    );
+    assert!(!state_file(&f, &bot).exists());
+}
+
+#[tokio::test]
+async fn stale_ipam_reservation_is_removed_and_added_again() {
+    if !require_root() {
+        return;
+    }
+    let mut f = Fixture::new(13);
+    let bot = f.bot("dup");
+    let ns = f.net.create_netns(&bot).await.unwrap();
+    // The agent died after host-local reserved an address but before anything else: the
+    // reservation names the container, so ADD fails with "duplicate allocation".
+    let store = f.dir.path().join("ipam").join(&f.network_name);
+    std::fs::create_dir_all(&store).unwrap();
+    let stale: IpAddr = format!("{}.77", f.prefix).parse().unwrap();
+    std::fs::write(store.join(stale.to_string()), format!("mcp-{bot}\r\neth0")).unwrap();
+
+    // The plugin really does refuse it.
+    let list = f.net.load_network().await.unwrap();
+    let rt = RuntimeConf {
+        container_id: network::container_id(&bot),
+        netns: Some(ns.clone()),
+        ifname: "eth0".into(),
+    };
+    let err = f.net.cni().add(&list, &rt).await.unwrap_err();
+    assert!(err.to_string().contains("duplicate allocation"), "{err}");
+    assert!(network::is_retryable_add_error(&err));
+
+    // setup recovers: DEL releases the stale reservation, the second ADD succeeds.
+    let bn = f.net.setup(&bot, &ns).await.unwrap();
+    assert!(f.in_subnet(bn.ip));
+    let held = f.reservations();
+    assert_eq!(held.len(), 1, "{held:?}");
+    assert_eq!(held[0].0, bn.ip);
+    f.net.teardown(&bot).await.unwrap();
+    assert!(f.reservations().is_empty());
+}
+
+#[tokio::test]
+async fn add_without_saved_state_is_removed_and_added_again() {
+    if !require_root() {
+        return;
+    }
+    let mut f = Fixture::new(14);
+    let bot = f.bot("crash");
+    let ns = f.net.create_netns(&bot).await.unwrap();
+    // The agent died between ADD and saving its result: eth0 exists, nothing is saved.
+    let list = f.net.load_network().await.unwrap();
+    let rt = RuntimeConf {
+        container_id: network::container_id(&bot),
+        netns: Some(ns.clone()),
+        ifname: "eth0".into(),
+    };
+    let orphan = network::result::parse_result(&f.net.cni().add(&list, &rt).await.unwrap())
+        .unwrap()
+        .primary_ip("eth0")
+        .unwrap()
+        .address;
+    assert!(f.net.saved(&bot).await.unwrap().is_none());
+    let err = f.net.cni().add(&list, &rt).await.unwrap_err();
+    assert!(network::is_retryable_add_error(&err), "{err}");
+
+    let bn = f.net.setup(&bot, &ns).await.unwrap();
+    assert!(f.in_subnet(bn.ip));
+    // The orphaned reservation was released, not leaked next to the new one.
+    let held = f.reservations();
+    assert_eq!(held.len(), 1, "{held:?}");
+    assert_eq!(held[0].0, bn.ip);
+    assert_ne!(
+        bn.ip, orphan,
+        "host-local hands out the next address after a release"
+    );
+    let addrs = f
+        .net
+        .netns()
+        .interface_addrs(&ns, "eth0")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(addrs.iter().any(|(ip, _)| *ip == bn.ip));
+    f.net.teardown(&bot).await.unwrap();
+    assert!(f.reservations().is_empty());
+}
+
+#[tokio::test]
+async fn bots_on_one_bridge_cannot_reach_each_other() {
+    if !require_root() {
+        return;
+    }
+    let nf =
+        std::fs::read_to_string("/proc/sys/net/bridge/bridge-nf-call-iptables").unwrap_or_default();
+    assert_eq!(
+        nf.trim(),
+        "1",
+        "bridge netfilter must be on for FORWARD to see bridged traffic"
+    );
+
+    let mut f = Fixture::new(15);
+    // Attach without isolation first, to show the two bots can talk at all.
+    let mut cfg = f.net.config().clone();
+    cfg.isolate = false;
+    let open = Network::with_parts(
+        cfg.clone(),
+        ExecPlugins::new(cfg.bin_dirs.clone(), cfg.plugin_timeout),
+        Iptables::with_names(&f.chain, &f.comment),
+        IpNetns,
+    );
+    let a = f.bot("a");
+    let b = f.bot("b");
+    let ns_a = open.create_netns(&a).await.unwrap();
+    let ns_b = open.create_netns(&b).await.unwrap();
+    let net_a = open.setup(&a, &ns_a).await.unwrap();
+    let net_b = open.setup(&b, &ns_b).await.unwrap();
+    let gateway = net_a.gateway.unwrap();
+    let name_a = format!("memoh-{a}");
+    let name_b = format!("memoh-{b}");
+
+    assert!(
+        ping(&name_a, net_b.ip).await,
+        "without isolation a reaches b"
+    );
+    assert!(ping(&name_a, gateway).await);
+
+    // A TCP listener in b, as a bot's server would be.
+    let mut listener = tokio::process::Command::new("ip")
+        .args([
+            "netns", "exec", &name_b, "busybox", "nc", "-ll", "-p", "9090", "-e", "true",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let connect = |ip: IpAddr| {
+        let ns = name_a.clone();
+        async move { in_netns(&ns, &["busybox", "nc", "-w", "2", &ip.to_string(), "9090"]).await }
+    };
+    let mut reachable = false;
+    for _ in 0..20 {
+        if connect(net_b.ip).await {
+            reachable = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(reachable, "without isolation a connects to b:9090");
+
+    // Isolation: idempotent, and it cuts a off from b but not from the gateway.
+    assert!(f.net.ensure_isolation(&f.bridge).await.unwrap());
+    assert!(!f.net.ensure_isolation(&f.bridge).await.unwrap());
+    let jump = sh("iptables", &["-w", "5", "-C", "FORWARD", "-j", &f.chain]);
+    assert!(jump.status.success(), "FORWARD jumps to {}", f.chain);
+    assert!(
+        !ping(&name_a, net_b.ip).await,
+        "isolated: a must not reach b"
+    );
+    assert!(
+        !ping(&name_b, net_a.ip).await,
+        "isolated: b must not reach a"
+    );
+    assert!(
+        !connect(net_b.ip).await,
+        "isolated: a must not connect to b:9090"
+    );
+    assert!(
+        ping(&name_a, gateway).await,
+        "isolated: a still reaches the gateway"
+    );
+    assert!(
+        ping(&name_b, gateway).await,
+        "isolated: b still reaches the gateway"
+    );
+
+    // setup with isolation on keeps it on (and keeps the healthy addresses).
+    assert_eq!(f.net.setup(&a, &ns_a).await.unwrap().ip, net_a.ip);
+    assert!(!ping(&name_a, net_b.ip).await);
+
+    // Removal restores bot-to-bot traffic and drops the chain.
+    assert!(f.net.remove_isolation(&f.bridge).await.unwrap());
+    assert!(!f.net.remove_isolation(&f.bridge).await.unwrap());
+    assert!(
+        ping(&name_a, net_b.ip).await,
+        "isolation removed: a reaches b again"
+    );
+    assert!(!sh("iptables", &["-w", "5", "-S", &f.chain])
+        .status
+        .success());
+
+    let _ = listener.kill().await;
+    open.teardown(&a).await.unwrap();
+    open.teardown(&b).await.unwrap();
+    assert!(f.reservations().is_empty());
+}
+
+#[tokio::test]
+async fn masquerade_is_ensured_once_and_restored_after_deletion() {
+    if !require_root() {
+        return;
+    }
+    let f = Fixture::new(16);
+    let rule = |op: &str| {
+        sh(
+            "iptables",
+            &[
+                "-w",
+                "5",
+                "-t",
+                "nat",
+                op,
+                "POSTROUTING",
+                "-s",
+                &f.subnet,
+                "!",
+                "-d",
+                &f.subnet,
+                "-j",
+                "MASQUERADE",
+                "-m",
+                "comment",
+                "--comment",
+                &f.comment,
+            ],
+        )
+        .status
+        .success()
+    };
+    assert!(!rule("-C"));
+    assert!(f.net.ensure_masquerade(&f.subnet).await.unwrap(), "added");
+    assert!(rule("-C"));
+    assert!(
+        !f.net.ensure_masquerade(&f.subnet).await.unwrap(),
+        "idempotent"
+    );
+    assert_eq!(f.nat_rules_mentioning(&f.comment).len(), 1);
+
+    // Stale iptables state lost the rule: the next ensure puts it back.
+    assert!(rule("-D"));
+    assert!(
+        f.net.ensure_masquerade(&f.subnet).await.unwrap(),
+        "restored"
+    );
+    assert_eq!(f.nat_rules_mentioning(&f.comment).len(), 1);
+
+    assert!(f.net.remove_masquerade(&f.subnet).await.unwrap());
+    assert!(!f.net.remove_masquerade(&f.subnet).await.unwrap());
+    assert!(!rule("-C"));
+
+    let e = f.net.ensure_masquerade("not-a-subnet").await.unwrap_err();
+    assert!(e.to_string().contains("subnet"), "{e}");
+}
+
+#[tokio::test]
+async fn default_network_is_written_when_missing() {
+    if !require_root() {
+        return;
+    }
+    let f = Fixture::new(17);
+    let list = f.net.load_network().await.unwrap();
+    assert_eq!(list.name, f.network_name);
+    assert_eq!(list.cni_version, conf::DEFAULT_CNI_VERSION);
+    assert_eq!(list.bridge_name().as_deref(), Some(f.bridge.as_str()));
+    let file = f
+        .net
+        .config()
+        .conf_dir
+        .join(format!("{}.conflist", f.network_name));
+    assert!(file.is_file());
+    // Debian's plugins accept the version the agent writes.
+    let out = StdCommand::new("/usr/lib/cni/bridge")
+        .env("CNI_COMMAND", "VERSION")
+        .stdin(std::process::Stdio::null())
+        .output();
+    if let Ok(out) = out {
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains(conf::DEFAULT_CNI_VERSION), "{text}");
+    }
+    // An existing file is used as is, never overwritten.
+    let before = std::fs::read(&file).unwrap();
+    f.net.load_network().await.unwrap();
+    assert_eq!(std::fs::read(&file).unwrap(), before);
+}
+
+#[tokio::test]
+async fn a_bridge_that_lost_its_last_port_is_repaired() {
+    if !require_root() {
+        return;
+    }
+    let mut f = Fixture::new(18);
+    // A bridge whose MAC came from a port that is gone: the kernel leaves it all zeros.
+    let peer = format!("mtsv{}", f.tag);
+    assert!(sh("ip", &["link", "add", &f.bridge, "type", "bridge"])
+        .status
+        .success());
+    assert!(sh(
+        "ip",
+        &[
+            "link",
+            "add",
+            &peer,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &format!("{peer}p")
+        ]
+    )
+    .status
+    .success());
+    assert!(sh("ip", &["link", "set", &peer, "master", &f.bridge])
+        .status
+        .success());
+    assert!(sh("ip", &["link", "delete", &peer]).status.success());
+    let mac = std::fs::read_to_string(format!("/sys/class/net/{}/address", f.bridge)).unwrap();
+    assert_eq!(mac.trim(), "00:00:00:00:00:00");
+
+    // The plugin alone fails on it, with the error the retry rule names.
+    let bot = f.bot("mac");
+    let ns = f.net.create_netns(&bot).await.unwrap();
+    let list = f.net.load_network().await.unwrap();
+    let rt = RuntimeConf {
+        container_id: network::container_id(&bot),
+        netns: Some(ns.clone()),
+        ifname: "eth0".into(),
+    };
+    let err = f.net.cni().add(&list, &rt).await.unwrap_err();
+    assert!(err.to_string().contains("bridge's mac"), "{err}");
+    assert!(network::is_retryable_add_error(&err));
+    // (That failed ADD reserved nothing it did not release.)
+    assert!(f.reservations().is_empty(), "{:?}", f.reservations());
+
+    // setup pins the bridge's address and gets through; the address then survives the
+    // bridge losing its ports again.
+    let bn = f.net.setup(&bot, &ns).await.unwrap();
+    assert!(f.in_subnet(bn.ip));
+    let assign =
+        std::fs::read_to_string(format!("/sys/class/net/{}/addr_assign_type", f.bridge)).unwrap();
+    assert_eq!(assign.trim(), "3", "the bridge's MAC is set explicitly");
+    f.net.teardown(&bot).await.unwrap();
+    let mac = std::fs::read_to_string(format!("/sys/class/net/{}/address", f.bridge)).unwrap();
+    assert_ne!(mac.trim(), "00:00:00:00:00:00");
+    assert!(f.reservations().is_empty());
+}
