@@ -190,10 +190,7 @@ async fn stdin_first_message_later_messages_and_half_close() {
 
     // Large stdin round-trips intact.
     let big = common::pseudo_random(3 * 1024 * 1024 + 5, 11);
-    let chunks: Vec<Bytes> = big
-        .chunks(100_000)
-        .map(|c| Bytes::copy_from_slice(c))
-        .collect();
+    let chunks: Vec<Bytes> = big.chunks(100_000).map(Bytes::copy_from_slice).collect();
     let mut out = s
         .client
         .exec(exec_input("cat"), futures::stream::iter(chunks))

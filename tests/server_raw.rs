@@ -74,10 +74,7 @@ async fn read_raw_errors() {
 async fn write_raw_writes_modes_and_counts() {
     let s = TestServer::start().await;
     let data = pseudo_random(4 * 1024 * 1024 + 777, 99);
-    let bufs: Vec<Bytes> = data
-        .chunks(300_000)
-        .map(|c| Bytes::copy_from_slice(c))
-        .collect();
+    let bufs: Vec<Bytes> = data.chunks(300_000).map(Bytes::copy_from_slice).collect();
     let n = s
         .client
         .write_raw("up/load/file.bin", futures::stream::iter(bufs))
