@@ -311,6 +311,16 @@ async fn write_file_modes_parents_and_atomicity() {
     assert_eq!(names_in(&s.data), ["deep", "f"]);
     assert!(temp_files_in(&s.root().join("abs")).is_empty());
 
+    // Writing through a link replaces the target's content and keeps the link.
+    std::os::unix::fs::symlink(s.path("f"), s.path("flink")).unwrap();
+    c.write_file("flink", &b"via link"[..]).await.unwrap();
+    assert_eq!(std::fs::read(s.path("f")).unwrap(), b"via link");
+    assert!(std::fs::symlink_metadata(s.path("flink"))
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    std::fs::remove_file(s.path("flink")).unwrap();
+
     // A directory cannot be overwritten by a file.
     let err = c
         .write_file("deep", &b"x"[..])
@@ -497,6 +507,15 @@ async fn list_dir_sorted_recursive_and_symlinks() {
     let via_link = s.client.list_dir("l", false).await.unwrap();
     assert_eq!(via_link.len(), 1);
     assert_eq!(via_link[0].path, "d");
+    let via_link: Vec<String> = s
+        .client
+        .list_dir("l", true)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.path)
+        .collect();
+    assert_eq!(via_link, ["d", "d/e", "d/f"], "a listed link is followed");
 
     // Empty directories list as empty, both ways.
     s.client.mkdir("empty").await.unwrap();
