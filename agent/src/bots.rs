@@ -153,7 +153,7 @@ impl Manager {
         m.lock_owned().await
     }
 
-    async fn container(&self, bot: &str) -> Result<ContainerInfo, AgentError> {
+    pub(crate) async fn container(&self, bot: &str) -> Result<ContainerInfo, AgentError> {
         ids::validate(bot)?;
         self.rt
             .get_container(&ids::container_id(bot))
@@ -161,7 +161,7 @@ impl Manager {
             .ok_or_else(|| AgentError::UnknownBot(bot.to_string()))
     }
 
-    async fn set_desired(&self, bot: &str, desired: &str) -> Result<(), AgentError> {
+    pub(crate) async fn set_desired(&self, bot: &str, desired: &str) -> Result<(), AgentError> {
         let labels = HashMap::from([(LABEL_DESIRED.to_string(), desired.to_string())]);
         self.rt
             .update_container_labels(&ids::container_id(bot), &labels)
@@ -169,7 +169,7 @@ impl Manager {
             .map(|_| ())
     }
 
-    fn forget_route(&self, bot: &str) {
+    pub(crate) fn forget_route(&self, bot: &str) {
         lock(&self.routes).remove(bot);
         self.pool.evict(bot);
     }
@@ -196,7 +196,16 @@ impl Manager {
             .unwrap_or(&self.cfg.image)
             .to_string();
         let resolved = self.rt.ensure_unpacked(&image).await?;
-        let bot_labels = HashMap::from([(LABEL_BOT_ID.to_string(), bot.to_string())]);
+        // The bot label finds the snapshot again after a crash; gc.root keeps containerd's
+        // collector off it while no container references it (mid-create or mid-cycle).
+        let bot_labels = HashMap::from([
+            (LABEL_BOT_ID.to_string(), bot.to_string()),
+            (LABEL_IMAGE.to_string(), resolved.name.clone()),
+            (
+                crate::containerd::LABEL_GC_ROOT.to_string(),
+                chrono::Utc::now().to_rfc3339(),
+            ),
+        ]);
         // An existing active snapshot holds the bot's data from an earlier container: keep it.
         let snapshot_key = cid.clone();
         if self.rt.stat_snapshot(&snapshot_key).await?.is_none() {
@@ -217,7 +226,7 @@ impl Manager {
     }
 
     /// Writes a fresh token and creates the container record (spec, labels) on `snapshot_key`.
-    async fn create_container_record(
+    pub(crate) async fn create_container_record(
         &self,
         bot: &str,
         image: &str,
@@ -274,7 +283,11 @@ impl Manager {
 
     /// Starts the task of `c` (deleting a stopped task entry first), attaches the network,
     /// and waits until the server answers. The caller holds the bot's lock.
-    async fn start_locked(&self, bot: &str, c: &ContainerInfo) -> Result<(), AgentError> {
+    pub(crate) async fn start_locked(
+        &self,
+        bot: &str,
+        c: &ContainerInfo,
+    ) -> Result<(), AgentError> {
         let cid = &c.id;
         match self.rt.task_status(cid).await? {
             Some(s) if s.state == TaskState::Running => {
@@ -415,7 +428,11 @@ impl Manager {
         }
     }
 
-    async fn kill_and_delete_task(&self, cid: &str, grace: Duration) -> Result<(), AgentError> {
+    pub(crate) async fn kill_and_delete_task(
+        &self,
+        cid: &str,
+        grace: Duration,
+    ) -> Result<(), AgentError> {
         let Some(st) = self.rt.task_status(cid).await? else {
             return Ok(());
         };
@@ -563,6 +580,12 @@ impl Manager {
     /// started again and re-networked; a running one keeps its address. Returns how many bots
     /// were started.
     pub async fn reconcile(&self) -> Result<usize, AgentError> {
+        // Finish any version cycle an earlier agent died in, before starting anything.
+        match self.recover().await {
+            Ok(r) if !r.is_empty() => info!(bots = ?r, "recovered bots from an interrupted cycle"),
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "recovery of interrupted cycles failed"),
+        }
         let containers = self
             .rt
             .list_containers(&[label_filter(LABEL_BOT_ID, None)])

@@ -57,6 +57,17 @@ pub fn bot_info(b: BotInfo) -> pb::BotInfo {
     }
 }
 
+fn snapshot_info(v: crate::versions::Version) -> pb::SnapshotInfo {
+    pb::SnapshotInfo {
+        version: v.number,
+        name: v.name,
+        source: v.source,
+        created_at: v.created_at,
+        snapshot: v.snapshot,
+        current: v.current,
+    }
+}
+
 fn progress_msg(p: Progress) -> pb::Progress {
     let phase = match p.phase {
         ProgressPhase::Reading => "reading",
@@ -286,6 +297,56 @@ impl AgentService for Control {
                 })
                 .collect(),
         }))
+    }
+
+    #[instrument(skip_all, fields(bot = %req.get_ref().bot_id))]
+    async fn create_snapshot(
+        &self,
+        req: Request<pb::CreateSnapshotRequest>,
+    ) -> Result<Response<pb::SnapshotInfo>, Status> {
+        let r = req.into_inner();
+        let mgr = self.mgr.clone();
+        // Detached: the cycle finishes even if the caller goes away.
+        let v = tokio::spawn(async move {
+            mgr.snapshot(&r.bot_id, &r.name, crate::versions::Source::Manual)
+                .await
+        })
+        .await
+        .map_err(|e| Status::internal(format!("snapshot task failed: {e}")))??;
+        Ok(Response::new(snapshot_info(v)))
+    }
+
+    async fn list_snapshots(
+        &self,
+        req: Request<pb::BotRef>,
+    ) -> Result<Response<pb::ListSnapshotsResponse>, Status> {
+        let vs = self.mgr.versions(&req.into_inner().bot_id).await?;
+        Ok(Response::new(pb::ListSnapshotsResponse {
+            snapshots: vs.into_iter().map(snapshot_info).collect(),
+        }))
+    }
+
+    #[instrument(skip_all, fields(bot = %req.get_ref().bot_id, version = req.get_ref().version))]
+    async fn rollback_snapshot(
+        &self,
+        req: Request<pb::RollbackSnapshotRequest>,
+    ) -> Result<Response<pb::SnapshotInfo>, Status> {
+        let r = req.into_inner();
+        let mgr = self.mgr.clone();
+        let v = tokio::spawn(async move { mgr.rollback(&r.bot_id, r.version).await })
+            .await
+            .map_err(|e| Status::internal(format!("rollback task failed: {e}")))??;
+        Ok(Response::new(snapshot_info(v)))
+    }
+
+    #[instrument(skip_all, fields(bot = %req.get_ref().bot_id, version = req.get_ref().version))]
+    async fn remove_snapshot(
+        &self,
+        req: Request<pb::RemoveSnapshotRequest>,
+    ) -> Result<Response<pb::RemoveSnapshotResponse>, Status> {
+        let r = req.into_inner();
+        self.mgr.remove_version(&r.bot_id, r.version).await?;
+        Ok(Response::new(pb::RemoveSnapshotResponse {}))
     }
 
     async fn version(

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use memoh_agent::cli::{self, BotCmd, ImageCmd};
+use memoh_agent::cli::{self, BotCmd, ImageCmd, SnapshotCmd};
 use memoh_agent::config::Config;
 
 /// Host agent for bot containers on containerd.
@@ -69,6 +69,9 @@ enum Cmd {
     /// Manage images.
     #[command(subcommand)]
     Image(ImageCmd),
+    /// Versions of a bot: create, list, roll back, remove.
+    #[command(subcommand)]
+    Snapshot(SnapshotCmd),
 }
 
 fn main() -> ExitCode {
@@ -117,6 +120,7 @@ async fn dispatch(args: Args) -> Result<u8, cli::CliError> {
         Cmd::Cp { src, dst } => cli::cp(&socket, &src, &dst).await,
         Cmd::Logs { bot, follow, tail } => cli::logs(&socket, bot, follow, tail).await,
         Cmd::Image(c) => cli::image(&socket, c).await,
+        Cmd::Snapshot(c) => cli::snapshot(&socket, c).await,
     }
 }
 
