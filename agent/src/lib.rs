@@ -5,6 +5,7 @@
 //! - [`control`], [`proxy`]: the control API and the container-service router on the socket.
 //! - [`daemon`]: startup, the control socket, systemd readiness; [`cli`]: the operator's CLI.
 //! - [`ids`]: bot ids and derived names; [`pool`]: one channel per bot.
+//! - [`versions`]: snapshots a bot can roll back to, and crash recovery of the cycle.
 //! - [`config`]: the TOML configuration.
 //! - [`containerd`]: images, containers, snapshots and tasks on containerd ([`containerd::Runtime`]).
 //! - [`error`]: [`AgentError`], the one error type, and its gRPC status mapping.
@@ -22,5 +23,6 @@ pub mod ids;
 pub mod network;
 pub mod pool;
 pub mod proxy;
+pub mod versions;
 
 pub use error::AgentError;
