@@ -37,7 +37,10 @@ impl CliError {
 fn status_err(socket: &Path, s: tonic::Status) -> CliError {
     let msg = s.message();
     if s.code() == tonic::Code::Unavailable
-        && (msg.contains("transport") || msg.contains("connect") || msg.contains("No such file"))
+        && (msg.contains("transport")
+            || msg.contains("connect")
+            || msg.contains("No such file")
+            || msg.contains("refused"))
     {
         return CliError::new(format!(
             "agent not running: cannot connect to {} ({})",
