@@ -293,23 +293,25 @@ impl ContainerClient {
     }
 
     /// `Exec`: sends `first` (command, work dir, env, timeout, optional stdin) followed by the
-    /// items of `stdin`; ending `stdin` closes the child's stdin. No deadline.
-    pub async fn exec<S>(
-        &self,
-        first: pb::ExecInput,
-        stdin: S,
-    ) -> Result<Streaming<pb::ExecOutput>, Status>
+    /// items of `stdin`; ending `stdin` closes the child's stdin. No deadline. Dropping the
+    /// returned [`ExecStream`] cancels the call, and the server kills the command's process
+    /// group, even while `stdin` is still open.
+    pub async fn exec<S>(&self, first: pb::ExecInput, stdin: S) -> Result<ExecStream, Status>
     where
         S: Stream<Item = Bytes> + Send + 'static,
     {
         let mut c = self.inner.clone();
-        let input = futures::stream::once(futures::future::ready(first)).chain(stdin.map(|d| {
-            pb::ExecInput {
-                stdin_data: d,
-                ..Default::default()
-            }
-        }));
-        Ok(c.exec(input).await?.into_inner())
+        let (cancel, cancelled) = tokio::sync::oneshot::channel::<()>();
+        let stdin = stdin.take_until(cancelled).map(|d| pb::ExecInput {
+            stdin_data: d,
+            ..Default::default()
+        });
+        let input = futures::stream::once(futures::future::ready(first)).chain(stdin);
+        let inner = c.exec(input).await?.into_inner();
+        Ok(ExecStream {
+            inner,
+            _cancel: cancel,
+        })
     }
 
     /// Runs `command` with no stdin and collects its output and exit code.
@@ -335,11 +337,45 @@ impl ContainerClient {
     }
 }
 
+/// The output of an exec. Dropping it ends the call: the request side closes too, so the
+/// server sees the cancellation and kills the command.
+pub struct ExecStream {
+    inner: Streaming<pb::ExecOutput>,
+    _cancel: tokio::sync::oneshot::Sender<()>,
+}
+
+impl std::fmt::Debug for ExecStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ExecStream")
+    }
+}
+
+impl ExecStream {
+    /// The next output message; `None` after the last.
+    pub async fn message(&mut self) -> Result<Option<pb::ExecOutput>, Status> {
+        self.inner.message().await
+    }
+}
+
+impl Stream for ExecStream {
+    type Item = Result<pb::ExecOutput, Status>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        std::pin::Pin::new(&mut self.inner).poll_next(cx)
+    }
+}
+
 /// Drains an exec output stream into an [`ExecResult`]. A stream that ends without an EXIT
 /// message is an error (`UNAVAILABLE`): the server went away mid-command.
-pub async fn collect_exec(out: &mut Streaming<pb::ExecOutput>) -> Result<ExecResult, Status> {
+pub async fn collect_exec<S>(out: &mut S) -> Result<ExecResult, Status>
+where
+    S: Stream<Item = Result<pb::ExecOutput, Status>> + Unpin,
+{
     let mut res = ExecResult::default();
-    while let Some(msg) = out.message().await? {
+    while let Some(msg) = out.next().await.transpose()? {
         match pb::exec_output::Stream::try_from(msg.stream) {
             Ok(pb::exec_output::Stream::Stdout) => res.stdout.extend_from_slice(&msg.data),
             Ok(pb::exec_output::Stream::Stderr) => res.stderr.extend_from_slice(&msg.data),

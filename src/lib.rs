@@ -30,4 +30,4 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
 pub const AGENT_FILE_DESCRIPTOR_SET: &[u8] =
     tonic::include_file_descriptor_set!("agent_descriptor");
 
-pub use client::{ContainerClient, ExecResult};
+pub use client::{ContainerClient, ExecResult, ExecStream};

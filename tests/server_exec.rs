@@ -426,13 +426,9 @@ async fn many_concurrent_execs() {
     assert_eq!((r.stdout, r.exit_code), (b"x".to_vec(), 4));
 }
 
-/// What a caller would expect from "drop the response stream": the server sees the cancel
-/// while the stdin stream is still open. Today hyper keeps the HTTP/2 stream alive as long as
-/// the request body (the stdin stream) is pending, so the RST_STREAM is never sent and the
-/// command runs on until its timeout. A client-side matter (`ContainerClient::exec` could tie
-/// the stdin stream's end to the response stream's drop), not the server's.
+/// What a caller expects from "drop the response stream": the server sees the cancel while
+/// the stdin stream is still open (`ExecStream` ends the request side when dropped).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "client limitation: dropping only the exec response stream while the stdin stream is open sends no RST_STREAM (hyper keeps the request pipe alive)"]
 async fn cancel_by_dropping_only_the_response_stream() {
     let s = TestServer::start().await;
     let marker = unique_sleep(307);

@@ -21,7 +21,7 @@ use tokio::net::UnixListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
-use tonic::{Code, Status, Streaming};
+use tonic::{Code, Status};
 
 /// A bearer token used by the authentication tests.
 pub const TOKEN: &str = "s3cret-token";
@@ -325,10 +325,14 @@ pub struct Transcript {
 
 impl Transcript {
     /// Reads the stream to its end.
-    pub async fn read(out: &mut Streaming<pb::ExecOutput>) -> Self {
+    pub async fn read<S>(out: &mut S) -> Self
+    where
+        S: futures::Stream<Item = Result<pb::ExecOutput, tonic::Status>> + Unpin,
+    {
+        use futures::StreamExt;
         let mut t = Transcript::default();
         loop {
-            match out.message().await {
+            match out.next().await.transpose() {
                 Ok(Some(m)) => {
                     let kind = Kind::try_from(m.stream).expect("known stream kind");
                     t.messages.push((kind, m.data.to_vec(), m.exit_code));
