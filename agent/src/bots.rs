@@ -79,6 +79,10 @@ pub struct Manager {
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     routes: Mutex<HashMap<String, Route>>,
     health: Mutex<HashMap<String, Health>>,
+    me: std::sync::OnceLock<std::sync::Weak<Manager>>,
+    /// Bots whose automatic migration already ran in this agent's life (a failed one is only
+    /// retried on demand, so a broken source cannot make the bot restart over and over).
+    auto_migrated: Mutex<std::collections::HashSet<String>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -126,7 +130,42 @@ impl Manager {
             locks: Mutex::default(),
             routes: Mutex::default(),
             health: Mutex::default(),
+            me: std::sync::OnceLock::new(),
+            auto_migrated: Mutex::default(),
         }
+    }
+
+    /// Lets the manager start background work of its own (migrations). Call once after
+    /// wrapping it in an `Arc`.
+    pub fn attach_self(self: &Arc<Self>) {
+        let _ = self.me.set(Arc::downgrade(self));
+    }
+
+    /// Starts the one-time migration of the bot's legacy data in the background, if it has
+    /// any. It waits for the bot's lock, so it never blocks the start that triggered it.
+    fn migrate_in_background(&self, bot: &str) {
+        if !self.has_legacy_data(bot) || !lock(&self.auto_migrated).insert(bot.to_string()) {
+            return;
+        }
+        let Some(me) = self.me.get().and_then(std::sync::Weak::upgrade) else {
+            return;
+        };
+        let bot = bot.to_string();
+        tokio::spawn(async move {
+            info!(bot, "legacy data found; migrating in the background");
+            match me.migrate(&bot, &|_| {}).await {
+                Ok(r) if r.failures.is_empty() => {
+                    info!(
+                        bot,
+                        entries = r.entries,
+                        renamed = r.renamed,
+                        "background migration done"
+                    )
+                }
+                Ok(r) => warn!(bot, failures = ?r.failures, "background migration incomplete"),
+                Err(e) => warn!(bot, error = %e, "background migration failed"),
+            }
+        });
     }
 
     /// The configuration.
@@ -222,6 +261,7 @@ impl Manager {
             warn!(bot, error = %e, "start after create failed; the container is kept");
             return Err(e);
         }
+        self.migrate_in_background(bot);
         self.info(bot).await
     }
 
@@ -278,6 +318,7 @@ impl Manager {
         let c = self.container(bot).await?;
         self.set_desired(bot, "running").await?;
         self.start_locked(bot, &c).await?;
+        self.migrate_in_background(bot);
         self.info(bot).await
     }
 
@@ -615,8 +656,9 @@ impl Manager {
                 info!(bot, "reconcile: starting");
                 self.start_locked(&bot, &c).await
             };
-            if let Err(e) = r {
-                warn!(bot, error = %e, "reconcile failed for bot");
+            match r {
+                Ok(()) => self.migrate_in_background(&bot),
+                Err(e) => warn!(bot, error = %e, "reconcile failed for bot"),
             }
         }
         Ok(started)

@@ -200,6 +200,59 @@ pub async fn snapshot(socket: &Path, cmd: SnapshotCmd) -> Result<u8, CliError> {
     Ok(0)
 }
 
+/// Copies the bot's legacy data into it, with progress; non-zero exit when anything failed.
+pub async fn migrate(socket: &Path, bot: String) -> Result<u8, CliError> {
+    let mut c = control(socket).await;
+    let mut s = c
+        .migrate(pb::BotRef {
+            bot_id: bot.clone(),
+        })
+        .await
+        .map_err(|s| status_err(socket, s))?
+        .into_inner();
+    let tty = std::io::stderr().is_terminal();
+    while let Some(m) = s.next().await {
+        let m = m.map_err(|s| status_err(socket, s))?;
+        if !m.finished {
+            if tty {
+                eprint!(
+                    "\r{:<10} {:>12} / {:<12} bytes",
+                    m.phase, m.bytes, m.total_bytes
+                );
+            }
+            continue;
+        }
+        if tty {
+            eprintln!();
+        }
+        if m.already_done {
+            println!(
+                "{bot}: already migrated earlier (source renamed: {})",
+                m.renamed
+            );
+            return Ok(0);
+        }
+        for sk in &m.skipped {
+            eprintln!("skipped: {sk}");
+        }
+        if !m.failures.is_empty() {
+            for f in &m.failures {
+                eprintln!("failed: {f}");
+            }
+            return Err(CliError::new(format!(
+                "migration of {bot} incomplete: {} failures; the source was left in place",
+                m.failures.len()
+            )));
+        }
+        println!(
+            "{bot}: migrated {} entries, {} bytes, {} symlinks; source renamed: {}",
+            m.entries, m.bytes, m.symlinks, m.renamed
+        );
+        return Ok(0);
+    }
+    Err(CliError::new("migration ended without a report"))
+}
+
 /// Image subcommands.
 #[derive(Subcommand, Debug)]
 pub enum ImageCmd {

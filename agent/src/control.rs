@@ -349,6 +349,55 @@ impl AgentService for Control {
         Ok(Response::new(pb::RemoveSnapshotResponse {}))
     }
 
+    type MigrateStream = BoxStream<pb::MigrateProgress>;
+
+    #[instrument(skip_all, fields(bot = %req.get_ref().bot_id))]
+    async fn migrate(
+        &self,
+        req: Request<pb::BotRef>,
+    ) -> Result<Response<Self::MigrateStream>, Status> {
+        let bot = req.into_inner().bot_id;
+        crate::ids::validate(&bot)?;
+        if !self.mgr.has_legacy_data(&bot) {
+            self.mgr.info(&bot).await?;
+            return Err(AgentError::FailedPrecondition(format!(
+                "bot {bot:?} has no legacy data to migrate"
+            ))
+            .into());
+        }
+        let (tx, rx) = mpsc::channel(64);
+        let mgr = self.mgr.clone();
+        // Detached: the migration finishes under the bot's lock even if the caller leaves.
+        tokio::spawn(async move {
+            let ptx = tx.clone();
+            let cb = move |p: crate::migrate::MigrationProgress| {
+                let _ = ptx.try_send(Ok(pb::MigrateProgress {
+                    phase: p.phase,
+                    bytes: p.bytes,
+                    total_bytes: p.total_bytes,
+                    ..Default::default()
+                }));
+            };
+            let last = match mgr.migrate(&bot, &cb).await {
+                Ok(r) => Ok(pb::MigrateProgress {
+                    phase: "done".into(),
+                    bytes: r.bytes,
+                    total_bytes: r.bytes,
+                    finished: true,
+                    entries: r.entries,
+                    symlinks: r.symlinks,
+                    skipped: r.skipped,
+                    failures: r.failures,
+                    renamed: r.renamed,
+                    already_done: r.already_done,
+                }),
+                Err(e) => Err(Status::from(e)),
+            };
+            let _ = tx.send(last).await;
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
     async fn version(
         &self,
         _req: Request<pb::VersionRequest>,

@@ -92,12 +92,21 @@ pub async fn run(
     let rt: Arc<dyn Runtime> = Arc::new(rt);
     let net = Arc::new(Network::new(NetworkConfig::from_config(&cfg)));
     let mgr = Arc::new(Manager::new(cfg, rt, net));
+    mgr.attach_self();
     match mgr.reconcile().await {
         Ok(n) => info!(started = n, "reconciled bots from containerd"),
         Err(e) => warn!(error = %e, "reconcile failed; the watcher retries"),
     }
     let stop = CancellationToken::new();
     mgr.spawn_watchers(stop.clone());
+    // MCP is an extra: a busy port must not take the control socket down with it.
+    let _mcp = match crate::mcp::serve(mgr.clone(), mgr.config(), stop.clone()).await {
+        Ok(m) => m,
+        Err(e) => {
+            warn!(error = %e, "mcp server not started");
+            None
+        }
+    };
 
     let (health, health_svc) = tonic_health::server::health_reporter();
     health.set_serving::<AgentServiceServer<Control>>().await;

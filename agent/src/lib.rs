@@ -5,6 +5,7 @@
 //! - [`control`], [`proxy`]: the control API and the container-service router on the socket.
 //! - [`daemon`]: startup, the control socket, systemd readiness; [`cli`]: the operator's CLI.
 //! - [`ids`]: bot ids and derived names; [`pool`]: one channel per bot.
+//! - [`migrate`]: the one-time copy of legacy bind-mounted data into a bot.
 //! - [`versions`]: snapshots a bot can roll back to, and crash recovery of the cycle.
 //! - [`config`]: the TOML configuration.
 //! - [`containerd`]: images, containers, snapshots and tasks on containerd ([`containerd::Runtime`]).
@@ -20,6 +21,7 @@ pub mod control;
 pub mod daemon;
 pub mod error;
 pub mod ids;
+pub mod migrate;
 pub mod network;
 pub mod pool;
 pub mod proxy;

@@ -69,6 +69,11 @@ enum Cmd {
     /// Manage images.
     #[command(subcommand)]
     Image(ImageCmd),
+    /// Copy the bot's legacy bind-mounted data (`<data_root>/bots/BOT`) into it, once.
+    Migrate {
+        /// Bot id.
+        bot: String,
+    },
     /// Versions of a bot: create, list, roll back, remove.
     #[command(subcommand)]
     Snapshot(SnapshotCmd),
@@ -121,6 +126,7 @@ async fn dispatch(args: Args) -> Result<u8, cli::CliError> {
         Cmd::Logs { bot, follow, tail } => cli::logs(&socket, bot, follow, tail).await,
         Cmd::Image(c) => cli::image(&socket, c).await,
         Cmd::Snapshot(c) => cli::snapshot(&socket, c).await,
+        Cmd::Migrate { bot } => cli::migrate(&socket, bot).await,
     }
 }
 

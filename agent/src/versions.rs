@@ -234,7 +234,7 @@ impl Manager {
 
     /// The cycle. With `restore_from`, the new active snapshot is prepared on that version
     /// instead of on the one just committed (rollback).
-    async fn snapshot_locked(
+    pub(crate) async fn snapshot_locked(
         &self,
         bot: &str,
         name: &str,
