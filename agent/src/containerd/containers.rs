@@ -100,6 +100,13 @@ impl Containerd {
     }
 
     pub(crate) async fn delete_container_inner(&self, id: &str) -> Result<bool, AgentError> {
+        // containerd 1.6 deletes the record even under a live task, orphaning the shim.
+        if let Some(task) = self.task_status_inner(id).await? {
+            return Err(AgentError::FailedPrecondition(format!(
+                "container {id} still has a task ({:?}); delete the task first",
+                task.state
+            )));
+        }
         let req = self.request(DeleteContainerRequest { id: id.to_string() });
         match self.containers().delete(req).await {
             Ok(_) => {

@@ -429,6 +429,7 @@ pub struct Containerd {
     namespace_header: MetadataValue<tonic::metadata::Ascii>,
     snapshotter: String,
     runtime: String,
+    runc_root: Option<String>,
 }
 
 impl std::fmt::Debug for Containerd {
@@ -438,6 +439,7 @@ impl std::fmt::Debug for Containerd {
             .field("namespace", &self.namespace)
             .field("snapshotter", &self.snapshotter)
             .field("runtime", &self.runtime)
+            .field("runc_root", &self.runc_root)
             .finish()
     }
 }
@@ -493,6 +495,7 @@ impl Containerd {
             namespace_header,
             snapshotter: snapshotter.to_string(),
             runtime: runtime.to_string(),
+            runc_root: None,
         };
         match tokio::time::timeout(Duration::from_secs(10), me.version_inner()).await {
             Ok(Ok(v)) => {
@@ -513,6 +516,13 @@ impl Containerd {
             &config.runtime,
         )
         .await
+    }
+
+    /// Makes tasks keep runc's state under `root` instead of runc's default
+    /// (`/run/containerd/runc/<namespace>`); a private containerd needs its own.
+    pub fn with_runc_root(mut self, root: impl AsRef<Path>) -> Self {
+        self.runc_root = Some(root.as_ref().display().to_string());
+        self
     }
 
     /// The socket this client talks to.

@@ -59,7 +59,8 @@ pub struct SpecOptions {
     pub extra_mounts: Vec<BindMount>,
     /// Cgroup path; `None` means `/memoh/<container id>`.
     pub cgroups_path: Option<String>,
-    /// Soft and hard `RLIMIT_NOFILE`.
+    /// Soft and hard `RLIMIT_NOFILE`; 1024 by default, as containerd does. Must not exceed
+    /// containerd's own hard limit, which runc cannot raise.
     pub nofile: u64,
     /// Replaces the image's entrypoint and cmd when set.
     pub args: Option<Vec<String>>,
@@ -78,7 +79,7 @@ impl SpecOptions {
             localtime: None,
             extra_mounts: Vec::new(),
             cgroups_path: None,
-            nofile: 65536,
+            nofile: 1024,
             args: None,
         }
     }
@@ -474,7 +475,7 @@ mod tests {
         assert_eq!(p.no_new_privileges(), Some(false));
         let rl = &p.rlimits().as_ref().unwrap()[0];
         assert_eq!(rl.typ(), PosixRlimitType::RlimitNofile);
-        assert_eq!(rl.hard(), 65536);
+        assert_eq!(rl.hard(), 1024);
         let caps = p.capabilities().as_ref().unwrap();
         assert!(caps
             .bounding()

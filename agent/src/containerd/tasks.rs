@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use containerd_client::services::v1::{
     events_client::EventsClient, tasks_client::TasksClient, CreateTaskRequest, DeleteTaskRequest,
-    GetRequest, KillRequest, StartRequest, SubscribeRequest, WaitRequest,
+    GetRequest, KillRequest, PublishRequest, StartRequest, SubscribeRequest, WaitRequest,
 };
 use containerd_client::types::v1::Status;
 use futures::StreamExt;
@@ -20,6 +20,25 @@ use crate::error::AgentError;
 
 /// Topic of task exit events.
 pub const TASK_EXIT_TOPIC: &str = "/tasks/exit";
+/// Topic of the probe events that bring a new subscription to life.
+const PROBE_TOPIC: &str = "/memoh/agent/subscribe-probe";
+/// Type of the (empty) probe event.
+const PROBE_TYPE_URL: &str = "memoh.agent.SubscribeProbe";
+/// How often to probe while a subscription is not answered.
+const PROBE_INTERVAL: Duration = Duration::from_millis(200);
+/// How long a subscription may take to come alive.
+const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `containerd.runc.v1.Options`, the runc shim's task options; only the fields we set.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RuncOptions {
+    /// runc's state directory.
+    #[prost(string, tag = "7")]
+    root: String,
+}
+
+/// Type URL the shim resolves runc options by.
+const RUNC_OPTIONS_TYPE_URL: &str = "containerd.runc.v1.Options";
 
 /// The stdio URI the runc shim opens as an append-only host file.
 pub(crate) fn file_uri(path: Option<&Path>) -> Result<String, AgentError> {
@@ -62,6 +81,10 @@ impl Containerd {
             stdout: file_uri(io.stdout.as_deref())?,
             stderr: file_uri(io.stderr.as_deref())?,
             terminal: false,
+            options: self.runc_root.as_ref().map(|root| prost_types::Any {
+                type_url: RUNC_OPTIONS_TYPE_URL.to_string(),
+                value: RuncOptions { root: root.clone() }.encode_to_vec(),
+            }),
             ..Default::default()
         });
         let out = self
@@ -199,19 +222,58 @@ impl Containerd {
         }
     }
 
-    pub(crate) async fn subscribe_task_exits_inner(&self) -> Result<TaskExitStream, AgentError> {
-        let filter = format!("topic=={TASK_EXIT_TOPIC:?},namespace=={:?}", self.namespace);
-        let req = self.request(SubscribeRequest {
-            filters: vec![filter],
+    /// Publishes a probe event that only our own subscriptions see.
+    async fn publish_probe(&self) -> Result<(), AgentError> {
+        let req = self.request(PublishRequest {
+            topic: PROBE_TOPIC.to_string(),
+            event: Some(prost_types::Any {
+                type_url: PROBE_TYPE_URL.to_string(),
+                value: Vec::new(),
+            }),
         });
-        let stream = EventsClient::new(self.channel.clone())
-            .subscribe(req)
+        EventsClient::new(self.channel.clone())
+            .publish(req)
             .await
-            .map_err(|s| AgentError::containerd("subscribe to task exits", s))?
-            .into_inner();
+            .map_err(|s| AgentError::containerd("publish subscription probe", s))?;
+        Ok(())
+    }
+
+    pub(crate) async fn subscribe_task_exits_inner(&self) -> Result<TaskExitStream, AgentError> {
+        let ns = format!("{:?}", self.namespace);
+        let req = self.request(SubscribeRequest {
+            filters: vec![
+                format!("topic=={TASK_EXIT_TOPIC:?},namespace=={ns}"),
+                format!("topic=={PROBE_TOPIC:?},namespace=={ns}"),
+            ],
+        });
+        // containerd answers a subscription (headers included) only with its first event, so
+        // the call would block until some task exits. Probes published until the answer comes
+        // make it come now, and prove the subscription is live before the caller goes on.
+        let mut client = EventsClient::new(self.channel.clone());
+        let call = client.subscribe(req);
+        tokio::pin!(call);
+        let deadline = tokio::time::Instant::now() + SUBSCRIBE_TIMEOUT;
+        let stream = loop {
+            self.publish_probe().await?;
+            tokio::select! {
+                r = &mut call => {
+                    break r
+                        .map_err(|s| AgentError::containerd("subscribe to task exits", s))?
+                        .into_inner();
+                }
+                _ = tokio::time::sleep(PROBE_INTERVAL) => {
+                    if tokio::time::Instant::now() > deadline {
+                        return Err(AgentError::Timeout(
+                            "subscribing to containerd's task exit events".into(),
+                        ));
+                    }
+                }
+            }
+        };
         let out = stream.filter_map(|item| async move {
             match item {
                 Err(s) => Some(Err(AgentError::containerd("task exit events", s))),
+                Ok(env) if env.topic != TASK_EXIT_TOPIC => None,
                 Ok(env) => {
                     let any = env.event?;
                     match containerd_client::events::TaskExit::decode(any.value.as_slice()) {
