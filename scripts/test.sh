@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# The project's test command: installs what the tests need, builds once, then runs the tiers in
+# order and prints each runner's summary lines.
+#
+#   1. checks      cargo fmt --check, cargo clippy -D warnings
+#   2. unit        pure logic next to the code (cargo test --lib --bins)
+#   3. in-process  the real server on temp sockets (tests/*.rs), and the independent Python
+#                  wire-compatibility client (tests/wire)
+#   4. system      a private containerd with runc, CNI and iptables, a loopback registry
+#                  (agent/tests/*.rs); needs root
+#
+# Usage: scripts/test.sh [--skip-checks] [--no-system]
+# Every tier runs even when an earlier one failed; the exit code is non-zero if any failed.
+set -eu
+set -o pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+SKIP_CHECKS=0
+SYSTEM=1
+for a in "$@"; do
+    case "$a" in
+        --skip-checks) SKIP_CHECKS=1 ;;
+        --no-system) SYSTEM=0 ;;
+        *) echo "test.sh: unknown option $a" >&2; exit 2 ;;
+    esac
+done
+
+LOG_DIR="$ROOT/target/test-logs"
+mkdir -p "$LOG_DIR"
+FAILED=()
+SUMMARY=()
+
+# Runs a named step, keeps its output in a log, echoes the runner's summary lines.
+step() {
+    local name=$1
+    shift
+    local log="$LOG_DIR/$name.log"
+    echo "=== $name: $*"
+    local start=$SECONDS
+    if "$@" >"$log" 2>&1; then
+        SUMMARY+=("ok      $name ($((SECONDS - start)) s)")
+    else
+        FAILED+=("$name")
+        SUMMARY+=("FAILED  $name ($((SECONDS - start)) s), log: $log")
+        tail -n 60 "$log" | sed 's/^/    /'
+    fi
+    grep -E '^test result:|passed|failed' "$log" | grep -vE '^\s*(test |[a-z_:]+ \.\.\.)' | tail -n 40 || true
+}
+
+if [ "$(id -u)" = "0" ]; then
+    scripts/install-deps.sh
+elif [ "$SYSTEM" = "1" ]; then
+    echo "test.sh: the system tier needs root (containerd, CNI, iptables)" >&2
+    exit 2
+fi
+
+export CARGO_TERM_COLOR=never
+echo "=== build"
+cargo build --workspace --all-targets 2>&1 | tail -n 3
+
+if [ "$SKIP_CHECKS" = "0" ]; then
+    step fmt cargo fmt --all -- --check
+    step clippy cargo clippy --workspace --all-targets -- -D warnings
+fi
+
+step unit cargo test --workspace --lib --bins
+step in-process cargo test -p memoh-proto --tests
+step wire tests/wire/run.sh
+
+if [ "$SYSTEM" = "1" ]; then
+    cleanup() { scripts/test-env.sh down >"$LOG_DIR/test-env-down.log" 2>&1 || true; }
+    trap cleanup EXIT
+    echo "=== image: test image from the debug server build"
+    scripts/build-image.sh --binary target/debug/container-server \
+        >"$LOG_DIR/image.log" 2>&1 || { tail -n 30 "$LOG_DIR/image.log"; FAILED+=("image"); }
+    scripts/test-env.sh up >"$LOG_DIR/test-env-up.log" 2>&1 || { tail -n 30 "$LOG_DIR/test-env-up.log"; FAILED+=("test-env"); }
+    eval "$(scripts/test-env.sh env)"
+    export CI=${CI:-}
+    # System tests share one containerd and the host's network: one test binary at a time.
+    step system cargo test -p memoh-agent --tests -- --test-threads 2
+fi
+
+echo
+echo "=== summary"
+printf '%s\n' "${SUMMARY[@]}"
+if [ ${#FAILED[@]} -gt 0 ]; then
+    echo "failed: ${FAILED[*]}"
+    exit 1
+fi
+echo "all tiers passed"
