@@ -44,6 +44,13 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// Unix socket of the control API.
     pub control_socket: PathBuf,
+    /// Address of the MCP streamable HTTP server (`/bots/BOT/mcp`, `/bots/BOT/mcp/NAME`); empty
+    /// disables it.
+    pub mcp_listen: String,
+    /// Bearer token MCP clients must present; unset leaves the MCP server open.
+    pub mcp_token: Option<String>,
+    /// Seconds without calls after which a stdio MCP server's process is closed.
+    pub mcp_idle_secs: u64,
 }
 
 impl Default for Config {
@@ -64,6 +71,9 @@ impl Default for Config {
             data_root: "/var/lib/memoh".into(),
             state_dir: "/var/lib/memoh-agent".into(),
             control_socket: "/run/memoh/agent.sock".into(),
+            mcp_listen: "127.0.0.1:8091".into(),
+            mcp_token: None,
+            mcp_idle_secs: 600,
         }
     }
 }

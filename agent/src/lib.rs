@@ -8,6 +8,7 @@
 //! - [`migrate`]: the one-time copy of legacy bind-mounted data into a bot.
 //! - [`versions`]: snapshots a bot can roll back to, and crash recovery of the cycle.
 //! - [`config`]: the TOML configuration.
+//! - [`mcp`]: MCP over streamable HTTP: the container as tools, stdio MCP servers in the bot.
 //! - [`containerd`]: images, containers, snapshots and tasks on containerd ([`containerd::Runtime`]).
 //! - [`error`]: [`AgentError`], the one error type, and its gRPC status mapping.
 //! - [`network`]: bot networking: named namespaces, CNI (a small libcni), MASQUERADE and
@@ -21,6 +22,7 @@ pub mod control;
 pub mod daemon;
 pub mod error;
 pub mod ids;
+pub mod mcp;
 pub mod migrate;
 pub mod network;
 pub mod pool;
