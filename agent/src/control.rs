@@ -23,12 +23,18 @@ use crate::ids;
 #[derive(Clone)]
 pub struct Control {
     mgr: Arc<Manager>,
+    mcp: Option<Arc<crate::mcp::Mcp>>,
 }
 
 impl Control {
-    /// Serves `mgr`.
+    /// Serves `mgr` (the MCP calls answer that MCP is disabled).
     pub fn new(mgr: Arc<Manager>) -> Self {
-        Self { mgr }
+        Self { mgr, mcp: None }
+    }
+
+    /// Serves `mgr` and, for the MCP calls, the MCP hub `mcp` (none: MCP is disabled).
+    pub fn with_mcp(mgr: Arc<Manager>, mcp: Option<Arc<crate::mcp::Mcp>>) -> Self {
+        Self { mgr, mcp }
     }
 }
 
@@ -407,5 +413,33 @@ impl AgentService for Control {
             agent_version: env!("CARGO_PKG_VERSION").into(),
             containerd_version,
         }))
+    }
+
+    async fn mcp_add(
+        &self,
+        req: Request<pb::McpAddRequest>,
+    ) -> Result<Response<pb::McpServerInfo>, Status> {
+        crate::control_mcp::add(self.mcp.as_ref(), req).await
+    }
+
+    async fn mcp_list(
+        &self,
+        req: Request<pb::BotRef>,
+    ) -> Result<Response<pb::McpListResponse>, Status> {
+        crate::control_mcp::list(self.mcp.as_ref(), req).await
+    }
+
+    async fn mcp_remove(
+        &self,
+        req: Request<pb::McpServerRef>,
+    ) -> Result<Response<pb::McpRemoveResponse>, Status> {
+        crate::control_mcp::remove(self.mcp.as_ref(), req).await
+    }
+
+    async fn mcp_logs(
+        &self,
+        req: Request<pb::McpServerRef>,
+    ) -> Result<Response<pb::McpLogsResponse>, Status> {
+        crate::control_mcp::logs(self.mcp.as_ref(), req).await
     }
 }

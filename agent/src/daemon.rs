@@ -100,7 +100,7 @@ pub async fn run(
     let stop = CancellationToken::new();
     mgr.spawn_watchers(stop.clone());
     // MCP is an extra: a busy port must not take the control socket down with it.
-    let _mcp = match crate::mcp::serve(mgr.clone(), mgr.config(), stop.clone()).await {
+    let mcp = match crate::mcp::serve(mgr.clone(), mgr.config(), stop.clone()).await {
         Ok(m) => m,
         Err(e) => {
             warn!(error = %e, "mcp server not started");
@@ -119,7 +119,10 @@ pub async fn run(
     let router = tonic::transport::Server::builder()
         .add_service(health_svc)
         .add_service(reflection)
-        .add_service(AgentServiceServer::new(Control::new(mgr.clone())))
+        .add_service(AgentServiceServer::new(Control::with_mcp(
+            mgr.clone(),
+            mcp.as_ref().map(|(hub, _)| hub.clone()),
+        )))
         .add_service(
             ContainerServiceServer::new(Proxy::new(mgr.clone()))
                 .max_decoding_message_size(MAX_MESSAGE_SIZE)

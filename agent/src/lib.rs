@@ -2,7 +2,8 @@
 //!
 //! Modules:
 //! - [`bots`]: the lifecycle [`bots::Manager`]: create, start, stop, delete, reconcile, restarts.
-//! - [`control`], [`proxy`]: the control API and the container-service router on the socket.
+//! - [`control`], [`proxy`]: the control API and the container-service router on the socket;
+//!   [`control_mcp`]: its MCP calls (stdio server registrations).
 //! - [`daemon`]: startup, the control socket, systemd readiness; [`cli`]: the operator's CLI.
 //! - [`ids`]: bot ids and derived names; [`pool`]: one channel per bot.
 //! - [`migrate`]: the one-time copy of legacy bind-mounted data into a bot.
@@ -19,6 +20,7 @@ pub mod cli;
 pub mod config;
 pub mod containerd;
 pub mod control;
+pub mod control_mcp;
 pub mod daemon;
 pub mod error;
 pub mod ids;

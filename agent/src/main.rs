@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use memoh_agent::cli::{self, BotCmd, ImageCmd, SnapshotCmd};
+use memoh_agent::cli::{self, BotCmd, ImageCmd, McpCmd, SnapshotCmd};
 use memoh_agent::config::Config;
 
 /// Host agent for bot containers on containerd.
@@ -77,6 +77,9 @@ enum Cmd {
     /// Versions of a bot: create, list, roll back, remove.
     #[command(subcommand)]
     Snapshot(SnapshotCmd),
+    /// Stdio MCP servers inside a bot: add, list, remove, logs.
+    #[command(subcommand)]
+    Mcp(McpCmd),
 }
 
 fn main() -> ExitCode {
@@ -127,6 +130,7 @@ async fn dispatch(args: Args) -> Result<u8, cli::CliError> {
         Cmd::Image(c) => cli::image(&socket, c).await,
         Cmd::Snapshot(c) => cli::snapshot(&socket, c).await,
         Cmd::Migrate { bot } => cli::migrate(&socket, bot).await,
+        Cmd::Mcp(c) => cli::mcp(&socket, c).await,
     }
 }
 
