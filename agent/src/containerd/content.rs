@@ -35,7 +35,9 @@ pub(crate) fn unique_suffix() -> String {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos())
         .unwrap_or(0);
-    format!("{}-{nanos}", std::process::id())
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{}-{nanos}-{n}", std::process::id())
 }
 
 /// An open ingest in containerd's content store. Every request gets one answer, so writes go
@@ -233,7 +235,8 @@ impl Containerd {
             }
             return Ok(digest);
         }
-        let reference = format!("memoh-{}", digest.replace(':', "-"));
+        // Unique per writer: two writers of one ref would abort each other.
+        let reference = format!("memoh-{}-{}", digest.replace(':', "-"), unique_suffix());
         let mut w = self
             .content_writer(&reference, lease, data.len() as i64, Some(&digest))
             .await?;

@@ -1064,7 +1064,11 @@ impl Containerd {
                     .pull_blob_stream(&registry_ref, b.digest.as_str())
                     .await
                     .map_err(|e| err(format!("fetching blob {}: {e}", b.digest)))?;
-                let ingest = format!("memoh-pull-{}", b.digest.replace(':', "-"));
+                let ingest = format!(
+                    "memoh-pull-{}-{}",
+                    b.digest.replace(':', "-"),
+                    unique_suffix()
+                );
                 let mut w = self
                     .content_writer(&ingest, &lease, b.size, Some(&b.digest))
                     .await?;

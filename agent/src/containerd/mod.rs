@@ -353,7 +353,9 @@ pub trait Runtime: Send + Sync {
     ) -> Result<ContainerInfo, AgentError>;
 
     /// Prepares an active snapshot `key` on `parent` (committed name or chain id; `None` for
-    /// an empty one) and returns its mounts.
+    /// an empty one) and returns its mounts. Without a [`LABEL_GC_ROOT`] label containerd's
+    /// collector removes an active snapshot as soon as no container references it (right
+    /// after its container is deleted, for one).
     async fn prepare_snapshot(
         &self,
         key: &str,
@@ -410,7 +412,8 @@ pub trait Runtime: Send + Sync {
         timeout: Duration,
     ) -> Result<TaskExit, AgentError>;
 
-    /// Deletes the task entry (it must have exited). `None` when there was none.
+    /// Deletes the task entry. `None` when there was none; [`AgentError::FailedPrecondition`]
+    /// while it runs (kill and wait first). Works on created and stopped tasks.
     async fn delete_task(&self, container_id: &str) -> Result<Option<TaskExit>, AgentError>;
 
     /// The task's state, `None` when there is no task.

@@ -169,6 +169,22 @@ impl Containerd {
         &self,
         container_id: &str,
     ) -> Result<Option<TaskExit>, AgentError> {
+        // containerd 1.6 answers UNKNOWN for a live task; say what is wrong instead.
+        match self.task_status_inner(container_id).await? {
+            None => return Ok(None),
+            Some(t)
+                if matches!(
+                    t.state,
+                    TaskState::Running | TaskState::Paused | TaskState::Pausing
+                ) =>
+            {
+                return Err(AgentError::FailedPrecondition(format!(
+                    "task of container {container_id} is {:?}; kill it and wait for it first",
+                    t.state
+                )));
+            }
+            Some(_) => {}
+        }
         let req = self.request(DeleteTaskRequest {
             container_id: container_id.to_string(),
         });
