@@ -72,6 +72,7 @@ pub fn endpoint(uri: Uri) -> Endpoint {
         .keep_alive_while_idle(true)
         .initial_stream_window_size(Some(4 * 1024 * 1024))
         .initial_connection_window_size(Some(8 * 1024 * 1024))
+        .max_frame_size(1 << 20)
 }
 
 /// Returns a lazily connecting channel to `host:port` over TCP.

@@ -87,7 +87,7 @@ enum RawWrite {
 
 #[tonic::async_trait]
 impl ContainerService for Service {
-    #[instrument(skip_all, fields(path = %req.get_ref().path))]
+    #[instrument(level = "debug", skip_all, fields(path = %req.get_ref().path))]
     async fn read_file(
         &self,
         req: Request<pb::ReadFileRequest>,
@@ -99,7 +99,7 @@ impl ContainerService for Service {
         Ok(Response::new(convert::read_file_response(w)))
     }
 
-    #[instrument(skip_all, fields(path = %req.get_ref().path, len = req.get_ref().content.len()))]
+    #[instrument(level = "debug", skip_all, fields(path = %req.get_ref().path, len = req.get_ref().content.len()))]
     async fn write_file(
         &self,
         req: Request<pb::WriteFileRequest>,
@@ -110,7 +110,7 @@ impl ContainerService for Service {
         Ok(Response::new(pb::WriteFileResponse {}))
     }
 
-    #[instrument(skip_all, fields(path = %req.get_ref().path, recursive = req.get_ref().recursive))]
+    #[instrument(level = "debug", skip_all, fields(path = %req.get_ref().path, recursive = req.get_ref().recursive))]
     async fn list_dir(
         &self,
         req: Request<pb::ListDirRequest>,
@@ -123,7 +123,7 @@ impl ContainerService for Service {
         }))
     }
 
-    #[instrument(skip_all, fields(path = %req.get_ref().path))]
+    #[instrument(level = "debug", skip_all, fields(path = %req.get_ref().path))]
     async fn stat(
         &self,
         req: Request<pb::StatRequest>,
@@ -135,7 +135,7 @@ impl ContainerService for Service {
         }))
     }
 
-    #[instrument(skip_all, fields(path = %req.get_ref().path))]
+    #[instrument(level = "debug", skip_all, fields(path = %req.get_ref().path))]
     async fn mkdir(
         &self,
         req: Request<pb::MkdirRequest>,
@@ -145,7 +145,7 @@ impl ContainerService for Service {
         Ok(Response::new(pb::MkdirResponse {}))
     }
 
-    #[instrument(skip_all, fields(old = %req.get_ref().old_path, new = %req.get_ref().new_path))]
+    #[instrument(level = "debug", skip_all, fields(old = %req.get_ref().old_path, new = %req.get_ref().new_path))]
     async fn rename(
         &self,
         req: Request<pb::RenameRequest>,
@@ -159,7 +159,7 @@ impl ContainerService for Service {
 
     type ExecStream = BoxStream<pb::ExecOutput>;
 
-    #[instrument(skip_all)]
+    #[instrument(level = "debug", skip_all)]
     async fn exec(
         &self,
         req: Request<Streaming<pb::ExecInput>>,
@@ -207,7 +207,7 @@ impl ContainerService for Service {
 
     type ReadRawStream = BoxStream<pb::DataChunk>;
 
-    #[instrument(skip_all, fields(path = %req.get_ref().path))]
+    #[instrument(level = "debug", skip_all, fields(path = %req.get_ref().path))]
     async fn read_raw(
         &self,
         req: Request<pb::ReadRawRequest>,
@@ -219,13 +219,13 @@ impl ContainerService for Service {
         tokio::task::spawn_blocking(move || {
             use std::io::Read;
             let mut file = file;
-            let mut buf = BytesMut::with_capacity(RAW_CHUNK_SIZE * 16);
+            // Large reads, then zero-copy splits into messages of at most 64 KiB.
+            const READ: usize = 16 * RAW_CHUNK_SIZE;
+            let mut buf = BytesMut::new();
             loop {
-                if buf.capacity() < RAW_CHUNK_SIZE {
-                    buf.reserve(RAW_CHUNK_SIZE * 16);
-                }
+                buf.reserve(READ);
                 let start = buf.len();
-                buf.resize(start + RAW_CHUNK_SIZE, 0);
+                buf.resize(start + READ, 0);
                 let n = match file.read(&mut buf[start..]) {
                     Ok(n) => n,
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {
@@ -241,16 +241,19 @@ impl ContainerService for Service {
                 if n == 0 {
                     return;
                 }
-                let chunk = buf.split().freeze();
-                if tx.blocking_send(Ok(pb::DataChunk { data: chunk })).is_err() {
-                    return; // the client left
+                let mut block = buf.split().freeze();
+                while !block.is_empty() {
+                    let data = block.split_to(block.len().min(RAW_CHUNK_SIZE));
+                    if tx.blocking_send(Ok(pb::DataChunk { data })).is_err() {
+                        return; // the client left
+                    }
                 }
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    #[instrument(skip_all)]
+    #[instrument(level = "debug", skip_all)]
     async fn write_raw(
         &self,
         req: Request<Streaming<pb::WriteRawChunk>>,
@@ -272,10 +275,32 @@ impl ContainerService for Service {
         let (tx, mut rx) = mpsc::channel::<RawWrite>(16);
         let writer = tokio::task::spawn_blocking(move || -> Result<Option<u64>, ServerError> {
             let mut file = file;
+            let mut batch: Vec<u8> = Vec::with_capacity(1 << 20);
             while let Some(m) = rx.blocking_recv() {
-                match m {
-                    RawWrite::Data(d) => file.write(&d)?,
-                    RawWrite::Commit => return file.commit().map(Some),
+                let mut next = Some(m);
+                // Take whatever else is already queued, so one write covers many chunks.
+                while let Some(m) = next.take() {
+                    match m {
+                        RawWrite::Data(d) => {
+                            if batch.is_empty() && d.len() >= (1 << 20) {
+                                file.write(&d)?;
+                            } else {
+                                batch.extend_from_slice(&d);
+                            }
+                        }
+                        RawWrite::Commit => {
+                            file.write(&batch)?;
+                            return file.commit().map(Some);
+                        }
+                    }
+                    if batch.len() >= (1 << 20) {
+                        break;
+                    }
+                    next = rx.try_recv().ok();
+                }
+                if !batch.is_empty() {
+                    file.write(&batch)?;
+                    batch.clear();
                 }
             }
             // The sender went away without Commit: the upload was aborted; the temp file goes.
@@ -311,7 +336,7 @@ impl ContainerService for Service {
         }))
     }
 
-    #[instrument(skip_all, fields(path = %req.get_ref().path, recursive = req.get_ref().recursive))]
+    #[instrument(level = "debug", skip_all, fields(path = %req.get_ref().path, recursive = req.get_ref().recursive))]
     async fn delete_file(
         &self,
         req: Request<pb::DeleteFileRequest>,

@@ -79,15 +79,23 @@ class Server:
             args = ["--listen", listen, "--data-dir", data_dir, "--template-dir", template_dir]
         self.log_path = os.path.join(os.path.dirname(data_dir), "server-%s.log" % uuid.uuid4().hex[:6])
         self.log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
-            [SERVER_BIN] + args,
-            env=full_env,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            preexec_fn=lambda: os.umask(0o022),
-            start_new_session=True,
-        )
-        self.channel = grpc.insecure_channel(self.target)
+        # The umask is set in the parent around the spawn: a preexec_fn forks with grpc's
+        # threads running, which breaks the client's poller.
+        old_umask = os.umask(0o022)
+        try:
+            self.proc = subprocess.Popen(
+                [SERVER_BIN] + args,
+                env=full_env,
+                stdout=self.log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        finally:
+            os.umask(old_umask)
+        # grpc C-core sends a unix socket's path as :authority, which hyper rejects; Go and
+        # Rust clients send "localhost", as this option does.
+        options = [("grpc.default_authority", "localhost")] if self.target.startswith("unix:") else []
+        self.channel = grpc.insecure_channel(self.target, options=options)
         try:
             grpc.channel_ready_future(self.channel).result(timeout=20)
         except grpc.FutureTimeoutError:
