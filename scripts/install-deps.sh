@@ -25,6 +25,7 @@ busybox-static
 skopeo
 docker-registry
 jq
+protobuf-compiler
 python3
 python3-venv
 python3-pip
