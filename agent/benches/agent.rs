@@ -1,0 +1,329 @@
+//! Benchmark of `memoh-agent` against baselines measured in the same run, on the private
+//! containerd of `scripts/test-env.sh up` (needs root and `eval "$(scripts/test-env.sh env)"`):
+//!
+//! - bot create to first successful exec (p50 over 10 bots) against
+//!   `ctr run --rm IMAGE id /bin/true` of the same image (p50 over 10);
+//! - `exec BOT -- true` through the agent CLI against `ctr tasks exec` of the same command
+//!   (p50 over 20);
+//! - the proxy's cost: exec through the agent's socket with the Rust client against the same
+//!   exec straight to the bot's address with its token (p50 over 300 each, interleaved);
+//! - that in-process exec against `ctr tasks exec`, and the cost of spawning `/bin/true`, the
+//!   floor under every CLI figure on this machine.
+//!
+//! Run with `cargo bench -p memoh-agent --bench agent`. Prints a markdown table and appends a
+//! dated "memoh-agent" section with the machine to `BENCHMARKS.md` at the workspace root.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{output_within, percentile, Env, TestAgent, IMAGE};
+use memoh_proto::client::{tcp_channel, unix_channel};
+use memoh_proto::ContainerClient;
+
+const CREATE_RUNS: usize = 10;
+const EXEC_RUNS: usize = 20;
+const PROXY_RUNS: usize = 300;
+
+struct Row {
+    what: &'static str,
+    value: Duration,
+    baseline_name: &'static str,
+    baseline: Duration,
+    target: &'static str,
+    met: bool,
+    ratio: String,
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1e3)
+}
+
+fn ctr(env: &Env, ns: &str) -> Command {
+    let mut c = Command::new("ctr");
+    c.arg("-a").arg(&env.sock).arg("-n").arg(ns);
+    c
+}
+
+fn timed(cmd: Command) -> Duration {
+    let what = format!("{cmd:?}");
+    let t = Instant::now();
+    let out = output_within(cmd, None, Duration::from_secs(120));
+    let d = t.elapsed();
+    assert!(
+        out.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    d
+}
+
+fn main() {
+    let Some(env) = Env::get(false) else { return };
+    let mut a = TestAgent::with_image(&env);
+    let ns = a.namespace.clone();
+    let mut rows = Vec::new();
+
+    // (a) create to first successful exec, against `ctr run --rm`.
+    let mut create = Vec::new();
+    for i in 0..CREATE_RUNS {
+        let bot = a.bot_id(&format!("c{i}"));
+        let t = Instant::now();
+        a.ok(&["bot", "create", &bot]);
+        let mut tries = 0;
+        while !a.cli(&["exec", &bot, "--", "true"]).status.success() {
+            tries += 1;
+            assert!(tries < 100, "{bot} never ran a command");
+        }
+        create.push(t.elapsed());
+        a.ok(&["bot", "rm", &bot]);
+    }
+    let mut ctr_run = Vec::new();
+    for i in 0..CREATE_RUNS {
+        let mut c = ctr(&env, &ns);
+        c.args(["run", "--rm"]);
+        if let Some(r) = &env.runc_root {
+            c.arg("--runc-root").arg(r);
+        }
+        if let Some(f) = &env.fifo_dir {
+            c.arg("--fifo-dir").arg(f);
+        }
+        c.args([IMAGE, &format!("bench-run-{}-{i}", a.tag), "/bin/true"]);
+        ctr_run.push(timed(c));
+    }
+    let (v, b) = (percentile(&create, 50), percentile(&ctr_run, 50));
+    let ratio = v.as_secs_f64() / b.as_secs_f64();
+    rows.push(Row {
+        what: "bot create to first exec (CLI), p50 of 10",
+        value: v,
+        baseline_name: "`ctr run --rm IMAGE id /bin/true`",
+        baseline: b,
+        target: "<= 1.5x baseline",
+        met: ratio <= 1.5,
+        ratio: format!("{ratio:.2}x"),
+    });
+
+    // (b) exec through the CLI, against `ctr tasks exec`.
+    let (bot, ip) = a.create_bot("exec");
+    for _ in 0..3 {
+        a.ok(&["exec", &bot, "--", "true"]);
+    }
+    let mut cli = Vec::new();
+    for _ in 0..EXEC_RUNS {
+        cli.push(timed(a.command(&["exec", &bot, "--", "true"])));
+    }
+    let mut ctr_exec = Vec::new();
+    for i in 0..EXEC_RUNS {
+        let mut c = ctr(&env, &ns);
+        c.args(["tasks", "exec"]);
+        if let Some(f) = &env.fifo_dir {
+            c.arg("--fifo-dir").arg(f);
+        }
+        c.args([
+            "--exec-id",
+            &format!("bench-{i}"),
+            &format!("mcp-{bot}"),
+            "/bin/true",
+        ]);
+        ctr_exec.push(timed(c));
+    }
+    let (v, b) = (percentile(&cli, 50), percentile(&ctr_exec, 50));
+    let speedup = b.as_secs_f64() / v.as_secs_f64();
+    rows.push(Row {
+        what: "exec `true` through the agent CLI, p50 of 20",
+        value: v,
+        baseline_name: "`ctr tasks exec --exec-id X mcp-BOT /bin/true`",
+        baseline: b,
+        target: ">= 20x faster",
+        met: speedup >= 20.0,
+        ratio: format!("{speedup:.1}x faster"),
+    });
+
+    // (c) the proxy: exec through the agent's socket vs straight to the bot.
+    let token = std::fs::read_to_string(a.token_path(&bot)).unwrap();
+    let (via, direct) = proxy_cost(&a.socket, &bot, &ip, token.trim());
+    let (v, b) = (percentile(&via, 50), percentile(&direct, 50));
+    let added = v.saturating_sub(b);
+    rows.push(Row {
+        what: "exec `true` through the agent's socket (Rust client), p50 of 300",
+        value: v,
+        baseline_name: "direct to BOT_IP:9090 with its token",
+        baseline: b,
+        target: "<= 0.5 ms added",
+        met: v <= b + Duration::from_micros(500),
+        ratio: format!("+{}", ms(added)),
+    });
+    // The same exec without a process spawn, against the same `ctr tasks exec` baseline, and
+    // what one process spawn costs on this machine (the floor under any CLI figure).
+    let speedup = percentile(&ctr_exec, 50).as_secs_f64() / v.as_secs_f64();
+    rows.push(Row {
+        what: "exec `true` through the agent's socket (Rust client, no spawn), p50 of 300",
+        value: v,
+        baseline_name: "`ctr tasks exec --exec-id X mcp-BOT /bin/true`",
+        baseline: percentile(&ctr_exec, 50),
+        target: ">= 20x faster",
+        met: speedup >= 20.0,
+        ratio: format!("{speedup:.1}x faster"),
+    });
+    let mut spawn = Vec::new();
+    for _ in 0..EXEC_RUNS {
+        spawn.push(timed(Command::new("/bin/true")));
+    }
+    let floor = percentile(&spawn, 50);
+    rows.push(Row {
+        what: "spawn `/bin/true` on the host (floor of any CLI call), p50 of 20",
+        value: floor,
+        baseline_name: "exec through the agent CLI (above)",
+        baseline: percentile(&cli, 50),
+        target: "-",
+        met: true,
+        ratio: format!(
+            "{:.0} % of the CLI exec",
+            floor.as_secs_f64() * 100.0 / percentile(&cli, 50).as_secs_f64()
+        ),
+    });
+    drop(a);
+
+    let table = render(&rows);
+    println!("\n{table}");
+    let section = section(&table, &env);
+    let path = workspace_root().join("BENCHMARKS.md");
+    append(&path, &section);
+    println!("appended the memoh-agent section to {}", path.display());
+}
+
+/// p50 samples of one exec of `true` through the agent's socket and straight to the bot.
+fn proxy_cost(sock: &Path, bot: &str, ip: &str, token: &str) -> (Vec<Duration>, Vec<Duration>) {
+    common::block_on(async {
+        let via = ContainerClient::with_auth(unix_channel(sock), None, Some(bot)).unwrap();
+        let direct = ContainerClient::with_auth(
+            tcp_channel(&format!("{ip}:9090")).unwrap(),
+            Some(token),
+            None,
+        )
+        .unwrap();
+        let run = |c: ContainerClient| async move {
+            let t = Instant::now();
+            let r = c.exec_collect("true", "", 0).await.unwrap();
+            assert_eq!(r.exit_code, 0);
+            t.elapsed()
+        };
+        for _ in 0..20 {
+            run(via.clone()).await;
+            run(direct.clone()).await;
+        }
+        let (mut v, mut d) = (Vec::new(), Vec::new());
+        for _ in 0..PROXY_RUNS {
+            v.push(run(via.clone()).await);
+            d.push(run(direct.clone()).await);
+        }
+        (v, d)
+    })
+}
+
+fn render(rows: &[Row]) -> String {
+    let mut s = String::from(
+        "| measure | value | baseline | baseline value | ratio | target | met? |\n\
+         |---|---|---|---|---|---|---|\n",
+    );
+    for r in rows {
+        s.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} |\n",
+            r.what,
+            ms(r.value),
+            r.baseline_name,
+            ms(r.baseline),
+            r.ratio,
+            r.target,
+            match (r.target, r.met) {
+                ("-", _) => "-",
+                (_, true) => "yes",
+                (_, false) => "no",
+            }
+        ));
+    }
+    s
+}
+
+fn first_line(program: &str, args: &[&str]) -> String {
+    Command::new(program)
+        .args(args)
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_string()
+        })
+        .unwrap_or_default()
+}
+
+fn section(table: &str, env: &Env) -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .unwrap_or("unknown")
+        .trim()
+        .to_string();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .nth(1)
+        .and_then(|k| k.parse::<u64>().ok())
+        .map_or("unknown".into(), |k| format!("{} GiB", k / (1 << 20)));
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load = load
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ");
+    let containerd = first_line("containerd", &["--version"]);
+    let kernel = first_line("uname", &["-r"]);
+    let date = first_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]);
+    format!(
+        "\n## memoh-agent ({date})\n\n\
+         Machine: {cpu}, {cores} cores (shared), {mem} RAM, kernel {kernel}, {containerd} \
+         (private instance, socket {sock}), load average at the end {load}. Release build of \
+         `memoh-agent` (`cargo bench -p memoh-agent --bench agent`); baselines measured in the \
+         same run against the same image and namespace. The CLI figures include spawning the \
+         CLI process; create-to-exec includes CNI attach and the health check.\n\n{table}",
+        sock = env.sock.display(),
+    )
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// Appends `section` to `path`, creating the file with its header when it is missing.
+fn append(path: &Path, section: &str) {
+    let exists = path.exists();
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap();
+    if !exists {
+        f.write_all(
+            b"# Benchmarks\n\nFigures from this repository's bench commands, each section with \
+              its machine, its date and the baseline measured in the same run.\n",
+        )
+        .unwrap();
+    }
+    f.write_all(section.as_bytes()).unwrap();
+}

@@ -1,0 +1,898 @@
+//! Harness shared by the agent's system tests and its benchmark: the test environment and
+//! [`TestAgent`], a guard that runs the real `memoh-agent serve` on a private configuration
+//! (its own containerd namespace, CNI network, bridge, /24 subnet and temp dirs) and removes
+//! everything that agent made when it goes out of scope, also when the test panicked: bots,
+//! the agent process, the bridge, the bots' namespaces, its iptables rules, images, content,
+//! snapshots and the containerd namespace itself.
+//!
+//! Everything here is synchronous: the CLI is a process, and containerd is queried on a
+//! runtime of the helper's own. Don't call these helpers from inside a tokio runtime.
+
+#![allow(dead_code)]
+
+use std::collections::HashSet;
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{mpsc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use containerd_client::services::v1::{
+    content_client::ContentClient, leases_client::LeasesClient,
+    namespaces_client::NamespacesClient, snapshots::snapshots_client::SnapshotsClient,
+    snapshots::ListSnapshotsRequest, tasks_client::TasksClient, DeleteContentRequest,
+    DeleteNamespaceRequest, DeleteRequest as DeleteLeaseRequest, ListContentRequest,
+    ListRequest as ListLeasesRequest, ListTasksRequest,
+};
+use futures::StreamExt;
+use memoh_agent::containerd::{label_filter, Containerd, Runtime, LABEL_BOT_ID};
+
+/// The agent binary under test (the release build under `cargo bench`).
+pub const AGENT: &str = env!("CARGO_BIN_EXE_memoh-agent");
+/// The image name the test archive carries.
+pub const IMAGE: &str = "docker.io/memohai/mcp:latest";
+/// The production isolation chain the agent adds its bridge's rule to.
+pub const ISOLATION_CHAIN: &str = "MEMOH-ISOLATION";
+/// The comment of the agent's MASQUERADE rule.
+pub const MASQ_COMMENT: &str = "memoh-masq";
+/// The longest a CLI call may take before the test calls it hung.
+pub const CLI_LIMIT: Duration = Duration::from_secs(90);
+
+/// What `scripts/test-env.sh env` exports.
+#[derive(Debug, Clone)]
+pub struct Env {
+    /// The private containerd's socket.
+    pub sock: PathBuf,
+    /// The test image archive (`scripts/build-image.sh`).
+    pub tar: PathBuf,
+    /// The loopback registry, `127.0.0.1:PORT`.
+    pub registry: Option<String>,
+    /// runc's state dir for `ctr run`.
+    pub runc_root: Option<PathBuf>,
+    /// ctr's FIFO dir.
+    pub fifo_dir: Option<PathBuf>,
+}
+
+fn var(k: &str) -> Option<String> {
+    std::env::var(k)
+        .ok()
+        .filter(|v| !v.is_empty() && v != "127.0.0.1:UNSET")
+}
+
+impl Env {
+    /// The environment, or `None` after printing why it is missing; under `CI` a missing
+    /// environment is a failure, never a skip.
+    pub fn get(need_registry: bool) -> Option<Env> {
+        let sock = var("MEMOH_TEST_CONTAINERD_SOCK");
+        let tar = var("MEMOH_TEST_IMAGE_TAR");
+        let registry = var("MEMOH_TEST_REGISTRY");
+        let problem = match (&sock, &tar, &registry) {
+            (None, _, _) => Some("MEMOH_TEST_CONTAINERD_SOCK is not set".to_string()),
+            (_, None, _) => Some("MEMOH_TEST_IMAGE_TAR is not set".to_string()),
+            (_, Some(t), _) if !Path::new(t).is_file() => Some(format!(
+                "image archive {t} does not exist (scripts/build-image.sh)"
+            )),
+            (Some(s), _, _) if !Path::new(s).exists() => Some(format!(
+                "containerd socket {s} does not exist (scripts/test-env.sh up)"
+            )),
+            (_, _, None) if need_registry => Some("MEMOH_TEST_REGISTRY is not set".to_string()),
+            _ => None,
+        };
+        if let Some(p) = problem {
+            if std::env::var_os("CI").is_some() {
+                panic!(
+                    "agent system tests need their environment in CI: {p}; run \
+                     scripts/build-image.sh, scripts/test-env.sh up and \
+                     eval \"$(scripts/test-env.sh env)\""
+                );
+            }
+            println!("skipped: {p}");
+            return None;
+        }
+        Some(Env {
+            sock: sock.unwrap().into(),
+            tar: tar.unwrap().into(),
+            registry,
+            runc_root: var("MEMOH_TEST_RUNC_ROOT").map(PathBuf::from),
+            fifo_dir: var("MEMOH_TEST_FIFO_DIR").map(PathBuf::from),
+        })
+    }
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+static SUBNETS: Mutex<Vec<String>> = Mutex::new(Vec::new());
+/// Serialises the teardown of the shared isolation chain between guards of this process.
+static CHAIN_LOCK: Mutex<()> = Mutex::new(());
+
+/// Four hex digits that differ between guards and runs.
+pub fn tag() -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    let n = nanos ^ (std::process::id() << 7) ^ (COUNTER.fetch_add(1, Ordering::SeqCst) * 7919);
+    format!("{:04x}", n & 0xffff)
+}
+
+/// Runs a host tool; panics only when it cannot be started.
+pub fn sh(program: &str, args: &[&str]) -> Output {
+    Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e}"))
+}
+
+/// Runs `cmd` to completion with `input` on its stdin (none: /dev/null); kills it and panics
+/// after `limit`.
+pub fn output_within(cmd: Command, input: Option<Vec<u8>>, limit: Duration) -> Output {
+    try_output_within(cmd, input, limit).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`output_within`] that reports instead of panicking (for clean-up paths).
+pub fn try_output_within(
+    mut cmd: Command,
+    input: Option<Vec<u8>>,
+    limit: Duration,
+) -> Result<Output, String> {
+    cmd.stdin(if input.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let what = format!("{cmd:?}");
+    let mut child = cmd.spawn().map_err(|e| format!("{what}: {e}"))?;
+    if let Some(data) = input {
+        if let Some(mut stdin) = child.stdin.take() {
+            std::thread::spawn(move || {
+                let _ = stdin.write_all(&data);
+            });
+        }
+    }
+    let pid = child.id() as i32;
+    let (done, wait) = mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        if wait.recv_timeout(limit).is_err() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            return true;
+        }
+        false
+    });
+    let out = child.wait_with_output().map_err(|e| format!("{what}: {e}"));
+    let _ = done.send(());
+    if watchdog.join().unwrap_or(true) {
+        return Err(format!("{what} did not finish within {limit:?}"));
+    }
+    out
+}
+
+/// A runtime for one containerd call from synchronous code.
+pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
+/// Reads a file the agent keeps, empty when missing.
+pub fn read_string(p: &Path) -> String {
+    std::fs::read_to_string(p).unwrap_or_default()
+}
+
+/// A real agent on a private configuration; see the module docs.
+pub struct TestAgent {
+    /// The environment.
+    pub env: Env,
+    /// Config, sockets, CNI conf, IPAM, state and data live here.
+    pub dir: tempfile::TempDir,
+    /// Distinguishes this guard's names.
+    pub tag: String,
+    /// containerd namespace.
+    pub namespace: String,
+    /// CNI network name.
+    pub network: String,
+    /// Bridge the CNI plugin creates.
+    pub bridge: String,
+    /// The bots' subnet, `10.2xx.y.0/24`.
+    pub subnet: String,
+    /// Its first three octets, `10.2xx.y`.
+    pub prefix: String,
+    /// The config file.
+    pub config: PathBuf,
+    /// The control socket.
+    pub socket: PathBuf,
+    /// The agent's state dir.
+    pub state_dir: PathBuf,
+    /// host-local IPAM's dataDir (entries in `<ipam_dir>/<network>`).
+    pub ipam_dir: PathBuf,
+    child: Option<Child>,
+    served: bool,
+    bots: Vec<String>,
+}
+
+impl TestAgent {
+    /// A guard with a fresh configuration (`extra` is appended to the TOML); not started.
+    pub fn new(env: &Env, extra: &str) -> Self {
+        let tag = tag();
+        let (prefix, subnet) = free_subnet(&tag);
+        let dir = tempfile::Builder::new()
+            .prefix("memoh-e2e-")
+            .tempdir()
+            .unwrap();
+        let namespace = format!("memoh-e2e-{tag}");
+        let network = format!("memoh-e2e-{tag}");
+        let bridge = format!("mte{tag}");
+        let socket = dir.path().join("agent.sock");
+        let state_dir = dir.path().join("state");
+        let ipam_dir = dir.path().join("ipam");
+        let config = dir.path().join("agent.toml");
+        let text = format!(
+            "containerd_socket = {sock:?}\n\
+             namespace = {namespace:?}\n\
+             cni_conf_dir = {conf:?}\n\
+             cni_network = {network:?}\n\
+             cni_bridge = {bridge:?}\n\
+             cni_subnet = {subnet:?}\n\
+             cni_ipam_dir = {ipam:?}\n\
+             state_dir = {state:?}\n\
+             data_root = {data:?}\n\
+             control_socket = {socket:?}\n\
+             {extra}\n",
+            sock = env.sock.display().to_string(),
+            conf = dir.path().join("cni").display().to_string(),
+            ipam = ipam_dir.display().to_string(),
+            state = state_dir.display().to_string(),
+            data = dir.path().join("data").display().to_string(),
+            socket = socket.display().to_string(),
+        );
+        std::fs::write(&config, text).unwrap();
+        Self {
+            env: env.clone(),
+            dir,
+            tag,
+            namespace,
+            network,
+            bridge,
+            subnet,
+            prefix,
+            config,
+            socket,
+            state_dir,
+            ipam_dir,
+            child: None,
+            served: false,
+            bots: Vec::new(),
+        }
+    }
+
+    /// A guard with a running agent.
+    pub fn start(env: &Env) -> Self {
+        let mut a = Self::new(env, "");
+        a.serve();
+        a
+    }
+
+    /// A guard with a running agent that has the test image.
+    pub fn with_image(env: &Env) -> Self {
+        let a = Self::start(env);
+        let out = a.ok(&["image", "import", &env.tar.display().to_string()]);
+        assert!(out.contains(IMAGE), "import printed {out:?}");
+        a
+    }
+
+    /// The agent's log file (both runs, appended).
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("agent.log")
+    }
+
+    /// A `serve` process on this guard's config, its output appended to the log.
+    pub fn spawn_serve(&self) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .unwrap();
+        Command::new(AGENT)
+            .args(["serve", "--config"])
+            .arg(&self.config)
+            .env("MEMOH_LOG", "info,memoh_agent=debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn memoh-agent serve")
+    }
+
+    /// Starts the agent and waits until it answers on its socket.
+    pub fn serve(&mut self) {
+        assert!(!self.running(), "the agent already runs");
+        self.child = Some(self.spawn_serve());
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                self.child = None;
+                panic!(
+                    "memoh-agent serve exited with {status} before answering:\n{}",
+                    self.log_tail(40)
+                );
+            }
+            if self.socket.exists() && self.cli(&["bot", "ls"]).status.success() {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "the agent did not answer within 60 s:\n{}",
+                self.log_tail(40)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.served = true;
+    }
+
+    /// Whether the agent process runs.
+    pub fn running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => c.try_wait().map(|s| s.is_none()).unwrap_or(false),
+            None => false,
+        }
+    }
+
+    /// The agent's pid.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Sends `sig` to the agent and reaps it (SIGKILL after 15 s).
+    pub fn kill(&mut self, sig: nix::sys::signal::Signal) {
+        let Some(mut c) = self.child.take() else {
+            return;
+        };
+        let pid = nix::unistd::Pid::from_raw(c.id() as i32);
+        let _ = nix::sys::signal::kill(pid, sig);
+        let start = Instant::now();
+        while c.try_wait().ok().flatten().is_none() {
+            if start.elapsed() > Duration::from_secs(15) {
+                let _ = c.kill();
+                let _ = c.wait();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The last `n` lines of the agent's log.
+    pub fn log_tail(&self, n: usize) -> String {
+        let text = read_string(&self.log_path());
+        let lines: Vec<_> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
+    /// A CLI command against this agent's socket.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(AGENT);
+        c.arg("--socket").arg(&self.socket).args(args);
+        c.env_remove("MEMOH_LOG");
+        c
+    }
+
+    /// Runs the CLI (stdin from /dev/null).
+    pub fn cli(&self, args: &[&str]) -> Output {
+        output_within(self.command(args), None, CLI_LIMIT)
+    }
+
+    /// Runs the CLI, reporting a hang instead of panicking.
+    pub fn try_cli(&self, args: &[&str]) -> Result<Output, String> {
+        try_output_within(self.command(args), None, CLI_LIMIT)
+    }
+
+    /// Runs the CLI with `input` on its stdin.
+    pub fn cli_stdin(&self, args: &[&str], input: &[u8]) -> Output {
+        output_within(self.command(args), Some(input.to_vec()), CLI_LIMIT)
+    }
+
+    /// Runs the CLI, asserts success, returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "memoh-agent {args:?} failed ({}): {}\nagent log:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            self.log_tail(30)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs the CLI, asserts a non-zero exit with exactly one line on stderr; returns it.
+    pub fn fails(&self, args: &[&str]) -> String {
+        one_line_failure(&format!("memoh-agent {args:?}"), &self.cli(args))
+    }
+
+    /// A bot id owned by this guard (deleted and its namespace removed on drop).
+    pub fn bot_id(&mut self, name: &str) -> String {
+        let bot = format!("e{}{name}", self.tag);
+        if !self.bots.contains(&bot) {
+            self.bots.push(bot.clone());
+        }
+        bot
+    }
+
+    /// Creates bot `name` (a guard-owned id) from the default image; returns its id and IP.
+    pub fn create_bot(&mut self, name: &str) -> (String, String) {
+        let bot = self.bot_id(name);
+        let out = self.ok(&["bot", "create", &bot]);
+        let fields: Vec<_> = out.split_whitespace().collect();
+        assert_eq!(fields.len(), 3, "bot create printed {out:?}");
+        assert_eq!(fields[0], bot);
+        assert_eq!(fields[1], "running", "bot create printed {out:?}");
+        let ip = fields[2].to_string();
+        assert!(
+            ip.starts_with(&format!("{}.", self.prefix)),
+            "{ip} is not in {}",
+            self.subnet
+        );
+        (bot, ip)
+    }
+
+    /// `bot inspect` as JSON.
+    pub fn inspect(&self, bot: &str) -> serde_json::Value {
+        serde_json::from_str(&self.ok(&["bot", "inspect", bot])).expect("inspect prints JSON")
+    }
+
+    /// `bot ls --json`.
+    pub fn list(&self) -> Vec<serde_json::Value> {
+        serde_json::from_str(&self.ok(&["bot", "ls", "--json"])).expect("ls --json prints JSON")
+    }
+
+    /// Runs `sh -c script` in `bot`; returns stdout, asserting exit 0.
+    pub fn sh_in(&self, bot: &str, script: &str) -> String {
+        self.ok(&["exec", bot, "--", "sh", "-c", script])
+    }
+
+    /// The bot's token file.
+    pub fn token_path(&self, bot: &str) -> PathBuf {
+        self.state_dir.join("bots").join(bot).join("token")
+    }
+
+    /// host-local's reservations in this network: (address, owner container id).
+    pub fn ipam_entries(&self) -> Vec<(IpAddr, String)> {
+        let Ok(entries) = std::fs::read_dir(self.ipam_dir.join(&self.network)) else {
+            return Vec::new();
+        };
+        let mut v: Vec<_> = entries
+            .filter_map(Result::ok)
+            .filter_map(|e| {
+                let ip: IpAddr = e.file_name().to_str()?.parse().ok()?;
+                let owner = read_string(&e.path());
+                let owner = owner.lines().next().unwrap_or_default().trim().to_string();
+                Some((ip, owner))
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// The gateway: the bridge's address.
+    pub fn gateway(&self) -> String {
+        format!("{}.1", self.prefix)
+    }
+
+    /// The MASQUERADE rule's spec for this guard's subnet (after `-t nat -X POSTROUTING`).
+    pub fn masq_rule(&self) -> Vec<String> {
+        [
+            "-s",
+            &self.subnet,
+            "!",
+            "-d",
+            &self.subnet,
+            "-m",
+            "comment",
+            "--comment",
+            MASQ_COMMENT,
+            "-j",
+            "MASQUERADE",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    }
+
+    /// Whether the agent's MASQUERADE rule for this subnet is in nat POSTROUTING.
+    pub fn masq_present(&self) -> bool {
+        let mut args = vec!["-w", "5", "-t", "nat", "-C", "POSTROUTING"];
+        let rule = self.masq_rule();
+        args.extend(rule.iter().map(String::as_str));
+        sh("iptables", &args).status.success()
+    }
+
+    /// Deletes that rule (only that rule); returns whether one was deleted.
+    pub fn delete_masq(&self) -> bool {
+        let mut args = vec!["-w", "5", "-t", "nat", "-D", "POSTROUTING"];
+        let rule = self.masq_rule();
+        args.extend(rule.iter().map(String::as_str));
+        sh("iptables", &args).status.success()
+    }
+
+    /// A client of this guard's containerd namespace (call inside [`block_on`]).
+    pub async fn containerd(&self) -> Containerd {
+        Containerd::connect(
+            &self.env.sock,
+            &self.namespace,
+            "overlayfs",
+            "io.containerd.runc.v2",
+        )
+        .await
+        .expect("connect to the private containerd")
+    }
+
+    /// What containerd and the host still hold of `bot`; empty when it is gone for good.
+    pub fn leftovers(&self, bot: &str) -> Vec<String> {
+        let cid = format!("mcp-{bot}");
+        let mut left = block_on(async {
+            let c = self.containerd().await;
+            let mut left = Vec::new();
+            for ct in c.list_containers(&[]).await.unwrap() {
+                if ct.id == cid || ct.labels.get(LABEL_BOT_ID).map(String::as_str) == Some(bot) {
+                    left.push(format!("container {}", ct.id));
+                }
+            }
+            for t in list_tasks(&c, &self.namespace).await {
+                if t == cid {
+                    left.push(format!("task {t}"));
+                }
+            }
+            let labelled = c
+                .list_snapshots(&[label_filter(LABEL_BOT_ID, Some(bot))])
+                .await
+                .unwrap();
+            left.extend(labelled.iter().map(|s| format!("snapshot {}", s.name)));
+            if c.stat_snapshot(&cid).await.unwrap().is_some() {
+                left.push(format!("snapshot {cid}"));
+            }
+            left
+        });
+        let netns = format!("memoh-{bot}");
+        let listing = String::from_utf8_lossy(&sh("ip", &["netns", "list"]).stdout).into_owned();
+        if listing
+            .lines()
+            .any(|l| l.split_whitespace().next() == Some(&netns))
+        {
+            left.push(format!("netns {netns}"));
+        }
+        for (ip, owner) in self.ipam_entries() {
+            if owner == cid {
+                left.push(format!("ipam entry {ip}"));
+            }
+        }
+        for p in [
+            self.state_dir.join("cni").join(format!("{bot}.json")),
+            self.state_dir.join("bots").join(bot),
+        ] {
+            if p.exists() {
+                left.push(format!("state {}", p.display()));
+            }
+        }
+        left
+    }
+
+    /// Waits until `cond` holds, polling; panics with `what` after `limit`.
+    pub fn wait_for(&self, what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+        let start = Instant::now();
+        while !cond() {
+            assert!(
+                start.elapsed() < limit,
+                "{what}: not within {limit:?}\nagent log:\n{}",
+                self.log_tail(30)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn teardown(&mut self) {
+        // Bots through the agent (restarted if a test left it down), so its own delete path runs.
+        if !self.running() && self.served {
+            self.child = Some(self.spawn_serve());
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(20)
+                && !self
+                    .try_cli(&["bot", "ls"])
+                    .is_ok_and(|o| o.status.success())
+            {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        if self.running() {
+            let mut bots = self.bots.clone();
+            if let Ok(out) = self.try_cli(&["bot", "ls", "--json"]) {
+                if let Ok(v) = serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout) {
+                    bots.extend(
+                        v.iter()
+                            .filter_map(|b| b["bot_id"].as_str().map(String::from)),
+                    );
+                }
+            }
+            let mut seen = HashSet::new();
+            for bot in bots.into_iter().filter(|b| seen.insert(b.clone())) {
+                if let Err(e) = self.try_cli(&["bot", "rm", &bot]) {
+                    eprintln!("cleanup: {e}");
+                }
+            }
+        }
+        self.kill(nix::sys::signal::Signal::SIGTERM);
+        // Whatever is left in the namespace, then the namespace.
+        let (sock, ns) = (self.env.sock.clone(), self.namespace.clone());
+        let cleaned = std::thread::spawn(move || block_on(clean_namespace(&sock, &ns)))
+            .join()
+            .unwrap_or_else(|_| Err("cleanup panicked".into()));
+        if let Err(e) = cleaned {
+            eprintln!("cleanup of containerd namespace {}: {e}", self.namespace);
+        }
+        for bot in &self.bots {
+            let ns = format!("memoh-{bot}");
+            if Path::new("/run/netns").join(&ns).exists() {
+                let _ = sh("ip", &["netns", "delete", &ns]);
+            }
+        }
+        if Path::new("/sys/class/net").join(&self.bridge).exists() {
+            let _ = sh("ip", &["link", "delete", &self.bridge]);
+        }
+        while self.delete_masq() {}
+        self.remove_cni_masq();
+        self.remove_isolation();
+        SUBNETS.lock().unwrap().retain(|s| *s != self.subnet);
+    }
+
+    /// The bridge plugin's per-container masquerade rules and chains of this network.
+    fn remove_cni_masq(&self) {
+        let quoted = format!("name: \\\"{}\\\"", self.network);
+        let listing =
+            String::from_utf8_lossy(&sh("iptables", &["-w", "5", "-t", "nat", "-S"]).stdout)
+                .into_owned();
+        for rule in listing.lines().filter(|l| l.contains(&quoted)) {
+            let Some(spec) = rule.strip_prefix("-A ") else {
+                continue;
+            };
+            let _ = sh("sh", &["-c", &format!("iptables -w 5 -t nat -D {spec}")]);
+            if let Some(chain) = spec
+                .split_whitespace()
+                .last()
+                .filter(|c| c.starts_with("CNI-"))
+            {
+                let _ = sh("iptables", &["-w", "5", "-t", "nat", "-F", chain]);
+                let _ = sh("iptables", &["-w", "5", "-t", "nat", "-X", chain]);
+            }
+        }
+    }
+
+    /// This bridge's rule in the shared isolation chain; the chain and its jump only when
+    /// nothing else is left in it (put back if another agent added a rule meanwhile).
+    fn remove_isolation(&self) {
+        let _g = CHAIN_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+        let rule = ["-i", &self.bridge, "-o", &self.bridge, "-j", "DROP"];
+        loop {
+            let mut args = vec!["-w", "5", "-D", ISOLATION_CHAIN];
+            args.extend_from_slice(&rule);
+            if !sh("iptables", &args).status.success() {
+                break;
+            }
+        }
+        let listing = sh("iptables", &["-w", "5", "-S", ISOLATION_CHAIN]);
+        if !listing.status.success() {
+            return;
+        }
+        let empty = !String::from_utf8_lossy(&listing.stdout)
+            .lines()
+            .any(|l| l.starts_with("-A "));
+        if !empty {
+            return;
+        }
+        let mut jumps = 0;
+        while sh(
+            "iptables",
+            &["-w", "5", "-D", "FORWARD", "-j", ISOLATION_CHAIN],
+        )
+        .status
+        .success()
+        {
+            jumps += 1;
+        }
+        if !sh("iptables", &["-w", "5", "-X", ISOLATION_CHAIN])
+            .status
+            .success()
+            && jumps > 0
+        {
+            // Someone added a rule between the listing and here: keep their isolation.
+            let _ = sh(
+                "iptables",
+                &["-w", "5", "-I", "FORWARD", "1", "-j", ISOLATION_CHAIN],
+            );
+        }
+    }
+}
+
+impl Drop for TestAgent {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "--- agent log ({}) ---\n{}\n---",
+                self.namespace,
+                self.log_tail(80)
+            );
+        }
+        self.teardown();
+    }
+}
+
+/// Asserts `out` is a failure with exactly one line on stderr; returns that line.
+pub fn one_line_failure(what: &str, out: &Output) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success(),
+        "{what} should fail; stdout {:?}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let lines: Vec<_> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "{what}: want one stderr line, got {stderr:?}"
+    );
+    lines[0].to_string()
+}
+
+/// A /24 in 10.200-249.x.0 that no route on the host and no other guard of this process uses.
+fn free_subnet(tag: &str) -> (String, String) {
+    let routes = String::from_utf8_lossy(&sh("ip", &["-4", "route", "show"]).stdout).into_owned();
+    let seed = u32::from_str_radix(tag, 16).unwrap();
+    let mut taken = SUBNETS.lock().unwrap();
+    for i in 0..5000u32 {
+        let n = seed.wrapping_mul(2654435761).wrapping_add(i * 7);
+        let second = 200 + (n % 50);
+        let third = 100 + ((n / 50) % 150);
+        let prefix = format!("10.{second}.{third}");
+        let subnet = format!("{prefix}.0/24");
+        if routes.contains(&format!("{prefix}.")) || taken.contains(&subnet) {
+            continue;
+        }
+        taken.push(subnet.clone());
+        return (prefix, subnet);
+    }
+    panic!("no free 10.2xx.y.0/24 subnet");
+}
+
+/// Task ids in namespace `ns`.
+pub async fn list_tasks(c: &Containerd, ns: &str) -> Vec<String> {
+    TasksClient::new(c.channel())
+        .list(md(ns, ListTasksRequest::default()))
+        .await
+        .map(|r| r.into_inner().tasks)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|t| t.container_id)
+        .collect()
+}
+
+/// A request carrying namespace `ns`.
+fn md<T>(ns: &str, msg: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.metadata_mut()
+        .insert("containerd-namespace", ns.parse().unwrap());
+    r
+}
+
+/// Removes tasks, containers, images, leases, snapshots and content of `ns`, then `ns`.
+pub async fn clean_namespace(sock: &Path, ns: &str) -> Result<(), String> {
+    let c = Containerd::connect(sock, ns, "overlayfs", "io.containerd.runc.v2")
+        .await
+        .map_err(|e| e.to_string())?;
+    let ch = c.channel();
+    for t in list_tasks(&c, ns).await {
+        let _ = c.kill_task(&t, 9, true).await;
+        let _ = c.wait_task(&t, Duration::from_secs(10)).await;
+        let _ = c.delete_task(&t).await;
+    }
+    for ct in c.list_containers(&[]).await.map_err(|e| e.to_string())? {
+        let _ = c.delete_container(&ct.id).await;
+    }
+    for img in c.list_images().await.map_err(|e| e.to_string())? {
+        let _ = c.delete_image(&img.name).await;
+    }
+    let leases = LeasesClient::new(ch.clone())
+        .list(md(ns, ListLeasesRequest::default()))
+        .await
+        .map(|r| r.into_inner().leases)
+        .unwrap_or_default();
+    for l in leases {
+        let _ = LeasesClient::new(ch.clone())
+            .delete(md(
+                ns,
+                DeleteLeaseRequest {
+                    id: l.id,
+                    sync: true,
+                },
+            ))
+            .await;
+    }
+    // Children before parents: retry while something goes away.
+    for _ in 0..32 {
+        let Ok(s) = SnapshotsClient::new(ch.clone())
+            .list(md(
+                ns,
+                ListSnapshotsRequest {
+                    snapshotter: "overlayfs".into(),
+                    filters: vec![],
+                },
+            ))
+            .await
+        else {
+            break;
+        };
+        let mut stream = s.into_inner();
+        let mut names = Vec::new();
+        while let Some(Ok(m)) = stream.next().await {
+            names.extend(m.info.into_iter().map(|i| i.name));
+        }
+        if names.is_empty() {
+            break;
+        }
+        for n in names {
+            let _ = c.remove_snapshot(&n).await;
+        }
+    }
+    if let Ok(s) = ContentClient::new(ch.clone())
+        .list(md(ns, ListContentRequest::default()))
+        .await
+    {
+        let mut stream = s.into_inner();
+        let mut digests = Vec::new();
+        while let Some(Ok(m)) = stream.next().await {
+            digests.extend(m.info.into_iter().map(|i| i.digest));
+        }
+        for d in digests {
+            let _ = ContentClient::new(ch.clone())
+                .delete(md(ns, DeleteContentRequest { digest: d }))
+                .await;
+        }
+    }
+    match NamespacesClient::new(ch)
+        .delete(tonic::Request::new(DeleteNamespaceRequest {
+            name: ns.to_string(),
+        }))
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(s) if s.code() == tonic::Code::NotFound => Ok(()),
+        Err(s) => Err(format!("delete namespace: {}", s.message())),
+    }
+}
+
+/// Whether a TCP connection to `addr` opens within `limit`.
+pub fn tcp_connects(addr: &str, limit: Duration) -> bool {
+    let addr: SocketAddr = addr.parse().unwrap();
+    TcpStream::connect_timeout(&addr, limit).is_ok()
+}
+
+/// `n` bytes from the kernel's generator.
+pub fn random_bytes(n: usize) -> Vec<u8> {
+    let mut v = vec![0u8; n];
+    std::fs::File::open("/dev/urandom")
+        .unwrap()
+        .read_exact(&mut v)
+        .unwrap();
+    v
+}
+
+/// The p-th percentile (0..=100) of `samples`, nearest rank.
+pub fn percentile(samples: &[Duration], p: usize) -> Duration {
+    let mut v = samples.to_vec();
+    v.sort();
+    let idx = ((p * v.len()).div_ceil(100)).clamp(1, v.len()) - 1;
+    v[idx]
+}
