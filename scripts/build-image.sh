@@ -14,6 +14,9 @@
 #   --extra SRC:DEST  put a file or the contents of a directory SRC at the absolute path DEST
 #                   in the image (repeatable), e.g. --extra target/debug/fixture:/usr/local/bin/
 #                   (a DEST ending in `/` keeps the file's name).
+#   --no-fixture    leave out the MCP test fixture (by default the workspace's `mcp-fixture`, a
+#                   small stdio MCP server, is built static (debug, target/static) and installed
+#                   at /usr/local/bin/mcp-fixture for the MCP system tests)
 # Everything under image/extra/ (if present) is copied into the image at the same path,
 # e.g. image/extra/usr/local/bin/tool -> /usr/local/bin/tool.
 #
@@ -29,6 +32,7 @@ OUT="$ROOT/target/image/memohai-mcp.tar"
 REF="docker.io/memohai/mcp:latest"
 BINARY=""
 EXTRAS=()
+FIXTURE=1
 
 die() { echo "build-image: $*" >&2; exit 1; }
 
@@ -42,7 +46,8 @@ while [ $# -gt 0 ]; do
         --binary=*) BINARY=${1#--binary=}; shift ;;
         --extra) [ $# -ge 2 ] || die "--extra needs a value"; EXTRAS+=("$2"); shift 2 ;;
         --extra=*) EXTRAS+=("${1#--extra=}"); shift ;;
-        -h|--help) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --no-fixture) FIXTURE=0; shift ;;
+        -h|--help) sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) die "unknown argument: $1 (see --help)" ;;
     esac
 done
@@ -86,6 +91,16 @@ if [ -z "$BINARY" ]; then
         cargo build --quiet --release --target x86_64-unknown-linux-gnu -p container-server)
     BINARY="$ROOT/target/static/x86_64-unknown-linux-gnu/release/container-server"
 fi
+# --- the MCP test fixture (static: the base image has no libc) -----------------------------
+FIXTURE_BIN=""
+if [ "$FIXTURE" = "1" ]; then
+    echo "build-image: building a static mcp-fixture (debug, target/static)" >&2
+    (cd "$ROOT" && RUSTFLAGS="${RUSTFLAGS:-} -C target-feature=+crt-static" \
+        CARGO_TARGET_DIR="$ROOT/target/static" \
+        cargo build --quiet --target x86_64-unknown-linux-gnu -p mcp-fixture)
+    FIXTURE_BIN="$ROOT/target/static/x86_64-unknown-linux-gnu/debug/mcp-fixture"
+    [ -x "$FIXTURE_BIN" ] || die "mcp-fixture was not built: $FIXTURE_BIN"
+fi
 [ -f "$BINARY" ] || die "binary not found: $BINARY"
 [ -x "$BINARY" ] || die "binary is not executable: $BINARY"
 
@@ -124,6 +139,7 @@ if ldd_out=$(ldd "$BINARY" 2>/dev/null) && ! grep -qE 'statically linked|not a d
 fi
 
 install -m 0755 "$ROOT/entrypoint.sh" "$RFS/entrypoint.sh"
+[ -z "$FIXTURE_BIN" ] || install -m 0755 "$FIXTURE_BIN" "$RFS/usr/local/bin/mcp-fixture"
 
 if [ -d "$ROOT/image/template" ]; then
     cp -R "$ROOT/image/template/." "$RFS/opt/mcp-template/"

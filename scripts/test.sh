@@ -7,7 +7,8 @@
 #   3. in-process  the real server on temp sockets (tests/*.rs), and the independent Python
 #                  wire-compatibility client (tests/wire)
 #   4. system      a private containerd with runc, CNI and iptables, a loopback registry
-#                  (agent/tests/*.rs); needs root
+#                  (agent/tests/*.rs), and MCP with the official Python SDK (tests/mcp);
+#                  needs root
 #
 # Usage: scripts/test.sh [--skip-checks] [--no-system]
 # Every tier runs even when an earlier one failed; the exit code is non-zero if any failed.
@@ -79,6 +80,8 @@ if [ "$SYSTEM" = "1" ]; then
     export CI=${CI:-}
     # System tests share one containerd and the host's network: one test binary at a time.
     step system cargo test -p memoh-agent --tests -- --test-threads 2
+    # MCP through the official Python SDK against a real agent and bot (its own config, cleaned up).
+    step mcp tests/mcp/run.sh
 fi
 
 echo
