@@ -92,26 +92,38 @@ fn main() -> ExitCode {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // The daemon needs threads; a CLI call is one connection and starts faster without them.
+    let built = if is_daemon {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    };
+    let rt = match built {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("memoh-agent: cannot start runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
-    let r = rt.block_on(dispatch(args));
-    // Don't wait for a stdin reader blocked in the background.
-    rt.shutdown_background();
-    match r {
-        Ok(code) => ExitCode::from(code),
+    let code = match rt.block_on(dispatch(args)) {
+        Ok(code) => code,
         Err(e) => {
             eprintln!("memoh-agent: {}", e.message);
-            ExitCode::from(e.code)
+            e.code
         }
+    };
+    if is_daemon {
+        return ExitCode::from(code);
     }
+    // A CLI call is done: skip waiting for a stdin reader blocked in the background and the
+    // runtime's teardown.
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    std::process::exit(i32::from(code));
 }
 
 async fn dispatch(args: Args) -> Result<u8, cli::CliError> {
