@@ -12,12 +12,20 @@
 # Without the environment it prints "skipped" and exits 0; under CI it fails instead.
 # Extra arguments go to pytest (e.g. -k fixture, -x). MEMOH_AGENT_BIN picks the agent binary
 # (default target/debug/memoh-agent, built if missing).
+#
+# `run.sh --bench [ARGS]` runs the benchmark tests/mcp/bench.py on the same setup instead
+# (installs grpcio and grpcio-tools into the venv; use a release agent via MEMOH_AGENT_BIN).
 set -eu
 set -o pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
 VENV="$ROOT/target/mcp-venv"
+BENCH=0
+if [ "${1:-}" = "--bench" ]; then
+    BENCH=1
+    shift
+fi
 
 skip_or_fail() {
     if [ -n "${CI+x}" ]; then
@@ -40,6 +48,9 @@ if [ ! -x "$VENV/bin/pytest" ] || ! "$VENV/bin/python" -c 'import mcp, httpx' 2>
     echo "mcp: creating $VENV" >&2
     "$PY" -m venv "$VENV"
     "$VENV/bin/pip" install -q --disable-pip-version-check mcp pytest httpx
+fi
+if [ "$BENCH" = "1" ] && ! "$VENV/bin/python" -c 'import grpc, grpc_tools' 2>/dev/null; then
+    "$VENV/bin/pip" install -q --disable-pip-version-check grpcio grpcio-tools
 fi
 
 AGENT=${MEMOH_AGENT_BIN:-$ROOT/target/debug/memoh-agent}
@@ -169,5 +180,10 @@ export MEMOH_MCP_URL="http://127.0.0.1:$PORT"
 export MEMOH_MCP_BOT="$BOT"
 export MEMOH_AGENT_SOCKET="$SOCK"
 export MEMOH_AGENT_BIN="$AGENT"
+export MEMOH_AGENT_STATE_DIR="$DIR/state"
 cd "$HERE"
+if [ "$BENCH" = "1" ]; then
+    PYTHONDONTWRITEBYTECODE=1 "$VENV/bin/python" "$HERE/bench.py" "$@"
+    exit
+fi
 PYTHONDONTWRITEBYTECODE=1 "$VENV/bin/python" -m pytest -p no:cacheprovider -q "$@" "$HERE/test_mcp_system.py"

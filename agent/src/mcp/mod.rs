@@ -426,6 +426,13 @@ pub fn serve_on(
     let router = mcp.router(token);
     tokio::spawn(async move {
         info!(address = ?addr, "mcp server listening");
+        // Without TCP_NODELAY a streamed (SSE) answer, written as headers first and the event
+        // later, waits for the client's delayed ACK: about 40 ms on every forwarded call.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                warn!(error = %e, "mcp: cannot set TCP_NODELAY");
+            }
+        });
         let r = axum::serve(listener, router)
             .with_graceful_shutdown(stop.clone().cancelled_owned())
             .await;
