@@ -212,6 +212,8 @@ pub struct TestAgent {
     pub state_dir: PathBuf,
     /// host-local IPAM's dataDir (entries in `<ipam_dir>/<network>`).
     pub ipam_dir: PathBuf,
+    /// Extra environment for the next `serve` (e.g. a fault hook); empty by default.
+    pub serve_env: Vec<(String, String)>,
     child: Option<Child>,
     served: bool,
     bots: Vec<String>,
@@ -266,6 +268,7 @@ impl TestAgent {
             socket,
             state_dir,
             ipam_dir,
+            serve_env: Vec::new(),
             child: None,
             served: false,
             bots: Vec::new(),
@@ -287,6 +290,11 @@ impl TestAgent {
         a
     }
 
+    /// The configured `data_root` (legacy bot data lives in `<data_root>/bots/<bot>`).
+    pub fn data_root(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
     /// The agent's log file (both runs, appended).
     pub fn log_path(&self) -> PathBuf {
         self.dir.path().join("agent.log")
@@ -303,6 +311,7 @@ impl TestAgent {
             .args(["serve", "--config"])
             .arg(&self.config)
             .env("MEMOH_LOG", "info,memoh_agent=debug")
+            .envs(self.serve_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -597,6 +606,7 @@ impl TestAgent {
 
     fn teardown(&mut self) {
         // Bots through the agent (restarted if a test left it down), so its own delete path runs.
+        self.serve_env.clear();
         if !self.running() && self.served {
             self.child = Some(self.spawn_serve());
             let start = Instant::now();
