@@ -46,7 +46,7 @@ step() {
         SUMMARY+=("FAILED  $name ($((SECONDS - start)) s), log: $log")
         tail -n 60 "$log" | sed 's/^/    /'
     fi
-    grep -E '^test result:|passed|failed' "$log" | grep -vE '^\s*(test |[a-z_:]+ \.\.\.)' | tail -n 40 || true
+    grep -E '^test result:|[0-9]+ passed|[0-9]+ failed' "$log" | grep -vE '^test [^ ]+ \.\.\. ' | tail -n 40 || true
 }
 
 if [ "$(id -u)" = "0" ]; then
@@ -65,8 +65,8 @@ if [ "$SKIP_CHECKS" = "0" ]; then
     step clippy cargo clippy --workspace --all-targets -- -D warnings
 fi
 
-step unit cargo test --workspace --lib --bins
-step in-process cargo test -p memoh-proto --tests
+step unit cargo test --workspace --lib --bins --no-fail-fast
+step in-process cargo test -p memoh-proto --tests --no-fail-fast
 step wire tests/wire/run.sh
 
 if [ "$SYSTEM" = "1" ]; then
@@ -79,7 +79,7 @@ if [ "$SYSTEM" = "1" ]; then
     eval "$(scripts/test-env.sh env)"
     export CI=${CI:-}
     # System tests share one containerd and the host's network: one test binary at a time.
-    step system cargo test -p memoh-agent --tests -- --test-threads 2
+    step system cargo test -p memoh-agent --tests --no-fail-fast -- --test-threads 2
     # MCP through the official Python SDK against a real agent and bot (its own config, cleaned up).
     step mcp tests/mcp/run.sh
 fi

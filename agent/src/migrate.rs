@@ -109,10 +109,15 @@ impl Write for ChunkWriter {
 
 /// Walks `src` and writes the archive. Returns what it expects to find afterwards and what
 /// failed or was skipped. Never follows a symlink.
-fn build_archive(
-    src: &Path,
-    out: ChunkWriter,
-) -> (HashMap<String, Expect>, Vec<String>, Vec<String>, u64) {
+type Walked = (
+    HashMap<String, Expect>,
+    Vec<String>,
+    Vec<String>,
+    u64,
+    Vec<(PathBuf, String)>,
+);
+
+fn build_archive(src: &Path, out: ChunkWriter) -> Walked {
     let mut expect = HashMap::new();
     let mut failures = Vec::new();
     let mut skipped = Vec::new();
@@ -209,13 +214,6 @@ fn build_archive(
             }
         }
     }
-    // Directory entries again, deepest first: extracting their children changed their
-    // modification times, and this sets them back.
-    for (path, rel) in dirs.iter().rev() {
-        if let Err(e) = tar.append_path_with_name(path, rel) {
-            failures.push(format!("{rel}: {e}"));
-        }
-    }
     match tar.into_inner() {
         Ok(mut w) => {
             if let Err(e) = w.flush() {
@@ -224,7 +222,28 @@ fn build_archive(
         }
         Err(e) => failures.push(format!("archive: {e}")),
     }
-    (expect, failures, skipped, symlinks)
+    (expect, failures, skipped, symlinks, dirs)
+}
+
+/// An archive of the directory entries only, deepest first. Extracted after the main one, it
+/// sets directories' modes and modification times back: extracting their children (and tar
+/// creating some symlinks only at the very end) changed them.
+fn dir_times_archive(dirs: &[(PathBuf, String)]) -> (Vec<u8>, Vec<String>) {
+    let mut failures = Vec::new();
+    let mut tar = tar::Builder::new(Vec::new());
+    tar.mode(tar::HeaderMode::Complete);
+    for (path, rel) in dirs.iter().rev() {
+        if let Err(e) = tar.append_path_with_name(path, rel) {
+            failures.push(format!("{rel}: {e}"));
+        }
+    }
+    match tar.into_inner() {
+        Ok(v) => (v, failures),
+        Err(e) => {
+            failures.push(format!("archive: {e}"));
+            (Vec::new(), failures)
+        }
+    }
 }
 
 fn total_size(src: &Path) -> u64 {
@@ -321,10 +340,44 @@ impl Manager {
                 _ = tick.tick() => progress(copy_progress()),
             }
         };
-        let (expect, failures, skipped, symlinks) = walker
+        let (expect, failures, skipped, symlinks, dirs) = walker
             .await
             .map_err(|e| AgentError::io(&src, std::io::Error::other(e)))?;
         report.failures = failures;
+        if result.as_ref().is_ok_and(|r| r.exit_code == 0) && !dirs.is_empty() {
+            let (archive, dir_failures) =
+                tokio::task::spawn_blocking(move || dir_times_archive(&dirs))
+                    .await
+                    .map_err(|e| AgentError::io(&src, std::io::Error::other(e)))?;
+            report.failures.extend(dir_failures);
+            let first = ExecInput {
+                command: "exec tar -x -f - -C /data".into(),
+                work_dir: "/".into(),
+                timeout_seconds: i32::MAX,
+                ..Default::default()
+            };
+            let body = futures::stream::iter(
+                archive
+                    .chunks(256 * 1024)
+                    .map(Bytes::copy_from_slice)
+                    .collect::<Vec<_>>(),
+            );
+            let r = match client.exec(first, body).await {
+                Ok(mut out) => collect_exec(&mut out).await,
+                Err(s) => Err(s),
+            };
+            match r {
+                Ok(r) if r.exit_code == 0 => {}
+                Ok(r) => report.failures.push(format!(
+                    "directory times: tar exited {}: {}",
+                    r.exit_code,
+                    String::from_utf8_lossy(&r.stderr).trim()
+                )),
+                Err(s) => report
+                    .failures
+                    .push(format!("directory times: {}", s.message())),
+            }
+        }
         report.skipped = skipped;
         report.symlinks = symlinks;
         report.bytes = sent.load(std::sync::atomic::Ordering::Relaxed);
@@ -433,10 +486,13 @@ mod tests {
             sent: Default::default(),
         };
         let s = src.clone();
-        let (expect, failures, skipped, links) = std::thread::spawn(move || build_archive(&s, w))
-            .join()
-            .unwrap();
+        let (expect, failures, skipped, links, dirs) =
+            std::thread::spawn(move || build_archive(&s, w))
+                .join()
+                .unwrap();
         assert!(failures.is_empty(), "{failures:?}");
+        // "a" and "a/empty", for the second pass that restores their times.
+        assert_eq!(dirs.len(), 2);
         assert!(skipped.is_empty());
         assert_eq!(links, 1);
         assert_eq!(expect.len(), 5);

@@ -315,7 +315,15 @@ async fn teardown_after_the_namespace_is_gone_releases_the_address() {
         .status
         .success());
     let veth = bn.host_veth.unwrap();
-    assert!(!sh("ip", &["link", "show", "dev", &veth]).status.success());
+    // The kernel destroys the namespace's devices asynchronously; give it a moment under load.
+    let gone = (0..50).any(|_| {
+        let present = sh("ip", &["link", "show", "dev", &veth]).status.success();
+        if present {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        !present
+    });
+    assert!(gone, "the host veth {veth} outlived its namespace");
     let restarted = Network::with_parts(
         f.net.config().clone(),
         ExecPlugins::new(f.net.config().bin_dirs.clone(), Duration::from_secs(30)),
