@@ -756,6 +756,7 @@ impl Manager {
             info!(bot, ?delay, "bot's server exited; restarting");
             match me.start_locked(&bot, &c).await {
                 Ok(()) => {
+                    crate::metrics::global().restart();
                     lock(&me.health)
                         .entry(bot.clone())
                         .or_default()

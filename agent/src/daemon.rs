@@ -18,6 +18,7 @@ use crate::config::Config;
 use crate::containerd::{Containerd, Runtime};
 use crate::control::Control;
 use crate::error::AgentError;
+use crate::metrics::Timed;
 use crate::network::{Network, NetworkConfig};
 use crate::proxy::Proxy;
 
@@ -119,15 +120,19 @@ pub async fn run(
     let router = tonic::transport::Server::builder()
         .add_service(health_svc)
         .add_service(reflection)
-        .add_service(AgentServiceServer::new(Control::with_mcp(
-            mgr.clone(),
-            mcp.as_ref().map(|(hub, _)| hub.clone()),
-        )))
-        .add_service(
+        .add_service(Timed::new(
+            "control",
+            AgentServiceServer::new(Control::with_mcp(
+                mgr.clone(),
+                mcp.as_ref().map(|(hub, _)| hub.clone()),
+            )),
+        ))
+        .add_service(Timed::new(
+            "proxy",
             ContainerServiceServer::new(Proxy::new(mgr.clone()))
                 .max_decoding_message_size(MAX_MESSAGE_SIZE)
                 .max_encoding_message_size(MAX_MESSAGE_SIZE),
-        );
+        ));
     notify_ready();
     info!("agent ready");
     let r = router

@@ -8,7 +8,8 @@
 //! - [`ids`]: bot ids and derived names; [`pool`]: one channel per bot.
 //! - [`migrate`]: the one-time copy of legacy bind-mounted data into a bot.
 //! - [`versions`]: snapshots a bot can roll back to, and crash recovery of the cycle.
-//! - [`config`]: the TOML configuration.
+//! - [`config`]: the TOML configuration; [`doctor`]: host checks for operators.
+//! - [`metrics`]: Prometheus metrics (`/metrics` on the MCP listener).
 //! - [`mcp`]: MCP over streamable HTTP: the container as tools, stdio MCP servers in the bot.
 //! - [`containerd`]: images, containers, snapshots and tasks on containerd ([`containerd::Runtime`]).
 //! - [`error`]: [`AgentError`], the one error type, and its gRPC status mapping.
@@ -22,9 +23,11 @@ pub mod containerd;
 pub mod control;
 pub mod control_mcp;
 pub mod daemon;
+pub mod doctor;
 pub mod error;
 pub mod ids;
 pub mod mcp;
+pub mod metrics;
 pub mod migrate;
 pub mod network;
 pub mod pool;

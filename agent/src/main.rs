@@ -31,6 +31,13 @@ enum Cmd {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Check the host (containerd, runc, CNI, iptables, cgroups, image, agent); non-zero exit
+    /// when something is wrong.
+    Doctor {
+        /// TOML configuration (default /etc/memoh/agent.toml; missing means defaults).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Manage bots.
     #[command(subcommand)]
     Bot(BotCmd),
@@ -130,6 +137,7 @@ async fn dispatch(args: Args) -> Result<u8, cli::CliError> {
     let socket = args.socket;
     match args.cmd {
         Cmd::Serve { config } => serve(config).await,
+        Cmd::Doctor { config } => doctor(config).await,
         Cmd::Bot(c) => cli::bot(&socket, c).await,
         Cmd::Exec {
             bot,
@@ -157,6 +165,18 @@ async fn serve(config: Option<PathBuf>) -> Result<u8, cli::CliError> {
         .await
         .map_err(fail)?;
     Ok(0)
+}
+
+async fn doctor(config: Option<PathBuf>) -> Result<u8, cli::CliError> {
+    use memoh_agent::doctor;
+    let cfg = Config::load(config.as_deref()).map_err(|e| cli::CliError {
+        message: e.to_string(),
+        code: 1,
+    })?;
+    let path = config.unwrap_or_else(|| memoh_agent::config::DEFAULT_CONFIG_PATH.into());
+    let checks = doctor::run_checks(&cfg, &path.display().to_string(), &doctor::RealHost).await;
+    print!("{}", doctor::render(&checks));
+    Ok(doctor::exit_code(&checks))
 }
 
 async fn shutdown_signal() {

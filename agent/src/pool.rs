@@ -56,6 +56,7 @@ impl Pool {
                 return Ok(e.client.clone());
             }
             debug!(bot, old = %e.route.ip, new = %route.ip, "route changed; evicting channel");
+            crate::metrics::global().eviction(crate::metrics::Eviction::RouteChanged);
         }
         let addr = match route.ip {
             IpAddr::V4(ip) => format!("{ip}:{SERVER_PORT}"),
@@ -88,6 +89,7 @@ impl Pool {
         let mut map = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         if map.remove(bot).is_some() {
             debug!(bot, "evicted channel");
+            crate::metrics::global().eviction(crate::metrics::Eviction::Explicit);
         }
     }
 
@@ -98,6 +100,7 @@ impl Pool {
         if map.get(bot).is_some_and(|e| &e.route == route) {
             map.remove(bot);
             debug!(bot, "evicted failing channel");
+            crate::metrics::global().eviction(crate::metrics::Eviction::Failure);
         }
     }
 

@@ -302,6 +302,7 @@ impl Manager {
         let c2 = self.container(bot).await?;
         self.start_locked(bot, &c2).await?;
         info!(bot, number, source = source.as_str(), elapsed = ?started.elapsed(), "version taken");
+        crate::metrics::global().snapshot(started.elapsed());
         Ok(Version {
             number,
             name: name.to_string(),

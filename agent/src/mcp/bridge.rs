@@ -104,7 +104,12 @@ impl ServerHandler for ToolsServer {
         _context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, ErrorData> {
         let args = request.arguments.unwrap_or_default();
-        Ok(self.run(&request.name, &args).await.into())
+        let known = matches!(&*request.name, "read" | "write" | "list" | "edit" | "exec");
+        let label = if known { &*request.name } else { "other" };
+        let run = self.run(&request.name, &args);
+        Ok(crate::metrics::time_tool("builtin", label, run)
+            .await
+            .into())
     }
 }
 
@@ -368,7 +373,8 @@ impl ServerHandler for StdioBridge {
         request: CallToolRequestParams,
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, ErrorData> {
-        let r: CallToolResult = self.forward("tools/call", Some(request), &context).await?;
+        let call = self.forward("tools/call", Some(request), &context);
+        let r: CallToolResult = crate::metrics::time_tool("stdio", "any", call).await?;
         Ok(r.into())
     }
 

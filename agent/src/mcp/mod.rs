@@ -47,6 +47,10 @@ pub trait ClientSource: Send + Sync + 'static {
     async fn client(&self, bot: &str) -> Result<ContainerClient, AgentError>;
     /// Tells the source a call failed at the transport level.
     fn report_failure(&self, _bot: &str, _status: &tonic::Status) {}
+    /// Number of bots per task state, for `/metrics` (`None`: not known to this source).
+    async fn bot_states(&self) -> Option<std::collections::BTreeMap<String, u64>> {
+        None
+    }
 }
 
 #[async_trait::async_trait]
@@ -56,6 +60,13 @@ impl ClientSource for Manager {
     }
     fn report_failure(&self, bot: &str, status: &tonic::Status) {
         Manager::report_failure(self, bot, status)
+    }
+    async fn bot_states(&self) -> Option<std::collections::BTreeMap<String, u64>> {
+        let bots = self.list().await.ok()?;
+        Some(bots.into_iter().fold(Default::default(), |mut m, b| {
+            *m.entry(b.status).or_default() += 1;
+            m
+        }))
     }
 }
 
@@ -350,8 +361,16 @@ impl Mcp {
                     }
                 },
             ))
+            // After the layer: scrapers reach `/metrics` without the MCP bearer token.
+            .route("/metrics", axum::routing::get(metrics_route))
             .with_state(self.clone())
     }
+}
+
+async fn metrics_route(State(mcp): State<Arc<Mcp>>) -> Response {
+    let text = crate::metrics::global().render(mcp.source.bot_states().await.as_ref());
+    let ct = "text/plain; version=0.0.4; charset=utf-8";
+    ([(header::CONTENT_TYPE, ct)], text).into_response()
 }
 
 fn constant_eq(a: &[u8], b: &[u8]) -> bool {

@@ -298,6 +298,7 @@ impl<E: PluginExec, F: Firewall, N: Netns> Network<E, F, N> {
             Ok(v) => v,
             Err(e) if is_retryable_add_error(&e) => {
                 tracing::warn!(bot, error = %e, "cni add failed on leftovers; removing and adding again");
+                crate::metrics::global().cni_retry();
                 if let Err(de) = self.cni.del(&net, &rt, None).await {
                     tracing::warn!(bot, error = %de, "cni del before the second add failed; ignored");
                 }
@@ -443,6 +444,7 @@ impl<E: PluginExec, F: Firewall, N: Netns> Network<E, F, N> {
 
     /// After a failed ADD: DEL what may be half set up (ignoring its error), return `e`.
     async fn undo_add(&self, net: &NetworkConfList, rt: &RuntimeConf, e: AgentError) -> AgentError {
+        crate::metrics::global().cni_error();
         if let Err(de) = self.cni.del(net, rt, None).await {
             tracing::warn!(container = %rt.container_id, error = %de, "cleanup after a failed cni add failed");
         }
