@@ -28,6 +28,7 @@ for a in "$@"; do
 done
 
 LOG_DIR="$ROOT/target/test-logs"
+rm -rf "$LOG_DIR"
 mkdir -p "$LOG_DIR"
 FAILED=()
 SUMMARY=()
@@ -87,8 +88,17 @@ fi
 echo
 echo "=== summary"
 printf '%s\n' "${SUMMARY[@]}"
+# One closing line over every runner: cargo's "test result:" lines and pytest's summaries.
+totals=$(cat "$LOG_DIR"/*.log 2>/dev/null | awk '
+    /^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed;/) p += $i; if ($(i+1) ~ /^failed;/) f += $i } }
+    /^[0-9]+ (passed|failed)/ && / in [0-9.]+s/ {
+        for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i }
+    }
+    END { printf "%d passed, %d failed\n", p, f }')
 if [ ${#FAILED[@]} -gt 0 ]; then
-    echo "failed: ${FAILED[*]}"
+    echo "failed tiers: ${FAILED[*]}"
+    echo "$totals"
     exit 1
 fi
 echo "all tiers passed"
+echo "$totals"
