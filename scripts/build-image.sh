@@ -128,6 +128,8 @@ done
 [ -L "$RFS/bin/sh" ] || die "busybox has no sh applet"
 
 install -m 0755 "$BINARY" "$RFS/opt/mcp"
+# The entrypoint compares this with the copy's stamp instead of reading both binaries.
+sha256sum "$RFS/opt/mcp" | cut -d' ' -f1 > "$RFS/opt/mcp.sha256"
 # A dynamically linked server needs its libraries and loader in this libc-less image.
 if ldd_out=$(ldd "$BINARY" 2>/dev/null) && ! grep -qE 'statically linked|not a dynamic' <<<"$ldd_out"; then
     echo "build-image: $BINARY is dynamically linked; copying its libraries" >&2
