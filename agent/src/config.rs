@@ -118,6 +118,16 @@ mod tests {
     }
 
     #[test]
+    fn dist_config_parses_and_matches_the_defaults() {
+        let c = Config::parse(include_str!("../../dist/agent.toml")).unwrap();
+        let d = Config::default();
+        assert_eq!(c.containerd_socket, d.containerd_socket);
+        assert_eq!(c.cni_subnet, d.cni_subnet);
+        assert_eq!(c.control_socket, d.control_socket);
+        assert_eq!(c.mcp_listen, d.mcp_listen);
+    }
+
+    #[test]
     fn unknown_key_is_an_error() {
         let e = Config::parse("nope = 1").unwrap_err();
         assert!(e.contains("unknown field"), "{e}");
