@@ -138,12 +138,15 @@ pub fn start(spec: ExecSpec, reaper: &Reaper) -> Result<Running, ServerError> {
         let _ = killpg(pgid, Signal::SIGKILL);
         ServerError::Spawn(e)
     };
-    let stdout =
-        pipe::Receiver::from_owned_fd(child.stdout.take().expect("piped").into()).map_err(conv)?;
-    let stderr =
-        pipe::Receiver::from_owned_fd(child.stderr.take().expect("piped").into()).map_err(conv)?;
-    let stdin =
-        pipe::Sender::from_owned_fd(child.stdin.take().expect("piped").into()).map_err(conv)?;
+    let out_fd: std::os::fd::OwnedFd = child.stdout.take().expect("piped").into();
+    let err_fd: std::os::fd::OwnedFd = child.stderr.take().expect("piped").into();
+    let in_fd: std::os::fd::OwnedFd = child.stdin.take().expect("piped").into();
+    for fd in [&out_fd, &in_fd] {
+        grow_pipe(fd);
+    }
+    let stdout = pipe::Receiver::from_owned_fd(out_fd).map_err(conv)?;
+    let stderr = pipe::Receiver::from_owned_fd(err_fd).map_err(conv)?;
+    let stdin = pipe::Sender::from_owned_fd(in_fd).map_err(conv)?;
     // The reaper owns waiting; dropping std's handle neither waits nor kills.
     drop(child);
     debug!(pgid = pgid.as_raw(), command = %spec.command, "exec started");
@@ -157,6 +160,18 @@ pub fn start(spec: ExecSpec, reaper: &Reaper) -> Result<Running, ServerError> {
         timeout: spec.timeout,
     })
 }
+
+/// Bulk transfers through a command (a tar stream in, 50 MiB of output out) move in
+/// fewer, larger steps with a 1 MiB pipe than with the default 64 KiB. Best effort: the
+/// kernel may cap it (`/proc/sys/fs/pipe-max-size`).
+fn grow_pipe(fd: &std::os::fd::OwnedFd) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: F_SETPIPE_SZ on a pipe fd we own; it only changes the pipe's capacity.
+    let _ = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE) };
+}
+
+/// Capacity asked for the stdin and stdout pipes of a command.
+const PIPE_SIZE: libc::c_int = 1 << 20;
 
 fn kill_group(pgid: Pid) {
     match killpg(pgid, Signal::SIGKILL) {
