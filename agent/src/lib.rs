@@ -12,6 +12,7 @@
 //! - [`metrics`]: Prometheus metrics (`/metrics` on the MCP listener).
 //! - [`mcp`]: MCP over streamable HTTP: the container as tools, stdio MCP servers in the bot.
 //! - [`containerd`]: images, containers, snapshots and tasks on containerd ([`containerd::Runtime`]).
+//! - `fuzz_checks` (hidden): invariants of the pure parsers, for `fuzz/` and corpus replay.
 //! - [`error`]: [`AgentError`], the one error type, and its gRPC status mapping.
 //! - [`network`]: bot networking: named namespaces, CNI (a small libcni), MASQUERADE and
 //!   bot-to-bot isolation ([`network::Network`]).
@@ -25,6 +26,8 @@ pub mod control_mcp;
 pub mod daemon;
 pub mod doctor;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzz_checks;
 pub mod ids;
 pub mod mcp;
 pub mod metrics;

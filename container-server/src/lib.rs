@@ -8,12 +8,15 @@
 //!   line window; [`mode`]: Go-style mode strings and times; [`paths`]: path cleaning.
 //! - [`exec`]: streaming commands in their own process groups; [`reaper`]: PID 1 duties.
 //! - [`config`], [`error`]: settings and the one error type.
+//! - `fuzz_checks` (hidden): invariants of the pure functions, for `fuzz/` and corpus replay.
 
 pub mod config;
 pub mod convert;
 pub mod error;
 pub mod exec;
 pub mod fs;
+#[doc(hidden)]
+pub mod fuzz_checks;
 pub mod mode;
 pub mod paths;
 pub mod reaper;
