@@ -11,6 +11,9 @@ use crate::error::AgentError;
 /// The registry of references that name none.
 pub const DEFAULT_REGISTRY: &str = "docker.io";
 
+/// Longest reference accepted, before and after normalisation.
+pub const MAX_REF_LEN: usize = 4096;
+
 /// A parsed, normalised image reference.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImageRef {
@@ -34,7 +37,7 @@ impl ImageRef {
         if reference.is_empty() {
             return Err(bad("empty reference"));
         }
-        if reference.len() > 4096 {
+        if reference.len() > MAX_REF_LEN {
             return Err(bad("reference is too long"));
         }
         if reference
@@ -87,12 +90,18 @@ impl ImageRef {
             (None, None) => Some("latest".to_string()),
             (tag, _) => tag,
         };
-        Ok(Self {
+        let r = Self {
             registry,
             repository,
             tag,
             digest,
-        })
+        };
+        // Checked on the full name too, so a normalised reference always parses again
+        // (`a` x 4090 is short enough, `docker.io/library/a...a:latest` is not).
+        if r.to_string().len() > MAX_REF_LEN {
+            return Err(bad("normalised reference is too long"));
+        }
+        Ok(r)
     }
 
     /// `registry/repository` without tag or digest.
@@ -253,7 +262,8 @@ mod tests {
             "bad_host:5000/x:latest:tag",
             ":latest",
         ];
-        for input in cases {
+        let long = "a".repeat(MAX_REF_LEN - 6);
+        for input in cases.iter().copied().chain([long.as_str()]) {
             let err = normalize_image_ref(input).expect_err(input);
             assert!(
                 matches!(err, AgentError::InvalidImageRef { .. }),
