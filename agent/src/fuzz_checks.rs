@@ -43,49 +43,56 @@ pub fn edit_matcher_check(data: &[u8]) {
             assert!(!old.is_empty());
             let text = text.expect("an edit of a non-text file");
             let out = String::from_utf8(out).expect("the result is UTF-8");
-            let news = [new.to_string(), to_crlf(new)];
-            let (start, removed_end) = news
+            // Every way to read `out` as `text` with one region replaced by `new` (with an
+            // empty `new` there can be several); one must fit all the invariants.
+            let regions: Vec<(usize, usize)> = [new.to_string(), to_crlf(new)]
                 .iter()
-                .find_map(|n| replaced_region(text, &out, n))
-                .unwrap_or_else(|| {
-                    panic!("{out:?} is not {text:?} with one region replaced by {new:?}")
-                });
-            let removed = &text[start..removed_end];
-            assert!(!removed.is_empty(), "an empty region was replaced");
-            if text.starts_with(BOM) {
-                assert!(start >= BOM.len(), "the BOM was replaced");
-            }
-            if kind == MatchKind::Exact {
-                let forms = [old.to_string(), to_crlf(old)];
-                assert!(
-                    forms
-                        .iter()
-                        .any(|o| o == removed && text.matches(o.as_str()).count() == 1),
-                    "exact match {removed:?} is not the only {old:?}"
-                );
-            }
+                .flat_map(|n| replaced_regions(text, &out, n))
+                .collect();
+            assert!(
+                !regions.is_empty(),
+                "{out:?} is not {text:?} with one region replaced by {new:?}"
+            );
+            let forms = [old.to_string(), to_crlf(old)];
+            let fits = |&(start, end): &(usize, usize)| {
+                let removed = &text[start..end];
+                !removed.is_empty()
+                    && (!text.starts_with(BOM) || start >= BOM.len())
+                    && (kind != MatchKind::Exact
+                        || forms
+                            .iter()
+                            .any(|o| o == removed && text.matches(o.as_str()).count() == 1))
+            };
+            assert!(
+                regions.iter().any(fits),
+                "{kind:?} edit of {text:?} with {old:?} -> {new:?} gave {out:?}"
+            );
         }
     }
 }
 
-/// Where `out` is `text` with `text[start..end]` replaced by `new`: `Some((start, end))`.
-fn replaced_region(text: &str, out: &str, new: &str) -> Option<(usize, usize)> {
+/// Every `(start, end)` such that `out` is `text` with `text[start..end]` replaced by `new`.
+fn replaced_regions(text: &str, out: &str, new: &str) -> Vec<(usize, usize)> {
     let prefix = text
         .bytes()
         .zip(out.bytes())
         .take_while(|(a, b)| a == b)
         .count();
-    let tail = out.len().checked_sub(new.len())?;
-    (0..=prefix.min(tail)).find_map(|start| {
-        if !out.is_char_boundary(start) || !out[start..].starts_with(new) {
-            return None;
-        }
-        let after = &out[start..];
-        let suffix = &after[new.len()..];
-        let end = text.len().checked_sub(suffix.len())?;
-        (end >= start && text.ends_with(suffix) && text.is_char_boundary(end))
-            .then_some((start, end))
-    })
+    let Some(tail) = out.len().checked_sub(new.len()) else {
+        return Vec::new();
+    };
+    (0..=prefix.min(tail))
+        .filter_map(|start| {
+            if !out.is_char_boundary(start) || !out[start..].starts_with(new) {
+                return None;
+            }
+            let after = &out[start..];
+            let suffix = &after[new.len()..];
+            let end = text.len().checked_sub(suffix.len())?;
+            (end >= start && text.ends_with(suffix) && text.is_char_boundary(end))
+                .then_some((start, end))
+        })
+        .collect()
 }
 
 fn to_crlf(s: &str) -> String {
