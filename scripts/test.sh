@@ -66,8 +66,22 @@ if [ "$SKIP_CHECKS" = "0" ]; then
     step clippy cargo clippy --workspace --all-targets -- -D warnings
 fi
 
+# Test targets by tier. Every test file must belong to one (checked below), so none is skipped
+# by accident: in-process ones are tests/server_*.rs, */tests/fuzz_corpus.rs and
+# agent/tests/mcp_tools.rs; system ones are agent/tests/*_system.rs and control_malformed.rs.
+# The whole workspace stays selected so cargo reuses the build above.
+IN_PROCESS=(--test 'server_*' --test fuzz_corpus --test mcp_tools)
+SYSTEM_TESTS=(--test '*_system' --test control_malformed)
+for f in tests/*.rs container-server/tests/*.rs agent/tests/*.rs; do
+    [ -e "$f" ] || continue
+    case "$(basename "$f" .rs)" in
+        server_* | fuzz_corpus | mcp_tools | *_system | control_malformed) ;;
+        *) echo "test.sh: $f belongs to no tier; name it or add it to a tier" >&2; exit 2 ;;
+    esac
+done
+
 step unit cargo test --workspace --lib --bins --no-fail-fast
-step in-process cargo test -p memoh-proto --tests --no-fail-fast
+step in-process cargo test --workspace --no-fail-fast "${IN_PROCESS[@]}"
 step wire tests/wire/run.sh
 
 if [ "$SYSTEM" = "1" ]; then
@@ -80,7 +94,7 @@ if [ "$SYSTEM" = "1" ]; then
     eval "$(scripts/test-env.sh env)"
     export CI=${CI:-}
     # System tests share one containerd and the host's network: one test binary at a time.
-    step system cargo test -p memoh-agent --tests --no-fail-fast -- --test-threads 2
+    step system cargo test --workspace --no-fail-fast "${SYSTEM_TESTS[@]}" -- --test-threads 2
     # MCP through the official Python SDK against a real agent and bot (its own config, cleaned up).
     step mcp tests/mcp/run.sh
 fi
