@@ -84,11 +84,20 @@ pub fn apply(
         new_text.to_string()
     };
 
-    let (start, end, kind) = match find_exact(text, &old)? {
-        Some(at) => (at, at + old.len(), MatchKind::Exact),
-        None => {
+    // The adapted text first; then, in a file with mixed line endings, the text as given (it
+    // may sit in a stretch with the minority's endings; the tolerant pass cannot see a lone
+    // `\r` at its end), replaced verbatim.
+    let verbatim = if old != old_text {
+        find_exact(text, old_text)?.map(|at| (at, at + old_text.len()))
+    } else {
+        None
+    };
+    let (start, end, kind, new) = match (find_exact(text, &old)?, verbatim) {
+        (Some(at), _) => (at, at + old.len(), MatchKind::Exact, new),
+        (None, Some((s, e))) => (s, e, MatchKind::Exact, new_text.to_string()),
+        (None, None) => {
             let (s, e) = find_tolerant(text, old_text)?;
-            (s, e, MatchKind::Tolerant)
+            (s, e, MatchKind::Tolerant, new)
         }
     };
     let mut out = String::with_capacity(whole.len() + new.len());
@@ -287,6 +296,14 @@ mod tests {
             ),
             // tolerant match on a CRLF file keeps CRLF elsewhere
             ("a  \r\nb\r\nc\r\n", "a\nb", "z", "z\r\nc\r\n", Tolerant),
+            // mixed endings: the LF-ending text as given sits in a CRLF file
+            (
+                "fn)\nb\r\nc\nc\r\nf\nc\r\n\r\nb",
+                "n)\nb\r\nc\nc\r",
+                "N",
+                "fN\nf\nc\r\n\r\nb",
+                Exact,
+            ),
             // tolerant with BOM
             (
                 "\u{feff}x\u{2019}s  \ny\n",
