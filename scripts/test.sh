@@ -45,7 +45,11 @@ step() {
     else
         FAILED+=("$name")
         SUMMARY+=("FAILED  $name ($((SECONDS - start)) s), log: $log")
-        tail -n 60 "$log" | sed 's/^/    /'
+        # The panics first (they may be far from the end of a long log), then the tail.
+        grep -a -A12 -E 'panicked at|^FAILED|^E  ' "$log" | grep -av -E '^.{0,12}[0-9]{4}-[0-9]{2}-[0-9]{2}T|^time=' \
+            | head -n 150 | sed 's/^/    /' || true
+        echo "    ..."
+        tail -n 40 "$log" | sed 's/^/    /'
     fi
     grep -E '^test result:|[0-9]+ passed|[0-9]+ failed' "$log" | grep -vE '^test [^ ]+ \.\.\. ' | tail -n 40 || true
 }

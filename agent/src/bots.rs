@@ -26,6 +26,27 @@ use crate::containerd::{
 };
 use crate::error::AgentError;
 use crate::ids::{self, LABEL_BOT_ID, LABEL_DESIRED, LABEL_IMAGE};
+
+/// `memoh.desired` of a bot whose delete has begun (its versions go too).
+const DESIRED_DELETED: &str = "deleted";
+/// `memoh.desired` of a bot whose delete has begun and whose versions stay.
+const DESIRED_DELETED_KEEP_VERSIONS: &str = "deleted-keep-versions";
+
+/// What a container's `memoh.desired` label asks for: `Some(keep_versions)` when the bot is
+/// being deleted.
+pub(crate) fn deleting(c: &ContainerInfo) -> Option<bool> {
+    match c.labels.get(LABEL_DESIRED).map(String::as_str) {
+        Some(DESIRED_DELETED) => Some(false),
+        Some(DESIRED_DELETED_KEEP_VERSIONS) => Some(true),
+        _ => None,
+    }
+}
+
+/// Whether the agent keeps this bot's task running (not stopped by the operator, not being
+/// deleted).
+fn wants_running(c: &ContainerInfo) -> bool {
+    c.labels.get(LABEL_DESIRED).map(String::as_str) != Some("stopped") && deleting(c).is_none()
+}
 use crate::network::Network;
 use crate::pool::{Pool, Route};
 
@@ -220,7 +241,14 @@ impl Manager {
         ids::validate(bot)?;
         let _g = self.lock_bot(bot).await;
         let cid = ids::container_id(bot);
-        if let Some(c) = self.rt.get_container(&cid).await? {
+        let mut existing = self.rt.get_container(&cid).await?;
+        if let Some(keep_versions) = existing.as_ref().and_then(deleting) {
+            // The operator asked for this bot to go: finish that before creating it anew.
+            let c = existing.take().expect("checked above");
+            info!(bot, "finishing an interrupted delete before create");
+            self.delete_locked(bot, &c, keep_versions).await?;
+        }
+        if let Some(c) = existing {
             let st = self.rt.task_status(&cid).await?;
             if st.as_ref().is_some_and(|s| s.state == TaskState::Running) {
                 return Err(AgentError::BotExists(bot.to_string()));
@@ -511,12 +539,31 @@ impl Manager {
     pub async fn delete(&self, bot: &str, keep_versions: bool) -> Result<(), AgentError> {
         let _g = self.lock_bot(bot).await;
         let c = self.container(bot).await?;
+        // The intent goes on the record first: an agent that dies mid-delete finishes it on
+        // its next reconcile instead of resurrecting the bot from a leftover snapshot.
+        let intent = if keep_versions {
+            DESIRED_DELETED_KEEP_VERSIONS
+        } else {
+            DESIRED_DELETED
+        };
+        self.set_desired(bot, intent).await?;
+        self.delete_locked(bot, &c, keep_versions).await
+    }
+
+    /// The delete itself; the caller holds the bot's lock and has marked the record. The
+    /// container record goes last, so every earlier step is retried after a crash.
+    async fn delete_locked(
+        &self,
+        bot: &str,
+        c: &ContainerInfo,
+        keep_versions: bool,
+    ) -> Result<(), AgentError> {
         self.forget_route(bot);
         self.kill_and_delete_task(&c.id, Duration::ZERO).await?;
         self.net.teardown(bot).await?;
-        self.rt.delete_container(&c.id).await?;
         self.remove_snapshots(bot, &c.snapshot_key, keep_versions)
             .await?;
+        self.rt.delete_container(&c.id).await?;
         let dir = ids::bot_dir(&self.cfg.state_dir, bot);
         match tokio::fs::remove_dir_all(&dir).await {
             Ok(()) => {}
@@ -644,6 +691,16 @@ impl Manager {
             let Some(c) = self.rt.get_container(&c.id).await? else {
                 continue;
             };
+            if let Some(keep_versions) = deleting(&c) {
+                info!(bot, "reconcile: finishing an interrupted delete");
+                if let Err(e) = self.delete_locked(&bot, &c, keep_versions).await {
+                    warn!(bot, error = %e, "finishing the delete failed");
+                }
+                continue;
+            }
+            if !wants_running(&c) {
+                continue;
+            }
             let running = self
                 .rt
                 .task_status(&c.id)
@@ -744,7 +801,7 @@ impl Manager {
             let Ok(Some(c)) = me.rt.get_container(&ids::container_id(&bot)).await else {
                 return;
             };
-            if c.labels.get(LABEL_DESIRED).map(String::as_str) == Some("stopped") {
+            if !wants_running(&c) {
                 return;
             }
             if let Ok(Some(st)) = me.rt.task_status(&c.id).await {

@@ -348,14 +348,12 @@ impl Manager {
         let snaps = rt
             .list_snapshots(&[label_filter(LABEL_BOT_ID, None)])
             .await?;
-        let mut by_bot: HashMap<String, Vec<SnapshotInfo>> = HashMap::new();
-        for s in snaps {
-            if let Some(b) = s.labels.get(LABEL_BOT_ID).cloned() {
-                by_bot.entry(b).or_default().push(s);
-            }
-        }
+        let bots: std::collections::BTreeSet<String> = snaps
+            .into_iter()
+            .filter_map(|s| s.labels.get(LABEL_BOT_ID).cloned())
+            .collect();
         let mut repaired = Vec::new();
-        for (bot, snaps) in by_bot {
+        for bot in bots {
             if ids::validate(&bot).is_err() {
                 continue;
             }
@@ -363,10 +361,17 @@ impl Manager {
             let cid = ids::container_id(&bot);
             let container = rt.get_container(&cid).await?;
             if let Some(c) = &container {
+                if crate::bots::deleting(c).is_some() {
+                    continue; // reconcile finishes the delete
+                }
                 if rt.stat_snapshot(&c.snapshot_key).await?.is_some() {
                     continue; // healthy
                 }
             }
+            // Re-read under the lock: a delete or cycle that held it may have changed them.
+            let snaps = rt
+                .list_snapshots(&[label_filter(LABEL_BOT_ID, Some(&bot))])
+                .await?;
             let newest_active = snaps
                 .iter()
                 .filter(|s| s.kind == SnapshotKind::Active)

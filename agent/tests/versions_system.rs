@@ -175,6 +175,42 @@ fn agent_killed_at_each_cycle_step_recovers_the_bot() {
     assert_eq!(a.sh_in(&bot, "cat /data/marker5"), "step5\n");
 }
 
+#[test]
+fn delete_interrupted_by_a_crash_is_finished_not_undone() {
+    use memoh_agent::containerd::Runtime;
+    let Some(env) = Env::get(false) else { return };
+    let mut a = TestAgent::with_image(&env);
+    let (bot, _) = a.create_bot("del");
+    a.sh_in(&bot, "echo doomed > /data/f");
+    snapshot(&a, &bot, "v1");
+    // The agent dies right after `bot rm` marked the record, before it removed anything.
+    a.kill(nix::sys::signal::Signal::SIGKILL);
+    common::block_on(async {
+        let c = a.containerd().await;
+        let labels =
+            std::collections::HashMap::from([("memoh.desired".to_string(), "deleted".to_string())]);
+        c.update_container_labels(&format!("mcp-{bot}"), &labels)
+            .await
+            .expect("mark the container deleted");
+    });
+    a.serve();
+    a.wait_for(
+        "the interrupted delete finished",
+        Duration::from_secs(20),
+        || a.leftovers(&bot).is_empty(),
+    );
+    assert!(a.list().is_empty(), "{:?}", a.list());
+    // The id is free again, and a new bot under it starts empty.
+    a.ok(&["bot", "create", &bot]);
+    wait_exec(&a, &bot, "recreated bot");
+    assert_eq!(
+        a.sh_in(&bot, "cat /data/f 2>/dev/null || echo gone"),
+        "gone\n"
+    );
+    a.ok(&["bot", "rm", &bot]);
+    assert!(a.leftovers(&bot).is_empty(), "{:?}", a.leftovers(&bot));
+}
+
 /// What a test expects of one migrated entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Entry {
