@@ -444,7 +444,7 @@ fn a_deleted_masquerade_rule_comes_back() {
 fn a_deleted_veth_is_attached_again() {
     let Some(env) = Env::get(false) else { return };
     let mut a = TestAgent::with_image(&env);
-    let (bot, _) = a.create_bot("veth");
+    let (bot, old_ip) = a.create_bot("veth");
     let ports = stdout(&common::sh(
         "ip",
         &["-o", "link", "show", "master", &a.bridge],
@@ -463,6 +463,7 @@ fn a_deleted_veth_is_attached_again() {
     a.ok(&["bot", "start", &bot]);
     let info = a.inspect(&bot);
     let ip = field(&info, "ip").as_str().unwrap().to_string();
+    assert_eq!(ip, old_ip, "the bot was re-addressed");
     assert!(
         common::tcp_connects(&format!("{ip}:9090"), Duration::from_secs(2)),
         "{ip}:9090 unreachable after re-attach"

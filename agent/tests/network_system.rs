@@ -361,6 +361,7 @@ async fn stale_ipam_reservation_is_removed_and_added_again() {
         container_id: network::container_id(&bot),
         netns: Some(ns.clone()),
         ifname: "eth0".into(),
+        ip: None,
     };
     let err = f.net.cni().add(&list, &rt).await.unwrap_err();
     assert!(err.to_string().contains("duplicate allocation"), "{err}");
@@ -390,6 +391,7 @@ async fn add_without_saved_state_is_removed_and_added_again() {
         container_id: network::container_id(&bot),
         netns: Some(ns.clone()),
         ifname: "eth0".into(),
+        ip: None,
     };
     let orphan = network::result::parse_result(&f.net.cni().add(&list, &rt).await.unwrap())
         .unwrap()
@@ -661,6 +663,7 @@ async fn a_bridge_that_lost_its_last_port_is_repaired() {
         container_id: network::container_id(&bot),
         netns: Some(ns.clone()),
         ifname: "eth0".into(),
+        ip: None,
     };
     let err = f.net.cni().add(&list, &rt).await.unwrap_err();
     assert!(err.to_string().contains("bridge's mac"), "{err}");

@@ -49,7 +49,7 @@ impl CniCommand {
 }
 
 /// Who is being attached: the runtime side of an invocation.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RuntimeConf {
     /// `CNI_CONTAINERID`; host-local keys its reservations on it.
     pub container_id: String,
@@ -57,6 +57,19 @@ pub struct RuntimeConf {
     pub netns: Option<PathBuf>,
     /// `CNI_IFNAME`, e.g. `eth0`.
     pub ifname: String,
+    /// An address to ask IPAM for (`CNI_ARGS` `IP=`, which host-local honours), so a bot
+    /// attached again gets its old address back.
+    pub ip: Option<std::net::IpAddr>,
+}
+
+impl RuntimeConf {
+    /// `CNI_ARGS`: empty, or `IgnoreUnknown=1;IP=ADDR` (plugins that do not know `IP` skip it).
+    pub fn cni_args(&self) -> String {
+        match self.ip {
+            Some(ip) => format!("IgnoreUnknown=1;IP={ip}"),
+            None => String::new(),
+        }
+    }
 }
 
 /// One plugin invocation.
@@ -140,12 +153,14 @@ impl PluginExec for ExecPlugins {
             .map(Path::as_os_str)
             .unwrap_or_default();
         let cni_path = self.cni_path();
-        let envs: [(&str, &OsStr); 5] = [
+        let cni_args = inv.runtime.cni_args();
+        let envs: [(&str, &OsStr); 6] = [
             ("CNI_COMMAND", OsStr::new(inv.command.as_str())),
             ("CNI_CONTAINERID", OsStr::new(&inv.runtime.container_id)),
             ("CNI_NETNS", netns),
             ("CNI_IFNAME", OsStr::new(&inv.runtime.ifname)),
             ("CNI_PATH", &cni_path),
+            ("CNI_ARGS", OsStr::new(&cni_args)),
         ];
         let no_args: [&str; 0] = [];
         tracing::debug!(plugin = inv.plugin, command = inv.command.as_str(), container = %inv.runtime.container_id, "running cni plugin");
@@ -389,7 +404,18 @@ mod tests {
             container_id: "mcp-a".into(),
             netns: Some("/run/netns/memoh-a".into()),
             ifname: "eth0".into(),
+            ip: None,
         }
+    }
+
+    #[test]
+    fn cni_args_ask_for_an_address_only_when_given() {
+        assert_eq!(rt().cni_args(), "");
+        let with_ip = RuntimeConf {
+            ip: Some("10.88.0.7".parse().unwrap()),
+            ..rt()
+        };
+        assert_eq!(with_ip.cni_args(), "IgnoreUnknown=1;IP=10.88.0.7");
     }
 
     #[tokio::test]

@@ -266,6 +266,7 @@ impl<E: PluginExec, F: Firewall, N: Netns> Network<E, F, N> {
     pub async fn setup(&self, bot: &str, netns: &Path) -> Result<BotNetwork, AgentError> {
         check_bot_id(bot)?;
         let cid = container_id(bot);
+        let mut previous_ip = None;
         match state::load(&self.cfg.state_dir, bot).await? {
             Some(Ok(saved)) => {
                 if saved.netns == netns {
@@ -280,6 +281,7 @@ impl<E: PluginExec, F: Firewall, N: Netns> Network<E, F, N> {
                         }
                     }
                 }
+                previous_ip = self.describe(&saved).ok().map(|bn| bn.ip);
                 self.del_saved_quietly(&saved).await;
             }
             Some(Err(reason)) => {
@@ -289,25 +291,21 @@ impl<E: PluginExec, F: Firewall, N: Netns> Network<E, F, N> {
         }
 
         let net = self.load_network().await?;
-        let rt = RuntimeConf {
+        let mut rt = RuntimeConf {
             container_id: cid.clone(),
             netns: Some(netns.to_path_buf()),
             ifname: self.cfg.ifname.clone(),
+            // Callers and peers know the bot by its address: ask for the old one back.
+            ip: previous_ip,
         };
-        let raw = match self.add(&net, &rt).await {
+        let raw = match self.add_with_retry(bot, &net, &rt).await {
             Ok(v) => v,
-            Err(e) if is_retryable_add_error(&e) => {
-                tracing::warn!(bot, error = %e, "cni add failed on leftovers; removing and adding again");
-                crate::metrics::global().cni_retry();
-                if let Err(de) = self.cni.del(&net, &rt, None).await {
-                    tracing::warn!(bot, error = %de, "cni del before the second add failed; ignored");
-                }
-                match self.add(&net, &rt).await {
-                    Ok(v) => v,
-                    Err(e) => return Err(self.undo_add(&net, &rt, e).await),
-                }
+            Err(e) if rt.ip.is_some() => {
+                tracing::warn!(bot, error = %e, "cannot get the bot's old address back; taking a new one");
+                rt.ip = None;
+                self.add_with_retry(bot, &net, &rt).await?
             }
-            Err(e) => return Err(self.undo_add(&net, &rt, e).await),
+            Err(e) => return Err(e),
         };
 
         let saved = state::Saved::new(bot, &cid, netns, &self.cfg.ifname, net.to_value(), raw);
@@ -403,6 +401,7 @@ impl<E: PluginExec, F: Firewall, N: Netns> Network<E, F, N> {
             container_id: cid.to_string(),
             netns: alive.then(|| netns.to_path_buf()),
             ifname: ifname.to_string(),
+            ip: None,
         };
         self.cni.del(net, &rt, prev).await?;
         if !alive {
@@ -411,6 +410,31 @@ impl<E: PluginExec, F: Firewall, N: Netns> Network<E, F, N> {
             }
         }
         Ok(())
+    }
+
+    /// ADD with the retry rule: on a duplicate allocation, an existing interface or a bridge
+    /// MAC error, DEL (its error only logged) and ADD once more. A failed ADD is undone.
+    async fn add_with_retry(
+        &self,
+        bot: &str,
+        net: &NetworkConfList,
+        rt: &RuntimeConf,
+    ) -> Result<Value, AgentError> {
+        match self.add(net, rt).await {
+            Ok(v) => Ok(v),
+            Err(e) if is_retryable_add_error(&e) => {
+                tracing::warn!(bot, error = %e, "cni add failed on leftovers; removing and adding again");
+                crate::metrics::global().cni_retry();
+                if let Err(de) = self.cni.del(net, rt, None).await {
+                    tracing::warn!(bot, error = %de, "cni del before the second add failed; ignored");
+                }
+                match self.add(net, rt).await {
+                    Ok(v) => Ok(v),
+                    Err(e) => Err(self.undo_add(net, rt, e).await),
+                }
+            }
+            Err(e) => Err(self.undo_add(net, rt, e).await),
+        }
     }
 
     /// ADD, after making sure the bridge (if it exists) has a MAC the plugin can set.
@@ -485,6 +509,7 @@ impl<E: PluginExec, F: Firewall, N: Netns> Network<E, F, N> {
             container_id: saved.container_id.clone(),
             netns: Some(saved.netns.clone()),
             ifname: saved.ifname.clone(),
+            ip: None,
         };
         self.cni
             .check(&net, &rt, &saved.result)
