@@ -488,9 +488,13 @@ impl Manager {
     }
 
     /// Reports a failed call on `bot`'s channel: transport failures evict it so the next call
-    /// dials afresh.
+    /// dials afresh, and so does a deadline, which bounds a channel stuck connecting (calls
+    /// in flight keep their own handle on the old connection).
     pub fn report_failure(&self, bot: &str, status: &tonic::Status) {
-        if status.code() == tonic::Code::Unavailable || status.code() == tonic::Code::Unknown {
+        if matches!(
+            status.code(),
+            tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::DeadlineExceeded
+        ) {
             if let Some(route) = lock(&self.routes).get(bot).cloned() {
                 self.pool.evict_if(bot, &route);
             }

@@ -16,8 +16,9 @@ const BOM: &str = "\u{feff}";
 ///
 /// Checks: an empty `old_text` and non-UTF-8 files are refused; a success rewrites exactly one
 /// region of the file into `new_text` (its line endings adapted to a CRLF file) and keeps every
-/// other byte and the BOM; an exact match is the only occurrence of `old_text`; "not found"
-/// means `old_text` does not occur verbatim after the BOM; ambiguity counts at least two places.
+/// other byte and the BOM (unless `old_text` starts with it); an exact match is the only
+/// occurrence of `old_text`; "not found" means `old_text` does not occur verbatim after the BOM
+/// (nor, when it starts with one, in the whole file); ambiguity counts at least two places.
 pub fn edit_matcher_check(data: &[u8]) {
     let mut parts = data.splitn(3, |b| *b == 0xff);
     let file = parts.next().unwrap_or_default();
@@ -33,11 +34,11 @@ pub fn edit_matcher_check(data: &[u8]) {
         Err(EditError::NotText) => assert!(!old.is_empty() && text.is_none()),
         Err(EditError::NotFound) => {
             let text = text.expect("not found in a text file");
-            // The matcher works on the text after a BOM; an `old_text` that includes the BOM
-            // is not found (a known limit).
+            // The matcher works on the text after a BOM, and on the whole file for an
+            // `old_text` that starts with a BOM.
             let body = text.strip_prefix(BOM).unwrap_or(text);
             assert!(
-                !body.contains(old),
+                !body.contains(old) && !(old.starts_with(BOM) && text.contains(old)),
                 "{old:?} occurs in {text:?} but was not found"
             );
         }
@@ -60,7 +61,7 @@ pub fn edit_matcher_check(data: &[u8]) {
             let fits = |&(start, end): &(usize, usize)| {
                 let removed = &text[start..end];
                 !removed.is_empty()
-                    && (!text.starts_with(BOM) || start >= BOM.len())
+                    && (!text.starts_with(BOM) || start >= BOM.len() || old.starts_with(BOM))
                     && (kind != MatchKind::Exact
                         || forms
                             .iter()

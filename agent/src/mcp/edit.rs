@@ -68,10 +68,27 @@ pub fn apply(
         return Err(EditError::EmptyOldText);
     }
     let whole = std::str::from_utf8(file).map_err(|_| EditError::NotText)?;
-    let (bom, text) = match whole.strip_prefix(BOM) {
-        Some(rest) => (BOM, rest),
-        None => ("", whole),
+    let Some(body) = whole.strip_prefix(BOM) else {
+        return apply_to("", whole, old_text, new_text);
     };
+    // The BOM is the file's marker, kept and out of reach of the match, unless `old_text`
+    // itself starts with it (copied from a read of the file's first line) and is found only
+    // that way: then the whole file is the text and the edit is taken as given.
+    match apply_to(BOM, body, old_text, new_text) {
+        Err(EditError::NotFound) if old_text.starts_with(BOM) => {
+            apply_to("", whole, old_text, new_text)
+        }
+        r => r,
+    }
+}
+
+/// [`apply`] on `text`, the file after its BOM (`bom`, empty when it has none).
+fn apply_to(
+    bom: &str,
+    text: &str,
+    old_text: &str,
+    new_text: &str,
+) -> Result<(Vec<u8>, MatchKind), EditError> {
     let crlf = uses_crlf(text);
     let old = if crlf {
         to_crlf(old_text)
@@ -100,7 +117,7 @@ pub fn apply(
             (s, e, MatchKind::Tolerant, new)
         }
     };
-    let mut out = String::with_capacity(whole.len() + new.len());
+    let mut out = String::with_capacity(bom.len() + text.len() + new.len());
     out.push_str(bom);
     out.push_str(&text[..start]);
     out.push_str(&new);
@@ -302,6 +319,22 @@ mod tests {
                 "n)\nb\r\nc\nc\r",
                 "N",
                 "fN\nf\nc\r\n\r\nb",
+                Exact,
+            ),
+            // old_text copied with the BOM from a read of the first line
+            (
+                "\u{feff}first\nsecond\n",
+                "\u{feff}first",
+                "\u{feff}1st",
+                "\u{feff}1st\nsecond\n",
+                Exact,
+            ),
+            // a BOM-led old_text that also occurs after the BOM matches there, BOM kept
+            (
+                "\u{feff}a\u{feff}b\n",
+                "\u{feff}b",
+                "c",
+                "\u{feff}ac\n",
                 Exact,
             ),
             // tolerant with BOM
