@@ -4,12 +4,14 @@
 //! status within a deadline, and the server must still answer `Stat` afterwards.
 
 mod common;
+#[path = "support/raw.rs"]
+mod raw;
 
 use std::time::Duration;
 
-use bytes::{Buf, BufMut, Bytes};
+use bytes::Bytes;
 use common::TestServer;
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use raw::{bytes_field, varint, RawCodec};
 use tonic::{Code, Status};
 
 /// Every RPC of `mcpcontainer.ContainerService`.
@@ -25,59 +27,6 @@ const RPCS: [&str; 10] = [
     "WriteRaw",
     "DeleteFile",
 ];
-
-/// A codec that sends and receives message bodies as they are.
-#[derive(Clone, Copy, Default)]
-struct RawCodec;
-
-impl Codec for RawCodec {
-    type Encode = Bytes;
-    type Decode = Bytes;
-    type Encoder = RawCodec;
-    type Decoder = RawCodec;
-
-    fn encoder(&mut self) -> Self::Encoder {
-        RawCodec
-    }
-
-    fn decoder(&mut self) -> Self::Decoder {
-        RawCodec
-    }
-}
-
-impl Encoder for RawCodec {
-    type Item = Bytes;
-    type Error = Status;
-
-    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        dst.put(item);
-        Ok(())
-    }
-}
-
-impl Decoder for RawCodec {
-    type Item = Bytes;
-    type Error = Status;
-
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Status> {
-        Ok(Some(src.copy_to_bytes(src.remaining())))
-    }
-}
-
-fn varint(mut v: u64, out: &mut Vec<u8>) {
-    while v >= 0x80 {
-        out.push((v as u8) | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
-}
-
-/// Field `field` with wire type 2 (length-delimited) holding `data`.
-fn bytes_field(field: u32, data: &[u8], out: &mut Vec<u8>) {
-    varint(u64::from(field) << 3 | 2, out);
-    varint(data.len() as u64, out);
-    out.extend_from_slice(data);
-}
 
 /// The hostile bodies sent to every RPC, with a name for failure messages. None of them can
 /// name `/` or leave the data directory (no `..`, no absolute paths), so a request that happens

@@ -36,17 +36,31 @@ impl CliError {
 /// Turns a status from the agent into one readable line.
 fn status_err(socket: &Path, s: tonic::Status) -> CliError {
     let msg = s.message();
-    if s.code() == tonic::Code::Unavailable
-        && (msg.contains("transport")
-            || msg.contains("connect")
-            || msg.contains("No such file")
-            || msg.contains("refused"))
-    {
-        return CliError::new(format!(
-            "agent not running: cannot connect to {} ({})",
-            socket.display(),
-            msg.lines().next().unwrap_or_default()
-        ));
+    let transport = matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown)
+        && [
+            "transport",
+            "connect",
+            "No such file",
+            "refused",
+            "reset",
+            "broken pipe",
+            "h2 protocol",
+        ]
+        .iter()
+        .any(|w| msg.contains(w));
+    if transport {
+        let first = msg.lines().next().unwrap_or_default();
+        // The call failed below gRPC: say whether the agent is gone or only the connection.
+        return CliError::new(match std::os::unix::net::UnixStream::connect(socket) {
+            Err(e) => format!(
+                "agent not running: cannot connect to {} ({e})",
+                socket.display()
+            ),
+            Ok(_) => format!(
+                "lost the connection to the agent at {} mid-call ({first})",
+                socket.display()
+            ),
+        });
     }
     CliError::new(msg.to_string())
 }
@@ -290,8 +304,9 @@ fn bot_json(b: &pb::BotInfo) -> serde_json::Value {
         "created_at": b.created_at,
         "pid": b.pid,
         "restart_count": b.restart_count,
-        "last_exit_code": b.last_exit_code,
-        "last_exit_at": b.last_exit_at,
+        // null until a task of the bot has exited; -1 when it was killed by a signal.
+        "last_exit_code": (!b.last_exit_at.is_empty()).then_some(b.last_exit_code),
+        "last_exit_at": (!b.last_exit_at.is_empty()).then_some(&b.last_exit_at),
     })
 }
 

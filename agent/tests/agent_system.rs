@@ -320,6 +320,10 @@ fn a_killed_server_is_restarted_with_its_data_and_address() {
     let info = a.inspect(&bot);
     let pid = field(&info, "pid").as_u64().unwrap();
     assert_eq!(field(&info, "restart_count"), 0);
+    assert!(
+        field(&info, "last_exit_code").is_null(),
+        "never exited: {info}"
+    );
 
     kill9(pid);
     let t = Instant::now();
@@ -344,6 +348,8 @@ fn a_killed_server_is_restarted_with_its_data_and_address() {
             .is_empty(),
         "{last}"
     );
+    // kill -9: the exit is known and was a signal.
+    assert_eq!(last["last_exit_code"], -1, "{last}");
     assert_eq!(a.sh_in(&bot, "cat /data/keep"), "precious\n");
     assert_eq!(a.ipam_entries().len(), 1, "{:?}", a.ipam_entries());
 }

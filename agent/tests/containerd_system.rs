@@ -8,11 +8,13 @@
 //! Every test works in a namespace of its own and removes all it made (tasks, containers,
 //! snapshots, images, leases, content, the namespace itself), whether it passed or not.
 
+mod common;
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::io::Read;
 use std::panic::AssertUnwindSafe;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -32,57 +34,11 @@ use memoh_agent::containerd::{
 };
 use memoh_agent::AgentError;
 
+use common::Env;
+
 const IMAGE: &str = "docker.io/memohai/mcp:latest";
 const SNAPSHOTTER: &str = "overlayfs";
 const RUNTIME: &str = "io.containerd.runc.v2";
-
-struct TestEnv {
-    sock: PathBuf,
-    tar: PathBuf,
-    registry: Option<String>,
-    runc_root: Option<PathBuf>,
-}
-
-/// The test environment, or `None` (after saying why) when it is not set up outside CI.
-fn test_env(need_registry: bool) -> Option<TestEnv> {
-    let var = |k: &str| {
-        std::env::var(k)
-            .ok()
-            .filter(|v| !v.is_empty() && v != "127.0.0.1:UNSET")
-    };
-    let sock = var("MEMOH_TEST_CONTAINERD_SOCK");
-    let tar = var("MEMOH_TEST_IMAGE_TAR");
-    let registry = var("MEMOH_TEST_REGISTRY");
-    let problem = match (&sock, &tar, &registry) {
-        (None, _, _) => Some("MEMOH_TEST_CONTAINERD_SOCK is not set".to_string()),
-        (_, None, _) => Some("MEMOH_TEST_IMAGE_TAR is not set".to_string()),
-        (_, Some(t), _) if !Path::new(t).is_file() => Some(format!(
-            "image archive {t} does not exist (scripts/build-image.sh)"
-        )),
-        (Some(s), _, _) if !Path::new(s).exists() => Some(format!(
-            "containerd socket {s} does not exist (scripts/test-env.sh up)"
-        )),
-        (_, _, None) if need_registry => Some("MEMOH_TEST_REGISTRY is not set".to_string()),
-        _ => None,
-    };
-    if let Some(p) = problem {
-        if std::env::var_os("CI").is_some() {
-            panic!(
-                "containerd system tests need their environment in CI: {p}; run \
-                 scripts/build-image.sh and eval \"$(scripts/test-env.sh env)\" after \
-                 scripts/test-env.sh up"
-            );
-        }
-        println!("skipped: {p}");
-        return None;
-    }
-    Some(TestEnv {
-        sock: sock.unwrap().into(),
-        tar: tar.unwrap().into(),
-        registry,
-        runc_root: var("MEMOH_TEST_RUNC_ROOT").map(PathBuf::from),
-    })
-}
 
 fn unique(prefix: &str) -> String {
     let nanos = SystemTime::now()
@@ -96,7 +52,7 @@ fn unique(prefix: &str) -> String {
     )
 }
 
-async fn connect(env: &TestEnv, namespace: &str) -> Containerd {
+async fn connect(env: &Env, namespace: &str) -> Containerd {
     let c = Containerd::connect(&env.sock, namespace, SNAPSHOTTER, RUNTIME)
         .await
         .expect("connect to the private containerd");
@@ -108,7 +64,7 @@ async fn connect(env: &TestEnv, namespace: &str) -> Containerd {
 
 /// Runs `body` in a fresh namespace, then removes everything in that namespace and the
 /// namespace itself, also when `body` panicked. A clean test must leave nothing behind.
-async fn in_namespace<F, Fut>(env: &TestEnv, name: &str, body: F)
+async fn in_namespace<F, Fut>(env: &Env, name: &str, body: F)
 where
     F: FnOnce(Containerd) -> Fut,
     Fut: Future<Output = ()>,
@@ -270,7 +226,7 @@ async fn wait_for_file(path: &Path, needles: &[&str], timeout: Duration) -> Stri
 
 #[tokio::test]
 async fn import_resolve_run_and_remove() {
-    let Some(env) = test_env(false) else { return };
+    let Some(env) = Env::get(false) else { return };
     let env = &env;
     in_namespace(env, "run", |c| async move {
         // Import, twice: the second finds everything in place.
@@ -476,7 +432,7 @@ async fn import_resolve_run_and_remove() {
 
 #[tokio::test]
 async fn snapshot_versions_and_labels() {
-    let Some(env) = test_env(false) else { return };
+    let Some(env) = Env::get(false) else { return };
     let env = &env;
     in_namespace(env, "snap", |c| async move {
         c.import_archive(&env.tar, None, &no_progress)
@@ -616,7 +572,7 @@ fn docker_archive_from(oci_tar: &Path, out: &Path) -> (Vec<String>, String) {
 
 #[tokio::test]
 async fn docker_archive_with_two_layers_matches_containerd_chain_ids() {
-    let Some(env) = test_env(false) else { return };
+    let Some(env) = Env::get(false) else { return };
     let env = &env;
     let dir = tempfile::tempdir().unwrap();
     let archive = dir.path().join("docker.tar");
@@ -677,7 +633,7 @@ async fn docker_archive_with_two_layers_matches_containerd_chain_ids() {
 
 #[tokio::test]
 async fn pull_from_loopback_registry() {
-    let Some(env) = test_env(true) else { return };
+    let Some(env) = Env::get(true) else { return };
     let env = &env;
     let registry = env.registry.clone().unwrap();
     let reference = format!("{registry}/memohai/mcp:test");
@@ -735,7 +691,7 @@ async fn pull_from_loopback_registry() {
 
 #[tokio::test]
 async fn errors_name_the_problem() {
-    let Some(env) = test_env(false) else { return };
+    let Some(env) = Env::get(false) else { return };
     let env = &env;
     // containerd down: no socket, and a socket nobody serves.
     let dir = tempfile::tempdir().unwrap();
