@@ -60,12 +60,18 @@ pub fn edit_matcher_check(data: &[u8]) {
             let forms = [old.to_string(), to_crlf(old)];
             let fits = |&(start, end): &(usize, usize)| {
                 let removed = &text[start..end];
+                // Where the match was looked for: after the BOM, or the whole file when the
+                // match takes the BOM itself.
+                let searched = match text.strip_prefix(BOM) {
+                    Some(body) if start >= BOM.len() => body,
+                    _ => text,
+                };
                 !removed.is_empty()
                     && (!text.starts_with(BOM) || start >= BOM.len() || old.starts_with(BOM))
                     && (kind != MatchKind::Exact
                         || forms
                             .iter()
-                            .any(|o| o == removed && text.matches(o.as_str()).count() == 1))
+                            .any(|o| o == removed && searched.matches(o.as_str()).count() == 1))
             };
             assert!(
                 regions.iter().any(fits),
