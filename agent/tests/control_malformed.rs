@@ -15,8 +15,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::{block_on, Env, TestAgent};
 use memoh_proto::client::unix_channel;
-use tonic::transport::Channel;
 use raw::{bytes_field, RawCodec};
+use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 const RPCS: [&str; 15] = [
