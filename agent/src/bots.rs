@@ -398,10 +398,22 @@ impl Manager {
         self.wait_ready(bot).await
     }
 
-    /// Attaches the bot (keeping a healthy address) and records its route.
+    /// Attaches the bot (keeping a healthy address), makes sure the host rules exist, and
+    /// records its route.
     async fn attach(&self, bot: &str, c: &ContainerInfo) -> Result<IpAddr, AgentError> {
+        let bn = self.attach_without_host_rules(bot, c).await?;
+        self.net.ensure_host_rules(&bn).await?;
+        Ok(bn.ip)
+    }
+
+    /// [`Manager::attach`] without the host rules (the caller ensures them, once per network).
+    async fn attach_without_host_rules(
+        &self,
+        bot: &str,
+        c: &ContainerInfo,
+    ) -> Result<crate::network::BotNetwork, AgentError> {
         let netns = self.net.netns_path(bot);
-        let bn = self.net.setup(bot, &netns).await?;
+        let bn = self.net.setup_without_host_rules(bot, &netns).await?;
         let token = tokio::fs::read_to_string(ids::token_path(&self.cfg.state_dir, bot))
             .await
             .ok()
@@ -425,7 +437,7 @@ impl Manager {
             self.pool.evict(bot);
             routes.insert(bot.to_string(), route);
         }
-        Ok(bn.ip)
+        Ok(bn)
     }
 
     /// Polls the bot's server until it answers or [`READY_TIMEOUT`] passes.
@@ -683,6 +695,9 @@ impl Manager {
             .list_containers(&[label_filter(LABEL_BOT_ID, None)])
             .await?;
         let mut started = 0;
+        // Running bots' host rules are per network, not per bot: checked once per pass, after
+        // the loop (100 bots would otherwise cost 400 `iptables` runs every pass).
+        let mut networks: Vec<crate::network::BotNetwork> = Vec::new();
         for c in containers {
             let Some(bot) = c.labels.get(LABEL_BOT_ID).cloned() else {
                 continue;
@@ -711,7 +726,14 @@ impl Manager {
                 .await?
                 .is_some_and(|s| s.state == TaskState::Running);
             let r = if running {
-                self.attach(&bot, &c).await.map(|_| ())
+                self.attach_without_host_rules(&bot, &c).await.map(|bn| {
+                    if !networks
+                        .iter()
+                        .any(|n| n.subnet() == bn.subnet() && n.bridge == bn.bridge)
+                    {
+                        networks.push(bn);
+                    }
+                })
             } else {
                 started += 1;
                 info!(bot, "reconcile: starting");
@@ -720,6 +742,11 @@ impl Manager {
             match r {
                 Ok(()) => self.migrate_in_background(&bot),
                 Err(e) => warn!(bot, error = %e, "reconcile failed for bot"),
+            }
+        }
+        for bn in &networks {
+            if let Err(e) = self.net.ensure_host_rules(bn).await {
+                warn!(subnet = %bn.subnet(), error = %e, "reconcile: host rules failed");
             }
         }
         Ok(started)

@@ -264,6 +264,19 @@ impl<E: PluginExec, F: Firewall, N: Netns> Network<E, F, N> {
     /// removed and ADD runs; on a duplicate allocation, an existing interface or a bridge MAC
     /// error it removes what is there (ignoring that removal's error) and adds once more.
     pub async fn setup(&self, bot: &str, netns: &Path) -> Result<BotNetwork, AgentError> {
+        let bn = self.setup_without_host_rules(bot, netns).await?;
+        self.host_rules(&bn).await?;
+        Ok(bn)
+    }
+
+    /// [`Network::setup`] without the host rules, for a caller that attaches many bots and
+    /// then calls [`Network::ensure_host_rules`] once per network (the periodic reconcile:
+    /// per bot, the four `iptables` runs cost more than the rest of the check).
+    pub async fn setup_without_host_rules(
+        &self,
+        bot: &str,
+        netns: &Path,
+    ) -> Result<BotNetwork, AgentError> {
         check_bot_id(bot)?;
         let cid = container_id(bot);
         let mut previous_ip = None;
@@ -273,7 +286,6 @@ impl<E: PluginExec, F: Firewall, N: Netns> Network<E, F, N> {
                     match self.healthy(&saved).await {
                         Ok(bn) => {
                             tracing::debug!(bot, ip = %bn.ip, "bot network is healthy; keeping it");
-                            self.host_rules(&bn).await?;
                             return Ok(bn);
                         }
                         Err(reason) => {
@@ -317,7 +329,6 @@ impl<E: PluginExec, F: Firewall, N: Netns> Network<E, F, N> {
             return Err(self.undo_add(&net, &rt, e).await);
         }
         tracing::info!(bot, ip = %bn.ip, netns = %netns.display(), "bot attached to the network");
-        self.host_rules(&bn).await?;
         Ok(bn)
     }
 
@@ -544,6 +555,12 @@ impl<E: PluginExec, F: Firewall, N: Netns> Network<E, F, N> {
             bridge,
             result,
         })
+    }
+
+    /// Makes sure the host rules `bn`'s network needs exist: the MASQUERADE fallback for its
+    /// subnet and the isolation of its bridge (as [`Network::setup`] does).
+    pub async fn ensure_host_rules(&self, bn: &BotNetwork) -> Result<(), AgentError> {
+        self.host_rules(bn).await
     }
 
     /// MASQUERADE for the bot's subnet and isolation on its bridge, as configured.
