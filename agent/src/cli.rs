@@ -50,17 +50,24 @@ fn status_err(socket: &Path, s: tonic::Status) -> CliError {
         .any(|w| msg.contains(w));
     if transport {
         let first = msg.lines().next().unwrap_or_default();
-        // The call failed below gRPC: say whether the agent is gone or only the connection.
-        return CliError::new(match std::os::unix::net::UnixStream::connect(socket) {
-            Err(e) => format!(
-                "agent not running: cannot connect to {} ({e})",
-                socket.display()
-            ),
-            Ok(_) => format!(
-                "lost the connection to the agent at {} mid-call ({first})",
-                socket.display()
-            ),
-        });
+        // The call may have failed below gRPC: say whether the agent is gone or only the
+        // connection. A status that came over the wire (no local source) is the agent's own
+        // answer, e.g. about a bot it cannot reach, and is shown as it is.
+        match std::os::unix::net::UnixStream::connect(socket) {
+            Err(e) => {
+                return CliError::new(format!(
+                    "agent not running: cannot connect to {} ({e})",
+                    socket.display()
+                ))
+            }
+            Ok(_) if std::error::Error::source(&s).is_some() => {
+                return CliError::new(format!(
+                    "lost the connection to the agent at {} mid-call ({first})",
+                    socket.display()
+                ))
+            }
+            Ok(_) => {}
+        }
     }
     CliError::new(msg.to_string())
 }

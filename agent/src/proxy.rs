@@ -44,6 +44,12 @@ impl Proxy {
 
     fn fail(&self, bot: &str, s: Status) -> Status {
         self.mgr.report_failure(bot, &s);
+        // The bot's own answers pass through unchanged; a failure to reach it at all (a
+        // local transport error, which has a source) names the bot.
+        let local = std::error::Error::source(&s).is_some();
+        if local && matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown) {
+            return Status::unavailable(format!("bot {bot:?} is unreachable: {}", s.message()));
+        }
         s
     }
 }
