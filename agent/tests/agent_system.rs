@@ -615,3 +615,99 @@ fn the_proxy_routes_by_bot_and_servers_want_their_token() {
         assert_eq!(r.stdout, b"again\n");
     });
 }
+
+/// A named network namespace with its loopback up, deleted on drop.
+struct HostNetns(String);
+
+impl HostNetns {
+    fn new(name: &str) -> Self {
+        let ns = format!("memoh-h{name}-{}", std::process::id() % 100_000);
+        let _ = common::sh("ip", &["netns", "delete", &ns]);
+        assert!(common::sh("ip", &["netns", "add", &ns]).status.success());
+        assert!(common::sh("ip", &["-n", &ns, "link", "set", "lo", "up"])
+            .status
+            .success());
+        Self(ns)
+    }
+}
+
+impl Drop for HostNetns {
+    fn drop(&mut self) {
+        let _ = common::sh("ip", &["netns", "delete", &self.0]);
+    }
+}
+
+#[test]
+fn a_flushed_nat_table_gets_its_masquerade_back() {
+    let Some(env) = Env::get(false) else { return };
+    // The agent's "host" is a network namespace of this test, so flushing its whole nat table
+    // touches nothing else on the machine. Declared first: dropped after the agent guard.
+    let host = HostNetns::new("nat");
+    let mut a = TestAgent::new(&env, "");
+    a.netns = Some(host.0.clone());
+    a.serve();
+    a.ok(&["image", "import", &env.tar.display().to_string()]);
+    let (bot, ip) = a.create_bot("natf");
+    let (other, _) = a.create_bot("natg");
+    let nat = |a: &TestAgent| stdout(&a.net_sh("iptables", &["-w", "5", "-t", "nat", "-S"]));
+    assert!(a.masq_present(), "{}", nat(&a));
+
+    // Another program flushes the table while the bots run; a command streams meanwhile.
+    let long = a
+        .command(&[
+            "exec",
+            &bot,
+            "--",
+            "sh",
+            "-c",
+            "echo start; sleep 3; echo end",
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(a
+        .net_sh("iptables", &["-w", "5", "-t", "nat", "-F"])
+        .status
+        .success());
+    assert!(!a.masq_present(), "flush left {}", nat(&a));
+    // The agent's periodic check puts it back by itself, once.
+    let t = Instant::now();
+    a.wait_for(
+        "masquerade back after a flush",
+        Duration::from_secs(25),
+        || a.masq_present(),
+    );
+    println!("masquerade back {:?} after the flush", t.elapsed());
+    let rules = nat(&a);
+    assert_eq!(
+        rules
+            .lines()
+            .filter(|l| l.contains(common::MASQ_COMMENT))
+            .count(),
+        1,
+        "{rules}"
+    );
+    let out = long.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(stdout(&out), "start\nend\n", "the stream did not survive");
+    // Nobody was re-addressed or restarted.
+    let info = a.inspect(&bot);
+    assert_eq!(field(&info, "ip"), ip.as_str(), "{info}");
+    assert_eq!(field(&info, "restart_count"), 0, "{info}");
+
+    // Flushed again, then a bot start: the rule is back at once, no waiting for the check.
+    assert!(a
+        .net_sh("iptables", &["-w", "5", "-t", "nat", "-F"])
+        .status
+        .success());
+    a.ok(&["bot", "stop", &other]);
+    a.ok(&["bot", "start", &other]);
+    assert!(a.masq_present(), "not back after a start: {}", nat(&a));
+    assert_eq!(a.sh_in(&other, "echo ok"), "ok\n");
+    for b in [&bot, &other] {
+        a.ok(&["bot", "rm", b]);
+        assert!(a.leftovers(b).is_empty(), "{:?}", a.leftovers(b));
+    }
+}

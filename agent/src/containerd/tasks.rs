@@ -87,12 +87,30 @@ impl Containerd {
             }),
             ..Default::default()
         });
-        let out = self
-            .tasks()
-            .create(req)
-            .await
-            .map_err(|s| AgentError::containerd(format!("create task {container_id}"), s))?
-            .into_inner();
+        let retry = req.get_ref().clone();
+        let out = match self.tasks().create(req).await {
+            // containerd killed while it created a task keeps, after its restart, a shim whose
+            // init process never came to be: Get answers NOT_FOUND (so the caller saw no task)
+            // but Create answers ALREADY_EXISTS, for ever. Delete removes that shim (it
+            // tolerates the missing process); then create once more. A real task is not
+            // harmed: Delete refuses a live one, and the second Create fails as the first.
+            Err(s) if s.code() == Code::AlreadyExists => {
+                tracing::warn!(
+                    container = %container_id,
+                    "containerd holds a stale task entry; deleting it and creating again"
+                );
+                let del = self.request(DeleteTaskRequest {
+                    container_id: container_id.to_string(),
+                });
+                if let Err(e) = self.tasks().delete(del).await {
+                    tracing::debug!(container = %container_id, error = %e, "deleting the stale task");
+                }
+                self.tasks().create(self.request(retry)).await
+            }
+            r => r,
+        }
+        .map_err(|s| AgentError::containerd(format!("create task {container_id}"), s))?
+        .into_inner();
         tracing::debug!(container = %container_id, pid = out.pid, "task created");
         Ok(out.pid)
     }

@@ -328,6 +328,11 @@ impl<E: PluginExec, F: Firewall, N: Netns> Network<E, F, N> {
         if let Err(e) = state::save(&self.cfg.state_dir, &saved).await {
             return Err(self.undo_add(&net, &rt, e).await);
         }
+        // The address may have belonged to another bot seconds ago (host-local hands out
+        // freed addresses, sooner when a re-attach asked for an old one): forget its MAC.
+        if let Some(bridge) = &bn.bridge {
+            self.netns.forget_neighbour(bridge, bn.ip).await;
+        }
         tracing::info!(bot, ip = %bn.ip, netns = %netns.display(), "bot attached to the network");
         Ok(bn)
     }

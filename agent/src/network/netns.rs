@@ -72,6 +72,11 @@ pub trait Netns: Send + Sync {
     /// removes the only port again. A set address survives port churn.
     fn pin_bridge_mac(&self, bridge: &str)
         -> impl Future<Output = Result<bool, AgentError>> + Send;
+
+    /// Drops the host's neighbour (ARP) entry for `ip` on `bridge`, if any. An address that
+    /// just changed hands (a bot deleted, another given its address) would otherwise be sent
+    /// to the old owner's MAC until the entry goes stale, about 30 s of silence.
+    fn forget_neighbour(&self, bridge: &str, ip: IpAddr) -> impl Future<Output = ()> + Send;
 }
 
 /// Namespaces through iproute2 (`ip netns`) and util-linux `nsenter`.
@@ -227,6 +232,22 @@ impl Netns for IpNetns {
         }
         tracing::info!(bridge, mac, "pinned the bridge's mac address");
         Ok(true)
+    }
+
+    async fn forget_neighbour(&self, bridge: &str, ip: IpAddr) {
+        if !valid_netns_name(bridge) {
+            return;
+        }
+        let op = format!("forget neighbour {ip} on {bridge}");
+        let ip = ip.to_string();
+        // Most of the time there is no entry; "no such entry" is the expected answer.
+        match Self::ip(&op, &["neigh", "del", &ip, "dev", bridge]).await {
+            Ok(out) if out.success() => {
+                tracing::debug!(bridge, ip, "dropped a stale neighbour entry")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::debug!(bridge, ip, error = %e, "cannot drop the neighbour entry"),
+        }
     }
 }
 

@@ -63,6 +63,7 @@ impl Netns for FakeNetns {
         self.pinned.lock().unwrap().push(bridge.to_string());
         Ok(false)
     }
+    async fn forget_neighbour(&self, _bridge: &str, _ip: IpAddr) {}
 }
 
 #[derive(Default)]

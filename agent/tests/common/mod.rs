@@ -10,6 +10,9 @@
 
 #![allow(dead_code)]
 
+pub mod ctrd;
+pub mod soak;
+
 use std::collections::HashSet;
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
@@ -214,6 +217,10 @@ pub struct TestAgent {
     pub ipam_dir: PathBuf,
     /// Extra environment for the next `serve` (e.g. a fault hook); empty by default.
     pub serve_env: Vec<(String, String)>,
+    /// A named network namespace (`/run/netns/NAME`, made by the caller) to run `serve` in;
+    /// `None` runs it in the host's. The agent's bridge, iptables rules and CNI host side then
+    /// live in that namespace, and this guard's host-side checks and clean-up run there too.
+    pub netns: Option<String>,
     child: Option<Child>,
     served: bool,
     bots: Vec<String>,
@@ -246,7 +253,14 @@ impl TestAgent {
              state_dir = {state:?}\n\
              data_root = {data:?}\n\
              control_socket = {socket:?}\n\
+             {mcp}\
              {extra}\n",
+            // MCP off unless the test asks: agents of parallel tests must not race for 8091.
+            mcp = if extra.contains("mcp_listen") {
+                ""
+            } else {
+                "mcp_listen = \"\"\n"
+            },
             sock = env.sock.display().to_string(),
             conf = dir.path().join("cni").display().to_string(),
             ipam = ipam_dir.display().to_string(),
@@ -269,6 +283,7 @@ impl TestAgent {
             state_dir,
             ipam_dir,
             serve_env: Vec::new(),
+            netns: None,
             child: None,
             served: false,
             bots: Vec::new(),
@@ -300,49 +315,93 @@ impl TestAgent {
         self.dir.path().join("agent.log")
     }
 
-    /// A `serve` process on this guard's config, its output appended to the log.
+    /// A `serve` process on this guard's config (in [`TestAgent::netns`] when set), its output
+    /// appended to the log.
     pub fn spawn_serve(&self) -> Child {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.log_path())
             .unwrap();
-        Command::new(AGENT)
-            .args(["serve", "--config"])
+        let mut cmd = Command::new(AGENT);
+        cmd.args(["serve", "--config"])
             .arg(&self.config)
             .env("MEMOH_LOG", "info,memoh_agent=debug")
             .envs(self.serve_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("spawn memoh-agent serve")
+            .stderr(log);
+        // Kept open until the child has entered it.
+        let ns_file = self.netns.as_ref().map(|ns| {
+            std::fs::File::open(Path::new("/run/netns").join(ns))
+                .unwrap_or_else(|e| panic!("network namespace {ns}: {e}"))
+        });
+        if let Some(f) = &ns_file {
+            use std::os::fd::AsRawFd;
+            use std::os::unix::process::CommandExt;
+            let fd = f.as_raw_fd();
+            // SAFETY: the hook only makes raw system calls (setns, unshare, mount), which are
+            // async-signal-safe, and touches no memory of the parent.
+            unsafe {
+                cmd.pre_exec(move || enter_netns_with_sysfs(fd));
+            }
+        }
+        let child = cmd.spawn().expect("spawn memoh-agent serve");
+        drop(ns_file);
+        child
     }
 
     /// Starts the agent and waits until it answers on its socket.
     pub fn serve(&mut self) {
-        assert!(!self.running(), "the agent already runs");
+        if let Err(e) = self.try_serve(Duration::from_secs(60)) {
+            panic!("{e}");
+        }
+    }
+
+    /// Starts the agent and waits up to `limit` until `bot ls` answers; reports instead of
+    /// panicking (for fault injectors).
+    pub fn try_serve(&mut self, limit: Duration) -> Result<(), String> {
+        if self.running() {
+            return Err("the agent already runs".into());
+        }
         self.child = Some(self.spawn_serve());
         let start = Instant::now();
         loop {
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap_or(None) {
                 self.child = None;
-                panic!(
+                return Err(format!(
                     "memoh-agent serve exited with {status} before answering:\n{}",
                     self.log_tail(40)
-                );
+                ));
             }
-            if self.socket.exists() && self.cli(&["bot", "ls"]).status.success() {
-                break;
+            if self.socket.exists()
+                && self
+                    .try_cli(&["bot", "ls"])
+                    .is_ok_and(|o| o.status.success())
+            {
+                self.served = true;
+                return Ok(());
             }
-            assert!(
-                start.elapsed() < Duration::from_secs(60),
-                "the agent did not answer within 60 s:\n{}",
-                self.log_tail(40)
-            );
+            if start.elapsed() > limit {
+                return Err(format!(
+                    "the agent did not answer within {limit:?}:\n{}",
+                    self.log_tail(40)
+                ));
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
-        self.served = true;
+    }
+
+    /// Runs a host tool in this guard's network namespace (the host's when none is set).
+    pub fn net_sh(&self, program: &str, args: &[&str]) -> Output {
+        match &self.netns {
+            None => sh(program, args),
+            Some(ns) => {
+                let mut v = vec!["netns", "exec", ns.as_str(), program];
+                v.extend_from_slice(args);
+                sh("ip", &v)
+            }
+        }
     }
 
     /// Whether the agent process runs.
@@ -518,7 +577,7 @@ impl TestAgent {
         let mut args = vec!["-w", "5", "-t", "nat", "-C", "POSTROUTING"];
         let rule = self.masq_rule();
         args.extend(rule.iter().map(String::as_str));
-        sh("iptables", &args).status.success()
+        self.net_sh("iptables", &args).status.success()
     }
 
     /// Deletes that rule (only that rule); returns whether one was deleted.
@@ -526,7 +585,7 @@ impl TestAgent {
         let mut args = vec!["-w", "5", "-t", "nat", "-D", "POSTROUTING"];
         let rule = self.masq_rule();
         args.extend(rule.iter().map(String::as_str));
-        sh("iptables", &args).status.success()
+        self.net_sh("iptables", &args).status.success()
     }
 
     /// A client of this guard's containerd namespace (call inside [`block_on`]).
@@ -650,7 +709,9 @@ impl TestAgent {
                 let _ = sh("ip", &["netns", "delete", &ns]);
             }
         }
-        if Path::new("/sys/class/net").join(&self.bridge).exists() {
+        if self.netns.is_some() {
+            let _ = self.net_sh("ip", &["link", "delete", &self.bridge]);
+        } else if Path::new("/sys/class/net").join(&self.bridge).exists() {
             let _ = sh("ip", &["link", "delete", &self.bridge]);
         }
         while self.delete_masq() {}
@@ -662,21 +723,24 @@ impl TestAgent {
     /// The bridge plugin's per-container masquerade rules and chains of this network.
     fn remove_cni_masq(&self) {
         let quoted = format!("name: \\\"{}\\\"", self.network);
-        let listing =
-            String::from_utf8_lossy(&sh("iptables", &["-w", "5", "-t", "nat", "-S"]).stdout)
-                .into_owned();
+        let listing = String::from_utf8_lossy(
+            &self
+                .net_sh("iptables", &["-w", "5", "-t", "nat", "-S"])
+                .stdout,
+        )
+        .into_owned();
         for rule in listing.lines().filter(|l| l.contains(&quoted)) {
             let Some(spec) = rule.strip_prefix("-A ") else {
                 continue;
             };
-            let _ = sh("sh", &["-c", &format!("iptables -w 5 -t nat -D {spec}")]);
+            let _ = self.net_sh("sh", &["-c", &format!("iptables -w 5 -t nat -D {spec}")]);
             if let Some(chain) = spec
                 .split_whitespace()
                 .last()
                 .filter(|c| c.starts_with("CNI-"))
             {
-                let _ = sh("iptables", &["-w", "5", "-t", "nat", "-F", chain]);
-                let _ = sh("iptables", &["-w", "5", "-t", "nat", "-X", chain]);
+                let _ = self.net_sh("iptables", &["-w", "5", "-t", "nat", "-F", chain]);
+                let _ = self.net_sh("iptables", &["-w", "5", "-t", "nat", "-X", chain]);
             }
         }
     }
@@ -689,11 +753,11 @@ impl TestAgent {
         loop {
             let mut args = vec!["-w", "5", "-D", ISOLATION_CHAIN];
             args.extend_from_slice(&rule);
-            if !sh("iptables", &args).status.success() {
+            if !self.net_sh("iptables", &args).status.success() {
                 break;
             }
         }
-        let listing = sh("iptables", &["-w", "5", "-S", ISOLATION_CHAIN]);
+        let listing = self.net_sh("iptables", &["-w", "5", "-S", ISOLATION_CHAIN]);
         if !listing.status.success() {
             return;
         }
@@ -704,22 +768,24 @@ impl TestAgent {
             return;
         }
         let mut jumps = 0;
-        while sh(
-            "iptables",
-            &["-w", "5", "-D", "FORWARD", "-j", ISOLATION_CHAIN],
-        )
-        .status
-        .success()
+        while self
+            .net_sh(
+                "iptables",
+                &["-w", "5", "-D", "FORWARD", "-j", ISOLATION_CHAIN],
+            )
+            .status
+            .success()
         {
             jumps += 1;
         }
-        if !sh("iptables", &["-w", "5", "-X", ISOLATION_CHAIN])
+        if !self
+            .net_sh("iptables", &["-w", "5", "-X", ISOLATION_CHAIN])
             .status
             .success()
             && jumps > 0
         {
             // Someone added a rule between the listing and here: keep their isolation.
-            let _ = sh(
+            let _ = self.net_sh(
                 "iptables",
                 &["-w", "5", "-I", "FORWARD", "1", "-j", ISOLATION_CHAIN],
             );
@@ -785,7 +851,14 @@ pub async fn list_tasks(c: &Containerd, ns: &str) -> Vec<String> {
         .map(|r| r.into_inner().tasks)
         .unwrap_or_default()
         .into_iter()
-        .map(|t| t.container_id)
+        // containerd 1.6 fills `id` and leaves `container_id` empty.
+        .map(|t| {
+            if t.id.is_empty() {
+                t.container_id
+            } else {
+                t.id
+            }
+        })
         .collect()
 }
 
@@ -905,4 +978,41 @@ pub fn percentile(samples: &[Duration], p: usize) -> Duration {
     v.sort();
     let idx = ((p * v.len()).div_ceil(100)).clamp(1, v.len()) - 1;
     v[idx]
+}
+
+/// The `pre_exec` hook of an agent run in a network namespace: enters the namespace behind `fd`
+/// and a mount namespace of its own in which `/sys` shows that network namespace (the agent
+/// reads its bridge there), as `ip netns exec` does, but keeps every other mount shared with
+/// the host: the bots' namespaces the agent bind-mounts under `/run/netns` must reach
+/// containerd, which `ip netns exec` (everything a slave) would not let happen.
+fn enter_netns_with_sysfs(fd: std::os::fd::RawFd) -> std::io::Result<()> {
+    let check = |r: libc::c_int| {
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    };
+    let sys = c"/sys";
+    // SAFETY: raw system calls on valid, NUL-terminated constant strings and an open fd.
+    unsafe {
+        check(libc::setns(fd, libc::CLONE_NEWNET))?;
+        check(libc::unshare(libc::CLONE_NEWNS))?;
+        // This copy of /sys only: nothing mounted on it may propagate to the host.
+        check(libc::mount(
+            std::ptr::null(),
+            sys.as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        ))?;
+        check(libc::mount(
+            c"sysfs".as_ptr(),
+            sys.as_ptr(),
+            c"sysfs".as_ptr(),
+            0,
+            std::ptr::null(),
+        ))?;
+    }
+    Ok(())
 }
