@@ -249,30 +249,8 @@ fn render(rows: &[Row]) -> String {
     s
 }
 
-fn first_line(program: &str, args: &[&str]) -> String {
-    Command::new(program)
-        .args(args)
-        .output()
-        .map(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .next()
-                .unwrap_or_default()
-                .trim()
-                .to_string()
-        })
-        .unwrap_or_default()
-}
-
 fn section(table: &str, env: &Env) -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("model name"))
-        .and_then(|l| l.split(':').nth(1))
-        .unwrap_or("unknown")
-        .trim()
-        .to_string();
+    let cpu = common::cpu_model();
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let mem = std::fs::read_to_string("/proc/meminfo")
         .unwrap_or_default()
@@ -289,9 +267,9 @@ fn section(table: &str, env: &Env) -> String {
         .take(3)
         .collect::<Vec<_>>()
         .join(" ");
-    let containerd = first_line("containerd", &["--version"]);
-    let kernel = first_line("uname", &["-r"]);
-    let date = first_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]);
+    let containerd = common::first_line("containerd", &["--version"]);
+    let kernel = common::first_line("uname", &["-r"]);
+    let date = common::first_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]);
     format!(
         "\n## memoh-agent ({date})\n\n\
          Machine: {cpu}, {cores} cores (shared), {mem} RAM, kernel {kernel}, {containerd} \

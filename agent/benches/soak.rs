@@ -20,7 +20,6 @@ mod common;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use common::soak::{self, SoakConfig, SoakReport};
@@ -81,21 +80,6 @@ fn main() {
     }
 }
 
-fn first_line(program: &str, args: &[&str]) -> String {
-    Command::new(program)
-        .args(args)
-        .output()
-        .map(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .next()
-                .unwrap_or_default()
-                .trim()
-                .to_string()
-        })
-        .unwrap_or_default()
-}
-
 fn field(path: &str, key: &str) -> String {
     std::fs::read_to_string(path)
         .unwrap_or_default()
@@ -123,7 +107,7 @@ fn section(r: &SoakReport, body: &str, secs: u64, faults: &[soak::FaultKind]) ->
         .take(3)
         .collect::<Vec<_>>()
         .join(" ");
-    let date = first_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]);
+    let date = common::first_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]);
     format!(
         "\n## Soak with faults ({date})\n\n\
          Machine: {cpu}, {cores} cores, {mem:.0} GiB, {os}, kernel {kernel}, {containerd}; the \
@@ -138,8 +122,8 @@ fn section(r: &SoakReport, body: &str, secs: u64, faults: &[soak::FaultKind]) ->
         cpu = field("/proc/cpuinfo", "model name"),
         mem = mem_kib as f64 / (1024.0 * 1024.0),
         os = field("/etc/os-release", "PRETTY_NAME"),
-        kernel = first_line("uname", &["-r"]),
-        containerd = first_line("containerd", &["--version"]),
+        kernel = common::first_line("uname", &["-r"]),
+        containerd = common::first_line("containerd", &["--version"]),
         faults = faults
             .iter()
             .map(|f| f.name())

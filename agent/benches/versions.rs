@@ -335,30 +335,8 @@ fn render(rows: &[Row]) -> String {
     s
 }
 
-fn first_line(program: &str, args: &[&str]) -> String {
-    Command::new(program)
-        .args(args)
-        .output()
-        .map(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .next()
-                .unwrap_or_default()
-                .trim()
-                .to_string()
-        })
-        .unwrap_or_default()
-}
-
 fn section(table: &str, env: &Env, big_mib: u64) -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("model name"))
-        .and_then(|l| l.split(':').nth(1))
-        .unwrap_or("unknown")
-        .trim()
-        .to_string();
+    let cpu = common::cpu_model();
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let load = load
@@ -366,9 +344,9 @@ fn section(table: &str, env: &Env, big_mib: u64) -> String {
         .take(3)
         .collect::<Vec<_>>()
         .join(" ");
-    let containerd = first_line("containerd", &["--version"]);
-    let kernel = first_line("uname", &["-r"]);
-    let date = first_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]);
+    let containerd = common::first_line("containerd", &["--version"]);
+    let kernel = common::first_line("uname", &["-r"]);
+    let date = common::first_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]);
     format!(
         "\n## Versions and migration ({date})\n\n\
          Machine: {cpu}, {cores} cores shared with other work (a CI run was going: the machine \
