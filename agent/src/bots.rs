@@ -25,7 +25,9 @@ use crate::containerd::{
     label_filter, ContainerInfo, NewContainer, Runtime, TaskIo, TaskState, TaskStatus,
 };
 use crate::error::AgentError;
-use crate::ids::{self, LABEL_BOT_ID, LABEL_DESIRED, LABEL_IMAGE};
+use crate::ids::{
+    self, LABEL_BOT_ID, LABEL_DESIRED, LABEL_IMAGE, LABEL_LOST_STATE, LABEL_SNAPSHOT_PARENT,
+};
 
 /// `memoh.desired` of a bot whose delete has begun (its versions go too).
 const DESIRED_DELETED: &str = "deleted";
@@ -39,6 +41,19 @@ pub(crate) fn deleting(c: &ContainerInfo) -> Option<bool> {
         Some(DESIRED_DELETED) => Some(false),
         Some(DESIRED_DELETED_KEEP_VERSIONS) => Some(true),
         _ => None,
+    }
+}
+
+/// Why a task that should be starting will never serve: it exited or is gone. `None` while it
+/// may still come up.
+fn task_gone(st: Option<&TaskStatus>) -> Option<String> {
+    match st {
+        None => Some("has no task (it was removed)".to_string()),
+        Some(s) if s.state == TaskState::Stopped => Some(match s.exit_status {
+            Some(code) => format!("exited with status {code}"),
+            None => "exited".to_string(),
+        }),
+        Some(_) => None,
     }
 }
 
@@ -80,6 +95,8 @@ pub struct BotInfo {
     pub last_exit_code: Option<i32>,
     /// When that task ended.
     pub last_exit_at: Option<SystemTime>,
+    /// What containerd lost of the bot's state, if it ever did (see [`LABEL_LOST_STATE`]).
+    pub lost_state: Option<String>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -89,6 +106,9 @@ struct Health {
     last_exit_at: Option<SystemTime>,
     last_start: Option<std::time::Instant>,
     backoff: u32,
+    /// The agent itself is stopping the task (stop, delete, a version cycle): its exit is no
+    /// crash and must not lengthen the next real crash's restart delay.
+    stopping: bool,
 }
 
 /// The lifecycle manager. Cheap to share behind an `Arc`.
@@ -275,15 +295,26 @@ impl Manager {
         ]);
         // An existing active snapshot holds the bot's data from an earlier container: keep it.
         let snapshot_key = cid.clone();
-        if self.rt.stat_snapshot(&snapshot_key).await?.is_none() {
-            self.rt
-                .prepare_snapshot(&snapshot_key, Some(&resolved.chain_id), &bot_labels)
-                .await?;
-        } else {
-            info!(bot, "reusing the bot's existing snapshot");
-        }
+        let parent = match self.rt.stat_snapshot(&snapshot_key).await? {
+            None => {
+                self.rt
+                    .prepare_snapshot(&snapshot_key, Some(&resolved.chain_id), &bot_labels)
+                    .await?;
+                Some(resolved.chain_id.clone())
+            }
+            Some(s) => {
+                info!(bot, "reusing the bot's existing snapshot");
+                s.parent
+            }
+        };
         let c = self
-            .create_container_record(bot, &resolved.name, &resolved.config, &snapshot_key)
+            .create_container_record(
+                bot,
+                &resolved.name,
+                &resolved.config,
+                &snapshot_key,
+                parent.as_deref(),
+            )
             .await?;
         if let Err(e) = self.start_locked(bot, &c).await {
             warn!(bot, error = %e, "start after create failed; the container is kept");
@@ -293,13 +324,15 @@ impl Manager {
         self.info(bot).await
     }
 
-    /// Writes a fresh token and creates the container record (spec, labels) on `snapshot_key`.
+    /// Writes a fresh token and creates the container record (spec, labels) on `snapshot_key`,
+    /// whose parent is `parent`.
     pub(crate) async fn create_container_record(
         &self,
         bot: &str,
         image: &str,
         image_config: &crate::containerd::ImageConfig,
         snapshot_key: &str,
+        parent: Option<&str>,
     ) -> Result<ContainerInfo, AgentError> {
         let cid = ids::container_id(bot);
         let dir = ids::bot_dir(&self.cfg.state_dir, bot);
@@ -324,11 +357,14 @@ impl Manager {
             readonly: true,
         });
         let spec = build_spec(image_config, &opts)?;
-        let labels = HashMap::from([
+        let mut labels = HashMap::from([
             (LABEL_BOT_ID.to_string(), bot.to_string()),
             (LABEL_DESIRED.to_string(), "running".to_string()),
             (LABEL_IMAGE.to_string(), image.to_string()),
         ]);
+        if let Some(p) = parent {
+            labels.insert(LABEL_SNAPSHOT_PARENT.to_string(), p.to_string());
+        }
         self.rt
             .create_container(&NewContainer {
                 id: cid,
@@ -458,6 +494,20 @@ impl Manager {
                     reason: format!("server did not answer within {READY_TIMEOUT:?}: {last}"),
                 });
             }
+            // A server whose task already ended will never answer: say so now instead of
+            // holding the bot's lock for the whole timeout. Checked once the quick polls are
+            // over (a starting server usually answers within a few of them).
+            if delay >= Duration::from_millis(100) {
+                let cid = ids::container_id(bot);
+                if let Ok(st) = self.rt.task_status(&cid).await {
+                    if let Some(why) = task_gone(st.as_ref()) {
+                        return Err(AgentError::BotUnavailable {
+                            bot: bot.to_string(),
+                            reason: format!("server {why} before answering: {last}"),
+                        });
+                    }
+                }
+            }
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_millis(100));
         }
@@ -522,6 +572,12 @@ impl Manager {
             return Ok(());
         };
         if st.state == TaskState::Running || st.state == TaskState::Created {
+            if let Some(bot) = ids::bot_of_container(cid) {
+                lock(&self.health)
+                    .entry(bot.to_string())
+                    .or_default()
+                    .stopping = true;
+            }
             if !grace.is_zero() {
                 self.rt.kill_task(cid, libc::SIGTERM, false).await.ok();
                 if self.rt.wait_task(cid, grace).await.is_ok() {
@@ -677,6 +733,7 @@ impl Manager {
             restart_count: h.restart_count,
             last_exit_code,
             last_exit_at,
+            lost_state: c.labels.get(LABEL_LOST_STATE).cloned(),
         })
     }
 
@@ -822,7 +879,11 @@ impl Manager {
                 h.backoff = 0;
             }
             let d = Duration::from_millis(250) * 2u32.saturating_pow(h.backoff.min(7));
-            h.backoff += 1;
+            if std::mem::take(&mut h.stopping) {
+                // The agent stopped it on purpose; whoever did restarts it if it should run.
+            } else {
+                h.backoff += 1;
+            }
             d.min(Duration::from_secs(30))
         };
         let me = self.clone();
@@ -887,4 +948,37 @@ fn write_private(
     f.write_all(content.as_bytes())
         .map_err(|e| AgentError::io(&tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| AgentError::io(path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(state: TaskState, exit_status: Option<u32>) -> TaskStatus {
+        TaskStatus {
+            state,
+            pid: 0,
+            exit_status,
+            exited_at: None,
+        }
+    }
+
+    #[test]
+    fn only_an_ended_or_missing_task_is_given_up_on() {
+        assert_eq!(
+            task_gone(None).as_deref(),
+            Some("has no task (it was removed)")
+        );
+        assert_eq!(
+            task_gone(Some(&status(TaskState::Stopped, Some(127)))).as_deref(),
+            Some("exited with status 127")
+        );
+        assert_eq!(
+            task_gone(Some(&status(TaskState::Stopped, None))).as_deref(),
+            Some("exited")
+        );
+        for state in [TaskState::Running, TaskState::Created, TaskState::Paused] {
+            assert_eq!(task_gone(Some(&status(state, None))), None, "{state:?}");
+        }
+    }
 }

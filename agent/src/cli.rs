@@ -314,6 +314,8 @@ fn bot_json(b: &pb::BotInfo) -> serde_json::Value {
         // null until a task of the bot has exited; -1 when it was killed by a signal.
         "last_exit_code": (!b.last_exit_at.is_empty()).then_some(b.last_exit_code),
         "last_exit_at": (!b.last_exit_at.is_empty()).then_some(&b.last_exit_at),
+        // null unless containerd once lost the bot's state (see `memoh.lost-state`).
+        "lost_state": (!b.lost_state.is_empty()).then_some(&b.lost_state),
     })
 }
 

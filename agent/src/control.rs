@@ -60,6 +60,7 @@ pub fn bot_info(b: BotInfo) -> pb::BotInfo {
         restart_count: b.restart_count,
         last_exit_code: b.last_exit_code.unwrap_or(-1),
         last_exit_at: rfc3339(b.last_exit_at),
+        lost_state: b.lost_state.unwrap_or_default(),
     }
 }
 

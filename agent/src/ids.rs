@@ -11,6 +11,12 @@ pub const LABEL_BOT_ID: &str = "mcp.bot_id";
 pub const LABEL_DESIRED: &str = "memoh.desired";
 /// Label naming the image reference a bot was created from.
 pub const LABEL_IMAGE: &str = "memoh.image";
+/// Label on a bot's container naming the parent of its active snapshot (the image's top layer
+/// or a version): where recovery puts the bot when containerd loses that snapshot.
+pub const LABEL_SNAPSHOT_PARENT: &str = "memoh.snapshot.parent";
+/// Label on a bot's container recording that containerd once lost its state (when, what was
+/// lost, what the bot runs on since). Shown by `bot inspect` as `lost_state`.
+pub const LABEL_LOST_STATE: &str = "memoh.lost-state";
 
 /// Longest bot id accepted.
 pub const MAX_BOT_ID_LEN: usize = 128;

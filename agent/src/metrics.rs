@@ -143,6 +143,7 @@ pub struct Metrics {
     restarts: AtomicU64,
     cni_retries: AtomicU64,
     cni_errors: AtomicU64,
+    lost_states: AtomicU64,
     evictions: [AtomicU64; 3],
     rpc: Family,
     tools: Family,
@@ -178,6 +179,7 @@ impl Default for Metrics {
             restarts: AtomicU64::new(0),
             cni_retries: AtomicU64::new(0),
             cni_errors: AtomicU64::new(0),
+            lost_states: AtomicU64::new(0),
             evictions: Default::default(),
             rpc: Family::new(LATENCY_BUCKETS),
             tools: Family::new(LATENCY_BUCKETS),
@@ -206,6 +208,11 @@ impl Metrics {
     /// Attaching a bot to the network failed.
     pub fn cni_error(&self) {
         self.cni_errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// containerd lost a bot's state mid-commit; recovery put the bot back on an older one.
+    pub fn lost_state(&self) {
+        self.lost_states.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The pool dropped a channel.
@@ -273,6 +280,13 @@ impl Metrics {
             "memoh_cni_errors_total",
             "Failed attachments of a bot to the network.",
             &self.cni_errors,
+        );
+        counter(
+            &mut out,
+            "memoh_bot_lost_states_total",
+            "Bots whose state containerd lost in a snapshot commit it was killed in; each went \
+             back to its last version.",
+            &self.lost_states,
         );
         let _ = writeln!(
             out,

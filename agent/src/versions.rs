@@ -21,7 +21,7 @@ use crate::containerd::{
     label_filter, ContainerInfo, NewContainer, SnapshotInfo, SnapshotKind, LABEL_GC_ROOT,
 };
 use crate::error::AgentError;
-use crate::ids::{self, LABEL_BOT_ID, LABEL_IMAGE};
+use crate::ids::{self, LABEL_BOT_ID, LABEL_IMAGE, LABEL_LOST_STATE, LABEL_SNAPSHOT_PARENT};
 
 /// Version number label on a committed snapshot.
 pub const LABEL_VERSION: &str = "memoh.version";
@@ -274,9 +274,16 @@ impl Manager {
             .commit_snapshot(&version_name, &c.snapshot_key, &labels)
             .await
         {
-            // Nothing changed yet: bring the bot back on its last good state.
-            warn!(bot, error = %e, "commit failed; restarting the bot unchanged");
-            if let Err(e2) = self.start_locked(bot, &c).await {
+            // Usually nothing changed: bring the bot back on its last good state. A commit cut
+            // short (containerd died in it) may have consumed the active snapshot or lost it:
+            // recovery sorts that out first, as the periodic reconcile would.
+            warn!(bot, error = %e, "commit failed; restarting the bot");
+            let restarted = async {
+                self.recover_locked(bot).await?;
+                let c = self.container(bot).await?;
+                self.start_locked(bot, &c).await
+            };
+            if let Err(e2) = restarted.await {
                 warn!(bot, error = %e2, "restart after failed commit failed");
             }
             return Err(e);
@@ -295,7 +302,8 @@ impl Manager {
         fault(3);
 
         // 4 and 5. Replace the container record, keeping its spec and labels.
-        self.replace_container(&c, &new_key, number + 1).await?;
+        self.replace_container(&c, &new_key, parent, number + 1, None)
+            .await?;
         fault(4);
 
         // 6. Start, re-network, evict the pooled channel.
@@ -313,12 +321,15 @@ impl Manager {
         })
     }
 
-    /// Deletes the container record (its task is gone) and creates it again on `key`.
+    /// Deletes the container record (its task is gone) and creates it again on `key`, whose
+    /// parent is `parent`; `lost_state` records a loss on it.
     async fn replace_container(
         &self,
         c: &ContainerInfo,
         key: &str,
+        parent: &str,
         next_version: u64,
+        lost_state: Option<String>,
     ) -> Result<(), AgentError> {
         let rt = self.runtime();
         let spec = c.spec.clone().ok_or_else(|| {
@@ -326,6 +337,10 @@ impl Manager {
         })?;
         let mut labels = c.labels.clone();
         labels.insert(LABEL_NEXT_VERSION.to_string(), next_version.to_string());
+        labels.insert(LABEL_SNAPSHOT_PARENT.to_string(), parent.to_string());
+        if let Some(lost) = lost_state {
+            labels.insert(LABEL_LOST_STATE.to_string(), lost);
+        }
         rt.delete_container(&c.id).await?;
         fault(5);
         rt.create_container(&NewContainer {
@@ -342,15 +357,25 @@ impl Manager {
     /// Finishes a cycle the agent died in, for every bot: a bot whose container record is gone
     /// but whose active snapshot exists gets its container back; a container whose snapshot is
     /// gone is moved onto the bot's newest active snapshot, or a fresh one on its newest
-    /// version. Returns the bots it repaired.
+    /// version; a container whose snapshot containerd lost mid-commit goes back onto that
+    /// snapshot's parent, and the loss is recorded. Returns the bots it repaired.
     pub async fn recover(&self) -> Result<Vec<String>, AgentError> {
         let rt = self.runtime().clone();
         let snaps = rt
             .list_snapshots(&[label_filter(LABEL_BOT_ID, None)])
             .await?;
+        let containers = rt
+            .list_containers(&[label_filter(LABEL_BOT_ID, None)])
+            .await?;
+        // Containers too: a bot whose only snapshot containerd lost has no listed snapshot.
         let bots: std::collections::BTreeSet<String> = snaps
-            .into_iter()
+            .iter()
             .filter_map(|s| s.labels.get(LABEL_BOT_ID).cloned())
+            .chain(
+                containers
+                    .iter()
+                    .filter_map(|c| c.labels.get(LABEL_BOT_ID).cloned()),
+            )
             .collect();
         let mut repaired = Vec::new();
         for bot in bots {
@@ -358,78 +383,163 @@ impl Manager {
                 continue;
             }
             let _g = self.lock_bot(&bot).await;
-            let cid = ids::container_id(&bot);
-            let container = rt.get_container(&cid).await?;
-            if let Some(c) = &container {
-                if crate::bots::deleting(c).is_some() {
-                    continue; // reconcile finishes the delete
-                }
-                if rt.stat_snapshot(&c.snapshot_key).await?.is_some() {
-                    continue; // healthy
-                }
+            if self.recover_locked(&bot).await? {
+                repaired.push(bot);
             }
-            // Re-read under the lock: a delete or cycle that held it may have changed them.
-            let snaps = rt
-                .list_snapshots(&[label_filter(LABEL_BOT_ID, Some(&bot))])
-                .await?;
-            let newest_active = snaps
-                .iter()
-                .filter(|s| s.kind == SnapshotKind::Active)
-                .max_by_key(|s| s.created_at)
-                .cloned();
-            let newest_version = snaps
-                .iter()
-                .filter(|s| s.kind == SnapshotKind::Committed && version_of(s).is_some())
-                .max_by_key(|s| version_of(s))
-                .cloned();
-            let key = match (&newest_active, &newest_version) {
-                (Some(a), _) => a.name.clone(),
-                (None, Some(v)) => {
-                    let key = active_snapshot_key(&bot, nanos());
-                    let labels = HashMap::from([
-                        (LABEL_BOT_ID.to_string(), bot.clone()),
-                        (
-                            LABEL_IMAGE.to_string(),
-                            v.labels.get(LABEL_IMAGE).cloned().unwrap_or_default(),
-                        ),
-                        (LABEL_GC_ROOT.to_string(), "recovered".to_string()),
-                    ]);
-                    rt.prepare_snapshot(&key, Some(&v.name), &labels).await?;
-                    key
-                }
-                (None, None) => continue,
-            };
-            let next = snaps.iter().filter_map(version_of).max().unwrap_or(0) + 1;
-            match container {
-                Some(c) => {
-                    warn!(bot, key, "container lost its snapshot mid-cycle; moving it");
-                    self.replace_container(&c, &key, next).await?;
-                }
-                None => {
-                    let image = newest_active
-                        .as_ref()
-                        .and_then(|a| a.labels.get(LABEL_IMAGE).cloned())
-                        .or_else(|| {
-                            newest_version
-                                .as_ref()
-                                .and_then(|v| v.labels.get(LABEL_IMAGE).cloned())
-                        })
-                        .unwrap_or_else(|| self.config().image.clone());
-                    warn!(
-                        bot,
-                        key, image, "container record lost mid-cycle; recreating it"
-                    );
-                    let resolved = rt.resolve_image(&image).await?;
-                    self.create_container_record(&bot, &resolved.name, &resolved.config, &key)
-                        .await?;
-                    let labels =
-                        HashMap::from([(LABEL_NEXT_VERSION.to_string(), next.to_string())]);
-                    rt.update_container_labels(&cid, &labels).await?;
-                }
-            }
-            repaired.push(bot);
         }
         Ok(repaired)
+    }
+
+    /// [`Manager::recover`] for one bot whose lock the caller holds. Returns whether it
+    /// changed anything.
+    pub(crate) async fn recover_locked(&self, bot: &str) -> Result<bool, AgentError> {
+        let rt = self.runtime().clone();
+        let cid = ids::container_id(bot);
+        let container = rt.get_container(&cid).await?;
+        let mut lost = false;
+        if let Some(c) = &container {
+            if crate::bots::deleting(c).is_some() {
+                return Ok(false); // reconcile finishes the delete
+            }
+            if rt.stat_snapshot(&c.snapshot_key).await?.is_some() {
+                return Ok(false); // healthy
+            }
+            // containerd 1.6 killed while committing can keep the active snapshot in its
+            // metadata after its snapshotter let go of it: stat and list no longer show it, yet
+            // its parent still counts it as a child and can never be removed. Removing the
+            // key clears that; that it was there at all means the commit was lost.
+            lost = rt.remove_snapshot(&c.snapshot_key).await?;
+        }
+        // Read under the lock: a delete or cycle that held it may have changed them.
+        let snaps = rt
+            .list_snapshots(&[label_filter(LABEL_BOT_ID, Some(bot))])
+            .await?;
+        let next = snaps.iter().filter_map(version_of).max().unwrap_or(0) + 1;
+        let newest_version = snaps
+            .iter()
+            .filter(|s| s.kind == SnapshotKind::Committed && version_of(s).is_some())
+            .max_by_key(|s| version_of(s))
+            .cloned();
+        if let (true, Some(c)) = (lost, &container) {
+            self.recover_lost_state(bot, c, newest_version.as_ref(), next)
+                .await?;
+            return Ok(true);
+        }
+        let newest_active = snaps
+            .iter()
+            .filter(|s| s.kind == SnapshotKind::Active)
+            .max_by_key(|s| s.created_at)
+            .cloned();
+        let (key, parent) = match (&newest_active, &newest_version) {
+            (Some(a), _) => (a.name.clone(), a.parent.clone()),
+            (None, Some(v)) => {
+                let image = v.labels.get(LABEL_IMAGE).cloned().unwrap_or_default();
+                (
+                    self.prepare_recovered(bot, &v.name, &image).await?,
+                    Some(v.name.clone()),
+                )
+            }
+            (None, None) => return Ok(false),
+        };
+        match container {
+            Some(c) => {
+                warn!(bot, key, "container lost its snapshot mid-cycle; moving it");
+                self.replace_container(&c, &key, parent.as_deref().unwrap_or_default(), next, None)
+                    .await?;
+            }
+            None => {
+                let image = newest_active
+                    .as_ref()
+                    .and_then(|a| a.labels.get(LABEL_IMAGE).cloned())
+                    .or_else(|| {
+                        newest_version
+                            .as_ref()
+                            .and_then(|v| v.labels.get(LABEL_IMAGE).cloned())
+                    })
+                    .unwrap_or_else(|| self.config().image.clone());
+                warn!(
+                    bot,
+                    key, image, "container record lost mid-cycle; recreating it"
+                );
+                let resolved = rt.resolve_image(&image).await?;
+                self.create_container_record(
+                    bot,
+                    &resolved.name,
+                    &resolved.config,
+                    &key,
+                    parent.as_deref(),
+                )
+                .await?;
+                let labels = HashMap::from([(LABEL_NEXT_VERSION.to_string(), next.to_string())]);
+                rt.update_container_labels(&cid, &labels).await?;
+            }
+        }
+        Ok(true)
+    }
+
+    /// A fresh active snapshot of `bot` on `parent`; returns its key.
+    async fn prepare_recovered(
+        &self,
+        bot: &str,
+        parent: &str,
+        image: &str,
+    ) -> Result<String, AgentError> {
+        let key = active_snapshot_key(bot, nanos());
+        let labels = HashMap::from([
+            (LABEL_BOT_ID.to_string(), bot.to_string()),
+            (LABEL_IMAGE.to_string(), image.to_string()),
+            (LABEL_GC_ROOT.to_string(), "recovered".to_string()),
+        ]);
+        self.runtime()
+            .prepare_snapshot(&key, Some(parent), &labels)
+            .await?;
+        Ok(key)
+    }
+
+    /// containerd lost the state `c` ran on: the bot goes back onto that state's parent (the
+    /// version it was taken from, or its image), and the loss is logged, counted and written
+    /// on the container, where `bot inspect` shows it.
+    async fn recover_lost_state(
+        &self,
+        bot: &str,
+        c: &ContainerInfo,
+        newest_version: Option<&SnapshotInfo>,
+        next: u64,
+    ) -> Result<(), AgentError> {
+        let rt = self.runtime();
+        // The recorded parent when it still exists; containers from before that label was kept
+        // fall back to the newest version, then to the image.
+        let mut parent = None;
+        if let Some(p) = c.labels.get(LABEL_SNAPSHOT_PARENT) {
+            parent = rt.stat_snapshot(p).await?;
+        }
+        let parent = match (parent, newest_version) {
+            (Some(p), _) => p,
+            (None, Some(v)) => v.clone(),
+            (None, None) => {
+                let resolved = rt.ensure_unpacked(&c.image).await?;
+                rt.stat_snapshot(&resolved.chain_id).await?.ok_or_else(|| {
+                    AgentError::FailedPrecondition(format!(
+                        "bot {bot:?} lost its state and its image {} has no snapshot",
+                        c.image
+                    ))
+                })?
+            }
+        };
+        let what = match version_of(&parent) {
+            Some(n) => format!("version {n}"),
+            None => format!("its image {}", c.image),
+        };
+        let key = self.prepare_recovered(bot, &parent.name, &c.image).await?;
+        let at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        let note = format!(
+            "{at}: containerd lost the bot's state while committing it (it was killed \
+             mid-commit); the changes since {what} are gone and the bot runs on {what} again"
+        );
+        tracing::error!(bot, lost = %c.snapshot_key, now_on = %parent.name, "{note}");
+        crate::metrics::global().lost_state();
+        self.replace_container(c, &key, &parent.name, next, Some(note))
+            .await
     }
 }
 

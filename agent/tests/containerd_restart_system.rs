@@ -11,26 +11,22 @@
 
 mod common;
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use common::ctrd::PrivateContainerd;
-use common::{Env, TestAgent, IMAGE};
+use common::{block_on, Env, TestAgent, IMAGE};
+use memoh_agent::containerd::{label_filter, Containerd, Runtime, SnapshotKind, LABEL_BOT_ID};
 
-#[test]
-fn agent_reconnects_after_containerd_restarts() {
-    let Some(env) = Env::get(false) else { return };
-    if !nix::unistd::geteuid().is_root() {
-        assert!(std::env::var_os("CI").is_none(), "this test needs root");
-        println!("skipped: needs root");
-        return;
-    }
-    let mut ctrd = PrivateContainerd::new();
+/// A containerd of the test's own with the test image imported, and an agent configured for
+/// it (not started).
+fn private_setup(env: Env) -> (PrivateContainerd, TestAgent) {
+    let ctrd = PrivateContainerd::new();
     let mut env = env;
     env.sock = ctrd.sock.clone();
     env.runc_root = Some(ctrd.path("runc"));
     env.fifo_dir = None;
-    // Declared after the containerd guard, so it is dropped (and cleans up) first.
-    let mut a = TestAgent::new(&env, "");
+    let a = TestAgent::new(&env, "");
     let import = ctrd.ctr(
         &a.namespace,
         &["images", "import", &env.tar.display().to_string()],
@@ -45,6 +41,26 @@ fn agent_reconnects_after_containerd_restarts() {
         String::from_utf8_lossy(&images.stdout).contains(IMAGE),
         "image {IMAGE} not imported"
     );
+    (ctrd, a)
+}
+
+fn is_root() -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    assert!(std::env::var_os("CI").is_none(), "this test needs root");
+    println!("skipped: needs root");
+    false
+}
+
+#[test]
+fn agent_reconnects_after_containerd_restarts() {
+    let Some(env) = Env::get(false) else { return };
+    if !is_root() {
+        return;
+    }
+    // The agent is declared after the containerd guard, so it is dropped (and cleans up) first.
+    let (mut ctrd, mut a) = private_setup(env);
     a.serve();
     let (bot, ip) = a.create_bot("rst");
     a.sh_in(&bot, "echo kept > /data/before-restart");
@@ -117,6 +133,177 @@ fn agent_reconnects_after_containerd_restarts() {
     let (other, other_ip) = a.create_bot("new");
     assert_ne!(other_ip, ip);
     a.ok(&["bot", "rm", &other]);
+    a.ok(&["bot", "rm", &bot]);
+    assert!(a.leftovers(&bot).is_empty(), "{:?}", a.leftovers(&bot));
+}
+
+/// containerd 1.6 killed in the middle of a snapshot commit can lose the snapshot: its metadata
+/// still holds the active snapshot while its snapshotter has let go of it, so stat and list no
+/// longer show it, yet its parent counts it as a child and can never be removed. The test makes
+/// that happen to a bot's running state for real (killing containerd during commits, the delay
+/// homing in on the moment the commit completes), then starts the agent: the bot must come back
+/// on the version its lost state was taken from, with the loss recorded for the operator, and
+/// `bot rm` must remove everything.
+#[test]
+fn a_snapshot_containerd_lost_mid_commit_is_recovered_and_reported() {
+    let Some(env) = Env::get(false) else { return };
+    if !is_root() {
+        return;
+    }
+    let (mut ctrd, mut a) = private_setup(env);
+    a.serve();
+    let (bot, _) = a.create_bot("lost");
+    a.sh_in(&bot, "echo one > /data/v1-file");
+    a.ok(&["snapshot", "create", &bot, "--name", "one"]);
+    a.sh_in(&bot, "echo two > /data/after-v1");
+    let cid = format!("mcp-{bot}");
+    let ns = a.namespace.clone();
+    // The agent goes away (as in a crash); its bot's task is stopped so nothing uses the state.
+    a.kill(nix::sys::signal::Signal::SIGKILL);
+    let (key, v1) = block_on(async {
+        let c = a.containerd().await;
+        let key = c.get_container(&cid).await.unwrap().unwrap().snapshot_key;
+        let v1 = c
+            .list_snapshots(&[label_filter(LABEL_BOT_ID, Some(&bot))])
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|s| s.kind == SnapshotKind::Committed)
+            .expect("version 1")
+            .name;
+        let _ = c.kill_task(&cid, 9, true).await;
+        for _ in 0..100 {
+            if c.delete_task(&cid).await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        (key, v1)
+    });
+    let labels = |k: &str| {
+        HashMap::from([
+            (LABEL_BOT_ID.to_string(), bot.clone()),
+            ("containerd.io/gc.root".to_string(), k.to_string()),
+        ])
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let connect = |sock: &std::path::Path| {
+        rt.block_on(Containerd::connect(
+            sock,
+            &ns,
+            "overlayfs",
+            "io.containerd.runc.v2",
+        ))
+        .expect("connect to the private containerd")
+    };
+    let mut c = connect(&ctrd.sock);
+    // Too early leaves the active snapshot, too late commits it: the delay homes in on the
+    // boundary, where containerd loses it.
+    let (mut delay, mut step) = (4_000u64, 2_000u64);
+    let mut outcomes = (0, 0);
+    let mut lost = false;
+    for attempt in 0..300 {
+        let mounts = match rt.block_on(c.stat_snapshot(&key)).unwrap() {
+            Some(_) => rt.block_on(c.snapshot_mounts(&key)).unwrap(),
+            None => rt
+                .block_on(c.prepare_snapshot(&key, Some(&v1), &labels(&key)))
+                .unwrap(),
+        };
+        let upper = mounts
+            .iter()
+            .flat_map(|m| &m.options)
+            .find_map(|o| o.strip_prefix("upperdir="))
+            .expect("an overlay upper dir")
+            .to_string();
+        // Enough files that the commit takes a few milliseconds, as a bot's state does.
+        for f in 0..2000 {
+            std::fs::write(format!("{upper}/data/f{f}"), [b'x'; 512])
+                .or_else(|_| {
+                    std::fs::create_dir_all(format!("{upper}/data"))
+                        .and_then(|()| std::fs::write(format!("{upper}/data/f{f}"), [b'x'; 512]))
+                })
+                .unwrap();
+        }
+        let name = format!("probe-{attempt}");
+        let (c2, n2, k2, l2) = (c.clone(), name.clone(), key.clone(), labels(&name));
+        let commit = rt.spawn(async move { c2.commit_snapshot(&n2, &k2, &l2).await });
+        std::thread::sleep(Duration::from_micros(delay));
+        ctrd.kill();
+        let _ = rt.block_on(commit);
+        ctrd.start();
+        c = connect(&ctrd.sock);
+        let active = rt.block_on(c.stat_snapshot(&key)).unwrap().is_some();
+        let version = rt.block_on(c.stat_snapshot(&name)).unwrap().is_some();
+        match (active, version) {
+            (true, false) => {
+                outcomes.0 += 1;
+                delay += step;
+            }
+            (false, true) => {
+                outcomes.1 += 1;
+                rt.block_on(c.remove_snapshot(&name)).unwrap();
+                delay = delay.saturating_sub(step).max(50);
+                step = (step * 3 / 4).max(50);
+            }
+            (false, false) => {
+                println!(
+                    "lost the commit at attempt {attempt} ({delay} us after it began; \
+                     {} too early, {} too late)",
+                    outcomes.0, outcomes.1
+                );
+                lost = true;
+                break;
+            }
+            (true, true) => panic!("both {key} and {name} exist after the commit"),
+        }
+    }
+    assert!(
+        lost,
+        "containerd never lost a commit in 300 kills ({} too early, {} too late)",
+        outcomes.0, outcomes.1
+    );
+    // The state is as containerd leaves it: the bot's snapshot is gone from every listing, and
+    // its parent cannot be removed.
+    let children = rt
+        .block_on(c.list_snapshots(&[]))
+        .unwrap()
+        .into_iter()
+        .filter(|s| s.parent.as_deref() == Some(v1.as_str()))
+        .count();
+    assert_eq!(children, 0, "the lost snapshot is still listed");
+    drop(rt);
+
+    a.serve();
+    a.wait_for(
+        "the bot back after recovery",
+        Duration::from_secs(60),
+        || {
+            a.try_cli(&["exec", &bot, "--", "true"])
+                .is_ok_and(|o| o.status.success())
+        },
+    );
+    assert_eq!(a.sh_in(&bot, "cat /data/v1-file").trim(), "one");
+    assert_eq!(
+        a.sh_in(
+            &bot,
+            "test -e /data/after-v1 && echo present || echo absent"
+        )
+        .trim(),
+        "absent"
+    );
+    let info = a.inspect(&bot);
+    let note = info["lost_state"].as_str().unwrap_or_default().to_string();
+    assert!(
+        note.contains("lost") && note.contains("version 1"),
+        "bot inspect does not report the loss: {info}"
+    );
+    assert!(
+        a.log_tail(200).contains("containerd lost the bot's state"),
+        "the agent did not log the loss:\n{}",
+        a.log_tail(30)
+    );
+    // Work goes on: a new version, then the bot goes with everything it had.
+    a.ok(&["snapshot", "create", &bot, "--name", "two"]);
     a.ok(&["bot", "rm", &bot]);
     assert!(a.leftovers(&bot).is_empty(), "{:?}", a.leftovers(&bot));
 }
