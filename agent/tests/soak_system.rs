@@ -32,7 +32,8 @@ fn soak_with_every_fault_kind() {
     cfg.bot_lifetime_ops = (15, 40);
     cfg.log_dir = Some(std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")));
     // containerd 1.6 can lose a snapshot commit it is killed in (see SoakConfig); the CI run
-    // checks the agent, so it kills containerd between cycles. The recorded soak does not.
+    // kills containerd between cycles (containerd_restart_system covers a lost commit). The
+    // recorded soak does not.
     cfg.spare_snapshot_cycles = true;
     let report = soak::run(cfg);
     println!("{}", report.render());

@@ -246,8 +246,11 @@ pub struct SoakConfig {
     /// Kill containerd only while no snapshot or rollback call is in flight (and hold new ones
     /// back until it is up again). containerd 1.6 commits a snapshot in two bolt databases
     /// (its metadata and the overlay snapshotter's); killed between the two it loses the
-    /// commit and the bot's current state with it, which the agent cannot undo. The CI test
-    /// spares the cycles so it checks the agent; the recorded soak does not.
+    /// commit and the bot's current state with it, which the agent cannot undo: it puts the
+    /// bot back on the version that state came from and reports the loss, which the soak then
+    /// checks (see [`SoakReport::lost_states`]). The CI test spares the cycles so its short run
+    /// is not about that (containerd_restart_system tests it on its own); the recorded soak
+    /// does not.
     pub spare_snapshot_cycles: bool,
 }
 
@@ -334,6 +337,10 @@ pub struct SoakReport {
     pub bots_deleted: u64,
     /// A few of the allowed failures' lines, as examples.
     pub excused_samples: Vec<String>,
+    /// Bot states containerd lost in a commit it was killed in, each reported by the agent
+    /// (`bot inspect` `lost_state`) with the bot back on the version its state came from; an
+    /// unreported one is a ledger mismatch.
+    pub lost_states: Vec<String>,
     /// Half-deleted task bundles a killed containerd left, removed before restarting it (see
     /// [`PrivateContainerd::remove_stale_bundles`]).
     pub stale_bundles: u64,
@@ -404,6 +411,7 @@ impl SoakReport {
              | calls failed outside fault windows | {} |\n\
              | ledger checks | {} |\n\
              | ledger mismatches | {} |\n\
+             | states containerd lost mid-commit (reported by the agent) | {} |\n\
              | other data mismatches | {} |\n\
              | violations (all kinds) | {} |\n\
              | verdict | {} |\n",
@@ -413,6 +421,7 @@ impl SoakReport {
             self.failed_outside(),
             self.ledger_checks,
             self.ledger_mismatches.len(),
+            self.lost_states.len(),
             self.data_mismatches.len(),
             self.violations.len(),
             if self.passed() { "pass" } else { "FAIL" }
@@ -473,6 +482,11 @@ impl SoakReport {
         };
         list(&mut s, "Violations", &self.violations);
         list(&mut s, "Ledger mismatches", &self.ledger_mismatches);
+        list(
+            &mut s,
+            "States containerd lost mid-commit (reported by the agent)",
+            &self.lost_states,
+        );
         list(&mut s, "Data mismatches", &self.data_mismatches);
         list(
             &mut s,
@@ -1107,6 +1121,13 @@ struct Bot {
     ledger: Vec<String>,
     /// Version number -> the ledger's content when it was taken.
     versions: BTreeMap<u64, String>,
+    /// The ledger's content in the state the bot's running state was taken from (its image:
+    /// empty; a version; a rollback target): where it goes back to if containerd loses it.
+    base: String,
+    /// Set by a failed version cycle: the candidate that means containerd lost the state.
+    lost: Option<String>,
+    /// Set by a failed rollback: its target, the new base if the ledger settles on it.
+    rollback_target: Option<String>,
     lines: u64,
     ops: u64,
     lifetime: u64,
@@ -1119,6 +1140,16 @@ impl Bot {
             if !self.ledger.contains(&c) {
                 self.ledger.push(c);
             }
+        }
+    }
+
+    /// A version cycle failed: containerd may have lost the state mid-commit, putting the bot
+    /// back on its base.
+    fn maybe_lost(&mut self) {
+        if !self.ledger.contains(&self.base) {
+            let base = self.base.clone();
+            self.ledger.push(base.clone());
+            self.lost = Some(base);
         }
     }
 
@@ -1326,6 +1357,9 @@ impl<'a> Worker<'a> {
                     id,
                     ledger: vec![String::new()],
                     versions: BTreeMap::new(),
+                    base: String::new(),
+                    lost: None,
+                    rollback_target: None,
                     lines: 0,
                     ops: 0,
                     lifetime,
@@ -1353,6 +1387,9 @@ impl<'a> Worker<'a> {
             id: id.to_string(),
             ledger: vec![],
             versions: BTreeMap::new(),
+            base: String::new(),
+            lost: None,
+            rollback_target: None,
             lines: 0,
             ops: 0,
             lifetime: 0,
@@ -1430,7 +1467,15 @@ impl<'a> Worker<'a> {
     /// Settles the ledger against `matches`; on a mismatch fetches the content to go on.
     fn settle(&self, b: &mut Bot, how: &str, actual: &str, matches: impl Fn(&str) -> bool) {
         self.rec().ledger_checked();
+        let lost = b.lost.take();
+        let target = b.rollback_target.take();
         if let Some(c) = b.ledger.iter().find(|c| matches(c)).cloned() {
+            if target.as_ref() == Some(&c) {
+                b.base = c.clone();
+            }
+            if lost.as_ref() == Some(&c) {
+                self.check_lost_reported(b, how);
+            }
             b.ledger = vec![c];
             return;
         }
@@ -1468,6 +1513,31 @@ impl<'a> Worker<'a> {
         ));
         if let Some(g) = got {
             b.ledger = vec![g];
+        }
+    }
+
+    /// The ledger went back to the bot's base after a failed cycle: containerd lost the state,
+    /// and the agent must say so.
+    fn check_lost_reported(&self, b: &Bot, how: &str) {
+        let info = self.sh.rig.probe(&["bot", "inspect", &b.id]);
+        let note = info
+            .as_deref()
+            .ok()
+            .and_then(|o| serde_json::from_str::<Value>(o).ok())
+            .and_then(|v| v["lost_state"].as_str().map(str::to_string));
+        match note {
+            Some(note) => {
+                self.rec()
+                    .log(&format!("{}: containerd lost its state: {note}", b.id));
+                lock(&self.rec().report)
+                    .lost_states
+                    .push(format!("{}: {note}", b.id));
+            }
+            None => self.rec().ledger_mismatch(format!(
+                "{} ({how}): the ledger went back to the bot's base after a failed cycle, but \
+                 bot inspect reports no lost state ({info:?})",
+                b.id
+            )),
         }
     }
 
@@ -1636,6 +1706,7 @@ impl<'a> Worker<'a> {
             Some(&b.id),
             &["snapshot", "create", &b.id, "--name", &name],
         ) else {
+            b.maybe_lost();
             return;
         };
         // "version N CREATED"
@@ -1645,7 +1716,8 @@ impl<'a> Worker<'a> {
             .and_then(|v| v.parse::<u64>().ok())
         {
             Some(v) => {
-                b.versions.insert(v, content);
+                b.versions.insert(v, content.clone());
+                b.base = content;
             }
             None => {
                 self.rec()
@@ -1670,9 +1742,12 @@ impl<'a> Worker<'a> {
             &["snapshot", "rollback", &b.id, &v.to_string()],
         );
         if r.is_ok() {
-            b.ledger = vec![target];
+            b.ledger = vec![target.clone()];
+            b.base = target;
         } else {
-            b.maybe([target]);
+            b.maybe([target.clone()]);
+            b.maybe_lost();
+            b.rollback_target = Some(target);
         }
     }
 
