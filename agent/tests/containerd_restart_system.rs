@@ -15,32 +15,16 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use common::ctrd::PrivateContainerd;
-use common::{block_on, Env, TestAgent, IMAGE};
+use common::{block_on, Env, TestAgent};
 use memoh_agent::containerd::{label_filter, Containerd, Runtime, SnapshotKind, LABEL_BOT_ID};
 
 /// A containerd of the test's own with the test image imported, and an agent configured for
 /// it (not started).
 fn private_setup(env: Env) -> (PrivateContainerd, TestAgent) {
     let ctrd = PrivateContainerd::new();
-    let mut env = env;
-    env.sock = ctrd.sock.clone();
-    env.runc_root = Some(ctrd.path("runc"));
-    env.fifo_dir = None;
+    let env = ctrd.env(&env);
     let a = TestAgent::new(&env, "");
-    let import = ctrd.ctr(
-        &a.namespace,
-        &["images", "import", &env.tar.display().to_string()],
-    );
-    assert!(
-        import.status.success(),
-        "ctr images import: {}",
-        String::from_utf8_lossy(&import.stderr)
-    );
-    let images = ctrd.ctr(&a.namespace, &["images", "ls", "-q"]);
-    assert!(
-        String::from_utf8_lossy(&images.stdout).contains(IMAGE),
-        "image {IMAGE} not imported"
-    );
+    ctrd.import_image(&env, &a.namespace);
     (ctrd, a)
 }
 

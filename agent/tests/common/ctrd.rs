@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{read_string, sh};
+use super::{read_string, sh, Env, IMAGE};
 
 /// Where private containerds put their directories when they can.
 pub const BASE_DIR: &str = "/var/lib/memoh-test";
@@ -67,6 +67,33 @@ impl PrivateContainerd {
         };
         c.start();
         c
+    }
+
+    /// `env` pointed at this containerd: its socket and runc root, the default fifo dir.
+    pub fn env(&self, env: &Env) -> Env {
+        let mut env = env.clone();
+        env.sock = self.sock.clone();
+        env.runc_root = Some(self.path("runc"));
+        env.fifo_dir = None;
+        env
+    }
+
+    /// Imports the test image (`env.tar`) into `namespace`; panics when it does not show.
+    pub fn import_image(&self, env: &Env, namespace: &str) {
+        let import = self.ctr(
+            namespace,
+            &["images", "import", &env.tar.display().to_string()],
+        );
+        assert!(
+            import.status.success(),
+            "ctr images import: {}",
+            String::from_utf8_lossy(&import.stderr)
+        );
+        let images = self.ctr(namespace, &["images", "ls", "-q"]);
+        assert!(
+            String::from_utf8_lossy(&images.stdout).contains(IMAGE),
+            "image {IMAGE} not imported"
+        );
     }
 
     /// A path inside its directory.

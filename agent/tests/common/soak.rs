@@ -53,7 +53,7 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use super::ctrd::PrivateContainerd;
-use super::{sh, tag, try_output_within, Env, TestAgent, AGENT, IMAGE};
+use super::{sh, tag, try_output_within, Env, TestAgent, AGENT};
 
 /// The agent's MCP listener inside the soak's network namespace.
 const MCP_ADDR: &str = "127.0.0.1:8091";
@@ -731,26 +731,10 @@ impl Rig {
         let t = tag();
         let ns_name = format!("memoh-soak-{t}");
         let netns = NetnsGuard::new(&ns_name);
-        let mut env = env.clone();
-        env.sock = ctrd.sock.clone();
-        env.runc_root = Some(ctrd.path("runc"));
-        env.fifo_dir = None;
+        let env = ctrd.env(env);
         let mut a = TestAgent::new(&env, &format!("mcp_listen = {MCP_ADDR:?}"));
         a.netns = Some(ns_name.clone());
-        let import = ctrd.ctr(
-            &a.namespace,
-            &["images", "import", &env.tar.display().to_string()],
-        );
-        assert!(
-            import.status.success(),
-            "ctr images import: {}",
-            String::from_utf8_lossy(&import.stderr)
-        );
-        let images = ctrd.ctr(&a.namespace, &["images", "ls", "-q"]);
-        assert!(
-            String::from_utf8_lossy(&images.stdout).contains(IMAGE),
-            "image {IMAGE} not imported"
-        );
+        ctrd.import_image(&env, &a.namespace);
         a.serve();
         Self {
             socket: a.socket.clone(),
