@@ -17,6 +17,9 @@ pub struct Config {
     pub containerd_socket: PathBuf,
     /// containerd namespace holding the bots' containers, images and snapshots.
     pub namespace: String,
+    /// containerd's state directory (its `state` setting); `doctor` looks there for task
+    /// bundles a killed containerd left half-deleted.
+    pub containerd_state: PathBuf,
     /// Snapshotter for bot root filesystems.
     pub snapshotter: String,
     /// OCI runtime of the bots' tasks.
@@ -58,6 +61,7 @@ impl Default for Config {
         Self {
             containerd_socket: "/run/containerd/containerd.sock".into(),
             namespace: "default".into(),
+            containerd_state: "/run/containerd".into(),
             snapshotter: "overlayfs".into(),
             runtime: "io.containerd.runc.v2".into(),
             image: "docker.io/memohai/mcp:latest".into(),

@@ -98,6 +98,8 @@ pub trait Host: Send + Sync {
     fn is_root(&self) -> bool;
     /// The cgroup hierarchy.
     fn cgroups(&self) -> Cgroups;
+    /// Names of the directories in `dir`; `None` when it cannot be read.
+    fn subdirs(&self, dir: &Path) -> Option<Vec<String>>;
     /// Whether network `name` is defined in `dir`.
     fn network_defined(&self, dir: &Path, name: &str) -> Result<bool, String>;
 }
@@ -192,6 +194,7 @@ pub async fn run_checks(cfg: &Config, config_path: &str, host: &dyn Host) -> Vec
             ),
         }
     });
+    out.push(task_bundles(cfg, host));
     out.push(socket_dir(cfg, host));
     out.push(match host.agent_bots(&cfg.control_socket).await {
         Ok(n) => Check::ok(
@@ -347,6 +350,57 @@ fn sysctl(
     }
 }
 
+/// containerd 1.6 deletes a task bundle by renaming `<state>/io.containerd.runtime.v2.task/NS/ID`
+/// to `.ID`, then removing that. Killed in between, it leaves `.ID`; every later delete of that
+/// bundle then fails to rename and every later task create of the container fails ("file
+/// exists"): that bot cannot start until `.ID` is gone.
+fn task_bundles(cfg: &Config, host: &dyn Host) -> Check {
+    let dir = cfg
+        .containerd_state
+        .join("io.containerd.runtime.v2.task")
+        .join(&cfg.namespace);
+    let Some(names) = host.subdirs(&dir) else {
+        return Check::ok(
+            "task bundles",
+            format!("{} holds no bundles yet", dir.display()),
+        );
+    };
+    let stale: Vec<String> = names.into_iter().filter(|n| n.starts_with('.')).collect();
+    if stale.is_empty() {
+        return Check::ok(
+            "task bundles",
+            format!("no half-deleted bundle in {}", dir.display()),
+        );
+    }
+    let bots: Vec<&str> = stale
+        .iter()
+        .filter_map(|n| crate::ids::bot_of_container(&n[1..]))
+        .collect();
+    let fix = stale
+        .iter()
+        .map(|n| {
+            let p = dir.join(n);
+            format!("umount {0}/rootfs 2>/dev/null; rm -rf {0}", p.display())
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    Check::bad(
+        "task bundles",
+        Status::Problem,
+        format!(
+            "{} half-deleted by a killed containerd in {}: {} cannot start until removed",
+            stale.join(", "),
+            dir.display(),
+            if bots.is_empty() {
+                "their containers".to_string()
+            } else {
+                format!("bot(s) {}", bots.join(", "))
+            }
+        ),
+        fix,
+    )
+}
+
 fn socket_dir(cfg: &Config, host: &dyn Host) -> Check {
     let Some(dir) = cfg.control_socket.parent() else {
         return Check::ok("socket dir", "/");
@@ -463,6 +517,17 @@ impl Host for RealHost {
         Some(nix::unistd::access(dir, nix::unistd::AccessFlags::W_OK).is_ok())
     }
 
+    fn subdirs(&self, dir: &Path) -> Option<Vec<String>> {
+        let entries = std::fs::read_dir(dir).ok()?;
+        Some(
+            entries
+                .filter_map(Result::ok)
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect(),
+        )
+    }
+
     fn read(&self, path: &Path) -> Option<String> {
         std::fs::read_to_string(path)
             .ok()
@@ -529,6 +594,7 @@ mod tests {
         root: bool,
         cgroups: Cgroups,
         network: Result<bool, String>,
+        bundles: Option<Vec<String>>,
     }
 
     impl Default for Fake {
@@ -560,6 +626,7 @@ mod tests {
                 root: true,
                 cgroups: Cgroups::V2,
                 network: Ok(false),
+                bundles: Some(vec!["mcp-a".into(), "mcp-b".into()]),
             }
         }
     }
@@ -601,6 +668,13 @@ mod tests {
         fn network_defined(&self, _: &Path, _: &str) -> Result<bool, String> {
             self.network.clone()
         }
+        fn subdirs(&self, dir: &Path) -> Option<Vec<String>> {
+            assert_eq!(
+                dir,
+                Path::new("/run/containerd/io.containerd.runtime.v2.task/default")
+            );
+            self.bundles.clone()
+        }
     }
 
     fn report(host: &Fake) -> (Vec<Check>, String, u8) {
@@ -627,9 +701,9 @@ mod tests {
     fn a_healthy_host_passes() {
         let (checks, text, code) = report(&Fake::default());
         assert_eq!(code, 0, "{text}");
-        assert_eq!(checks.len(), 11);
+        assert_eq!(checks.len(), 12);
         assert!(checks.iter().all(|c| c.status == Status::Ok), "{text}");
-        assert_eq!(text.lines().count(), 12);
+        assert_eq!(text.lines().count(), 13);
         assert!(text.ends_with("all checks passed\n"));
         assert!(line(&text, "containerd").starts_with("ok      containerd   v2.0.0 at "));
         assert!(line(&text, "cni config").contains("/etc/cni/net.d is writable"));
@@ -693,6 +767,12 @@ mod tests {
                 "memoh-agent image pull docker.io/memohai/mcp:latest",
             ),
             (
+                "task bundles",
+                |h| h.bundles = Some(vec!["mcp-a".into(), ".mcp-b".into()]),
+                "umount /run/containerd/io.containerd.runtime.v2.task/default/.mcp-b/rootfs \
+                 2>/dev/null; rm -rf /run/containerd/io.containerd.runtime.v2.task/default/.mcp-b",
+            ),
+            (
                 "socket dir",
                 |h| {
                     h.dirs.insert("/run/memoh".into(), false);
@@ -720,6 +800,27 @@ mod tests {
             let summary = format!("{expect} problem(s), 0 warning(s)\n");
             assert!(text.ends_with(&summary), "{text}");
         }
+    }
+
+    #[test]
+    fn half_deleted_bundles_name_their_bots() {
+        let host = Fake {
+            bundles: Some(vec![".mcp-a".into(), "mcp-c".into(), ".mcp-b".into()]),
+            ..Fake::default()
+        };
+        let (_, text, code) = report(&host);
+        assert_eq!(code, 1);
+        let l = line(&text, "task bundles");
+        assert!(l.contains(".mcp-a, .mcp-b half-deleted"), "{l}");
+        assert!(l.contains("bot(s) a, b cannot start"), "{l}");
+        assert!(!l.contains("mcp-c"), "{l}");
+        // No task directory yet (no bot ever ran) is fine.
+        let host = Fake {
+            bundles: None,
+            ..Fake::default()
+        };
+        let (_, text, code) = report(&host);
+        assert_eq!(code, 0, "{text}");
     }
 
     #[test]

@@ -56,6 +56,7 @@ fn doctor_passes_against_a_working_agent() {
         "ip_forward",
         "cgroups",
         "image",
+        "task bundles",
         "socket dir",
         "agent",
     ] {
@@ -107,6 +108,60 @@ fn doctor_fails_on_a_bad_socket_and_names_the_fix() {
         text.lines().last().unwrap().contains("problem(s)"),
         "{text}"
     );
+}
+
+#[test]
+fn doctor_finds_a_half_deleted_task_bundle_and_its_fix_works() {
+    // Needs no containerd: the check reads containerd's state directory. This one is the
+    // test's, laid out as containerd 1.6 leaves it when killed mid-delete: the bundle renamed
+    // to `.ID` with its rootfs directory, beside a healthy bundle.
+    let dir = tempfile::tempdir().unwrap();
+    let tasks = dir
+        .path()
+        .join("state/io.containerd.runtime.v2.task/memoh-doc");
+    std::fs::create_dir_all(tasks.join(".mcp-broken/rootfs")).unwrap();
+    std::fs::write(tasks.join(".mcp-broken/config.json"), "{}").unwrap();
+    std::fs::create_dir_all(tasks.join("mcp-fine/rootfs")).unwrap();
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "namespace = \"memoh-doc\"\ncontainerd_state = {:?}\ncontainerd_socket = {:?}\n",
+            dir.path().join("state").display().to_string(),
+            dir.path().join("no/containerd.sock").display().to_string(),
+        ),
+    )
+    .unwrap();
+    let bundle_line = |text: &str| {
+        text.lines()
+            .find(|l| l.get(8..).is_some_and(|r| r.starts_with("task bundles ")))
+            .unwrap_or_else(|| panic!("no task bundles line:\n{text}"))
+            .to_string()
+    };
+    let (code, text) = doctor(&config);
+    assert_ne!(code, 0, "{text}");
+    let l = bundle_line(&text);
+    assert!(l.starts_with("problem "), "{l}");
+    assert!(l.contains("bot(s) broken cannot start"), "{l}");
+    assert!(!l.contains("mcp-fine"), "{l}");
+    let fix = l.split_once("; fix: ").expect("a fix").1.to_string();
+    let out = output_within(
+        {
+            let mut c = Command::new("sh");
+            c.arg("-c").arg(&fix);
+            c
+        },
+        None,
+        CLI_LIMIT,
+    );
+    assert!(out.status.success(), "{fix}: {out:?}");
+    assert!(!tasks.join(".mcp-broken").exists());
+    assert!(
+        tasks.join("mcp-fine").exists(),
+        "the fix removed a live bundle"
+    );
+    let (_, text) = doctor(&config);
+    assert!(bundle_line(&text).starts_with("ok "), "{text}");
 }
 
 fn scrape(port: u16) -> String {
