@@ -16,8 +16,7 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -190,9 +189,7 @@ fn main() {
 
     let table = render(&rows);
     println!("\n{table}");
-    let section = section(&table, &env);
-    let path = workspace_root().join("BENCHMARKS.md");
-    append(&path, &section);
+    let path = common::append_to_benchmarks(&section(&table, &env));
     println!("appended the memoh-agent section to {}", path.display());
 }
 
@@ -250,58 +247,17 @@ fn render(rows: &[Row]) -> String {
 }
 
 fn section(table: &str, env: &Env) -> String {
-    let cpu = common::cpu_model();
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let mem = std::fs::read_to_string("/proc/meminfo")
-        .unwrap_or_default()
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .split_whitespace()
-        .nth(1)
-        .and_then(|k| k.parse::<u64>().ok())
-        .map_or("unknown".into(), |k| format!("{} GiB", k / (1 << 20)));
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let load = load
-        .split_whitespace()
-        .take(3)
-        .collect::<Vec<_>>()
-        .join(" ");
-    let containerd = common::first_line("containerd", &["--version"]);
-    let kernel = common::first_line("uname", &["-r"]);
-    let date = common::first_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]);
+    let machine = common::Machine::now();
     format!(
         "\n## memoh-agent ({date})\n\n\
-         Machine: {cpu}, {cores} cores (shared), {mem} RAM, kernel {kernel}, {containerd} \
-         (private instance, socket {sock}), load average at the end {load}. Release build of \
-         `memoh-agent` (`cargo bench -p memoh-agent --bench agent`); baselines measured in the \
-         same run against the same image and namespace. The CLI figures include spawning the \
-         CLI process; create-to-exec includes CNI attach and the health check.\n\n{table}",
+         Machine: {described} (private instance, socket {sock}); the cores were shared with \
+         other work, load average at the end {load}. Release build of `memoh-agent` (`cargo \
+         bench -p memoh-agent --bench agent`); baselines measured in the same run against the \
+         same image and namespace. The CLI figures include spawning the CLI process; \
+         create-to-exec includes CNI attach and the health check.\n\n{table}",
+        date = machine.date,
+        described = machine.describe(),
         sock = env.sock.display(),
+        load = common::load_average(),
     )
-}
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-/// Appends `section` to `path`, creating the file with its header when it is missing.
-fn append(path: &Path, section: &str) {
-    let exists = path.exists();
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .unwrap();
-    if !exists {
-        f.write_all(
-            b"# Benchmarks\n\nFigures from this repository's bench commands, each section with \
-              its machine, its date and the baseline measured in the same run.\n",
-        )
-        .unwrap();
-    }
-    f.write_all(section.as_bytes()).unwrap();
 }

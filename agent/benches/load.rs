@@ -27,8 +27,7 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -454,8 +453,7 @@ fn main() {
     let section = section(&env, &steps, calls, &results, &td);
     println!("\n{section}");
     if record {
-        let path = workspace_root().join("BENCHMARKS.md");
-        append(&path, &section);
+        let path = common::append_to_benchmarks(&section);
         println!("appended the load section to {}", path.display());
     } else {
         println!("(steps other than the default: not recorded in BENCHMARKS.md)");
@@ -848,35 +846,7 @@ fn table(steps: &[Step], calls: usize, td: &Teardown) -> String {
 
 fn section(env: &Env, steps: &[usize], calls: usize, results: &[Step], td: &Teardown) -> String {
     let idle = results.first().map_or(0, |s| s.idle.as_secs());
-    let cpu = common::cpu_model();
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let mem = std::fs::read_to_string("/proc/meminfo")
-        .unwrap_or_default()
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .split_whitespace()
-        .nth(1)
-        .and_then(|k| k.parse::<u64>().ok())
-        .map_or("unknown".into(), |k| {
-            format!("{:.0} GiB", k as f64 / (1u64 << 20) as f64)
-        });
-    let os = std::fs::read_to_string("/etc/os-release")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("PRETTY_NAME="))
-        .unwrap_or("unknown")
-        .trim_matches('"')
-        .to_string();
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let load = load
-        .split_whitespace()
-        .take(3)
-        .collect::<Vec<_>>()
-        .join(" ");
-    let containerd = common::first_line("containerd", &["--version"]);
-    let kernel = common::first_line("uname", &["-r"]);
-    let date = common::first_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]);
+    let machine = common::Machine::now();
     let names = steps
         .iter()
         .map(ToString::to_string)
@@ -904,10 +874,9 @@ fn section(env: &Env, steps: &[usize], calls: usize, results: &[Step], td: &Tear
     };
     format!(
         "\n## Load: {names} bots ({date})\n\n\
-         Machine: {cpu}, {cores} cores shared with other work, {mem} RAM, {os}, kernel {kernel}, \
-         {containerd} (private instance, socket {sock}); load average at the end {load}. \
-         Release build of `memoh-agent`, `cargo bench -p memoh-agent --bench load` \
-         (`agent/benches/load.rs`). One agent (MCP endpoint off) grows to {names} bots; each \
+         Machine: {described} (private instance, socket {sock}); the cores were shared with \
+         other work, load average at the end {load}. Release build of `memoh-agent`, `cargo \
+         bench -p memoh-agent --bench load` (`agent/benches/load.rs`). One agent (MCP endpoint off) grows to {names} bots; each \
          step creates the additional bots through `CreateBot` on the control API at \
          concurrency 8 (the call returns once the bot's server answers its health check), \
          after the baseline started the same number of `ctr run -d --null-io` containers of \
@@ -920,24 +889,10 @@ fn section(env: &Env, steps: &[usize], calls: usize, results: &[Step], td: &Tear
          through the agent's socket \
          (`ContainerClient` with `x-memoh-bot`, one HTTP/2 connection, concurrency 64) after \
          one warm-up call per bot. The bench client runs on the same 2 cores.\n\n{table}{errors}",
+        date = machine.date,
+        described = machine.describe(),
         sock = env.sock.display(),
+        load = common::load_average(),
         table = table(results, calls, td),
     )
-}
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-/// Appends `section` to `path` (read afresh: another bench may have added to it meanwhile).
-fn append(path: &Path, section: &str) {
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .unwrap();
-    f.write_all(section.as_bytes()).unwrap();
 }

@@ -18,8 +18,7 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use common::soak::{self, SoakConfig, SoakReport};
@@ -58,14 +57,7 @@ fn main() {
     let body = report.render();
     println!("\n{body}");
     if record {
-        let path = workspace_root().join("BENCHMARKS.md");
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .unwrap();
-        f.write_all(section(&report, &body, secs, &faults).as_bytes())
-            .unwrap();
+        let path = common::append_to_benchmarks(&section(&report, &body, secs, &faults));
         println!("appended the soak section to {}", path.display());
     }
     if !report.passed() {
@@ -80,50 +72,21 @@ fn main() {
     }
 }
 
-fn field(path: &str, key: &str) -> String {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(key))
-        .map(|v| {
-            v.trim_start_matches([':', '=', ' ', '\t'])
-                .trim_matches('"')
-                .trim()
-                .to_string()
-        })
-        .unwrap_or_else(|| "unknown".into())
-}
-
 fn section(r: &SoakReport, body: &str, secs: u64, faults: &[soak::FaultKind]) -> String {
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let mem_kib: u64 = field("/proc/meminfo", "MemTotal")
-        .split_whitespace()
-        .next()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let load = load
-        .split_whitespace()
-        .take(3)
-        .collect::<Vec<_>>()
-        .join(" ");
-    let date = common::first_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]);
+    let machine = common::Machine::now();
     format!(
         "\n## Soak with faults ({date})\n\n\
-         Machine: {cpu}, {cores} cores, {mem:.0} GiB, {os}, kernel {kernel}, {containerd}; the \
-         cores were shared with other engineers' builds and tests (load average at the end \
-         {load}). Release build of `memoh-agent` (`cargo bench -p memoh-agent --bench soak -- \
+         Machine: {described}; the cores were shared with other work, load average at the end \
+         {load}. Release build of `memoh-agent` (`cargo bench -p memoh-agent --bench soak -- \
          --seconds {secs}`), a private containerd and the agent in a network namespace of its \
          own. Faults: {faults}, one at a time, every 3 to 10 s after the last one recovered; \
          {workers} workers with up to {bots} bots each run calls back to back. A call may fail \
          only while a fault that concerns it is open, and only with one clear error line; each \
          bot's `/data/ledger` is tracked through appends, snapshots and rollbacks and checked \
          with `sha256sum` in the bot, over MCP and by copying it out.\n\n{body}",
-        cpu = field("/proc/cpuinfo", "model name"),
-        mem = mem_kib as f64 / (1024.0 * 1024.0),
-        os = field("/etc/os-release", "PRETTY_NAME"),
-        kernel = common::first_line("uname", &["-r"]),
-        containerd = common::first_line("containerd", &["--version"]),
+        date = machine.date,
+        described = machine.describe(),
+        load = common::load_average(),
         faults = faults
             .iter()
             .map(|f| f.name())
@@ -132,11 +95,4 @@ fn section(r: &SoakReport, body: &str, secs: u64, faults: &[soak::FaultKind]) ->
         workers = r.workers,
         bots = r.bots_per_worker,
     )
-}
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
 }

@@ -19,7 +19,7 @@
 mod common;
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -277,8 +277,7 @@ fn main() {
 
     let table = render(&rows);
     println!("\n{table}");
-    let path = workspace_root().join("BENCHMARKS.md");
-    append(&path, &section(&table, &env, big_mib));
+    let path = common::append_to_benchmarks(&section(&table, &env, big_mib));
     println!("appended the versions section to {}", path.display());
 }
 
@@ -336,23 +335,13 @@ fn render(rows: &[Row]) -> String {
 }
 
 fn section(table: &str, env: &Env, big_mib: u64) -> String {
-    let cpu = common::cpu_model();
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let load = load
-        .split_whitespace()
-        .take(3)
-        .collect::<Vec<_>>()
-        .join(" ");
-    let containerd = common::first_line("containerd", &["--version"]);
-    let kernel = common::first_line("uname", &["-r"]);
-    let date = common::first_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]);
+    let machine = common::Machine::now();
     format!(
         "\n## Versions and migration ({date})\n\n\
-         Machine: {cpu}, {cores} cores shared with other work (a CI run was going: the machine \
-         was loaded), kernel {kernel}, {containerd} (private instance, socket {sock}), load \
-         average at the end {load}. Release build of `memoh-agent` (`cargo bench -p memoh-agent \
-         --bench versions`); baselines measured in the same run, same image and namespace. \
+         Machine: {described} (private instance, socket {sock}); the cores were shared with \
+         other work, load average at the end {load}. Release build of `memoh-agent` (`cargo \
+         bench -p memoh-agent --bench versions`); baselines measured in the same run, same \
+         image and namespace. \
          Snapshot figures include spawning the CLI; the agent's cycle also re-networks the bot \
          (CNI CHECK, keeping its address) and waits for its server to answer, which the bare `ctr` cycle does not. Migration: \
          the legacy tree is staged after `bot create`, renamed into `<data_root>/bots/BOT` and \
@@ -361,22 +350,9 @@ fn section(table: &str, env: &Env, big_mib: u64) -> String {
          pre-migration snapshot cycle, \"copy and verify\" starts at the first `copying` progress \
          report. `cp -a` copies the same tree (page cache warm for both, `sync` before each) \
          on the same filesystem; the large file is {big_mib} MiB.\n\n{table}",
+        date = machine.date,
+        described = machine.describe(),
         sock = env.sock.display(),
+        load = common::load_average(),
     )
-}
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-fn append(path: &Path, section: &str) {
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .unwrap();
-    f.write_all(section.as_bytes()).unwrap();
 }

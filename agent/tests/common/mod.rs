@@ -1045,3 +1045,125 @@ pub fn cpu_model() -> String {
         .trim()
         .to_string()
 }
+
+/// The header `BENCHMARKS.md` starts with.
+const BENCHMARKS_HEADER: &str = "# Benchmarks\n\nFigures from this repository's bench commands, \
+     each section with its machine, its date and the baseline measured in the same run.\n";
+
+/// `value`, or "unknown" when it is empty.
+fn or_unknown(value: String) -> String {
+    if value.is_empty() {
+        "unknown".into()
+    } else {
+        value
+    }
+}
+
+/// The machine a benchmark ran on, for the machine line of its `BENCHMARKS.md` section.
+#[derive(Debug, Clone)]
+pub struct Machine {
+    /// When it was described, `YYYY-MM-DD HH:MM UTC` (`date -u`), or "unknown".
+    pub date: String,
+    /// The CPU model from `/proc/cpuinfo`, or "unknown".
+    pub cpu: String,
+    /// The cores this process may use (`available_parallelism`), 0 when unknown.
+    pub cores: usize,
+    /// `MemTotal` of `/proc/meminfo` in GiB, rounded; 0 when unknown.
+    pub mem_gib: u64,
+    /// `PRETTY_NAME` of `/etc/os-release`, or "unknown".
+    pub os: String,
+    /// The kernel release (`uname -r`), or "unknown".
+    pub kernel: String,
+    /// The first line of `containerd --version`, or "containerd unknown".
+    pub containerd: String,
+}
+
+impl Machine {
+    /// This machine, described now.
+    pub fn now() -> Self {
+        let mem_kib = std::fs::read_to_string("/proc/meminfo")
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|k| k.parse::<u64>().ok())
+            .unwrap_or(0);
+        let os = std::fs::read_to_string("/etc/os-release")
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("PRETTY_NAME="))
+            .unwrap_or_default()
+            .trim()
+            .trim_matches('"')
+            .to_string();
+        let containerd = first_line("containerd", &["--version"]);
+        Self {
+            date: or_unknown(first_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"])),
+            cpu: cpu_model(),
+            cores: std::thread::available_parallelism().map_or(0, |n| n.get()),
+            mem_gib: (mem_kib + (1 << 19)) >> 20,
+            os: or_unknown(os),
+            kernel: or_unknown(first_line("uname", &["-r"])),
+            containerd: if containerd.is_empty() {
+                "containerd unknown".into()
+            } else {
+                containerd
+            },
+        }
+    }
+
+    /// The machine in one phrase, the same wording for every bench: "CPU, N cores, M GiB RAM,
+    /// OS, kernel K, containerd ...".
+    pub fn describe(&self) -> String {
+        let mem = if self.mem_gib == 0 {
+            "unknown".to_string()
+        } else {
+            format!("{} GiB", self.mem_gib)
+        };
+        format!(
+            "{}, {} cores, {mem} RAM, {}, kernel {}, {}",
+            self.cpu, self.cores, self.os, self.kernel, self.containerd
+        )
+    }
+}
+
+/// The load average over 1, 5 and 15 minutes from `/proc/loadavg` ("0.52 0.61 0.70"), or
+/// "unknown".
+pub fn load_average() -> String {
+    or_unknown(
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" "),
+    )
+}
+
+/// Appends `section` to `BENCHMARKS.md` at the workspace root and returns that file's path.
+/// The file is created with its header when it is missing (or empty), and opened afresh in
+/// append mode, so sections another bench added meanwhile stay. Panics when it cannot be
+/// written.
+pub fn append_to_benchmarks(section: &str) -> PathBuf {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the agent crate has a workspace root")
+        .join("BENCHMARKS.md");
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    let empty = f
+        .metadata()
+        .unwrap_or_else(|e| panic!("stat {}: {e}", path.display()))
+        .len()
+        == 0;
+    if empty {
+        f.write_all(BENCHMARKS_HEADER.as_bytes())
+            .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    }
+    f.write_all(section.as_bytes())
+        .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    path
+}
