@@ -44,6 +44,18 @@ pub(crate) fn deleting(c: &ContainerInfo) -> Option<bool> {
     }
 }
 
+/// Least time between two network checks of one bot that failed calls ask for.
+const NET_CHECK_GAP: Duration = Duration::from_secs(2);
+
+/// The interface an `ip -o monitor link` line reports deleted: `Deleted 12: veth1@if3: ...`
+/// gives `veth1`.
+fn deleted_link(line: &str) -> Option<&str> {
+    let rest = line.strip_prefix("Deleted ")?;
+    let (_, rest) = rest.split_once(": ")?;
+    let name = rest.split(':').next()?.split('@').next()?;
+    (!name.is_empty()).then_some(name)
+}
+
 /// Why a task that should be starting will never serve: it exited or is gone. `None` while it
 /// may still come up.
 fn task_gone(st: Option<&TaskStatus>) -> Option<String> {
@@ -109,6 +121,8 @@ struct Health {
     /// The agent itself is stopping the task (stop, delete, a version cycle): its exit is no
     /// crash and must not lengthen the next real crash's restart delay.
     stopping: bool,
+    /// When a failed call last made the agent check the bot's network.
+    last_net_check: Option<std::time::Instant>,
 }
 
 /// The lifecycle manager. Cheap to share behind an `Arc`.
@@ -560,7 +574,54 @@ impl Manager {
             if let Some(route) = lock(&self.routes).get(bot).cloned() {
                 self.pool.evict_if(bot, &route);
             }
+            self.check_network_soon(bot, false);
         }
+    }
+
+    /// A call to `bot` failed at the transport level: its network is checked (and attached
+    /// again if broken, the host rules restored) now, not at the next periodic reconcile, so a
+    /// deleted veth or a flushed nat table costs a bot about a second instead of up to 15.
+    /// At most one check per bot every [`NET_CHECK_GAP`], unless `now` (a link really went).
+    fn check_network_soon(&self, bot: &str, now: bool) {
+        {
+            let mut health = lock(&self.health);
+            let h = health.entry(bot.to_string()).or_default();
+            if !now
+                && h.last_net_check
+                    .is_some_and(|t| t.elapsed() < NET_CHECK_GAP)
+            {
+                return;
+            }
+            h.last_net_check = Some(std::time::Instant::now());
+        }
+        let Some(me) = self.me.get().and_then(std::sync::Weak::upgrade) else {
+            return;
+        };
+        let bot = bot.to_string();
+        tokio::spawn(async move {
+            if now {
+                // The kernel reports the host end before the bot's end is gone: give it a
+                // moment, or the check can still find the bot's interface up.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let _g = me.lock_bot(&bot).await;
+            let Ok(Some(c)) = me.rt.get_container(&ids::container_id(&bot)).await else {
+                return;
+            };
+            let running = me
+                .rt
+                .task_status(&c.id)
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|s| s.state == TaskState::Running);
+            // A stopped task is the exit watcher's to restart.
+            if wants_running(&c) && running {
+                if let Err(e) = me.attach(&bot, &c).await {
+                    warn!(bot, error = %e, "network check after a failed call failed");
+                }
+            }
+        });
     }
 
     pub(crate) async fn kill_and_delete_task(
@@ -848,6 +909,9 @@ impl Manager {
             }
         });
         let me = self.clone();
+        let s = stop.clone();
+        tokio::spawn(async move { me.watch_links(s).await });
+        let me = self.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(15));
             tick.tick().await;
@@ -861,6 +925,71 @@ impl Manager {
                 }
             }
         });
+    }
+
+    /// Follows link deletions (`ip -o monitor link`, in the agent's network namespace): when
+    /// the host end of a running bot's veth goes, that bot is attached again at once instead
+    /// of at the next periodic reconcile (its calls would hang on the dead link until then).
+    /// Without `ip` the periodic reconcile still repairs it.
+    async fn watch_links(self: Arc<Self>, stop: CancellationToken) {
+        use tokio::io::AsyncBufReadExt;
+        loop {
+            let child = tokio::process::Command::new("ip")
+                .args(["-o", "monitor", "link"])
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::null())
+                .kill_on_drop(true)
+                .spawn();
+            let mut child = match child {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!(error = %e, "cannot follow link deletions (ip monitor); relying on the periodic reconcile");
+                    return;
+                }
+            };
+            let Some(out) = child.stdout.take() else {
+                return;
+            };
+            let mut lines = tokio::io::BufReader::new(out).lines();
+            // A bridge port's deletion is reported twice in a row.
+            let mut last: Option<String> = None;
+            loop {
+                let line = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    l = lines.next_line() => l,
+                };
+                match line {
+                    Ok(Some(l)) => match deleted_link(&l) {
+                        Some(link) if last.as_deref() != Some(link) => {
+                            last = Some(link.to_string());
+                            self.on_link_deleted(link).await;
+                        }
+                        _ => {}
+                    },
+                    _ => break,
+                }
+            }
+            debug!("ip monitor ended; starting it again");
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+
+    /// `link` was deleted: the running bot whose host veth it was gets its network checked.
+    async fn on_link_deleted(&self, link: &str) {
+        let bots: Vec<String> = lock(&self.routes).keys().cloned().collect();
+        for bot in bots {
+            if let Ok(Some(bn)) = self.net.saved(&bot).await {
+                if bn.host_veth.as_deref() == Some(link) {
+                    info!(bot, link, "the bot's veth was deleted; attaching it again");
+                    self.check_network_soon(&bot, true);
+                    return;
+                }
+            }
+        }
     }
 
     fn on_exit(self: &Arc<Self>, exit: crate::containerd::TaskExit) {
@@ -961,6 +1090,21 @@ mod tests {
             exit_status,
             exited_at: None,
         }
+    }
+
+    #[test]
+    fn deleted_links_are_read_from_ip_monitor_lines() {
+        let del = "Deleted 1304: veth5c1e2f3a@if2: <BROADCAST,MULTICAST> mtu 1500 qdisc noop \
+                   master cni0 state DOWN group default \\    link/ether 8a:51:63:e6:3e:6f";
+        assert_eq!(deleted_link(del), Some("veth5c1e2f3a"));
+        assert_eq!(
+            deleted_link("Deleted 7: tap0: <BROADCAST> mtu 1500"),
+            Some("tap0")
+        );
+        let add = "1304: veth5c1e2f3a@if2: <BROADCAST,MULTICAST> mtu 1500 master cni0";
+        assert_eq!(deleted_link(add), None);
+        assert_eq!(deleted_link("Deleted "), None);
+        assert_eq!(deleted_link("Deleted 3: : <>"), None);
     }
 
     #[test]

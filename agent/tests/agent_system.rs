@@ -478,6 +478,40 @@ fn a_deleted_veth_is_attached_again() {
     let entries = a.ipam_entries();
     assert_eq!(entries.len(), 1, "leaked allocation: {entries:?}");
     assert_eq!(entries[0].0.to_string(), ip);
+
+    // Without a start: the agent sees the link go and attaches the bot again at once, well
+    // before its periodic reconcile (every 15 s); a call made meanwhile waits, it does not
+    // fail.
+    let veth = stdout(&common::sh(
+        "ip",
+        &["-o", "link", "show", "master", &a.bridge],
+    ))
+    .lines()
+    .filter_map(|l| l.split(": ").nth(1))
+    .map(|n| n.split('@').next().unwrap().to_string())
+    .next()
+    .expect("the bot's port on the bridge");
+    assert!(common::sh("ip", &["link", "delete", &veth])
+        .status
+        .success());
+    let broken = std::time::Instant::now();
+    let first = a.cli(&["exec", &bot, "--", "true"]);
+    let took = broken.elapsed();
+    assert!(
+        first.status.success(),
+        "exec after the veth was deleted: {}",
+        String::from_utf8_lossy(&first.stderr).trim()
+    );
+    println!("exec answered {took:?} after the veth was deleted");
+    assert!(
+        took < Duration::from_secs(5),
+        "the bot was re-attached only after {took:?}:\n{}",
+        a.log_tail(20)
+    );
+    assert_eq!(
+        field(&a.inspect(&bot), "ip").as_str(),
+        Some(old_ip.as_str())
+    );
 }
 
 #[test]
