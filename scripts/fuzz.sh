@@ -4,7 +4,8 @@
 # Needs the nightly toolchain and cargo-fuzz (`cargo install cargo-fuzz`).
 #
 # Usage: scripts/fuzz.sh [--seconds N] [TARGET...]     (default 600 s, all targets)
-# Findings land in fuzz/artifacts/TARGET/; the run exits non-zero when any target crashed.
+# Findings land in fuzz/artifacts/TARGET/ and are copied to fuzz/regressions/TARGET/ (commit
+# them: the tests replay them with the corpora); the run exits non-zero when any target crashed.
 set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
 
@@ -37,6 +38,12 @@ for t in "${TARGETS[@]}"; do
     # Keep the committed corpus small: only inputs that add coverage.
     cargo +nightly fuzz cmin "$t" "corpus/$t" >"$LOG_DIR/$t.cmin.log" 2>&1 || true
     after=$(find "artifacts/$t" -type f 2>/dev/null | wc -l)
+    # Findings stay for good in regressions/ (committed, replayed by the tests, never
+    # minimized away).
+    if [ "$after" -gt 0 ]; then
+        mkdir -p "regressions/$t"
+        cp -n "artifacts/$t"/* "regressions/$t/"
+    fi
     results+=("$t: ${runs:-?} runs in ${SECONDS_EACH} s, corpus $(find "corpus/$t" -type f | wc -l) inputs, new crashes $((after - before))")
 done
 printf '%s\n' "${results[@]}"

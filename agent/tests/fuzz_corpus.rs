@@ -1,36 +1,15 @@
-//! Replays the committed cargo-fuzz corpora (`fuzz/corpus/<target>/`) through the same
-//! invariant checks the fuzz targets run, so CI on stable catches regressions.
+//! Replays the committed cargo-fuzz corpora and findings of this crate's fuzz targets (see
+//! `tests/support/fuzz_replay.rs`).
 
-use std::path::PathBuf;
+#[path = "../../tests/support/fuzz_replay.rs"]
+mod fuzz_replay;
 
 use memoh_agent::fuzz_checks::{
     cni_result_check, edit_matcher_check, image_ref_check, jsonrpc_envelope_check,
 };
 
 fn replay(target: &str, check: fn(&[u8])) {
-    // The run-time variable first: a test binary in a shared target directory may have been
-    // built from another checkout.
-    let root = std::env::var_os("CARGO_MANIFEST_DIR")
-        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
-    let dir = root.join("../fuzz/corpus").join(target);
-    let entries = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("corpus {} is missing: {e}", dir.display()));
-    let mut n = 0;
-    for entry in entries {
-        let path = entry.expect("corpus entry").path();
-        if !path.is_file() {
-            continue;
-        }
-        let data = std::fs::read(&path).expect("corpus file");
-        let r = std::panic::catch_unwind(|| check(&data));
-        assert!(
-            r.is_ok(),
-            "{target}: {} breaks an invariant",
-            path.display()
-        );
-        n += 1;
-    }
-    assert!(n > 0, "corpus {} is empty", dir.display());
+    fuzz_replay::replay(env!("CARGO_MANIFEST_DIR"), target, check);
 }
 
 #[test]
