@@ -683,3 +683,46 @@ async fn a_bridge_that_lost_its_last_port_is_repaired() {
     assert_ne!(mac.trim(), "00:00:00:00:00:00");
     assert!(f.reservations().is_empty());
 }
+
+#[tokio::test]
+async fn two_agents_on_one_host_share_the_isolation_chain() {
+    use memoh_agent::network::Firewall;
+    if !require_root() {
+        return;
+    }
+    // Two agents (each with its own lock, as two processes have) isolate and release bridges
+    // of their own at the same moments: whoever creates or removes the shared chain second
+    // must not fail (CI saw "iptables -N ...: Chain already exists" from parallel agents).
+    let f = Fixture::new(19);
+    let (a, b) = (
+        Iptables::with_names(&f.chain, &f.comment),
+        Iptables::with_names(&f.chain, &f.comment),
+    );
+    let (bridge_a, bridge_b) = (format!("{}a", f.bridge), format!("{}b", f.bridge));
+    for round in 0..15 {
+        let (ra, rb) = tokio::join!(a.ensure_isolation(&bridge_a), b.ensure_isolation(&bridge_b));
+        ra.unwrap_or_else(|e| panic!("round {round}: a ensures: {e}"));
+        rb.unwrap_or_else(|e| panic!("round {round}: b ensures: {e}"));
+        let rules = String::from_utf8_lossy(&sh("iptables", &["-w", "5", "-S", &f.chain]).stdout)
+            .to_string();
+        for br in [&bridge_a, &bridge_b] {
+            assert!(
+                rules.contains(&format!("-i {br} -o {br} -j DROP")),
+                "round {round}: {br} not isolated:\n{rules}"
+            );
+        }
+        let (ra, rb) = tokio::join!(a.remove_isolation(&bridge_a), b.remove_isolation(&bridge_b));
+        ra.unwrap_or_else(|e| panic!("round {round}: a removes: {e}"));
+        rb.unwrap_or_else(|e| panic!("round {round}: b removes: {e}"));
+    }
+    // Both released: nothing of the chain is left once the last user removed it.
+    let leftover = a.remove_isolation(&bridge_a).await.unwrap();
+    assert!(!leftover);
+    let listed = sh("iptables", &["-w", "5", "-S", &f.chain]);
+    let rules = String::from_utf8_lossy(&listed.stdout).to_string();
+    assert!(
+        !rules.lines().any(|l| l.starts_with("-A ")),
+        "rules left in {}:\n{rules}",
+        f.chain
+    );
+}

@@ -10,6 +10,7 @@
 
 use std::future::Future;
 use std::net::IpAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -70,8 +71,20 @@ pub trait Firewall: Send + Sync {
 pub struct Iptables {
     chain: String,
     masq_comment: String,
-    // Check-then-add sequences must not interleave within the process.
+    // Check-then-add sequences must not interleave within the process...
     lock: Arc<Mutex<()>>,
+    // ...nor with another agent's on the same host (tests run several; an operator may run
+    // a second one by mistake): a file lock held for the same sequences.
+    host_lock: PathBuf,
+}
+
+/// The file whose lock orders firewall changes across processes.
+pub const HOST_LOCK_PATH: &str = "/run/memoh-firewall.lock";
+
+/// Both locks, held while a check-then-change sequence runs.
+struct Locked {
+    _file: Option<nix::fcntl::Flock<std::fs::File>>,
+    _guard: tokio::sync::OwnedMutexGuard<()>,
 }
 
 impl Default for Iptables {
@@ -92,6 +105,37 @@ impl Iptables {
             chain: chain.to_string(),
             masq_comment: masq_comment.to_string(),
             lock: Arc::new(Mutex::new(())),
+            host_lock: PathBuf::from(HOST_LOCK_PATH),
+        }
+    }
+
+    /// Takes the process lock, then the host's file lock (waiting for other processes). A
+    /// lock file that cannot be opened leaves only the process lock, with a warning.
+    async fn locked(&self) -> Locked {
+        let guard = self.lock.clone().lock_owned().await;
+        let path = self.host_lock.clone();
+        let file = tokio::task::spawn_blocking(move || {
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)?;
+            nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
+                .map_err(|(_, errno)| std::io::Error::from(errno))
+        })
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|r| r);
+        let file = match file {
+            Ok(f) => Some(f),
+            Err(e) => {
+                tracing::warn!(path = %self.host_lock.display(), error = %e, "cannot take the firewall's host lock; ordering changes within this process only");
+                None
+            }
+        };
+        Locked {
+            _file: file,
+            _guard: guard,
         }
     }
 
@@ -148,6 +192,15 @@ impl Iptables {
         Ok(Self::run(op, &["-t", table, "-S", chain]).await?.success())
     }
 
+    /// `-N`; a chain that another process (a second agent, an operator's script) created
+    /// since the caller looked is fine: the lock only orders this process's changes.
+    async fn create_chain(op: &str, table: &str, chain: &str) -> Result<(), AgentError> {
+        match Self::must(op, &["-t", table, "-N", chain]).await {
+            Err(_) if Self::chain_exists(op, table, chain).await? => Ok(()),
+            r => r,
+        }
+    }
+
     fn masq_rule<'a>(&'a self, subnet: &'a str) -> Vec<&'a str> {
         vec![
             "-s",
@@ -197,7 +250,7 @@ impl Firewall for Iptables {
     async fn ensure_masquerade(&self, subnet: &str) -> Result<bool, AgentError> {
         check_subnet(subnet)?;
         let op = format!("ensure masquerade for {subnet}");
-        let _g = self.lock.lock().await;
+        let _g = self.locked().await;
         let rule = self.masq_rule(subnet);
         if Self::rule_exists(&op, "nat", "POSTROUTING", &rule).await? {
             return Ok(false);
@@ -212,7 +265,7 @@ impl Firewall for Iptables {
     async fn remove_masquerade(&self, subnet: &str) -> Result<bool, AgentError> {
         check_subnet(subnet)?;
         let op = format!("remove masquerade for {subnet}");
-        let _g = self.lock.lock().await;
+        let _g = self.locked().await;
         let rule = self.masq_rule(subnet);
         let mut removed = false;
         while Self::rule_exists(&op, "nat", "POSTROUTING", &rule).await? {
@@ -228,9 +281,9 @@ impl Firewall for Iptables {
         check_ifname(bridge)?;
         let op = format!("ensure isolation on {bridge}");
         let chain = self.chain.as_str();
-        let _g = self.lock.lock().await;
+        let _g = self.locked().await;
         if !Self::chain_exists(&op, "filter", chain).await? {
-            Self::must(&op, &["-t", "filter", "-N", chain]).await?;
+            Self::create_chain(&op, "filter", chain).await?;
         }
         let rule = ["-i", bridge, "-o", bridge, "-j", "DROP"];
         let added = if Self::rule_exists(&op, "filter", chain, &rule).await? {
@@ -252,7 +305,7 @@ impl Firewall for Iptables {
         check_ifname(bridge)?;
         let op = format!("remove isolation on {bridge}");
         let chain = self.chain.as_str();
-        let _g = self.lock.lock().await;
+        let _g = self.locked().await;
         if !Self::chain_exists(&op, "filter", chain).await? {
             return Ok(false);
         }
@@ -274,14 +327,25 @@ impl Firewall for Iptables {
             while Self::rule_exists(&op, "filter", "FORWARD", &["-j", chain]).await? {
                 Self::must(&op, &["-t", "filter", "-D", "FORWARD", "-j", chain]).await?;
             }
-            Self::must(&op, &["-t", "filter", "-X", chain]).await?;
+            // Another process may have used it again meanwhile (it stays) or removed it
+            // (gone anyway); a chain still there, empty and unreferenced, is a real failure.
+            if let Err(e) = Self::must(&op, &["-t", "filter", "-X", chain]).await {
+                let listing = Self::run(&op, &["-t", "filter", "-S", chain]).await?;
+                let in_use = !listing.success()
+                    || listing.stdout_text().lines().any(|l| l.starts_with("-A "))
+                    || Self::rule_exists(&op, "filter", "FORWARD", &["-j", chain]).await?;
+                if !in_use {
+                    return Err(e);
+                }
+                tracing::debug!(chain, error = %e, "isolation chain in use again or gone");
+            }
         }
         Ok(removed)
     }
 
     async fn remove_cni_masq(&self, network: &str, container: &str) -> Result<usize, AgentError> {
         let op = format!("remove cni masquerade of {container}");
-        let _g = self.lock.lock().await;
+        let _g = self.locked().await;
         let listing = Self::run(&op, &["-t", "nat", "-S", "POSTROUTING"]).await?;
         if !listing.success() {
             return Err(AgentError::Network {
