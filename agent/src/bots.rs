@@ -696,13 +696,15 @@ impl Manager {
         self.net.teardown(bot).await?;
         self.remove_snapshots(bot, &c.snapshot_key, keep_versions)
             .await?;
-        self.rt.delete_container(&c.id).await?;
+        // The agent's state of the bot goes before the record too: killed after the record
+        // went, nothing would find the directory again (the soak caught that).
         let dir = ids::bot_dir(&self.cfg.state_dir, bot);
         match tokio::fs::remove_dir_all(&dir).await {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(AgentError::io(&dir, e)),
         }
+        self.rt.delete_container(&c.id).await?;
         lock(&self.health).remove(bot);
         info!(bot, "deleted");
         Ok(())
