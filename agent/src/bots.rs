@@ -133,6 +133,8 @@ pub struct Manager {
     pool: Pool,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     routes: Mutex<HashMap<String, Route>>,
+    /// Bot -> its host-side veth, as its last attach saw it (finds the bot of a deleted link).
+    host_veths: Mutex<HashMap<String, String>>,
     health: Mutex<HashMap<String, Health>>,
     me: std::sync::OnceLock<std::sync::Weak<Manager>>,
     /// Bots whose automatic migration already ran in this agent's life (a failed one is only
@@ -184,6 +186,7 @@ impl Manager {
             pool: Pool::new(memoh_proto::limits::DEFAULT_UNARY_DEADLINE),
             locks: Mutex::default(),
             routes: Mutex::default(),
+            host_veths: Mutex::default(),
             health: Mutex::default(),
             me: std::sync::OnceLock::new(),
             auto_migrated: Mutex::default(),
@@ -265,6 +268,7 @@ impl Manager {
 
     pub(crate) fn forget_route(&self, bot: &str) {
         lock(&self.routes).remove(bot);
+        lock(&self.host_veths).remove(bot);
         self.pool.evict(bot);
     }
 
@@ -309,19 +313,20 @@ impl Manager {
         ]);
         // An existing active snapshot holds the bot's data from an earlier container: keep it.
         let snapshot_key = cid.clone();
-        let parent = match self.rt.stat_snapshot(&snapshot_key).await? {
+        let (parent, prepared) = match self.rt.stat_snapshot(&snapshot_key).await? {
             None => {
                 self.rt
                     .prepare_snapshot(&snapshot_key, Some(&resolved.chain_id), &bot_labels)
                     .await?;
-                Some(resolved.chain_id.clone())
+                (Some(resolved.chain_id.clone()), true)
             }
             Some(s) => {
                 info!(bot, "reusing the bot's existing snapshot");
-                s.parent
+                (s.parent, false)
             }
         };
-        let c = self
+        crate::versions::fault("create");
+        let c = match self
             .create_container_record(
                 bot,
                 &resolved.name,
@@ -329,13 +334,56 @@ impl Manager {
                 &snapshot_key,
                 parent.as_deref(),
             )
-            .await?;
+            .await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                self.undo_create(bot, prepared.then_some(snapshot_key.as_str()))
+                    .await;
+                return Err(e);
+            }
+        };
         if let Err(e) = self.start_locked(bot, &c).await {
             warn!(bot, error = %e, "start after create failed; the container is kept");
             return Err(e);
         }
         self.migrate_in_background(bot);
         self.info(bot).await
+    }
+
+    /// A create that failed before its container record: the bot does not exist, so what the
+    /// create made goes too (`snapshot`, when it prepared it, and the bot's state directory).
+    /// Only when containerd confirms there is no record: the call that failed may have made it
+    /// (then the bot exists and reconcile starts it). When containerd cannot answer, the next
+    /// recovery pass does this ([`Manager::recover`]).
+    async fn undo_create(&self, bot: &str, snapshot: Option<&str>) {
+        match self.rt.get_container(&ids::container_id(bot)).await {
+            Ok(None) => {}
+            Ok(Some(_)) => return,
+            Err(e) => {
+                warn!(bot, error = %e, "cannot undo the failed create now; recovery will");
+                return;
+            }
+        }
+        if let Some(key) = snapshot {
+            if let Err(e) = self.rt.remove_snapshot(key).await {
+                warn!(bot, error = %e, "cannot remove the failed create's snapshot now; recovery will");
+                return;
+            }
+        }
+        if let Err(e) = self.remove_bot_dir(bot).await {
+            warn!(bot, error = %e, "cannot remove the failed create's state");
+        }
+    }
+
+    /// Removes the agent's state directory of `bot` (its token); a missing one is fine.
+    pub(crate) async fn remove_bot_dir(&self, bot: &str) -> Result<(), AgentError> {
+        let dir = ids::bot_dir(&self.cfg.state_dir, bot);
+        match tokio::fs::remove_dir_all(&dir).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(AgentError::io(&dir, e)),
+        }
     }
 
     /// Writes a fresh token and creates the container record (spec, labels) on `snapshot_key`,
@@ -482,10 +530,21 @@ impl Manager {
             token,
             generation,
         };
-        let mut routes = lock(&self.routes);
-        if routes.get(bot) != Some(&route) {
-            self.pool.evict(bot);
-            routes.insert(bot.to_string(), route);
+        {
+            let mut routes = lock(&self.routes);
+            if routes.get(bot) != Some(&route) {
+                self.pool.evict(bot);
+                routes.insert(bot.to_string(), route);
+            }
+        }
+        let mut veths = lock(&self.host_veths);
+        match &bn.host_veth {
+            Some(v) => {
+                veths.insert(bot.to_string(), v.clone());
+            }
+            None => {
+                veths.remove(bot);
+            }
         }
         Ok(bn)
     }
@@ -698,12 +757,7 @@ impl Manager {
             .await?;
         // The agent's state of the bot goes before the record too: killed after the record
         // went, nothing would find the directory again (the soak caught that).
-        let dir = ids::bot_dir(&self.cfg.state_dir, bot);
-        match tokio::fs::remove_dir_all(&dir).await {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(AgentError::io(&dir, e)),
-        }
+        self.remove_bot_dir(bot).await?;
         self.rt.delete_container(&c.id).await?;
         lock(&self.health).remove(bot);
         info!(bot, "deleted");
@@ -965,7 +1019,7 @@ impl Manager {
                     Ok(Some(l)) => match deleted_link(&l) {
                         Some(link) if last.as_deref() != Some(link) => {
                             last = Some(link.to_string());
-                            self.on_link_deleted(link).await;
+                            self.on_link_deleted(link);
                         }
                         _ => {}
                     },
@@ -981,16 +1035,14 @@ impl Manager {
     }
 
     /// `link` was deleted: the running bot whose host veth it was gets its network checked.
-    async fn on_link_deleted(&self, link: &str) {
-        let bots: Vec<String> = lock(&self.routes).keys().cloned().collect();
-        for bot in bots {
-            if let Ok(Some(bn)) = self.net.saved(&bot).await {
-                if bn.host_veth.as_deref() == Some(link) {
-                    info!(bot, link, "the bot's veth was deleted; attaching it again");
-                    self.check_network_soon(&bot, true);
-                    return;
-                }
-            }
+    fn on_link_deleted(&self, link: &str) {
+        let bot = lock(&self.host_veths)
+            .iter()
+            .find(|(_, veth)| *veth == link)
+            .map(|(bot, _)| bot.clone());
+        if let Some(bot) = bot {
+            info!(bot, link, "the bot's veth was deleted; attaching it again");
+            self.check_network_soon(&bot, true);
         }
     }
 

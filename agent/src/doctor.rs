@@ -194,7 +194,7 @@ pub async fn run_checks(cfg: &Config, config_path: &str, host: &dyn Host) -> Vec
             ),
         }
     });
-    out.push(task_bundles(cfg, host));
+    out.push(task_bundles(cfg, config_path, containerd.is_ok(), host));
     out.push(socket_dir(cfg, host));
     out.push(match host.agent_bots(&cfg.control_socket).await {
         Ok(n) => Check::ok(
@@ -354,15 +354,44 @@ fn sysctl(
 /// to `.ID`, then removing that. Killed in between, it leaves `.ID`; every later delete of that
 /// bundle then fails to rename and every later task create of the container fails ("file
 /// exists"): that bot cannot start until `.ID` is gone.
-fn task_bundles(cfg: &Config, host: &dyn Host) -> Check {
+///
+/// A `containerd_state` that does not exist while containerd answers is a wrong path (containerd
+/// creates its state directory when it starts): a warning, since the check sees nothing there.
+fn task_bundles(
+    cfg: &Config,
+    config_path: &str,
+    containerd_answers: bool,
+    host: &dyn Host,
+) -> Check {
     let dir = cfg
         .containerd_state
         .join("io.containerd.runtime.v2.task")
         .join(&cfg.namespace);
     let Some(names) = host.subdirs(&dir) else {
-        return Check::ok(
+        if host.subdirs(&cfg.containerd_state).is_some() {
+            return Check::ok(
+                "task bundles",
+                format!("{} holds no bundles yet", dir.display()),
+            );
+        }
+        if !containerd_answers {
+            return Check::ok(
+                "task bundles",
+                "not checked: containerd does not answer".to_string(),
+            );
+        }
+        return Check::bad(
             "task bundles",
-            format!("{} holds no bundles yet", dir.display()),
+            Status::Warn,
+            format!(
+                "{} does not exist although containerd answers: containerd keeps its state \
+                 elsewhere, so half-deleted task bundles cannot be found",
+                cfg.containerd_state.display()
+            ),
+            format!(
+                "set containerd_state in {config_path} to the state directory that \
+                 `containerd config dump | grep '^state'` names"
+            ),
         );
     };
     let stale: Vec<String> = names.into_iter().filter(|n| n.starts_with('.')).collect();
@@ -595,6 +624,8 @@ mod tests {
         cgroups: Cgroups,
         network: Result<bool, String>,
         bundles: Option<Vec<String>>,
+        /// Whether containerd's state directory exists.
+        state_dir: bool,
     }
 
     impl Default for Fake {
@@ -627,6 +658,7 @@ mod tests {
                 cgroups: Cgroups::V2,
                 network: Ok(false),
                 bundles: Some(vec!["mcp-a".into(), "mcp-b".into()]),
+                state_dir: true,
             }
         }
     }
@@ -669,6 +701,11 @@ mod tests {
             self.network.clone()
         }
         fn subdirs(&self, dir: &Path) -> Option<Vec<String>> {
+            if dir == Path::new("/run/containerd") {
+                return self
+                    .state_dir
+                    .then(|| vec!["io.containerd.runtime.v2.task".into()]);
+            }
             assert_eq!(
                 dir,
                 Path::new("/run/containerd/io.containerd.runtime.v2.task/default")
@@ -821,6 +858,42 @@ mod tests {
         };
         let (_, text, code) = report(&host);
         assert_eq!(code, 0, "{text}");
+        assert!(line(&text, "task bundles").starts_with("ok "), "{text}");
+    }
+
+    #[test]
+    fn a_missing_containerd_state_dir_is_a_warning_while_containerd_answers() {
+        let host = Fake {
+            bundles: None,
+            state_dir: false,
+            ..Fake::default()
+        };
+        let (checks, text, code) = report(&host);
+        assert_eq!(code, 0, "a warning alone passes: {text}");
+        let l = line(&text, "task bundles");
+        assert!(l.starts_with("warn "), "{l}");
+        assert!(l.contains("/run/containerd does not exist"), "{l}");
+        assert!(
+            l.contains("fix: set containerd_state in /etc/memoh/agent.toml"),
+            "{l}"
+        );
+        assert_eq!(
+            checks.iter().filter(|c| c.status != Status::Ok).count(),
+            1,
+            "{text}"
+        );
+        // With containerd down its state directory may well be gone: not this check's problem.
+        let host = Fake {
+            bundles: None,
+            state_dir: false,
+            containerd: Err("connection refused".into()),
+            ..Fake::default()
+        };
+        let (_, text, _) = report(&host);
+        assert!(
+            line(&text, "task bundles").contains("not checked"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::bots::{Manager, STOP_GRACE};
 use crate::containerd::{
@@ -33,7 +33,8 @@ pub const LABEL_VERSION_SOURCE: &str = "memoh.version.source";
 pub const LABEL_VERSION_CREATED: &str = "memoh.version.created";
 /// Label on the container: the next version number (numbers are never reused).
 pub const LABEL_NEXT_VERSION: &str = "memoh.version.next";
-/// Environment variable naming a cycle step at which the agent aborts (fault tests only).
+/// Environment variable naming the step at which the agent aborts (fault tests only): a cycle
+/// step, `1` to `5`, or `create`, between a new bot's snapshot and its container record.
 pub const FAULT_ENV: &str = "MEMOH_FAULT_SNAPSHOT_STEP";
 
 /// Why a version was taken.
@@ -93,13 +94,9 @@ pub fn active_snapshot_key(bot: &str, nanos: u128) -> String {
     format!("mcp-{bot}@a{nanos}")
 }
 
-fn fault(step: u32) {
-    if std::env::var(FAULT_ENV)
-        .ok()
-        .and_then(|v| v.parse::<u32>().ok())
-        == Some(step)
-    {
-        warn!(step, "fault injection: aborting the agent mid-cycle");
+pub(crate) fn fault(step: &str) {
+    if std::env::var(FAULT_ENV).is_ok_and(|v| v == step) {
+        warn!(step, "fault injection: aborting the agent");
         std::process::abort();
     }
 }
@@ -253,7 +250,7 @@ impl Manager {
         // 1. Stop the task; the network namespace (and so the bot's address) stays.
         self.forget_route(bot);
         self.kill_and_delete_task(&c.id, STOP_GRACE).await?;
-        fault(1);
+        fault("1");
 
         // 2. Commit the active snapshot as the version.
         let mut labels = HashMap::from([
@@ -288,7 +285,7 @@ impl Manager {
             }
             return Err(e);
         }
-        fault(2);
+        fault("2");
 
         // 3. A new active snapshot on the version (or on the rollback target).
         let parent = restore_from.unwrap_or(&version_name);
@@ -299,12 +296,12 @@ impl Manager {
         ]);
         rt.prepare_snapshot(&new_key, Some(parent), &active_labels)
             .await?;
-        fault(3);
+        fault("3");
 
         // 4 and 5. Replace the container record, keeping its spec and labels.
         self.replace_container(&c, &new_key, parent, number + 1, None)
             .await?;
-        fault(4);
+        fault("4");
 
         // 6. Start, re-network, evict the pooled channel.
         let c2 = self.container(bot).await?;
@@ -342,7 +339,7 @@ impl Manager {
             labels.insert(LABEL_LOST_STATE.to_string(), lost);
         }
         rt.delete_container(&c.id).await?;
-        fault(5);
+        fault("5");
         rt.create_container(&NewContainer {
             id: c.id.clone(),
             image: c.image.clone(),
@@ -425,12 +422,14 @@ impl Manager {
                 .await?;
             return Ok(true);
         }
+        let Some(c) = container else {
+            return self.recover_record(bot, &snaps, next).await;
+        };
         let newest_active = snaps
             .iter()
             .filter(|s| s.kind == SnapshotKind::Active)
-            .max_by_key(|s| s.created_at)
-            .cloned();
-        let (key, parent) = match (&newest_active, &newest_version) {
+            .max_by_key(|s| s.created_at);
+        let (key, parent) = match (newest_active, &newest_version) {
             (Some(a), _) => (a.name.clone(), a.parent.clone()),
             (None, Some(v)) => {
                 let image = v.labels.get(LABEL_IMAGE).cloned().unwrap_or_default();
@@ -441,40 +440,77 @@ impl Manager {
             }
             (None, None) => return Ok(false),
         };
-        match container {
-            Some(c) => {
-                warn!(bot, key, "container lost its snapshot mid-cycle; moving it");
-                self.replace_container(&c, &key, parent.as_deref().unwrap_or_default(), next, None)
-                    .await?;
-            }
-            None => {
-                let image = newest_active
-                    .as_ref()
-                    .and_then(|a| a.labels.get(LABEL_IMAGE).cloned())
-                    .or_else(|| {
-                        newest_version
-                            .as_ref()
-                            .and_then(|v| v.labels.get(LABEL_IMAGE).cloned())
-                    })
-                    .unwrap_or_else(|| self.config().image.clone());
-                warn!(
-                    bot,
-                    key, image, "container record lost mid-cycle; recreating it"
-                );
-                let resolved = rt.resolve_image(&image).await?;
-                self.create_container_record(
-                    bot,
-                    &resolved.name,
-                    &resolved.config,
-                    &key,
-                    parent.as_deref(),
-                )
-                .await?;
-                let labels = HashMap::from([(LABEL_NEXT_VERSION.to_string(), next.to_string())]);
-                rt.update_container_labels(&cid, &labels).await?;
-            }
-        }
+        warn!(bot, key, "container lost its snapshot mid-cycle; moving it");
+        self.replace_container(&c, &key, parent.as_deref().unwrap_or_default(), next, None)
+            .await?;
         Ok(true)
+    }
+
+    /// The bot's snapshots `snaps` without a container record, which is what makes a bot. One
+    /// of three things left them:
+    /// - a create that died between the bot's snapshot (key `mcp-BOT`) and its record: the
+    ///   create failed, so the snapshot goes with the bot's state directory, as long as nothing
+    ///   was written on it (one that holds data, from a record removed behind the agent's back,
+    ///   gets its container back instead);
+    /// - a cycle that died between deleting the record and recreating it on a new active
+    ///   snapshot: the container is recreated on the newest active snapshot;
+    /// - `bot rm --keep-versions`: only versions are left, and stay for a later bot of that id.
+    async fn recover_record(
+        &self,
+        bot: &str,
+        snaps: &[SnapshotInfo],
+        next: u64,
+    ) -> Result<bool, AgentError> {
+        let rt = self.runtime().clone();
+        let cid = ids::container_id(bot);
+        let mut actives: Vec<&SnapshotInfo> = snaps
+            .iter()
+            .filter(|s| s.kind == SnapshotKind::Active)
+            .collect();
+        actives.sort_by_key(|s| s.created_at);
+        let mut changed = false;
+        if actives.iter().any(|s| s.name == cid) && self.holds_nothing(&cid).await? {
+            info!(bot, "removing the snapshot of a create that did not finish");
+            rt.remove_snapshot(&cid).await?;
+            self.remove_bot_dir(bot).await?;
+            actives.retain(|s| s.name != cid);
+            changed = true;
+        }
+        let Some(a) = actives.last() else {
+            return Ok(changed);
+        };
+        let image = a
+            .labels
+            .get(LABEL_IMAGE)
+            .cloned()
+            .unwrap_or_else(|| self.config().image.clone());
+        warn!(
+            bot,
+            key = a.name,
+            image,
+            "container record lost; recreating it"
+        );
+        let resolved = rt.resolve_image(&image).await?;
+        self.create_container_record(
+            bot,
+            &resolved.name,
+            &resolved.config,
+            &a.name,
+            a.parent.as_deref(),
+        )
+        .await?;
+        let labels = HashMap::from([(LABEL_NEXT_VERSION.to_string(), next.to_string())]);
+        rt.update_container_labels(&cid, &labels).await?;
+        Ok(true)
+    }
+
+    /// Whether active snapshot `key` holds nothing of its own: no file was written on top of
+    /// its parent, so removing it loses nothing. A snapshotter whose active snapshots are full
+    /// copies never says so; their snapshots are kept.
+    async fn holds_nothing(&self, key: &str) -> Result<bool, AgentError> {
+        let usage = self.runtime().snapshot_usage(key).await?;
+        debug!(key, ?usage, "usage of an orphaned snapshot");
+        Ok(usage.is_some_and(|u| u.inodes <= 1))
     }
 
     /// A fresh active snapshot of `bot` on `parent`; returns its key.

@@ -211,6 +211,191 @@ fn delete_interrupted_by_a_crash_is_finished_not_undone() {
     assert!(a.leftovers(&bot).is_empty(), "{:?}", a.leftovers(&bot));
 }
 
+/// The bot's container record and its `mcp-BOT` snapshot, as containerd has them.
+fn record_and_snapshot(a: &TestAgent, bot: &str) -> (bool, bool) {
+    use memoh_agent::containerd::Runtime;
+    let cid = format!("mcp-{bot}");
+    common::block_on(async {
+        let c = a.containerd().await;
+        (
+            c.get_container(&cid)
+                .await
+                .expect("get container")
+                .is_some(),
+            c.stat_snapshot(&cid).await.expect("stat").is_some(),
+        )
+    })
+}
+
+/// Waits until the agent process has exited.
+fn wait_dead(a: &mut TestAgent, what: &str) {
+    let t = std::time::Instant::now();
+    while a.running() {
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "{what}: the agent still runs:\n{}",
+            a.log_tail(20)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_create_that_died_before_its_record_leaves_no_bot() {
+    let Some(env) = Env::get(false) else { return };
+    let mut a = TestAgent::with_image(&env);
+    a.kill(nix::sys::signal::Signal::SIGTERM);
+    a.serve_env = vec![(FAULT_ENV.to_string(), "create".to_string())];
+    a.serve();
+    let bot = a.bot_id("halfmade");
+    let out = a.cli(&["bot", "create", &bot]);
+    assert!(
+        !out.status.success(),
+        "the agent should have died mid-create"
+    );
+    wait_dead(&mut a, "fault at create");
+    assert_eq!(
+        record_and_snapshot(&a, &bot),
+        (false, true),
+        "the agent died between the bot's snapshot and its record"
+    );
+
+    // The client was told the create failed: recovery must not bring the bot in after all.
+    a.serve_env.clear();
+    a.serve();
+    a.wait_for(
+        "the failed create's snapshot and state are removed",
+        Duration::from_secs(20),
+        || a.leftovers(&bot).is_empty(),
+    );
+    assert!(a.list().is_empty(), "{:?}", a.list());
+    assert!(
+        a.log_tail(200)
+            .contains("removing the snapshot of a create that did not finish"),
+        "{}",
+        a.log_tail(30)
+    );
+
+    // The id is free: a create now works and gives an empty bot.
+    a.ok(&["bot", "create", &bot]);
+    wait_exec(&a, &bot, "bot created after the failed create");
+    a.ok(&["bot", "rm", &bot]);
+    assert!(a.leftovers(&bot).is_empty(), "{:?}", a.leftovers(&bot));
+}
+
+#[test]
+fn a_create_whose_record_fails_takes_its_snapshot_back() {
+    let Some(env) = Env::get(false) else { return };
+    let mut a = TestAgent::with_image(&env);
+    let bot = a.bot_id("norecord");
+    // A file where the bot's state directory goes: the token cannot be written, so the
+    // container record is never made.
+    let blocker = a.state_dir.join("bots").join(&bot);
+    std::fs::create_dir_all(blocker.parent().unwrap()).unwrap();
+    std::fs::write(&blocker, "in the way").unwrap();
+    let why = a.fails(&["bot", "create", &bot]);
+    assert!(
+        why.contains(&blocker.display().to_string()),
+        "the error should name the path: {why}"
+    );
+    // Undone by the create itself, not by a later recovery pass.
+    assert_eq!(record_and_snapshot(&a, &bot), (false, false));
+    assert!(a.list().is_empty(), "{:?}", a.list());
+    assert_eq!(
+        std::fs::read_to_string(&blocker).unwrap(),
+        "in the way",
+        "a file the agent did not make is not removed"
+    );
+    std::fs::remove_file(&blocker).unwrap();
+    a.ok(&["bot", "create", &bot]);
+    wait_exec(&a, &bot, "bot created once the path is free");
+    a.ok(&["bot", "rm", &bot]);
+    assert!(a.leftovers(&bot).is_empty(), "{:?}", a.leftovers(&bot));
+}
+
+#[test]
+fn bot_rm_keep_versions_keeps_them_for_the_next_bot_of_that_id() {
+    use memoh_agent::containerd::{label_filter, Runtime, SnapshotKind};
+    use memoh_agent::ids::LABEL_BOT_ID;
+    use memoh_agent::versions::LABEL_VERSION;
+    let Some(env) = Env::get(false) else { return };
+    let mut a = TestAgent::with_image(&env);
+    let (bot, _) = a.create_bot("keep");
+    a.sh_in(&bot, "echo kept > /data/f");
+    assert_eq!(snapshot(&a, &bot, "keep me"), 1);
+    a.ok(&["bot", "rm", &bot, "--keep-versions"]);
+    assert!(a.list().is_empty(), "{:?}", a.list());
+
+    // A restart runs recovery, which must not take the kept versions for a lost bot.
+    a.kill(nix::sys::signal::Signal::SIGTERM);
+    a.serve();
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        a.list().is_empty(),
+        "the deleted bot came back: {:?}\n{}",
+        a.list(),
+        a.log_tail(20)
+    );
+    let kept: Vec<(SnapshotKind, Option<String>)> = common::block_on(async {
+        let c = a.containerd().await;
+        c.list_snapshots(&[label_filter(LABEL_BOT_ID, Some(&bot))])
+            .await
+            .expect("list snapshots")
+            .into_iter()
+            .map(|s| (s.kind, s.labels.get(LABEL_VERSION).cloned()))
+            .collect()
+    });
+    assert_eq!(
+        kept,
+        vec![(SnapshotKind::Committed, Some("1".to_string()))],
+        "only the version is left"
+    );
+
+    // A new bot of that id starts empty, sees the kept version and can go back to it.
+    a.ok(&["bot", "create", &bot]);
+    wait_exec(&a, &bot, "the new bot of that id");
+    assert_eq!(
+        a.sh_in(&bot, "cat /data/f 2>/dev/null || echo empty"),
+        "empty\n"
+    );
+    let v = versions(&a, &bot);
+    assert_eq!(v.len(), 1, "{v:?}");
+    assert_eq!((v[0].0, v[0].1.as_str()), (1, "keep me"), "{v:?}");
+    a.ok(&["snapshot", "rollback", &bot, "1"]);
+    assert_eq!(a.sh_in(&bot, "cat /data/f"), "kept\n");
+    a.ok(&["bot", "rm", &bot]);
+    assert!(a.leftovers(&bot).is_empty(), "{:?}", a.leftovers(&bot));
+}
+
+#[test]
+fn a_bot_whose_record_vanished_comes_back_with_its_data() {
+    use memoh_agent::containerd::Runtime;
+    let Some(env) = Env::get(false) else { return };
+    let mut a = TestAgent::with_image(&env);
+    let (bot, _) = a.create_bot("vanished");
+    a.sh_in(&bot, "echo precious > /data/f");
+    let cid = format!("mcp-{bot}");
+    // The record goes behind the agent's back (say `ctr containers rm`); the snapshot with
+    // the bot's data stays.
+    a.kill(nix::sys::signal::Signal::SIGKILL);
+    common::block_on(async {
+        let c = a.containerd().await;
+        c.kill_task(&cid, 9, true).await.expect("kill task");
+        c.wait_task(&cid, Duration::from_secs(10))
+            .await
+            .expect("wait task");
+        c.delete_task(&cid).await.expect("delete task");
+        assert!(c.delete_container(&cid).await.expect("delete container"));
+    });
+    assert_eq!(record_and_snapshot(&a, &bot), (false, true));
+    a.serve();
+    wait_exec(&a, &bot, "the bot is back");
+    assert_eq!(a.sh_in(&bot, "cat /data/f"), "precious\n");
+    assert_eq!(a.list().len(), 1, "{:?}", a.list());
+    a.ok(&["bot", "rm", &bot]);
+    assert!(a.leftovers(&bot).is_empty(), "{:?}", a.leftovers(&bot));
+}
+
 /// What a test expects of one migrated entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Entry {

@@ -219,6 +219,15 @@ pub struct SnapshotInfo {
     pub updated_at: Option<SystemTime>,
 }
 
+/// The disk a snapshot uses of its own, as its snapshotter counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SnapshotUsage {
+    /// Bytes.
+    pub size: u64,
+    /// Inodes, the snapshot's own root directory included.
+    pub inodes: u64,
+}
+
 /// Where a task's output goes.
 #[derive(Debug, Clone, Default)]
 pub struct TaskIo {
@@ -379,6 +388,10 @@ pub trait Runtime: Send + Sync {
 
     /// A snapshot's info, `None` when missing.
     async fn stat_snapshot(&self, key: &str) -> Result<Option<SnapshotInfo>, AgentError>;
+
+    /// What a snapshot holds of its own (for an active one: what was written on top of its
+    /// parent), `None` when missing.
+    async fn snapshot_usage(&self, key: &str) -> Result<Option<SnapshotUsage>, AgentError>;
 
     /// Snapshots matching any of `filters` (all when empty).
     async fn list_snapshots(&self, filters: &[String]) -> Result<Vec<SnapshotInfo>, AgentError>;
@@ -702,6 +715,10 @@ impl Runtime for Containerd {
 
     async fn stat_snapshot(&self, key: &str) -> Result<Option<SnapshotInfo>, AgentError> {
         self.stat_snapshot_inner(key).await
+    }
+
+    async fn snapshot_usage(&self, key: &str) -> Result<Option<SnapshotUsage>, AgentError> {
+        self.snapshot_usage_inner(key).await
     }
 
     async fn list_snapshots(&self, filters: &[String]) -> Result<Vec<SnapshotInfo>, AgentError> {

@@ -5,12 +5,15 @@ use std::collections::HashMap;
 use containerd_client::services::v1::snapshots::{
     snapshots_client::SnapshotsClient, CommitSnapshotRequest, Info, Kind, ListSnapshotsRequest,
     MountsRequest, PrepareSnapshotRequest, RemoveSnapshotRequest, StatSnapshotRequest,
-    UpdateSnapshotRequest,
+    UpdateSnapshotRequest, UsageRequest,
 };
 use tonic::Code;
 
 use super::containers::missing;
-use super::{rootfs_from_pb, to_system_time, Containerd, RootfsMount, SnapshotInfo, SnapshotKind};
+use super::{
+    rootfs_from_pb, to_system_time, Containerd, RootfsMount, SnapshotInfo, SnapshotKind,
+    SnapshotUsage,
+};
 use crate::error::AgentError;
 
 fn from_pb(i: Info) -> SnapshotInfo {
@@ -131,6 +134,30 @@ impl Containerd {
             Ok(r) => Ok(r.into_inner().info.map(from_pb)),
             Err(s) if s.code() == Code::NotFound => Ok(None),
             Err(s) => Err(AgentError::containerd(format!("stat snapshot {key}"), s)),
+        }
+    }
+
+    pub(crate) async fn snapshot_usage_inner(
+        &self,
+        key: &str,
+    ) -> Result<Option<SnapshotUsage>, AgentError> {
+        let req = self.request(UsageRequest {
+            snapshotter: self.snapshotter.clone(),
+            key: key.to_string(),
+        });
+        match self.snapshots().usage(req).await {
+            Ok(r) => {
+                let r = r.into_inner();
+                Ok(Some(SnapshotUsage {
+                    size: u64::try_from(r.size).unwrap_or(0),
+                    inodes: u64::try_from(r.inodes).unwrap_or(0),
+                }))
+            }
+            Err(s) if s.code() == Code::NotFound => Ok(None),
+            Err(s) => Err(AgentError::containerd(
+                format!("usage of snapshot {key}"),
+                s,
+            )),
         }
     }
 
