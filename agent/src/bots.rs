@@ -258,6 +258,23 @@ impl Manager {
             .ok_or_else(|| AgentError::UnknownBot(bot.to_string()))
     }
 
+    /// [`Manager::container`] for a caller that holds the bot's lock. A missing record is first
+    /// handed to recovery: a version cycle that containerd's death cut short between deleting
+    /// the record and recreating it leaves the bot without one until the next reconcile, and a
+    /// call made meanwhile must find the bot, not be told it does not exist.
+    pub(crate) async fn container_locked(&self, bot: &str) -> Result<ContainerInfo, AgentError> {
+        ids::validate(bot)?;
+        if let Some(c) = self.rt.get_container(&ids::container_id(bot)).await? {
+            return Ok(c);
+        }
+        let recovered = self.recover_locked(bot).await?;
+        let c = self.container(bot).await?;
+        if recovered {
+            info!(bot, "recovered the bot's container record for a call");
+        }
+        Ok(c)
+    }
+
     pub(crate) async fn set_desired(&self, bot: &str, desired: &str) -> Result<(), AgentError> {
         let labels = HashMap::from([(LABEL_DESIRED.to_string(), desired.to_string())]);
         self.rt
@@ -279,7 +296,11 @@ impl Manager {
         ids::validate(bot)?;
         let _g = self.lock_bot(bot).await;
         let cid = ids::container_id(bot);
-        let mut existing = self.rt.get_container(&cid).await?;
+        let mut existing = match self.container_locked(bot).await {
+            Ok(c) => Some(c),
+            Err(AgentError::UnknownBot(_)) => None,
+            Err(e) => return Err(e),
+        };
         if let Some(keep_versions) = existing.as_ref().and_then(deleting) {
             // The operator asked for this bot to go: finish that before creating it anew.
             let c = existing.take().expect("checked above");
@@ -441,7 +462,7 @@ impl Manager {
     /// Starts a stopped bot (no-op for a running one, which gets its network checked).
     pub async fn start(&self, bot: &str) -> Result<BotInfo, AgentError> {
         let _g = self.lock_bot(bot).await;
-        let c = self.container(bot).await?;
+        let c = self.container_locked(bot).await?;
         self.set_desired(bot, "running").await?;
         self.start_locked(bot, &c).await?;
         self.migrate_in_background(bot);
@@ -600,8 +621,20 @@ impl Manager {
         if let Some(route) = route {
             return self.pool.client(bot, &route);
         }
-        // Not cached: explain why.
-        let c = self.container(bot).await?;
+        // Not cached: explain why, or repair it.
+        let c = match self.rt.get_container(&ids::container_id(bot)).await? {
+            Some(c) => c,
+            None => {
+                // No record: recovery may bring the bot back (see `container_locked`); then it
+                // is started as the next reconcile would.
+                let _g = self.lock_bot(bot).await;
+                let c = self.container_locked(bot).await?;
+                if wants_running(&c) {
+                    self.start_locked(bot, &c).await?;
+                }
+                c
+            }
+        };
         let st = self.rt.task_status(&c.id).await?;
         let reason = match st.as_ref().map(|s| s.state) {
             Some(TaskState::Running) => {
@@ -718,7 +751,7 @@ impl Manager {
     /// detaches the network. The bot stays stopped across agent restarts.
     pub async fn stop(&self, bot: &str) -> Result<BotInfo, AgentError> {
         let _g = self.lock_bot(bot).await;
-        let c = self.container(bot).await?;
+        let c = self.container_locked(bot).await?;
         self.set_desired(bot, "stopped").await?;
         self.forget_route(bot);
         self.kill_and_delete_task(&c.id, STOP_GRACE).await?;
@@ -730,7 +763,7 @@ impl Manager {
     /// and the agent's state of it.
     pub async fn delete(&self, bot: &str, keep_versions: bool) -> Result<(), AgentError> {
         let _g = self.lock_bot(bot).await;
-        let c = self.container(bot).await?;
+        let c = self.container_locked(bot).await?;
         // The intent goes on the record first: an agent that dies mid-delete finishes it on
         // its next reconcile instead of resurrecting the bot from a leftover snapshot.
         let intent = if keep_versions {

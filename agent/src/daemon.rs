@@ -83,6 +83,9 @@ pub fn notify_ready() {
     }
 }
 
+/// How long start-up waits for the first reconcile pass before it serves anyway.
+const STARTUP_RECONCILE_WAIT: Duration = Duration::from_secs(20);
+
 /// Runs the agent until `shutdown` resolves: containerd, reconcile, watchers, control socket.
 pub async fn run(
     cfg: Config,
@@ -94,9 +97,26 @@ pub async fn run(
     let net = Arc::new(Network::new(NetworkConfig::from_config(&cfg)));
     let mgr = Arc::new(Manager::new(cfg, rt, net));
     mgr.attach_self();
-    match mgr.reconcile().await {
-        Ok(n) => info!(started = n, "reconciled bots from containerd"),
-        Err(e) => warn!(error = %e, "reconcile failed; the watcher retries"),
+    // Bots come back before the agent says it is ready, but one bot whose start hangs must not
+    // keep the control socket closed for the others: after a while the pass goes on in the
+    // background.
+    let pass = {
+        let mgr = mgr.clone();
+        tokio::spawn(async move {
+            match mgr.reconcile().await {
+                Ok(n) => info!(started = n, "reconciled bots from containerd"),
+                Err(e) => warn!(error = %e, "reconcile failed; the watcher retries"),
+            }
+        })
+    };
+    if tokio::time::timeout(STARTUP_RECONCILE_WAIT, pass)
+        .await
+        .is_err()
+    {
+        warn!(
+            waited = ?STARTUP_RECONCILE_WAIT,
+            "reconcile still running (a bot's start is slow); serving meanwhile"
+        );
     }
     let stop = CancellationToken::new();
     mgr.spawn_watchers(stop.clone());

@@ -238,7 +238,7 @@ impl Manager {
         source: Source,
         restore_from: Option<&str>,
     ) -> Result<Version, AgentError> {
-        let c = self.container(bot).await?;
+        let c = self.container_locked(bot).await?;
         let rt = self.runtime().clone();
         let number = self.next_version(bot, &c).await?;
         let now = nanos();

@@ -355,6 +355,66 @@ fn a_killed_server_is_restarted_with_its_data_and_address() {
 }
 
 #[test]
+fn the_agents_own_stops_do_not_slow_a_crash_restart() {
+    let Some(env) = Env::get(false) else { return };
+    let mut a = TestAgent::with_image(&env);
+    let (bot, _) = a.create_bot("ownstops");
+    // Five stops the agent makes itself: counted as crashes, they would put the next real
+    // crash 250 ms * 2^5 = 8 s away.
+    for _ in 0..5 {
+        a.ok(&["bot", "stop", &bot]);
+        a.ok(&["bot", "start", &bot]);
+    }
+    // Every exit wakes the restart path once its delay is over (it then finds the bot running
+    // or stopped on purpose); let those pass, so only the crash's own delay counts below.
+    std::thread::sleep(Duration::from_secs(5));
+    let pid = field(&a.inspect(&bot), "pid").as_u64().unwrap();
+    kill9(pid);
+    let t = Instant::now();
+    a.wait_for("the bot restarted", Duration::from_secs(20), || {
+        let i = a.inspect(&bot);
+        i["status"] == "running" && i["pid"].as_u64().is_some_and(|p| p != pid && p > 0)
+    });
+    println!("back after {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "a first crash after five stops took {:?}",
+        t.elapsed()
+    );
+}
+
+#[test]
+fn a_server_that_exits_at_start_fails_the_start_at_once() {
+    let Some(env) = Env::get(false) else { return };
+    let mut a = TestAgent::with_image(&env);
+    let (bot, _) = a.create_bot("broken");
+    // The entrypoint runs the copy in /app (the bot's own layer): replace it with a program
+    // that exits at once.
+    a.sh_in(
+        &bot,
+        "printf '#!/bin/sh\\necho broken >&2\\nexit 3\\n' > /app/t && chmod 755 /app/t \
+         && mv /app/t /app/mcp",
+    );
+    a.ok(&["bot", "stop", &bot]);
+    let t = Instant::now();
+    let out = a.cli(&["bot", "start", &bot]);
+    let took = t.elapsed();
+    assert!(!out.status.success(), "start of a broken server succeeded");
+    let why = stderr(&out);
+    println!("start failed after {took:?}: {why}");
+    assert!(
+        why.contains("exited with status 3"),
+        "the error should say how the server ended: {why}"
+    );
+    assert!(
+        took < Duration::from_secs(10),
+        "start waited {took:?} for a server that had exited"
+    );
+    a.ok(&["bot", "rm", &bot]);
+    assert!(a.leftovers(&bot).is_empty(), "{:?}", a.leftovers(&bot));
+}
+
+#[test]
 fn a_killed_agent_comes_back_without_losing_or_readdressing_bots() {
     let Some(env) = Env::get(false) else { return };
     let mut a = TestAgent::with_image(&env);

@@ -396,6 +396,82 @@ fn a_bot_whose_record_vanished_comes_back_with_its_data() {
     assert!(a.leftovers(&bot).is_empty(), "{:?}", a.leftovers(&bot));
 }
 
+#[test]
+fn a_call_finds_a_bot_whose_cut_short_cycle_lost_its_record() {
+    use memoh_agent::containerd::{Runtime, LABEL_GC_ROOT};
+    use memoh_agent::ids::{LABEL_BOT_ID, LABEL_IMAGE};
+    use memoh_agent::versions::{
+        active_snapshot_key, version_snapshot_name, LABEL_VERSION, LABEL_VERSION_CREATED,
+        LABEL_VERSION_NAME, LABEL_VERSION_SOURCE,
+    };
+    use std::collections::HashMap;
+    let Some(env) = Env::get(false) else { return };
+    let mut a = TestAgent::with_image(&env);
+    let (bot, _) = a.create_bot("cutshort");
+    a.sh_in(&bot, "echo survived > /data/f");
+    a.ok(&["bot", "stop", &bot]);
+    // What a version cycle leaves when containerd dies between deleting the container record
+    // and recreating it: the state committed as a version, a new active snapshot on it, and no
+    // record. The agent keeps running; its next reconcile is up to 15 s away.
+    let cid = format!("mcp-{bot}");
+    common::block_on(async {
+        let c = a.containerd().await;
+        let image = "docker.io/memohai/mcp:latest".to_string();
+        let version = version_snapshot_name(&bot, 1);
+        let labels = HashMap::from([
+            (LABEL_BOT_ID.to_string(), bot.clone()),
+            (LABEL_VERSION.to_string(), "1".to_string()),
+            (LABEL_VERSION_NAME.to_string(), "cut short".to_string()),
+            (LABEL_VERSION_SOURCE.to_string(), "manual".to_string()),
+            (
+                LABEL_VERSION_CREATED.to_string(),
+                "2026-11-22T00:00:00Z".to_string(),
+            ),
+            (
+                LABEL_GC_ROOT.to_string(),
+                "2026-11-22T00:00:00Z".to_string(),
+            ),
+            (LABEL_IMAGE.to_string(), image.clone()),
+        ]);
+        c.commit_snapshot(&version, &cid, &labels)
+            .await
+            .expect("commit");
+        let active = HashMap::from([
+            (LABEL_BOT_ID.to_string(), bot.clone()),
+            (LABEL_IMAGE.to_string(), image),
+            (
+                LABEL_GC_ROOT.to_string(),
+                "2026-11-22T00:00:00Z".to_string(),
+            ),
+        ]);
+        c.prepare_snapshot(&active_snapshot_key(&bot, 2), Some(&version), &active)
+            .await
+            .expect("prepare");
+        assert!(c.delete_container(&cid).await.expect("delete container"));
+    });
+    // The first call finds the bot, running on its state (not "unknown bot").
+    let out = a.cli(&["exec", &bot, "--", "cat", "/data/f"]);
+    assert!(
+        out.status.success(),
+        "exec right after the cut-short cycle: {}\n{}",
+        stderr(&out),
+        a.log_tail(20)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "survived\n");
+    let log = a.log_tail(400);
+    assert!(
+        log.contains("recovered the bot's container record for a call")
+            || log.contains("recovered bots from an interrupted cycle"),
+        "{}",
+        a.log_tail(30)
+    );
+    assert_eq!(a.list().len(), 1, "{:?}", a.list());
+    let v = versions(&a, &bot);
+    assert_eq!((v.len(), v[0].0, v[0].3), (1, 1, true), "{v:?}");
+    a.ok(&["bot", "rm", &bot]);
+    assert!(a.leftovers(&bot).is_empty(), "{:?}", a.leftovers(&bot));
+}
+
 /// What a test expects of one migrated entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Entry {

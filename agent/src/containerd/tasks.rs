@@ -63,6 +63,17 @@ fn state_from_pb(status: i32) -> TaskState {
     }
 }
 
+/// How long creating or starting a task may take. Both are normally well under a second; a
+/// shim that never answers (seen after a client died in the middle of a create) would
+/// otherwise hold the bot's lock, and the reconcile pass that waits on it, for ever.
+pub const TASK_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+fn stuck(what: &str, container_id: &str) -> AgentError {
+    AgentError::Timeout(format!(
+        "containerd did not {what} task {container_id} within {TASK_CALL_TIMEOUT:?}"
+    ))
+}
+
 impl Containerd {
     fn tasks(&self) -> TasksClient<tonic::transport::Channel> {
         TasksClient::new(self.channel.clone())
@@ -88,29 +99,34 @@ impl Containerd {
             ..Default::default()
         });
         let retry = req.get_ref().clone();
-        let out = match self.tasks().create(req).await {
-            // containerd killed while it created a task keeps, after its restart, a shim whose
-            // init process never came to be: Get answers NOT_FOUND (so the caller saw no task)
-            // but Create answers ALREADY_EXISTS, for ever. Delete removes that shim (it
-            // tolerates the missing process); then create once more. A real task is not
-            // harmed: Delete refuses a live one, and the second Create fails as the first.
-            Err(s) if s.code() == Code::AlreadyExists => {
-                tracing::warn!(
-                    container = %container_id,
-                    "containerd holds a stale task entry; deleting it and creating again"
-                );
-                let del = self.request(DeleteTaskRequest {
-                    container_id: container_id.to_string(),
-                });
-                if let Err(e) = self.tasks().delete(del).await {
-                    tracing::debug!(container = %container_id, error = %e, "deleting the stale task");
+        let create = async {
+            match self.tasks().create(req).await {
+                // containerd killed while it created a task keeps, after its restart, a shim whose
+                // init process never came to be: Get answers NOT_FOUND (so the caller saw no task)
+                // but Create answers ALREADY_EXISTS, for ever. Delete removes that shim (it
+                // tolerates the missing process); then create once more. A real task is not
+                // harmed: Delete refuses a live one, and the second Create fails as the first.
+                Err(s) if s.code() == Code::AlreadyExists => {
+                    tracing::warn!(
+                        container = %container_id,
+                        "containerd holds a stale task entry; deleting it and creating again"
+                    );
+                    let del = self.request(DeleteTaskRequest {
+                        container_id: container_id.to_string(),
+                    });
+                    if let Err(e) = self.tasks().delete(del).await {
+                        tracing::debug!(container = %container_id, error = %e, "deleting the stale task");
+                    }
+                    self.tasks().create(self.request(retry)).await
                 }
-                self.tasks().create(self.request(retry)).await
+                r => r,
             }
-            r => r,
-        }
-        .map_err(|s| AgentError::containerd(format!("create task {container_id}"), s))?
-        .into_inner();
+        };
+        let out = tokio::time::timeout(TASK_CALL_TIMEOUT, create)
+            .await
+            .map_err(|_| stuck("create", container_id))?
+            .map_err(|s| AgentError::containerd(format!("create task {container_id}"), s))?
+            .into_inner();
         tracing::debug!(container = %container_id, pid = out.pid, "task created");
         Ok(out.pid)
     }
@@ -120,10 +136,9 @@ impl Containerd {
             container_id: container_id.to_string(),
             exec_id: String::new(),
         });
-        let out = self
-            .tasks()
-            .start(req)
+        let out = tokio::time::timeout(TASK_CALL_TIMEOUT, self.tasks().start(req))
             .await
+            .map_err(|_| stuck("start", container_id))?
             .map_err(|s| AgentError::containerd(format!("start task {container_id}"), s))?
             .into_inner();
         tracing::info!(container = %container_id, pid = out.pid, "task started");
