@@ -627,8 +627,15 @@ impl Manager {
             None => {
                 // No record: recovery may bring the bot back (see `container_locked`); then it
                 // is started as the next reconcile would.
-                let _g = self.lock_bot(bot).await;
-                let c = self.container_locked(bot).await?;
+                let g = self.lock_bot(bot).await;
+                let c = match self.container_locked(bot).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        drop(g);
+                        self.forget_lock(bot);
+                        return Err(e);
+                    }
+                };
                 if wants_running(&c) {
                     self.start_locked(bot, &c).await?;
                 }
@@ -762,17 +769,31 @@ impl Manager {
     /// Deletes the bot: task entries first, then the network, the container, its snapshots
     /// and the agent's state of it.
     pub async fn delete(&self, bot: &str, keep_versions: bool) -> Result<(), AgentError> {
-        let _g = self.lock_bot(bot).await;
-        let c = self.container_locked(bot).await?;
-        // The intent goes on the record first: an agent that dies mid-delete finishes it on
-        // its next reconcile instead of resurrecting the bot from a leftover snapshot.
-        let intent = if keep_versions {
-            DESIRED_DELETED_KEEP_VERSIONS
-        } else {
-            DESIRED_DELETED
-        };
-        self.set_desired(bot, intent).await?;
-        self.delete_locked(bot, &c, keep_versions).await
+        let r = async {
+            let _g = self.lock_bot(bot).await;
+            let c = self.container_locked(bot).await?;
+            // The intent goes on the record first: an agent that dies mid-delete finishes it
+            // on its next reconcile instead of resurrecting the bot from a leftover snapshot.
+            let intent = if keep_versions {
+                DESIRED_DELETED_KEEP_VERSIONS
+            } else {
+                DESIRED_DELETED
+            };
+            self.set_desired(bot, intent).await?;
+            self.delete_locked(bot, &c, keep_versions).await
+        }
+        .await;
+        self.forget_lock(bot);
+        r
+    }
+
+    /// Drops the lock of a bot that is gone (deleted, or never there), unless another
+    /// operation holds or waits for it: ids that come and go must not pile up.
+    fn forget_lock(&self, bot: &str) {
+        let mut locks = lock(&self.locks);
+        if locks.get(bot).is_some_and(|m| Arc::strong_count(m) == 1) {
+            locks.remove(bot);
+        }
     }
 
     /// The delete itself; the caller holds the bot's lock and has marked the record. The
