@@ -59,6 +59,7 @@ pub struct ExecResult {
 #[derive(Clone, Debug)]
 pub struct ContainerClient {
     inner: Inner,
+    http: InterceptedService<Channel, CallMetadata>,
     unary_deadline: Duration,
 }
 
@@ -109,11 +110,13 @@ impl ContainerClient {
     }
 
     fn with_metadata(channel: Channel, md: CallMetadata) -> Self {
+        let http = InterceptedService::new(channel.clone(), md.clone());
         let inner = ContainerServiceClient::with_interceptor(channel, md)
             .max_decoding_message_size(MAX_MESSAGE_SIZE)
             .max_encoding_message_size(MAX_MESSAGE_SIZE);
         Self {
             inner,
+            http,
             unary_deadline: limits::DEFAULT_UNARY_DEADLINE,
         }
     }
@@ -140,6 +143,12 @@ impl ContainerClient {
     /// unchanged (the agent's proxy).
     pub fn raw(&self) -> Inner {
         self.inner.clone()
+    }
+
+    /// The channel as an HTTP service with this client's metadata (token, bot) added to every
+    /// request: for forwarding calls as they are, without decoding their messages.
+    pub fn http(&self) -> InterceptedService<Channel, CallMetadata> {
+        self.http.clone()
     }
 
     /// The deadline of unary calls.
@@ -266,31 +275,80 @@ impl ContainerClient {
     where
         S: Stream<Item = Bytes> + Send + 'static,
     {
+        self.try_write_raw(path, data.map(Ok::<_, std::convert::Infallible>))
+            .await
+    }
+
+    /// `WriteRaw` of a source that can fail (a local file being read): a failure sends a chunk
+    /// with `abort` set and keeps the stream open, so the server discards the upload and keeps
+    /// the old file, whatever it makes of the stream's end. The error names the local failure.
+    pub async fn try_write_raw<S, E>(&self, path: &str, data: S) -> Result<i64, Status>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Send + 'static,
+        E: std::fmt::Display + Send + 'static,
+    {
         let mut c = self.inner.clone();
         let first = futures::stream::once(futures::future::ready(pb::WriteRawChunk {
             path: path.into(),
             data: Bytes::new(),
+            abort: false,
         }));
-        let rest = data.flat_map(|buf| {
-            let mut chunks = Vec::with_capacity(buf.len() / RAW_CHUNK_SIZE + 1);
-            let mut rest = buf;
-            while rest.len() > RAW_CHUNK_SIZE {
-                let head = rest.split_to(RAW_CHUNK_SIZE);
-                chunks.push(pb::WriteRawChunk {
-                    path: String::new(),
-                    data: head,
-                });
+        let failure = std::sync::Arc::new(std::sync::Mutex::new(None::<String>));
+        let record = failure.clone();
+        // Data until the source fails; after its failure, never an end: a clean end of the
+        // request stream is the one thing that commits.
+        let source = futures::stream::unfold(Some(Box::pin(data)), |state| async move {
+            let mut data = state?;
+            match data.next().await {
+                Some(Ok(buf)) => Some((Ok(buf), Some(data))),
+                Some(Err(e)) => Some((Err(e.to_string()), None)),
+                None => None,
             }
-            if !rest.is_empty() {
-                chunks.push(pb::WriteRawChunk {
-                    path: String::new(),
-                    data: rest,
-                });
-            }
-            futures::stream::iter(chunks)
         });
-        let r = c.write_raw(first.chain(rest)).await?.into_inner();
-        Ok(r.bytes_written)
+        let rest = source
+            .flat_map(move |item| {
+                let mut chunks = Vec::new();
+                match item {
+                    Ok(buf) => {
+                        let mut rest = buf;
+                        while rest.len() > RAW_CHUNK_SIZE {
+                            chunks.push(pb::WriteRawChunk {
+                                data: rest.split_to(RAW_CHUNK_SIZE),
+                                ..Default::default()
+                            });
+                        }
+                        if !rest.is_empty() {
+                            chunks.push(pb::WriteRawChunk {
+                                data: rest,
+                                ..Default::default()
+                            });
+                        }
+                    }
+                    Err(e) => {
+                        *record.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                        chunks.push(pb::WriteRawChunk {
+                            abort: true,
+                            ..Default::default()
+                        });
+                    }
+                }
+                futures::stream::iter(chunks)
+            })
+            .chain(futures::stream::poll_fn({
+                let failure = failure.clone();
+                move |_| {
+                    if failure.lock().unwrap_or_else(|p| p.into_inner()).is_some() {
+                        std::task::Poll::Pending
+                    } else {
+                        std::task::Poll::Ready(None)
+                    }
+                }
+            }));
+        let r = c.write_raw(first.chain(rest)).await;
+        if let Some(e) = failure.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            return Err(Status::aborted(format!("upload aborted: {e}")));
+        }
+        Ok(r?.into_inner().bytes_written)
     }
 
     /// `Exec`: sends `first` (command, work dir, env, timeout, optional stdin) followed by the

@@ -139,14 +139,17 @@ async fn write_raw_path_only_in_the_first_chunk() {
         pb::WriteRawChunk {
             path: "first.txt".into(),
             data: Bytes::from_static(b"AB"),
+            abort: false,
         },
         pb::WriteRawChunk {
             path: "other.txt".into(),
             data: Bytes::from_static(b"CD"),
+            abort: false,
         },
         pb::WriteRawChunk {
             path: String::new(),
             data: Bytes::from_static(b"EF"),
+            abort: false,
         },
     ];
     let r = raw
@@ -163,10 +166,12 @@ async fn write_raw_path_only_in_the_first_chunk() {
         pb::WriteRawChunk {
             path: String::new(),
             data: Bytes::from_static(b"data"),
+            abort: false,
         },
         pb::WriteRawChunk {
             path: "late.txt".into(),
             data: Bytes::from_static(b"more"),
+            abort: false,
         },
     ];
     let st = expect_code(
@@ -212,6 +217,7 @@ async fn start_upload(
     tx.send(pb::WriteRawChunk {
         path: path.into(),
         data: Bytes::from(vec![b'N'; 64 * 1024]),
+        abort: false,
     })
     .await
     .unwrap();
@@ -226,6 +232,7 @@ async fn abort_upload(
     tx.send(pb::WriteRawChunk {
         path: String::new(),
         data: Bytes::from(vec![b'X'; 2 * 1024 * 1024]),
+        abort: false,
     })
     .await
     .unwrap();
@@ -254,6 +261,101 @@ async fn wait_for_names(dir: &std::path::Path, want: &[&str]) -> Vec<String> {
     names
 }
 
+/// Waits until the upload into `dir` has a temp file with data in it.
+async fn wait_under_way(dir: &std::path::Path, target: &str) {
+    for _ in 0..250 {
+        let tmp_size: u64 = names_in(dir)
+            .iter()
+            .filter(|n| *n != target)
+            .filter_map(|n| std::fs::metadata(dir.join(n)).ok())
+            .map(|m| m.len())
+            .sum();
+        if tmp_size > 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the upload's temp file never appeared: {:?}", names_in(dir));
+}
+
+/// tonic's client resets a dropped call with RST_STREAM CANCEL, which tonic's server-side
+/// decoder used to take for a clean end of the request stream: the partial upload replaced
+/// the file. The request stream stays open here, as a caller's would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_tonic_upload_leaves_the_old_file() {
+    let s = TestServer::start().await;
+    s.client
+        .write_file("drop/target.bin", &b"old content"[..])
+        .await
+        .unwrap();
+    let dir = s.path("drop");
+    let (tx, call) = start_upload(&s, "drop/target.bin").await;
+    for _ in 0..4 {
+        tx.send(pb::WriteRawChunk {
+            data: Bytes::from(vec![b'N'; 64 * 1024]),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    wait_under_way(&dir, "target.bin").await;
+    call.abort();
+    let names = wait_for_names(&dir, &["target.bin"]).await;
+    assert_eq!(names, ["target.bin"], "the temp file is removed");
+    let content = std::fs::read(s.path("drop/target.bin")).unwrap();
+    assert!(
+        content == b"old content",
+        "the old file is untouched; it now holds {} bytes",
+        content.len()
+    );
+    drop(tx);
+
+    // A clean upload on the same path still commits.
+    let n = s
+        .client
+        .write_raw(
+            "drop/target.bin",
+            futures::stream::iter([Bytes::from_static(b"new")]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(n, 3);
+    assert_eq!(std::fs::read(s.path("drop/target.bin")).unwrap(), b"new");
+}
+
+/// A source that fails mid-way (a local file that cannot be read) sends `abort`: ABORTED,
+/// and the old file stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_upload_source_aborts_and_leaves_the_old_file() {
+    let s = TestServer::start().await;
+    s.client
+        .write_file("src/target.bin", &b"old content"[..])
+        .await
+        .unwrap();
+    let source = futures::stream::iter([
+        Ok(Bytes::from(vec![b'N'; 200 * 1024])),
+        Err(std::io::Error::other("disk on fire")),
+        Ok(Bytes::from_static(b"never sent")),
+    ]);
+    let st = tokio::time::timeout(
+        Duration::from_secs(10),
+        s.client.try_write_raw("src/target.bin", source),
+    )
+    .await
+    .expect("the aborted upload ends")
+    .unwrap_err();
+    assert_eq!(st.code(), Code::Aborted, "{st:?}");
+    assert!(st.message().contains("disk on fire"), "{}", st.message());
+    let names = wait_for_names(&s.path("src"), &["target.bin"]).await;
+    assert_eq!(names, ["target.bin"], "no temp file left");
+    let content = std::fs::read(s.path("src/target.bin")).unwrap();
+    assert!(
+        content == b"old content",
+        "the old file is untouched; it now holds {} bytes",
+        content.len()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn aborted_write_raw_leaves_the_old_file() {
     let s = TestServer::start().await;
@@ -267,6 +369,7 @@ async fn aborted_write_raw_leaves_the_old_file() {
         tx.send(pb::WriteRawChunk {
             path: String::new(),
             data: Bytes::from(vec![b'N'; 64 * 1024]),
+            abort: false,
         })
         .await
         .unwrap();

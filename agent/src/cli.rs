@@ -583,10 +583,10 @@ pub async fn cp(socket: &Path, src: &str, dst: &str) -> Result<u8, CliError> {
             let f = tokio::fs::File::open(&local)
                 .await
                 .map_err(|e| CliError::new(format!("{src}: {e}")))?;
-            let stream = tokio_util::io::ReaderStream::with_capacity(f, 64 * 1024)
-                .map(|r| r.unwrap_or_default());
+            // A read error aborts the upload: the bot keeps its old file.
+            let stream = tokio_util::io::ReaderStream::with_capacity(f, 64 * 1024);
             let n = client
-                .write_raw(path, stream)
+                .try_write_raw(path, stream)
                 .await
                 .map_err(|s| status_err(socket, s))?;
             if n as u64 != md.len() {

@@ -5,9 +5,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use memoh_proto::limits::MAX_MESSAGE_SIZE;
 use memoh_proto::pb::agent::agent_service_server::AgentServiceServer;
-use memoh_proto::pb::mcpcontainer::container_service_server::ContainerServiceServer;
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
@@ -138,6 +136,9 @@ pub async fn run(
         .build_v1()
         .map_err(|e| AgentError::FailedPrecondition(format!("reflection: {e}")))?;
     let router = tonic::transport::Server::builder()
+        // A request stream's end reaches a handler (and, through the proxy, a bot) only when
+        // the caller half-closed it: a reset or cancelled call never looks finished.
+        .layer(memoh_proto::clean_end::CleanEndLayer)
         .add_service(health_svc)
         .add_service(reflection)
         .add_service(Timed::new(
@@ -147,12 +148,7 @@ pub async fn run(
                 mcp.as_ref().map(|(hub, _)| hub.clone()),
             )),
         ))
-        .add_service(Timed::new(
-            "proxy",
-            ContainerServiceServer::new(Proxy::new(mgr.clone()))
-                .max_decoding_message_size(MAX_MESSAGE_SIZE)
-                .max_encoding_message_size(MAX_MESSAGE_SIZE),
-        ));
+        .add_service(Timed::new("proxy", Proxy::new(mgr.clone())));
     notify_ready();
     info!("agent ready");
     let r = router

@@ -2,16 +2,31 @@
 //! `x-memoh-bot` request metadata. Callers use the same client they use against a bot's
 //! server and never learn bot addresses or tokens. Unknown bot: NOT_FOUND; a bot that is
 //! down: UNAVAILABLE with the reason.
+//!
+//! The proxy forwards each call as it is, HTTP/2 body for body: messages are neither decoded
+//! nor re-encoded, and the way the caller ends its request stream reaches the bot unchanged.
+//! That is what keeps an aborted upload from committing: the caller's body arrives through
+//! [`memoh_proto::clean_end`], so anything but a clean half-close is a body *error* here, and
+//! hyper's client answers a body error with RST_STREAM (INTERNAL_ERROR) towards the bot, never
+//! with END_STREAM. When the caller's call is dropped (a reset seen by hyper, a deadline),
+//! the upstream call is dropped too and hyper resets it (CANCEL); the bot's own
+//! `clean_end` takes either for an abort. The `abort` flag of a WriteRaw chunk travels as it
+//! came.
 
+use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
 
-use futures::{Stream, StreamExt};
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use http_body::{Body as HttpBody, Frame, SizeHint};
 use memoh_proto::limits::BOT_METADATA_KEY;
-use memoh_proto::pb::mcpcontainer as pb;
-use memoh_proto::ContainerClient;
-use pb::container_service_server::ContainerService;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::body::Body;
+use tonic::server::NamedService;
+use tonic::Status;
+use tower::{Service, ServiceExt};
 
 use crate::bots::Manager;
 
@@ -26,172 +41,210 @@ impl Proxy {
     pub fn new(mgr: Arc<Manager>) -> Self {
         Self { mgr }
     }
+}
 
-    async fn target<T>(&self, req: &Request<T>) -> Result<(String, ContainerClient), Status> {
-        let bot = req
-            .metadata()
-            .get(BOT_METADATA_KEY)
-            .and_then(|v| v.to_str().ok())
-            .ok_or_else(|| {
-                Status::invalid_argument(format!(
-                    "missing {BOT_METADATA_KEY} metadata naming the bot"
-                ))
-            })?
-            .to_string();
-        let client = self.mgr.client(&bot).await?;
-        Ok((bot, client))
+impl NamedService for Proxy {
+    const NAME: &'static str = "mcpcontainer.ContainerService";
+}
+
+/// The methods whose calls may run for as long as they like (no deadline of ours).
+fn is_streaming(method: &str) -> bool {
+    matches!(method, "Exec" | "ReadRaw" | "WriteRaw")
+}
+
+impl Service<http::Request<Body>> for Proxy {
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<http::Response<Body>, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
     }
 
-    fn fail(&self, bot: &str, s: Status) -> Status {
-        self.mgr.report_failure(bot, &s);
-        // The bot's own answers pass through unchanged; a failure to reach it at all (a
-        // local transport error, which has a source) names the bot.
-        let local = std::error::Error::source(&s).is_some();
-        if local && matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown) {
-            return Status::unavailable(format!("bot {bot:?} is unreachable: {}", s.message()));
-        }
-        s
+    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+        let mgr = self.mgr.clone();
+        Box::pin(async move { Ok(forward(mgr, req).await.unwrap_or_else(Status::into_http)) })
     }
 }
 
-type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
-
-/// Forwards a unary call: same message, the pool's deadline.
-macro_rules! unary {
-    ($self:ident, $req:ident, $method:ident) => {{
-        let (bot, client) = $self.target(&$req).await?;
-        let mut raw = client.raw();
-        let mut out = Request::new($req.into_inner());
-        out.set_timeout(client.deadline_of_unary());
-        match raw.$method(out).await {
-            Ok(r) => Ok(Response::new(r.into_inner())),
-            Err(s) => Err($self.fail(&bot, s)),
-        }
-    }};
+/// A failure to reach the bot at all (a local transport error, which has a source) names the
+/// bot; the bot's own answers pass through unchanged.
+fn failed(mgr: &Manager, bot: &str, s: Status) -> Status {
+    mgr.report_failure(bot, &s);
+    let local = std::error::Error::source(&s).is_some();
+    if local && matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown) {
+        return Status::unavailable(format!("bot {bot:?} is unreachable: {}", s.message()));
+    }
+    s
 }
 
-#[tonic::async_trait]
-impl ContainerService for Proxy {
-    async fn read_file(
-        &self,
-        req: Request<pb::ReadFileRequest>,
-    ) -> Result<Response<pb::ReadFileResponse>, Status> {
-        unary!(self, req, read_file)
-    }
+/// Parses a `grpc-timeout` value (`<digits><unit>`), as far as a deadline needs it.
+fn parse_grpc_timeout(v: &http::HeaderValue) -> Option<Duration> {
+    let s = v.to_str().ok()?;
+    let (digits, unit) = s.split_at(s.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
 
-    async fn write_file(
-        &self,
-        req: Request<pb::WriteFileRequest>,
-    ) -> Result<Response<pb::WriteFileResponse>, Status> {
-        unary!(self, req, write_file)
-    }
-
-    async fn list_dir(
-        &self,
-        req: Request<pb::ListDirRequest>,
-    ) -> Result<Response<pb::ListDirResponse>, Status> {
-        unary!(self, req, list_dir)
-    }
-
-    async fn stat(
-        &self,
-        req: Request<pb::StatRequest>,
-    ) -> Result<Response<pb::StatResponse>, Status> {
-        unary!(self, req, stat)
-    }
-
-    async fn mkdir(
-        &self,
-        req: Request<pb::MkdirRequest>,
-    ) -> Result<Response<pb::MkdirResponse>, Status> {
-        unary!(self, req, mkdir)
-    }
-
-    async fn rename(
-        &self,
-        req: Request<pb::RenameRequest>,
-    ) -> Result<Response<pb::RenameResponse>, Status> {
-        unary!(self, req, rename)
-    }
-
-    async fn delete_file(
-        &self,
-        req: Request<pb::DeleteFileRequest>,
-    ) -> Result<Response<pb::DeleteFileResponse>, Status> {
-        unary!(self, req, delete_file)
-    }
-
-    type ExecStream = BoxStream<pb::ExecOutput>;
-
-    async fn exec(
-        &self,
-        req: Request<Streaming<pb::ExecInput>>,
-    ) -> Result<Response<Self::ExecStream>, Status> {
-        let (bot, client) = self.target(&req).await?;
-        let inbound = req.into_inner();
-        // Forward the caller's messages as they come; a caller error ends our side too.
-        let upstream = inbound.take_while(|m| futures::future::ready(m.is_ok()));
-        let upstream = upstream.filter_map(|m| futures::future::ready(m.ok()));
-        match client.raw().exec(upstream).await {
-            Ok(r) => Ok(Response::new(Box::pin(r.into_inner()))),
-            Err(s) => Err(self.fail(&bot, s)),
+async fn forward(
+    mgr: Arc<Manager>,
+    req: http::Request<Body>,
+) -> Result<http::Response<Body>, Status> {
+    let (mut parts, body) = req.into_parts();
+    let bot = parts
+        .headers
+        .get(BOT_METADATA_KEY)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "missing {BOT_METADATA_KEY} metadata naming the bot"
+            ))
+        })?
+        .to_string();
+    let client = mgr.client(&bot).await?;
+    let method = parts
+        .uri
+        .path()
+        .rsplit('/')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    // The bot's token is the agent's to add; nothing of the caller's routing goes on.
+    parts.headers.remove(BOT_METADATA_KEY);
+    parts.headers.remove(http::header::AUTHORIZATION);
+    parts.extensions = http::Extensions::new();
+    let deadline = (!is_streaming(&method)).then(|| {
+        let ours = client.deadline_of_unary();
+        let theirs = parts
+            .headers
+            .get("grpc-timeout")
+            .and_then(parse_grpc_timeout);
+        let d = theirs.map_or(ours, |t| t.min(ours));
+        // Whole milliseconds, rounded up: at most 8 digits as the protocol asks.
+        let ms = (d.as_millis() as u64).clamp(1, 99_999_999);
+        if let Ok(v) = http::HeaderValue::from_str(&format!("{ms}m")) {
+            parts.headers.insert("grpc-timeout", v);
         }
-    }
+        d
+    });
+    let req = http::Request::from_parts(parts, body);
+    let mut svc = client.http();
+    let call = async {
+        let svc = svc.ready().await?;
+        svc.call(req).await
+    };
+    let resp = match deadline {
+        Some(d) => match tokio::time::timeout(d, call).await {
+            Ok(r) => r,
+            Err(_) => {
+                let s = Status::deadline_exceeded(format!(
+                    "bot {bot:?} did not answer {method} within {d:?}"
+                ));
+                mgr.report_failure(&bot, &s);
+                return Err(s);
+            }
+        },
+        None => call.await,
+    };
+    let resp = resp.map_err(|e| failed(&mgr, &bot, Status::from_error(e.into())))?;
+    Ok(resp.map(|inner| {
+        Body::new(FromBot {
+            inner: Box::pin(inner),
+            mgr,
+            bot,
+            done: false,
+        })
+    }))
+}
 
-    type ReadRawStream = BoxStream<pb::DataChunk>;
+/// The bot's response body: passed through, except that a transport failure in the middle
+/// of it ends the caller's call with a status naming the bot (trailers) instead of a reset.
+struct FromBot<B> {
+    inner: Pin<Box<B>>,
+    mgr: Arc<Manager>,
+    bot: String,
+    done: bool,
+}
 
-    async fn read_raw(
-        &self,
-        req: Request<pb::ReadRawRequest>,
-    ) -> Result<Response<Self::ReadRawStream>, Status> {
-        let (bot, client) = self.target(&req).await?;
-        match client.raw().read_raw(req.into_inner()).await {
-            Ok(r) => Ok(Response::new(Box::pin(r.into_inner()))),
-            Err(s) => Err(self.fail(&bot, s)),
+impl<B> HttpBody for FromBot<B>
+where
+    B: HttpBody<Data = Bytes>,
+    B::Error: Into<tonic::codegen::StdError>,
+{
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        if self.done {
+            return Poll::Ready(None);
         }
-    }
-
-    async fn write_raw(
-        &self,
-        req: Request<Streaming<pb::WriteRawChunk>>,
-    ) -> Result<Response<pb::WriteRawResponse>, Status> {
-        let (bot, client) = self.target(&req).await?;
-        let inbound = req.into_inner();
-        // A caller error must abort the upload, not commit a truncated file: end the
-        // upstream with an error by dropping the call (the server then discards its temp file).
-        let (tx, rx) = tokio::sync::mpsc::channel::<pb::WriteRawChunk>(16);
-        let (err_tx, err_rx) = tokio::sync::oneshot::channel::<Status>();
-        tokio::spawn(async move {
-            let mut inbound = inbound;
-            loop {
-                match inbound.message().await {
-                    Ok(Some(m)) => {
-                        if tx.send(m).await.is_err() {
-                            return;
-                        }
-                    }
-                    Ok(None) => return,
-                    Err(s) => {
-                        let _ = err_tx.send(s);
-                        return;
-                    }
+        match self.inner.as_mut().poll_frame(cx) {
+            Poll::Ready(Some(Err(e))) => {
+                self.done = true;
+                let s = failed(&self.mgr, &self.bot, Status::from_error(e.into()));
+                let mut trailers = http::HeaderMap::new();
+                match s.add_header(&mut trailers) {
+                    Ok(()) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
+                    Err(s) => Poll::Ready(Some(Err(s))),
                 }
             }
-        });
-        let upstream = tokio_stream::wrappers::ReceiverStream::new(rx);
-        let mut raw = client.raw();
-        let call = raw.write_raw(upstream);
-        tokio::pin!(call);
-        let mut err_rx = err_rx;
-        tokio::select! {
-            r = &mut call => match r {
-                Ok(r) => Ok(Response::new(r.into_inner())),
-                Err(s) => Err(self.fail(&bot, s)),
-            },
-            Ok(s) = &mut err_rx => {
-                // Dropping `call` resets the upstream stream: the bot keeps its old file.
-                Err(s)
-            }
+            other => other.map_err(|e| Status::from_error(e.into())),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeout_values() {
+        let p = |s: &str| parse_grpc_timeout(&http::HeaderValue::from_str(s).unwrap());
+        assert_eq!(p("1500m"), Some(Duration::from_millis(1500)));
+        assert_eq!(p("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(p("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(p("10u"), Some(Duration::from_micros(10)));
+        assert_eq!(p("7n"), Some(Duration::from_nanos(7)));
+        assert_eq!(p("3M"), Some(Duration::from_secs(180)));
+        assert_eq!(p("m"), None);
+        assert_eq!(p("12x"), None);
+        assert_eq!(p(""), None);
+    }
+
+    #[test]
+    fn only_the_streaming_methods_run_without_a_deadline() {
+        for m in ["Exec", "ReadRaw", "WriteRaw"] {
+            assert!(is_streaming(m));
+        }
+        for m in [
+            "ReadFile",
+            "WriteFile",
+            "ListDir",
+            "Stat",
+            "Mkdir",
+            "Rename",
+            "DeleteFile",
+        ] {
+            assert!(!is_streaming(m));
         }
     }
 }

@@ -42,6 +42,9 @@ pub enum ServerError {
     /// The server is shutting down.
     #[error("server is shutting down")]
     ShuttingDown,
+    /// The client called the operation off (an upload chunk with `abort` set).
+    #[error("{0}")]
+    Aborted(String),
 }
 
 impl ServerError {
@@ -70,6 +73,7 @@ impl ServerError {
             ServerError::Io { .. } => Code::Internal,
             ServerError::Spawn(_) => Code::Internal,
             ServerError::ShuttingDown => Code::Unavailable,
+            ServerError::Aborted(_) => Code::Aborted,
         }
     }
 }
@@ -114,6 +118,10 @@ mod tests {
                 Code::Internal,
             ),
             (ServerError::ShuttingDown, Code::Unavailable),
+            (
+                ServerError::Aborted("the client aborted the upload".into()),
+                Code::Aborted,
+            ),
         ];
         for (e, code) in cases {
             let s = Status::from(e);

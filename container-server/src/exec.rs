@@ -23,6 +23,11 @@ use crate::reaper::{Exit, Reaper};
 /// Read size for the child's output pipes.
 const READ_CHUNK: usize = 32 * 1024;
 
+/// How long output is still read after the command exited (or was killed). Whoever holds the
+/// pipes then (a grandchild that left the group with `setsid`, a background job) no longer
+/// keeps the call open: the pipes are closed and EXIT is sent.
+pub const EXIT_DRAIN_GRACE: Duration = Duration::from_secs(2);
+
 /// A validated exec request.
 #[derive(Debug, Clone)]
 pub struct ExecSpec {
@@ -197,12 +202,16 @@ async fn feed_stdin(mut pipe: pipe::Sender, first: Bytes, mut rx: mpsc::Receiver
 impl Running {
     /// Streams the command to its end into `out`, then sends exactly one [`ExecEvent::Exit`].
     /// Kills the whole process group when the timeout passes, when `out` closes (the client
-    /// went away) or when `shutdown` fires. Returns the exit code sent (None if the client left).
+    /// went away), when `aborted` fires (the client's request stream ended other than by a
+    /// clean half-close) or when `shutdown` fires. Output is read until both pipes close, but
+    /// for at most [`EXIT_DRAIN_GRACE`] after the command exited or was killed. Returns the exit
+    /// code sent (None if the client left).
     pub async fn drive(
         mut self,
         stdin_rx: mpsc::Receiver<Bytes>,
         out: mpsc::Sender<ExecEvent>,
         shutdown: CancellationToken,
+        aborted: CancellationToken,
     ) -> Option<i32> {
         let pgid = self.pgid;
         // Kill the group if this future is dropped mid-way (e.g. a panic or runtime shutdown).
@@ -222,13 +231,26 @@ impl Running {
         let (mut out_open, mut err_open) = (true, true);
         let mut exit: Option<Exit> = None;
         let mut killed = false;
+        let drain = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(drain);
+        let mut draining = false;
         loop {
             if exit.is_some() && !out_open && !err_open {
                 break;
             }
+            if !draining && (exit.is_some() || killed) {
+                draining = true;
+                drain.as_mut().reset(Instant::now() + EXIT_DRAIN_GRACE);
+            }
             tokio::select! {
                 _ = out.closed() => {
                     debug!(pgid = pgid.as_raw(), "client left; killing process group");
+                    kill_group(pgid);
+                    feeder.abort();
+                    return None;
+                }
+                _ = aborted.cancelled() => {
+                    debug!(pgid = pgid.as_raw(), "client reset the call; killing process group");
                     kill_group(pgid);
                     feeder.abort();
                     return None;
@@ -241,6 +263,16 @@ impl Running {
                     debug!(pgid = pgid.as_raw(), "timeout; killing process group");
                     kill_group(pgid);
                     killed = true;
+                }
+                _ = &mut drain, if draining => {
+                    // A process outside the group (or a background job) still holds the pipes.
+                    debug!(pgid = pgid.as_raw(), "output pipes still open after the exit; closing them");
+                    out_open = false;
+                    err_open = false;
+                    if exit.is_none() {
+                        // Killed, yet no exit status within the grace: report the kill.
+                        exit = Some(Exit::Signal(9));
+                    }
                 }
                 r = self.stdout.read_buf(&mut out_buf), if out_open => match r {
                     Ok(0) | Err(_) => out_open = false,

@@ -156,6 +156,9 @@ pub async fn run(
         .max_frame_size(1 << 20)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .layer(tower::util::MapResponseLayer::new(rewrite_response))
+        // A request stream's end reaches a handler only when the client half-closed it: a
+        // reset or cancelled upload never commits, whatever the client stack.
+        .layer(memoh_proto::clean_end::CleanEndLayer)
         .add_service(health_svc)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -201,16 +201,32 @@ impl ContainerService for Service {
         debug!(command = %spec.command, "exec");
         let running = exec::start(spec, &self.inner.reaper)?;
         let (stdin_tx, stdin_rx) = mpsc::channel::<Bytes>(16);
+        let aborted = CancellationToken::new();
+        let abort = aborted.clone();
         tokio::spawn(async move {
-            // Ends on the client's half-close or on any stream error; either closes stdin.
-            while let Ok(Some(m)) = inbound.message().await {
-                if !m.stdin_data.is_empty() && stdin_tx.send(m.stdin_data).await.is_err() {
-                    break;
+            // The client's clean half-close (`Ok(None)`, see `memoh_proto::clean_end`) closes
+            // the child's stdin. Any other ending (a reset, a lost connection) is not a closed
+            // stdin but a call that is over: the process group is killed, as on cancel.
+            loop {
+                match inbound.message().await {
+                    Ok(Some(m)) => {
+                        // A child that closed its stdin drops the rest; the loop goes on to
+                        // see how the call ends.
+                        if !m.stdin_data.is_empty() {
+                            let _ = stdin_tx.send(m.stdin_data).await;
+                        }
+                    }
+                    Ok(None) => return,
+                    Err(s) => {
+                        debug!(status = %s.message(), "exec request stream ended badly");
+                        abort.cancel();
+                        return;
+                    }
                 }
             }
         });
         let (out_tx, out_rx) = mpsc::channel(32);
-        tokio::spawn(running.drive(stdin_rx, out_tx, self.inner.kill.clone()));
+        tokio::spawn(running.drive(stdin_rx, out_tx, self.inner.kill.clone(), aborted));
         let stream = ReceiverStream::new(out_rx).map(|ev| Ok(convert::exec_output(ev)));
         Ok(Response::new(Box::pin(stream)))
     }
@@ -278,6 +294,9 @@ impl ContainerService for Service {
                 .into())
             }
         };
+        if first.abort {
+            return Err(ServerError::Aborted("the client aborted the upload".into()).into());
+        }
         let path = self.resolve("path", &first.path)?;
         tracing::Span::current().record("path", tracing::field::display(path.display()));
         let p = path.clone();
@@ -316,15 +335,36 @@ impl ContainerService for Service {
             // The sender went away without Commit: the upload was aborted; the temp file goes.
             Ok(None)
         });
+        // The commit decision. The upload replaces its target only when the stream ended
+        // cleanly: `Ok(None)` from a stream behind `memoh_proto::clean_end`, which turns every
+        // other ending (a reset of any code, a lost connection, a GOAWAY before the
+        // half-close; see that module for what each client stack sends and what hyper and
+        // tonic make of it) into an error, or has hyper drop this future. A chunk with
+        // `abort` set, an oversized chunk, the server's kill at the end of its shutdown grace
+        // and a deadline (tonic drops this future) discard the upload too. Dropping `tx`
+        // without `Commit` makes the writer discard the temp file.
         let mut pending = Some(first.data);
+        let kill = self.inner.kill.clone();
         let outcome: Result<(), Status> = loop {
             let data = match pending.take() {
                 Some(d) => d,
-                None => match inbound.message().await {
-                    Ok(Some(m)) => m.data,
-                    Ok(None) => break Ok(()),
-                    Err(s) => break Err(inbound_error(s)),
-                },
+                None => {
+                    let next = tokio::select! {
+                        biased;
+                        _ = kill.cancelled() => break Err(ServerError::ShuttingDown.into()),
+                        m = inbound.message() => m,
+                    };
+                    match next {
+                        Ok(Some(m)) if m.abort => {
+                            break Err(
+                                ServerError::Aborted("the client aborted the upload".into()).into()
+                            )
+                        }
+                        Ok(Some(m)) => m.data,
+                        Ok(None) => break Ok(()),
+                        Err(s) => break Err(inbound_error(s)),
+                    }
+                }
             };
             if !data.is_empty() && tx.send(RawWrite::Data(data)).await.is_err() {
                 // The writer stopped on an error; it is reported below.
@@ -339,7 +379,10 @@ impl ContainerService for Service {
             Ok(r) => r?,
             Err(e) => return Err(Status::internal(format!("writer failed: {e}"))),
         };
-        outcome?;
+        if let Err(s) = outcome {
+            debug!(status = %s.message(), "upload discarded");
+            return Err(s);
+        }
         let written = written.ok_or_else(|| Status::internal("upload was not committed"))?;
         Ok(Response::new(pb::WriteRawResponse {
             bytes_written: written as i64,

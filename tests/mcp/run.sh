@@ -5,13 +5,15 @@
 #
 # Starts its own memoh-agent on a unique configuration (containerd namespace, CNI network,
 # bridge, a free 10.2xx.y.0/24 subnet, temp dirs, MCP on a free loopback port), imports the
-# test image, creates a bot, and runs tests/mcp/test_mcp_system.py against it. On exit, also
+# test image, creates a bot, and runs tests/mcp/test_mcp_system.py against it, then the "agent"
+# cases of tests/wire/test_aborts.py (foreign clients ending calls badly) through the agent's
+# socket (tests/wire/run.sh sets up its own venv, target/wire-venv). On exit, also
 # after a failure, it deletes the bot, stops the agent and removes what it made: the
 # containerd namespace, the bridge, the MASQUERADE and CNI nat rules and the isolation rule.
 #
 # Without the environment it prints "skipped" and exits 0; under CI it fails instead.
-# Extra arguments go to pytest (e.g. -k fixture, -x). MEMOH_AGENT_BIN picks the agent binary
-# (default target/debug/memoh-agent, built if missing).
+# Extra arguments go to the MCP pytest run (e.g. -k fixture, -x). MEMOH_AGENT_BIN picks the
+# agent binary (default target/debug/memoh-agent, built if missing).
 #
 # `run.sh --bench [ARGS]` runs the benchmark tests/mcp/bench.py on the same setup instead
 # (installs grpcio and grpcio-tools into the venv; use a release agent via MEMOH_AGENT_BIN).
@@ -187,3 +189,12 @@ if [ "$BENCH" = "1" ]; then
     exit
 fi
 PYTHONDONTWRITEBYTECODE=1 "$VENV/bin/python" -m pytest -p no:cacheprovider -q "$@" "$HERE/test_mcp_system.py"
+
+# Then the abort tests of tests/wire/test_aborts.py through this agent's socket, routed to the
+# bot: only their "agent" cases (the "server" ones run in the wire tier), and a skip there
+# counts as a failure. WIRE_SERVER_BIN keeps tests/wire/run.sh from building a server these
+# cases never start.
+echo "mcp: abort tests through the agent (tests/wire/test_aborts.py -k agent)" >&2
+PYTHONDONTWRITEBYTECODE=1 WIRE_AGENT_SOCKET="$SOCK" WIRE_AGENT_BOT="$BOT" WIRE_FAIL_ON_SKIP=1 \
+    WIRE_SERVER_BIN="${WIRE_SERVER_BIN:-$ROOT/target/debug/container-server}" \
+    "$ROOT/tests/wire/run.sh" -k "test_aborts and agent" "$ROOT/tests/wire/test_aborts.py"

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Wire-compatibility check of container-server with an independent Python gRPC client.
-# Sets up the venv target/wire-venv (grpcio, grpcio-tools, health and reflection clients,
-# pytest), builds target/debug/container-server unless WIRE_SERVER_BIN names a binary, and
-# runs the pytest suite, which starts the server itself (loopback port, temp data and template
-# dirs) and stops it afterwards. Extra arguments go to pytest (e.g. -k exec, -x).
+# Sets up the venv target/wire-venv (grpcio, grpcio-tools, health and reflection clients, h2
+# for the raw HTTP/2 client of test_aborts.py, pytest), builds target/debug/container-server
+# unless WIRE_SERVER_BIN names a binary, and runs the pytest suite, which starts the server
+# itself (loopback port, temp data and template dirs) and stops it afterwards. Extra arguments
+# go to pytest (e.g. -k exec, -x).
 set -eu
 set -o pipefail
 
@@ -13,11 +14,11 @@ VENV="$ROOT/target/wire-venv"
 PY=${PYTHON:-python3}
 [ -x /usr/bin/python3 ] && PY=${PYTHON:-/usr/bin/python3}
 
-if [ ! -x "$VENV/bin/pytest" ] || ! "$VENV/bin/python" -c 'import grpc_tools, grpc_health, grpc_reflection' 2>/dev/null; then
+if [ ! -x "$VENV/bin/pytest" ] || ! "$VENV/bin/python" -c 'import grpc_tools, grpc_health, grpc_reflection, h2' 2>/dev/null; then
     echo "wire: creating $VENV" >&2
     "$PY" -m venv "$VENV"
     "$VENV/bin/pip" install -q --disable-pip-version-check \
-        grpcio grpcio-tools grpcio-health-checking grpcio-reflection pytest
+        grpcio grpcio-tools grpcio-health-checking grpcio-reflection h2 pytest
 fi
 
 if [ -z "${WIRE_SERVER_BIN:-}" ]; then
