@@ -453,3 +453,41 @@ async fn raw_round_trip_of_a_multi_mib_file() {
         data.len() as i64
     );
 }
+
+/// An upload still open when the server's shutdown grace runs out is discarded: the server
+/// going away is not the client's clean end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_open_at_shutdown_is_discarded() {
+    let mut s = TestServer::builder()
+        .grace(Duration::from_millis(300))
+        .start()
+        .await;
+    s.client
+        .write_file("down/target.bin", &b"old content"[..])
+        .await
+        .unwrap();
+    let dir = s.path("down");
+    let (tx, call) = start_upload(&s, "down/target.bin").await;
+    wait_under_way(&dir, "target.bin").await;
+    let handle = s.take_handle();
+    s.trigger_shutdown();
+    let r = tokio::time::timeout(Duration::from_secs(15), call)
+        .await
+        .expect("the call ends")
+        .unwrap();
+    let st = r.expect_err("an upload cut short by the shutdown must not succeed");
+    assert_eq!(st.code(), Code::Unavailable, "{st:?}");
+    tokio::time::timeout(Duration::from_secs(15), handle)
+        .await
+        .expect("run() returns after shutdown")
+        .unwrap()
+        .unwrap();
+    drop(tx);
+    assert_eq!(names_in(&dir), ["target.bin"], "no temp file left");
+    let content = std::fs::read(dir.join("target.bin")).unwrap();
+    assert!(
+        content == b"old content",
+        "the old file is untouched; it now holds {} bytes",
+        content.len()
+    );
+}
