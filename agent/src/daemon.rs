@@ -11,14 +11,14 @@ use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::api::control::Control;
+use crate::api::proxy::Proxy;
 use crate::bots::Manager;
 use crate::config::Config;
 use crate::containerd::{Containerd, Runtime};
-use crate::control::Control;
 use crate::error::AgentError;
 use crate::metrics::Timed;
 use crate::network::{Network, NetworkConfig};
-use crate::proxy::Proxy;
 
 /// Connects to containerd, retrying for `wait` (containerd may start after the agent).
 pub async fn connect_runtime(cfg: &Config, wait: Duration) -> Result<Containerd, AgentError> {

@@ -1,13 +1,12 @@
 //! `memoh-agent`: the host agent that owns every bot's container.
 //!
 //! Modules:
-//! - [`bots`]: the lifecycle [`bots::Manager`]: create, start, stop, delete, reconcile, restarts.
-//! - [`control`], [`proxy`]: the control API and the container-service router on the socket;
-//!   [`control_mcp`]: its MCP calls (stdio server registrations).
+//! - [`bots`]: the lifecycle [`bots::Manager`]: create, start, stop, delete, reconcile,
+//!   restarts, versions and their crash recovery, the one-time migration of legacy data.
+//! - [`api`]: the control socket's surface: the control API, its MCP calls and the
+//!   container-service router.
 //! - [`daemon`]: startup, the control socket, systemd readiness; [`cli`]: the operator's CLI.
 //! - [`ids`]: bot ids and derived names; [`pool`]: one channel per bot.
-//! - [`migrate`]: the one-time copy of legacy bind-mounted data into a bot.
-//! - [`versions`]: snapshots a bot can roll back to, and crash recovery of the cycle.
 //! - [`config`]: the TOML configuration; [`doctor`]: host checks for operators.
 //! - [`metrics`]: Prometheus metrics (`/metrics` on the MCP listener).
 //! - [`mcp`]: MCP over streamable HTTP: the container as tools, stdio MCP servers in the bot.
@@ -17,12 +16,11 @@
 //! - [`network`]: bot networking: named namespaces, CNI (a small libcni), MASQUERADE and
 //!   bot-to-bot isolation ([`network::Network`]).
 
+pub mod api;
 pub mod bots;
 pub mod cli;
 pub mod config;
 pub mod containerd;
-pub mod control;
-pub mod control_mcp;
 pub mod daemon;
 pub mod doctor;
 pub mod error;
@@ -31,10 +29,7 @@ pub mod fuzz_checks;
 pub mod ids;
 pub mod mcp;
 pub mod metrics;
-pub mod migrate;
 pub mod network;
 pub mod pool;
-pub mod proxy;
-pub mod versions;
 
 pub use error::AgentError;

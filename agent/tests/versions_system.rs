@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use common::{sh, Env, TestAgent};
 
-/// The agent's test-only fault hook (`memoh_agent::versions::FAULT_ENV`).
+/// The agent's test-only fault hook (`memoh_agent::bots::fault::FAULT_ENV`).
 const FAULT_ENV: &str = "MEMOH_FAULT_SNAPSHOT_STEP";
 
 fn stderr(o: &std::process::Output) -> String {
@@ -315,9 +315,9 @@ fn a_create_whose_record_fails_takes_its_snapshot_back() {
 
 #[test]
 fn bot_rm_keep_versions_keeps_them_for_the_next_bot_of_that_id() {
+    use memoh_agent::bots::versions::LABEL_VERSION;
     use memoh_agent::containerd::{label_filter, Runtime, SnapshotKind};
     use memoh_agent::ids::LABEL_BOT_ID;
-    use memoh_agent::versions::LABEL_VERSION;
     let Some(env) = Env::get(false) else { return };
     let mut a = TestAgent::with_image(&env);
     let (bot, _) = a.create_bot("keep");
@@ -398,12 +398,12 @@ fn a_bot_whose_record_vanished_comes_back_with_its_data() {
 
 #[test]
 fn a_call_finds_a_bot_whose_cut_short_cycle_lost_its_record() {
-    use memoh_agent::containerd::{Runtime, LABEL_GC_ROOT};
-    use memoh_agent::ids::{LABEL_BOT_ID, LABEL_IMAGE};
-    use memoh_agent::versions::{
+    use memoh_agent::bots::versions::{
         active_snapshot_key, version_snapshot_name, LABEL_VERSION, LABEL_VERSION_CREATED,
         LABEL_VERSION_NAME, LABEL_VERSION_SOURCE,
     };
+    use memoh_agent::containerd::{Runtime, LABEL_GC_ROOT};
+    use memoh_agent::ids::{LABEL_BOT_ID, LABEL_IMAGE};
     use std::collections::HashMap;
     let Some(env) = Env::get(false) else { return };
     let mut a = TestAgent::with_image(&env);

@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use memoh_proto::limits::MAX_MESSAGE_SIZE;
 use tonic::{Code, Status};
 
 /// Everything a server operation can fail with. Messages are lowercase and name the path.
@@ -76,6 +77,27 @@ impl ServerError {
             ServerError::Aborted(_) => Code::Aborted,
         }
     }
+}
+
+/// If `s` is tonic's "decoded message length too large" error, the status clients expect
+/// instead: RESOURCE_EXHAUSTED, pointing large uploads at WriteRaw.
+pub fn rewrite_too_large(s: &Status) -> Option<Status> {
+    if s.code() != Code::OutOfRange || !s.message().contains("message length too large") {
+        return None;
+    }
+    let found = s
+        .message()
+        .split("found ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .unwrap_or("?");
+    Some(
+        ServerError::TooLarge(format!(
+            "request message of {found} bytes exceeds the {MAX_MESSAGE_SIZE}-byte limit; \
+             stream large files with WriteRaw"
+        ))
+        .into(),
+    )
 }
 
 impl From<ServerError> for Status {

@@ -11,11 +11,11 @@ use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
-use tonic::{Code, Request, Status};
+use tonic::{Request, Status};
 use tracing::{info, warn};
 
 use crate::config::Config;
-use crate::error::ServerError;
+use crate::error::{rewrite_too_large, ServerError};
 use crate::fs;
 use crate::paths::Resolver;
 use crate::reaper::Reaper;
@@ -62,27 +62,6 @@ impl tonic::service::Interceptor for Auth {
             _ => Err(ServerError::Unauthenticated.into()),
         }
     }
-}
-
-/// If `s` is tonic's "decoded message length too large" error, the status clients expect
-/// instead: RESOURCE_EXHAUSTED, pointing large uploads at WriteRaw.
-pub fn rewrite_too_large(s: &Status) -> Option<Status> {
-    if s.code() != Code::OutOfRange || !s.message().contains("message length too large") {
-        return None;
-    }
-    let found = s
-        .message()
-        .split("found ")
-        .nth(1)
-        .and_then(|r| r.split(' ').next())
-        .unwrap_or("?");
-    Some(
-        ServerError::TooLarge(format!(
-            "request message of {found} bytes exceeds the {MAX_MESSAGE_SIZE}-byte limit; \
-             stream large files with WriteRaw"
-        ))
-        .into(),
-    )
 }
 
 /// Rewrites a trailers-only error response produced before a handler ran (tonic rejects an
@@ -223,6 +202,7 @@ pub async fn run(
 mod tests {
     use super::*;
     use tonic::service::Interceptor;
+    use tonic::Code;
 
     #[test]
     fn auth_interceptor() {

@@ -78,7 +78,7 @@ where
 
 /// Maps a receive error on a client stream: an oversized message becomes RESOURCE_EXHAUSTED.
 fn inbound_error(s: Status) -> Status {
-    crate::server::rewrite_too_large(&s).unwrap_or(s)
+    crate::error::rewrite_too_large(&s).unwrap_or(s)
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;

@@ -3,7 +3,6 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use futures::Stream;
 use memoh_proto::pb::agent as pb;
@@ -14,8 +13,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
-use crate::bots::{BotInfo, Manager};
-use crate::containerd::{Progress, ProgressPhase, PullOptions};
+use super::convert::{bot_info, progress_msg, snapshot_info};
+use super::detached;
+use crate::bots::Manager;
+use crate::containerd::{Progress, PullOptions};
 use crate::error::AgentError;
 use crate::ids;
 
@@ -39,56 +40,6 @@ impl Control {
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
-
-fn rfc3339(t: Option<SystemTime>) -> String {
-    t.map(|t| {
-        chrono::DateTime::<chrono::Utc>::from(t).to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
-    })
-    .unwrap_or_default()
-}
-
-/// A domain bot as the wire `BotInfo`.
-pub fn bot_info(b: BotInfo) -> pb::BotInfo {
-    pb::BotInfo {
-        bot_id: b.bot_id,
-        container_id: b.container_id,
-        image: b.image,
-        status: b.status,
-        ip: b.ip.map(|i| i.to_string()).unwrap_or_default(),
-        created_at: rfc3339(b.created_at),
-        pid: b.pid,
-        restart_count: b.restart_count,
-        last_exit_code: b.last_exit_code.unwrap_or(-1),
-        last_exit_at: rfc3339(b.last_exit_at),
-        lost_state: b.lost_state.unwrap_or_default(),
-    }
-}
-
-fn snapshot_info(v: crate::versions::Version) -> pb::SnapshotInfo {
-    pb::SnapshotInfo {
-        version: v.number,
-        name: v.name,
-        source: v.source,
-        created_at: v.created_at,
-        snapshot: v.snapshot,
-        current: v.current,
-    }
-}
-
-fn progress_msg(p: Progress) -> pb::Progress {
-    let phase = match p.phase {
-        ProgressPhase::Reading => "reading",
-        ProgressPhase::Writing => "fetching",
-        ProgressPhase::Unpacking => "unpacking",
-        ProgressPhase::Done => "done",
-    };
-    pb::Progress {
-        phase: phase.into(),
-        current: p.current,
-        total: p.total,
-        ..Default::default()
-    }
-}
 
 /// Runs an image job in the background, streaming its progress and a final message.
 fn progress_stream<F, Fut>(job: F) -> BoxStream<pb::Progress>
@@ -114,9 +65,10 @@ impl AgentService for Control {
         let r = req.into_inner();
         let mgr = self.mgr.clone();
         // Detached: the bot is created even if the caller goes away mid-way.
-        let info = tokio::spawn(async move { mgr.create(&r.bot_id, Some(&r.image)).await })
-            .await
-            .map_err(|e| Status::internal(format!("create task failed: {e}")))??;
+        let info = detached("create", async move {
+            mgr.create(&r.bot_id, Some(&r.image)).await
+        })
+        .await?;
         Ok(Response::new(bot_info(info)))
     }
 
@@ -124,9 +76,7 @@ impl AgentService for Control {
     async fn start_bot(&self, req: Request<pb::BotRef>) -> Result<Response<pb::BotInfo>, Status> {
         let bot = req.into_inner().bot_id;
         let mgr = self.mgr.clone();
-        let info = tokio::spawn(async move { mgr.start(&bot).await })
-            .await
-            .map_err(|e| Status::internal(format!("start task failed: {e}")))??;
+        let info = detached("start", async move { mgr.start(&bot).await }).await?;
         Ok(Response::new(bot_info(info)))
     }
 
@@ -134,9 +84,7 @@ impl AgentService for Control {
     async fn stop_bot(&self, req: Request<pb::BotRef>) -> Result<Response<pb::BotInfo>, Status> {
         let bot = req.into_inner().bot_id;
         let mgr = self.mgr.clone();
-        let info = tokio::spawn(async move { mgr.stop(&bot).await })
-            .await
-            .map_err(|e| Status::internal(format!("stop task failed: {e}")))??;
+        let info = detached("stop", async move { mgr.stop(&bot).await }).await?;
         Ok(Response::new(bot_info(info)))
     }
 
@@ -147,9 +95,10 @@ impl AgentService for Control {
     ) -> Result<Response<pb::DeleteBotResponse>, Status> {
         let r = req.into_inner();
         let mgr = self.mgr.clone();
-        tokio::spawn(async move { mgr.delete(&r.bot_id, r.keep_versions).await })
-            .await
-            .map_err(|e| Status::internal(format!("delete task failed: {e}")))??;
+        detached("delete", async move {
+            mgr.delete(&r.bot_id, r.keep_versions).await
+        })
+        .await?;
         Ok(Response::new(pb::DeleteBotResponse {}))
     }
 
@@ -236,14 +185,14 @@ impl AgentService for Control {
             )
             .into());
         }
-        let rt = self.mgr.runtime().clone();
+        let mgr = self.mgr.clone();
         Ok(Response::new(progress_stream(move |tx| async move {
             let cb = move |p: Progress| {
                 let _ = tx.try_send(Ok(progress_msg(p)));
             };
             let name = (!r.name.is_empty()).then_some(r.name.as_str());
-            let names = rt
-                .import_archive(std::path::Path::new(&r.path), name, &cb)
+            let names = mgr
+                .import_image(std::path::Path::new(&r.path), name, &cb)
                 .await?;
             Ok(pb::Progress {
                 phase: "done".into(),
@@ -264,7 +213,7 @@ impl AgentService for Control {
         if r.reference.is_empty() {
             return Err(AgentError::InvalidArgument("image reference is empty".into()).into());
         }
-        let rt = self.mgr.runtime().clone();
+        let mgr = self.mgr.clone();
         Ok(Response::new(progress_stream(move |tx| async move {
             let cb = move |p: Progress| {
                 let _ = tx.try_send(Ok(progress_msg(p)));
@@ -273,8 +222,8 @@ impl AgentService for Control {
                 insecure: r.insecure,
                 credentials: None,
             };
-            let name = rt.pull_image(&r.reference, &opts, &cb).await?;
-            let digest = rt
+            let name = mgr.pull_image(&r.reference, &opts, &cb).await?;
+            let digest = mgr
                 .resolve_image(&name)
                 .await
                 .map(|i| i.target_digest)
@@ -292,7 +241,7 @@ impl AgentService for Control {
         &self,
         _req: Request<pb::ListImagesRequest>,
     ) -> Result<Response<pb::ListImagesResponse>, Status> {
-        let images = self.mgr.runtime().list_images().await?;
+        let images = self.mgr.list_images().await?;
         Ok(Response::new(pb::ListImagesResponse {
             images: images
                 .into_iter()
@@ -314,12 +263,11 @@ impl AgentService for Control {
         let r = req.into_inner();
         let mgr = self.mgr.clone();
         // Detached: the cycle finishes even if the caller goes away.
-        let v = tokio::spawn(async move {
-            mgr.snapshot(&r.bot_id, &r.name, crate::versions::Source::Manual)
+        let v = detached("snapshot", async move {
+            mgr.snapshot(&r.bot_id, &r.name, crate::bots::versions::Source::Manual)
                 .await
         })
-        .await
-        .map_err(|e| Status::internal(format!("snapshot task failed: {e}")))??;
+        .await?;
         Ok(Response::new(snapshot_info(v)))
     }
 
@@ -340,9 +288,10 @@ impl AgentService for Control {
     ) -> Result<Response<pb::SnapshotInfo>, Status> {
         let r = req.into_inner();
         let mgr = self.mgr.clone();
-        let v = tokio::spawn(async move { mgr.rollback(&r.bot_id, r.version).await })
-            .await
-            .map_err(|e| Status::internal(format!("rollback task failed: {e}")))??;
+        let v = detached("rollback", async move {
+            mgr.rollback(&r.bot_id, r.version).await
+        })
+        .await?;
         Ok(Response::new(snapshot_info(v)))
     }
 
@@ -377,7 +326,7 @@ impl AgentService for Control {
         // Detached: the migration finishes under the bot's lock even if the caller leaves.
         tokio::spawn(async move {
             let ptx = tx.clone();
-            let cb = move |p: crate::migrate::MigrationProgress| {
+            let cb = move |p: crate::bots::migrate::MigrationProgress| {
                 let _ = ptx.try_send(Ok(pb::MigrateProgress {
                     phase: p.phase,
                     bytes: p.bytes,
@@ -409,7 +358,7 @@ impl AgentService for Control {
         &self,
         _req: Request<pb::VersionRequest>,
     ) -> Result<Response<pb::VersionResponse>, Status> {
-        let containerd_version = self.mgr.runtime().version().await?;
+        let containerd_version = self.mgr.containerd_version().await?;
         Ok(Response::new(pb::VersionResponse {
             agent_version: env!("CARGO_PKG_VERSION").into(),
             containerd_version,
@@ -420,27 +369,27 @@ impl AgentService for Control {
         &self,
         req: Request<pb::McpAddRequest>,
     ) -> Result<Response<pb::McpServerInfo>, Status> {
-        crate::control_mcp::add(self.mcp.as_ref(), req).await
+        super::control_mcp::add(self.mcp.as_ref(), req).await
     }
 
     async fn mcp_list(
         &self,
         req: Request<pb::BotRef>,
     ) -> Result<Response<pb::McpListResponse>, Status> {
-        crate::control_mcp::list(self.mcp.as_ref(), req).await
+        super::control_mcp::list(self.mcp.as_ref(), req).await
     }
 
     async fn mcp_remove(
         &self,
         req: Request<pb::McpServerRef>,
     ) -> Result<Response<pb::McpRemoveResponse>, Status> {
-        crate::control_mcp::remove(self.mcp.as_ref(), req).await
+        super::control_mcp::remove(self.mcp.as_ref(), req).await
     }
 
     async fn mcp_logs(
         &self,
         req: Request<pb::McpServerRef>,
     ) -> Result<Response<pb::McpLogsResponse>, Status> {
-        crate::control_mcp::logs(self.mcp.as_ref(), req).await
+        super::control_mcp::logs(self.mcp.as_ref(), req).await
     }
 }

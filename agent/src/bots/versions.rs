@@ -14,14 +14,15 @@
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
-use crate::bots::{Manager, STOP_GRACE};
+use super::fault::fault;
+use super::{Manager, STOP_GRACE};
 use crate::containerd::{
     label_filter, ContainerInfo, NewContainer, SnapshotInfo, SnapshotKind, LABEL_GC_ROOT,
 };
 use crate::error::AgentError;
-use crate::ids::{self, LABEL_BOT_ID, LABEL_IMAGE, LABEL_LOST_STATE, LABEL_SNAPSHOT_PARENT};
+use crate::ids::{LABEL_BOT_ID, LABEL_IMAGE, LABEL_LOST_STATE, LABEL_SNAPSHOT_PARENT};
 
 /// Version number label on a committed snapshot.
 pub const LABEL_VERSION: &str = "memoh.version";
@@ -33,9 +34,6 @@ pub const LABEL_VERSION_SOURCE: &str = "memoh.version.source";
 pub const LABEL_VERSION_CREATED: &str = "memoh.version.created";
 /// Label on the container: the next version number (numbers are never reused).
 pub const LABEL_NEXT_VERSION: &str = "memoh.version.next";
-/// Environment variable naming the step at which the agent aborts (fault tests only): a cycle
-/// step, `1` to `5`, or `create`, between a new bot's snapshot and its container record.
-pub const FAULT_ENV: &str = "MEMOH_FAULT_SNAPSHOT_STEP";
 
 /// Why a version was taken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,7 +74,7 @@ pub struct Version {
     pub current: bool,
 }
 
-fn nanos() -> u128 {
+pub(super) fn nanos() -> u128 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos())
@@ -94,19 +92,12 @@ pub fn active_snapshot_key(bot: &str, nanos: u128) -> String {
     format!("mcp-{bot}@a{nanos}")
 }
 
-pub(crate) fn fault(step: &str) {
-    if std::env::var(FAULT_ENV).is_ok_and(|v| v == step) {
-        warn!(step, "fault injection: aborting the agent");
-        std::process::abort();
-    }
-}
-
-fn version_of(s: &SnapshotInfo) -> Option<u64> {
+pub(super) fn version_of(s: &SnapshotInfo) -> Option<u64> {
     s.labels.get(LABEL_VERSION)?.parse().ok()
 }
 
 impl Manager {
-    async fn bot_snapshots(&self, bot: &str) -> Result<Vec<SnapshotInfo>, AgentError> {
+    pub(super) async fn bot_snapshots(&self, bot: &str) -> Result<Vec<SnapshotInfo>, AgentError> {
         self.runtime()
             .list_snapshots(&[label_filter(LABEL_BOT_ID, Some(bot))])
             .await
@@ -153,7 +144,11 @@ impl Manager {
         Ok(out)
     }
 
-    async fn next_version(&self, bot: &str, c: &ContainerInfo) -> Result<u64, AgentError> {
+    pub(super) async fn next_version(
+        &self,
+        bot: &str,
+        c: &ContainerInfo,
+    ) -> Result<u64, AgentError> {
         let from_label = c
             .labels
             .get(LABEL_NEXT_VERSION)
@@ -231,7 +226,7 @@ impl Manager {
 
     /// The cycle. With `restore_from`, the new active snapshot is prepared on that version
     /// instead of on the one just committed (rollback).
-    pub(crate) async fn snapshot_locked(
+    pub(super) async fn snapshot_locked(
         &self,
         bot: &str,
         name: &str,
@@ -320,7 +315,7 @@ impl Manager {
 
     /// Deletes the container record (its task is gone) and creates it again on `key`, whose
     /// parent is `parent`; `lost_state` records a loss on it.
-    async fn replace_container(
+    pub(super) async fn replace_container(
         &self,
         c: &ContainerInfo,
         key: &str,
@@ -350,233 +345,6 @@ impl Manager {
         .await?;
         Ok(())
     }
-
-    /// Finishes a cycle the agent died in, for every bot: a bot whose container record is gone
-    /// but whose active snapshot exists gets its container back; a container whose snapshot is
-    /// gone is moved onto the bot's newest active snapshot, or a fresh one on its newest
-    /// version; a container whose snapshot containerd lost mid-commit goes back onto that
-    /// snapshot's parent, and the loss is recorded. Returns the bots it repaired.
-    pub async fn recover(&self) -> Result<Vec<String>, AgentError> {
-        let rt = self.runtime().clone();
-        let snaps = rt
-            .list_snapshots(&[label_filter(LABEL_BOT_ID, None)])
-            .await?;
-        let containers = rt
-            .list_containers(&[label_filter(LABEL_BOT_ID, None)])
-            .await?;
-        // Containers too: a bot whose only snapshot containerd lost has no listed snapshot.
-        let bots: std::collections::BTreeSet<String> = snaps
-            .iter()
-            .filter_map(|s| s.labels.get(LABEL_BOT_ID).cloned())
-            .chain(
-                containers
-                    .iter()
-                    .filter_map(|c| c.labels.get(LABEL_BOT_ID).cloned()),
-            )
-            .collect();
-        let mut repaired = Vec::new();
-        for bot in bots {
-            if ids::validate(&bot).is_err() {
-                continue;
-            }
-            let _g = self.lock_bot(&bot).await;
-            if self.recover_locked(&bot).await? {
-                repaired.push(bot);
-            }
-        }
-        Ok(repaired)
-    }
-
-    /// [`Manager::recover`] for one bot whose lock the caller holds. Returns whether it
-    /// changed anything.
-    pub(crate) async fn recover_locked(&self, bot: &str) -> Result<bool, AgentError> {
-        let rt = self.runtime().clone();
-        let cid = ids::container_id(bot);
-        let container = rt.get_container(&cid).await?;
-        let mut lost = false;
-        if let Some(c) = &container {
-            if crate::bots::deleting(c).is_some() {
-                return Ok(false); // reconcile finishes the delete
-            }
-            if rt.stat_snapshot(&c.snapshot_key).await?.is_some() {
-                return Ok(false); // healthy
-            }
-            // containerd 1.6 killed while committing can keep the active snapshot in its
-            // metadata after its snapshotter let go of it: stat and list no longer show it, yet
-            // its parent still counts it as a child and can never be removed. Removing the
-            // key clears that; that it was there at all means the commit was lost.
-            lost = rt.remove_snapshot(&c.snapshot_key).await?;
-        }
-        // Read under the lock: a delete or cycle that held it may have changed them.
-        let snaps = rt
-            .list_snapshots(&[label_filter(LABEL_BOT_ID, Some(bot))])
-            .await?;
-        let next = snaps.iter().filter_map(version_of).max().unwrap_or(0) + 1;
-        let newest_version = snaps
-            .iter()
-            .filter(|s| s.kind == SnapshotKind::Committed && version_of(s).is_some())
-            .max_by_key(|s| version_of(s))
-            .cloned();
-        if let (true, Some(c)) = (lost, &container) {
-            self.recover_lost_state(bot, c, newest_version.as_ref(), next)
-                .await?;
-            return Ok(true);
-        }
-        let Some(c) = container else {
-            return self.recover_record(bot, &snaps, next).await;
-        };
-        let newest_active = snaps
-            .iter()
-            .filter(|s| s.kind == SnapshotKind::Active)
-            .max_by_key(|s| s.created_at);
-        let (key, parent) = match (newest_active, &newest_version) {
-            (Some(a), _) => (a.name.clone(), a.parent.clone()),
-            (None, Some(v)) => {
-                let image = v.labels.get(LABEL_IMAGE).cloned().unwrap_or_default();
-                (
-                    self.prepare_recovered(bot, &v.name, &image).await?,
-                    Some(v.name.clone()),
-                )
-            }
-            (None, None) => return Ok(false),
-        };
-        warn!(bot, key, "container lost its snapshot mid-cycle; moving it");
-        self.replace_container(&c, &key, parent.as_deref().unwrap_or_default(), next, None)
-            .await?;
-        Ok(true)
-    }
-
-    /// The bot's snapshots `snaps` without a container record, which is what makes a bot. One
-    /// of three things left them:
-    /// - a create that died between the bot's snapshot (key `mcp-BOT`) and its record: the
-    ///   create failed, so the snapshot goes with the bot's state directory, as long as nothing
-    ///   was written on it (one that holds data, from a record removed behind the agent's back,
-    ///   gets its container back instead);
-    /// - a cycle that died between deleting the record and recreating it on a new active
-    ///   snapshot: the container is recreated on the newest active snapshot;
-    /// - `bot rm --keep-versions`: only versions are left, and stay for a later bot of that id.
-    async fn recover_record(
-        &self,
-        bot: &str,
-        snaps: &[SnapshotInfo],
-        next: u64,
-    ) -> Result<bool, AgentError> {
-        let rt = self.runtime().clone();
-        let cid = ids::container_id(bot);
-        let mut actives: Vec<&SnapshotInfo> = snaps
-            .iter()
-            .filter(|s| s.kind == SnapshotKind::Active)
-            .collect();
-        actives.sort_by_key(|s| s.created_at);
-        let mut changed = false;
-        if actives.iter().any(|s| s.name == cid) && self.holds_nothing(&cid).await? {
-            info!(bot, "removing the snapshot of a create that did not finish");
-            rt.remove_snapshot(&cid).await?;
-            self.remove_bot_dir(bot).await?;
-            actives.retain(|s| s.name != cid);
-            changed = true;
-        }
-        let Some(a) = actives.last() else {
-            return Ok(changed);
-        };
-        let image = a
-            .labels
-            .get(LABEL_IMAGE)
-            .cloned()
-            .unwrap_or_else(|| self.config().image.clone());
-        warn!(
-            bot,
-            key = a.name,
-            image,
-            "container record lost; recreating it"
-        );
-        let resolved = rt.resolve_image(&image).await?;
-        self.create_container_record(
-            bot,
-            &resolved.name,
-            &resolved.config,
-            &a.name,
-            a.parent.as_deref(),
-        )
-        .await?;
-        let labels = HashMap::from([(LABEL_NEXT_VERSION.to_string(), next.to_string())]);
-        rt.update_container_labels(&cid, &labels).await?;
-        Ok(true)
-    }
-
-    /// Whether active snapshot `key` holds nothing of its own: no file was written on top of
-    /// its parent, so removing it loses nothing. A snapshotter whose active snapshots are full
-    /// copies never says so; their snapshots are kept.
-    async fn holds_nothing(&self, key: &str) -> Result<bool, AgentError> {
-        let usage = self.runtime().snapshot_usage(key).await?;
-        debug!(key, ?usage, "usage of an orphaned snapshot");
-        Ok(usage.is_some_and(|u| u.inodes <= 1))
-    }
-
-    /// A fresh active snapshot of `bot` on `parent`; returns its key.
-    async fn prepare_recovered(
-        &self,
-        bot: &str,
-        parent: &str,
-        image: &str,
-    ) -> Result<String, AgentError> {
-        let key = active_snapshot_key(bot, nanos());
-        let labels = HashMap::from([
-            (LABEL_BOT_ID.to_string(), bot.to_string()),
-            (LABEL_IMAGE.to_string(), image.to_string()),
-            (LABEL_GC_ROOT.to_string(), "recovered".to_string()),
-        ]);
-        self.runtime()
-            .prepare_snapshot(&key, Some(parent), &labels)
-            .await?;
-        Ok(key)
-    }
-
-    /// containerd lost the state `c` ran on: the bot goes back onto that state's parent (the
-    /// version it was taken from, or its image), and the loss is logged, counted and written
-    /// on the container, where `bot inspect` shows it.
-    async fn recover_lost_state(
-        &self,
-        bot: &str,
-        c: &ContainerInfo,
-        newest_version: Option<&SnapshotInfo>,
-        next: u64,
-    ) -> Result<(), AgentError> {
-        let rt = self.runtime();
-        // The recorded parent when it still exists; containers from before that label was kept
-        // fall back to the newest version, then to the image.
-        let mut parent = None;
-        if let Some(p) = c.labels.get(LABEL_SNAPSHOT_PARENT) {
-            parent = rt.stat_snapshot(p).await?;
-        }
-        let parent = match (parent, newest_version) {
-            (Some(p), _) => p,
-            (None, Some(v)) => v.clone(),
-            (None, None) => {
-                let resolved = rt.ensure_unpacked(&c.image).await?;
-                rt.stat_snapshot(&resolved.chain_id).await?.ok_or_else(|| {
-                    AgentError::FailedPrecondition(format!(
-                        "bot {bot:?} lost its state and its image {} has no snapshot",
-                        c.image
-                    ))
-                })?
-            }
-        };
-        let what = match version_of(&parent) {
-            Some(n) => format!("version {n}"),
-            None => format!("its image {}", c.image),
-        };
-        let key = self.prepare_recovered(bot, &parent.name, &c.image).await?;
-        let at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
-        let note = format!(
-            "{at}: containerd lost the bot's state while committing it (it was killed \
-             mid-commit); the changes since {what} are gone and the bot runs on {what} again"
-        );
-        tracing::error!(bot, lost = %c.snapshot_key, now_on = %parent.name, "{note}");
-        crate::metrics::global().lost_state();
-        self.replace_container(c, &key, &parent.name, next, Some(note))
-            .await
-    }
 }
 
 /// How long a cycle may wait for its task to stop before SIGKILL (for docs and tests).
@@ -585,6 +353,7 @@ pub const CYCLE_STOP_GRACE: Duration = STOP_GRACE;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ids;
 
     #[test]
     fn names_never_collide_across_bots() {

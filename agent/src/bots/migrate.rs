@@ -23,9 +23,9 @@ use memoh_proto::pb::mcpcontainer::ExecInput;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use crate::bots::Manager;
+use super::versions::Source;
+use super::Manager;
 use crate::error::AgentError;
-use crate::versions::Source;
 
 /// Marker written inside the container once a migration completed.
 pub const MARKER: &str = "/data/.memoh/migrated";

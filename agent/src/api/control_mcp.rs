@@ -1,5 +1,5 @@
 //! The control API's MCP handlers (`McpAdd`, `McpList`, `McpRemove`, `McpLogs`): validate,
-//! call the [`Mcp`] hub, map the result. [`crate::control::Control`] delegates to these.
+//! call the [`Mcp`] hub, map the result. [`super::control::Control`] delegates to these.
 
 use std::sync::Arc;
 
@@ -7,6 +7,8 @@ use memoh_proto::pb::agent as pb;
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
+use super::convert::server_info;
+use super::detached;
 use crate::error::AgentError;
 use crate::mcp::registry::ServerSpec;
 use crate::mcp::{Mcp, ServerListing};
@@ -18,25 +20,6 @@ fn hub(mcp: Option<&Arc<Mcp>>) -> Result<&Arc<Mcp>, Status> {
         )
         .into()
     })
-}
-
-fn server_info(l: ServerListing, replaced: bool) -> pb::McpServerInfo {
-    let session = l.status.is_some();
-    let (running, starts, last_exit) = l
-        .status
-        .map(|s| (s.running, s.starts, s.last_exit.unwrap_or_default()))
-        .unwrap_or_default();
-    pb::McpServerInfo {
-        name: l.spec.name,
-        command: l.spec.command,
-        env: l.spec.env,
-        cwd: l.spec.cwd.unwrap_or_default(),
-        replaced,
-        session,
-        running,
-        starts,
-        last_exit,
-    }
 }
 
 /// `McpAdd`: registers (or replaces) a stdio server in the bot.
@@ -60,9 +43,7 @@ pub async fn add(
         status: None,
     };
     // Detached: the registry write finishes even if the caller goes away.
-    let replaced = tokio::spawn(async move { mcp.add(&r.bot_id, spec).await })
-        .await
-        .map_err(|e| Status::internal(format!("mcp add task failed: {e}")))??;
+    let replaced = detached("mcp add", async move { mcp.add(&r.bot_id, spec).await }).await?;
     Ok(Response::new(server_info(listing, replaced)))
 }
 
@@ -90,9 +71,11 @@ pub async fn remove(
     let r = req.into_inner();
     crate::ids::validate(&r.bot_id)?;
     crate::mcp::registry::validate_name(&r.name)?;
-    tokio::spawn(async move { mcp.remove(&r.bot_id, &r.name).await })
-        .await
-        .map_err(|e| Status::internal(format!("mcp remove task failed: {e}")))??;
+    detached(
+        "mcp remove",
+        async move { mcp.remove(&r.bot_id, &r.name).await },
+    )
+    .await?;
     Ok(Response::new(pb::McpRemoveResponse {}))
 }
 

@@ -1,0 +1,84 @@
+//! Conversions between the control API's wire messages and the agent's domain types: the
+//! only place that knows both.
+
+use std::time::SystemTime;
+
+use memoh_proto::pb::agent as pb;
+
+use crate::bots::versions::Version;
+use crate::bots::BotInfo;
+use crate::containerd::{Progress, ProgressPhase};
+use crate::mcp::ServerListing;
+
+/// RFC 3339 in UTC with seconds, empty for none.
+pub fn rfc3339(t: Option<SystemTime>) -> String {
+    t.map(|t| {
+        chrono::DateTime::<chrono::Utc>::from(t).to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    })
+    .unwrap_or_default()
+}
+
+/// A domain bot as the wire `BotInfo`.
+pub fn bot_info(b: BotInfo) -> pb::BotInfo {
+    pb::BotInfo {
+        bot_id: b.bot_id,
+        container_id: b.container_id,
+        image: b.image,
+        status: b.status,
+        ip: b.ip.map(|i| i.to_string()).unwrap_or_default(),
+        created_at: rfc3339(b.created_at),
+        pid: b.pid,
+        restart_count: b.restart_count,
+        last_exit_code: b.last_exit_code.unwrap_or(-1),
+        last_exit_at: rfc3339(b.last_exit_at),
+        lost_state: b.lost_state.unwrap_or_default(),
+    }
+}
+
+/// A domain version as the wire `SnapshotInfo`.
+pub fn snapshot_info(v: Version) -> pb::SnapshotInfo {
+    pb::SnapshotInfo {
+        version: v.number,
+        name: v.name,
+        source: v.source,
+        created_at: v.created_at,
+        snapshot: v.snapshot,
+        current: v.current,
+    }
+}
+
+/// Image job progress as the wire message.
+pub fn progress_msg(p: Progress) -> pb::Progress {
+    let phase = match p.phase {
+        ProgressPhase::Reading => "reading",
+        ProgressPhase::Writing => "fetching",
+        ProgressPhase::Unpacking => "unpacking",
+        ProgressPhase::Done => "done",
+    };
+    pb::Progress {
+        phase: phase.into(),
+        current: p.current,
+        total: p.total,
+        ..Default::default()
+    }
+}
+
+/// A registered stdio MCP server as the wire message.
+pub fn server_info(l: ServerListing, replaced: bool) -> pb::McpServerInfo {
+    let session = l.status.is_some();
+    let (running, starts, last_exit) = l
+        .status
+        .map(|s| (s.running, s.starts, s.last_exit.unwrap_or_default()))
+        .unwrap_or_default();
+    pb::McpServerInfo {
+        name: l.spec.name,
+        command: l.spec.command,
+        env: l.spec.env,
+        cwd: l.spec.cwd.unwrap_or_default(),
+        replaced,
+        session,
+        running,
+        starts,
+        last_exit,
+    }
+}

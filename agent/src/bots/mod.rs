@@ -1,0 +1,312 @@
+//! The bot lifecycle: create, start, stop, delete, list, inspect, reconcile, and the watcher
+//! that restarts crashed bots.
+//!
+//! containerd's metadata is the only record of bots: a bot is a container labelled
+//! `mcp.bot_id`, its desired state is the container's `memoh.desired` label, its address is the
+//! saved CNI result. In memory the agent only caches what it can rebuild from those: routes for
+//! the pool, restart counters. One lock per bot serialises every lifecycle operation on it;
+//! operations on different bots run in parallel.
+//!
+//! The lifecycle lives in one folder, one concern a file:
+//! - `mod.rs` (this file): the [`Manager`], its state and what every part reads (records,
+//!   locks, routes, listings);
+//! - [`create`]: create (and its undo) and delete;
+//! - [`run`]: start, stop, attaching the network, waiting for the server;
+//! - [`route`]: the pooled client of a bot and what a failed call triggers;
+//! - [`watch`]: reconcile, the task and link watchers, crash restarts with backoff;
+//! - [`versions`]: versions (snapshots) of a bot and the cycle that takes them;
+//! - [`recover`]: finishing what a dead agent or containerd left half-done;
+//! - [`migrate`]: the one-time copy of legacy bind-mounted data into a bot;
+//! - [`images`]: image import, pull and listing for the control API;
+//! - [`fault`]: the test-only fault hook of the cycle.
+
+pub mod create;
+pub mod fault;
+pub mod images;
+pub mod migrate;
+pub mod recover;
+pub mod route;
+pub mod run;
+pub mod versions;
+pub mod watch;
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::OwnedMutexGuard;
+use tracing::info;
+
+use crate::config::Config;
+use crate::containerd::{label_filter, ContainerInfo, Runtime, TaskState, TaskStatus};
+use crate::error::AgentError;
+use crate::ids::{self, LABEL_BOT_ID, LABEL_DESIRED, LABEL_LOST_STATE};
+use crate::network::Network;
+use crate::pool::{Pool, Route};
+
+/// `memoh.desired` of a bot whose delete has begun (its versions go too).
+const DESIRED_DELETED: &str = "deleted";
+/// `memoh.desired` of a bot whose delete has begun and whose versions stay.
+const DESIRED_DELETED_KEEP_VERSIONS: &str = "deleted-keep-versions";
+
+/// What a container's `memoh.desired` label asks for: `Some(keep_versions)` when the bot is
+/// being deleted.
+pub(crate) fn deleting(c: &ContainerInfo) -> Option<bool> {
+    match c.labels.get(LABEL_DESIRED).map(String::as_str) {
+        Some(DESIRED_DELETED) => Some(false),
+        Some(DESIRED_DELETED_KEEP_VERSIONS) => Some(true),
+        _ => None,
+    }
+}
+
+/// Whether the agent keeps this bot's task running (not stopped by the operator, not being
+/// deleted).
+fn wants_running(c: &ContainerInfo) -> bool {
+    c.labels.get(LABEL_DESIRED).map(String::as_str) != Some("stopped") && deleting(c).is_none()
+}
+
+/// Where the bearer token appears inside a bot's container.
+pub const TOKEN_MOUNT: &str = "/run/memoh/token";
+/// How long `create` and `start` wait for the bot's server to answer.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// SIGTERM grace before SIGKILL on stop.
+pub const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// What `bot ls` and `bot inspect` show.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BotInfo {
+    /// The bot id.
+    pub bot_id: String,
+    /// `mcp-<bot>`.
+    pub container_id: String,
+    /// Image reference of the container.
+    pub image: String,
+    /// Task state: running, stopped, created, paused, unknown, or absent.
+    pub status: String,
+    /// Address, when attached.
+    pub ip: Option<IpAddr>,
+    /// Creation time of the container record.
+    pub created_at: Option<SystemTime>,
+    /// Host pid of the server, when running.
+    pub pid: u32,
+    /// Automatic restarts since the agent started.
+    pub restart_count: u32,
+    /// Exit code of the last task that ended (-1: signal or unknown).
+    pub last_exit_code: Option<i32>,
+    /// When that task ended.
+    pub last_exit_at: Option<SystemTime>,
+    /// What containerd lost of the bot's state, if it ever did (see [`LABEL_LOST_STATE`]).
+    pub lost_state: Option<String>,
+}
+
+#[derive(Debug, Default, Clone)]
+struct Health {
+    restart_count: u32,
+    last_exit_code: Option<i32>,
+    last_exit_at: Option<SystemTime>,
+    last_start: Option<std::time::Instant>,
+    backoff: u32,
+    /// The agent itself is stopping the task (stop, delete, a version cycle): its exit is no
+    /// crash and must not lengthen the next real crash's restart delay.
+    stopping: bool,
+    /// When a failed call last made the agent check the bot's network.
+    last_net_check: Option<std::time::Instant>,
+}
+
+/// The lifecycle manager. Cheap to share behind an `Arc`.
+pub struct Manager {
+    cfg: Config,
+    rt: Arc<dyn Runtime>,
+    net: Arc<Network>,
+    pool: Pool,
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    routes: Mutex<HashMap<String, Route>>,
+    /// Bot -> its host-side veth, as its last attach saw it (finds the bot of a deleted link).
+    host_veths: Mutex<HashMap<String, String>>,
+    health: Mutex<HashMap<String, Health>>,
+    me: std::sync::OnceLock<std::sync::Weak<Manager>>,
+    /// Bots whose automatic migration already ran in this agent's life (a failed one is only
+    /// retried on demand, so a broken source cannot make the bot restart over and over).
+    auto_migrated: Mutex<std::collections::HashSet<String>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn status_name(s: Option<&TaskStatus>) -> &'static str {
+    match s.map(|s| s.state) {
+        None => "absent",
+        Some(TaskState::Running) => "running",
+        Some(TaskState::Stopped) => "stopped",
+        Some(TaskState::Created) => "created",
+        Some(TaskState::Paused) | Some(TaskState::Pausing) => "paused",
+        Some(TaskState::Unknown) => "unknown",
+    }
+}
+
+fn exit_code(status: u32) -> i32 {
+    // runc reports 128+N for a signal; clients see -1 for signals.
+    if status > 128 {
+        -1
+    } else {
+        status as i32
+    }
+}
+
+impl Manager {
+    /// A manager over a runtime and the network module.
+    pub fn new(cfg: Config, rt: Arc<dyn Runtime>, net: Arc<Network>) -> Self {
+        Self {
+            cfg,
+            rt,
+            net,
+            pool: Pool::new(memoh_proto::limits::DEFAULT_UNARY_DEADLINE),
+            locks: Mutex::default(),
+            routes: Mutex::default(),
+            host_veths: Mutex::default(),
+            health: Mutex::default(),
+            me: std::sync::OnceLock::new(),
+            auto_migrated: Mutex::default(),
+        }
+    }
+
+    /// Lets the manager start background work of its own (migrations). Call once after
+    /// wrapping it in an `Arc`.
+    pub fn attach_self(self: &Arc<Self>) {
+        let _ = self.me.set(Arc::downgrade(self));
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// The runtime.
+    pub fn runtime(&self) -> &Arc<dyn Runtime> {
+        &self.rt
+    }
+
+    /// The network module.
+    pub fn network(&self) -> &Arc<Network> {
+        &self.net
+    }
+
+    /// Takes the bot's lifecycle lock.
+    pub async fn lock_bot(&self, bot: &str) -> OwnedMutexGuard<()> {
+        let m = lock(&self.locks)
+            .entry(bot.to_string())
+            .or_default()
+            .clone();
+        m.lock_owned().await
+    }
+
+    pub(super) async fn container(&self, bot: &str) -> Result<ContainerInfo, AgentError> {
+        ids::validate(bot)?;
+        self.rt
+            .get_container(&ids::container_id(bot))
+            .await?
+            .ok_or_else(|| AgentError::UnknownBot(bot.to_string()))
+    }
+
+    /// [`Manager::container`] for a caller that holds the bot's lock. A missing record is first
+    /// handed to recovery: a version cycle that containerd's death cut short between deleting
+    /// the record and recreating it leaves the bot without one until the next reconcile, and a
+    /// call made meanwhile must find the bot, not be told it does not exist.
+    pub(super) async fn container_locked(&self, bot: &str) -> Result<ContainerInfo, AgentError> {
+        ids::validate(bot)?;
+        if let Some(c) = self.rt.get_container(&ids::container_id(bot)).await? {
+            return Ok(c);
+        }
+        let recovered = self.recover_locked(bot).await?;
+        let c = self.container(bot).await?;
+        if recovered {
+            info!(bot, "recovered the bot's container record for a call");
+        }
+        Ok(c)
+    }
+
+    pub(super) async fn set_desired(&self, bot: &str, desired: &str) -> Result<(), AgentError> {
+        let labels = HashMap::from([(LABEL_DESIRED.to_string(), desired.to_string())]);
+        self.rt
+            .update_container_labels(&ids::container_id(bot), &labels)
+            .await
+            .map(|_| ())
+    }
+
+    pub(super) fn forget_route(&self, bot: &str) {
+        lock(&self.routes).remove(bot);
+        lock(&self.host_veths).remove(bot);
+        self.pool.evict(bot);
+    }
+
+    /// Drops the lock of a bot that is gone (deleted, or never there), unless another
+    /// operation holds or waits for it: ids that come and go must not pile up.
+    pub(super) fn forget_lock(&self, bot: &str) {
+        let mut locks = lock(&self.locks);
+        if locks.get(bot).is_some_and(|m| Arc::strong_count(m) == 1) {
+            locks.remove(bot);
+        }
+    }
+
+    /// Every bot.
+    pub async fn list(&self) -> Result<Vec<BotInfo>, AgentError> {
+        let containers = self
+            .rt
+            .list_containers(&[label_filter(LABEL_BOT_ID, None)])
+            .await?;
+        let mut out = Vec::with_capacity(containers.len());
+        for c in containers {
+            let Some(bot) = c.labels.get(LABEL_BOT_ID).cloned() else {
+                continue;
+            };
+            out.push(self.describe(&bot, &c).await?);
+        }
+        out.sort_by(|a, b| a.bot_id.cmp(&b.bot_id));
+        Ok(out)
+    }
+
+    /// One bot.
+    pub async fn info(&self, bot: &str) -> Result<BotInfo, AgentError> {
+        let c = self.container(bot).await?;
+        self.describe(bot, &c).await
+    }
+
+    pub(super) async fn describe(
+        &self,
+        bot: &str,
+        c: &ContainerInfo,
+    ) -> Result<BotInfo, AgentError> {
+        let st = self.rt.task_status(&c.id).await?;
+        let ip = match self.net.saved(bot).await {
+            Ok(Some(bn)) if st.as_ref().is_some_and(|s| s.state == TaskState::Running) => {
+                Some(bn.ip)
+            }
+            _ => None,
+        };
+        let h = lock(&self.health).get(bot).cloned().unwrap_or_default();
+        let (mut last_exit_code, mut last_exit_at) = (h.last_exit_code, h.last_exit_at);
+        if let Some(s) = st.as_ref().filter(|s| s.state == TaskState::Stopped) {
+            last_exit_code = s.exit_status.map(exit_code);
+            last_exit_at = s.exited_at;
+        }
+        Ok(BotInfo {
+            bot_id: bot.to_string(),
+            container_id: c.id.clone(),
+            image: c.image.clone(),
+            status: status_name(st.as_ref()).to_string(),
+            ip,
+            created_at: c.created_at,
+            pid: st
+                .as_ref()
+                .filter(|s| s.state == TaskState::Running)
+                .map(|s| s.pid)
+                .unwrap_or(0),
+            restart_count: h.restart_count,
+            last_exit_code,
+            last_exit_at,
+            lost_state: c.labels.get(LABEL_LOST_STATE).cloned(),
+        })
+    }
+}

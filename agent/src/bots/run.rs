@@ -1,0 +1,251 @@
+//! Starting and stopping a bot: its task, its network, the wait for its server.
+
+use std::net::IpAddr;
+use std::time::{Duration, SystemTime};
+
+use tracing::{debug, warn};
+
+use super::{lock, BotInfo, Manager, READY_TIMEOUT, STOP_GRACE};
+use crate::containerd::{ContainerInfo, TaskIo, TaskState, TaskStatus};
+use crate::error::AgentError;
+use crate::ids::{self};
+use crate::pool::Route;
+
+/// Why a task that should be starting will never serve: it exited or is gone. `None` while it
+/// may still come up.
+pub(super) fn task_gone(st: Option<&TaskStatus>) -> Option<String> {
+    match st {
+        None => Some("has no task (it was removed)".to_string()),
+        Some(s) if s.state == TaskState::Stopped => Some(match s.exit_status {
+            Some(code) => format!("exited with status {code}"),
+            None => "exited".to_string(),
+        }),
+        Some(_) => None,
+    }
+}
+
+impl Manager {
+    /// Starts a stopped bot (no-op for a running one, which gets its network checked).
+    pub async fn start(&self, bot: &str) -> Result<BotInfo, AgentError> {
+        let _g = self.lock_bot(bot).await;
+        let c = self.container_locked(bot).await?;
+        self.set_desired(bot, "running").await?;
+        self.start_locked(bot, &c).await?;
+        self.migrate_in_background(bot);
+        self.info(bot).await
+    }
+
+    /// Starts the task of `c` (deleting a stopped task entry first), attaches the network,
+    /// and waits until the server answers. The caller holds the bot's lock.
+    pub(super) async fn start_locked(
+        &self,
+        bot: &str,
+        c: &ContainerInfo,
+    ) -> Result<(), AgentError> {
+        let cid = &c.id;
+        match self.rt.task_status(cid).await? {
+            Some(s) if s.state == TaskState::Running => {
+                let ip = self.attach(bot, c).await?;
+                debug!(bot, %ip, "already running");
+                return self.wait_ready(bot).await;
+            }
+            Some(_) => {
+                self.rt.delete_task(cid).await?;
+            }
+            None => {}
+        }
+        let mounts = self.rt.snapshot_mounts(&c.snapshot_key).await?;
+        self.net.create_netns(bot).await?;
+        let log = ids::log_path(&self.cfg.state_dir, bot);
+        if let Some(parent) = log.parent() {
+            tokio::fs::create_dir_all(parent)
+                .await
+                .map_err(|e| AgentError::io(parent, e))?;
+        }
+        self.rt
+            .create_task(cid, &mounts, &TaskIo::log_file(&log))
+            .await?;
+        if let Err(e) = self.rt.start_task(cid).await {
+            let _ = self.rt.delete_task(cid).await;
+            return Err(e);
+        }
+        lock(&self.health)
+            .entry(bot.to_string())
+            .or_default()
+            .last_start = Some(std::time::Instant::now());
+        // A new task is a new server: drop any channel to the old one.
+        self.pool.evict(bot);
+        if let Err(e) = self.attach(bot, c).await {
+            warn!(bot, error = %e, "network setup failed; stopping the task");
+            let _ = self.kill_and_delete_task(cid, Duration::from_secs(5)).await;
+            return Err(e);
+        }
+        self.wait_ready(bot).await
+    }
+
+    /// Attaches the bot (keeping a healthy address), makes sure the host rules exist, and
+    /// records its route.
+    pub(super) async fn attach(&self, bot: &str, c: &ContainerInfo) -> Result<IpAddr, AgentError> {
+        let bn = self.attach_without_host_rules(bot, c).await?;
+        self.net.ensure_host_rules(&bn).await?;
+        Ok(bn.ip)
+    }
+
+    /// [`Manager::attach`] without the host rules (the caller ensures them, once per network).
+    pub(super) async fn attach_without_host_rules(
+        &self,
+        bot: &str,
+        c: &ContainerInfo,
+    ) -> Result<crate::network::BotNetwork, AgentError> {
+        let netns = self.net.netns_path(bot);
+        let bn = self.net.setup_without_host_rules(bot, &netns).await?;
+        let token = tokio::fs::read_to_string(ids::token_path(&self.cfg.state_dir, bot))
+            .await
+            .ok()
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty());
+        let generation = format!(
+            "{}:{}",
+            c.snapshot_key,
+            c.created_at
+                .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+                .map(|d| d.as_nanos())
+                .unwrap_or_default()
+        );
+        let route = Route {
+            ip: bn.ip,
+            token,
+            generation,
+        };
+        {
+            let mut routes = lock(&self.routes);
+            if routes.get(bot) != Some(&route) {
+                self.pool.evict(bot);
+                routes.insert(bot.to_string(), route);
+            }
+        }
+        let mut veths = lock(&self.host_veths);
+        match &bn.host_veth {
+            Some(v) => {
+                veths.insert(bot.to_string(), v.clone());
+            }
+            None => {
+                veths.remove(bot);
+            }
+        }
+        Ok(bn)
+    }
+
+    /// Polls the bot's server until it answers or [`READY_TIMEOUT`] passes.
+    pub(super) async fn wait_ready(&self, bot: &str) -> Result<(), AgentError> {
+        let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
+        let mut delay = Duration::from_millis(5);
+        loop {
+            let last = match self.cached_client(bot) {
+                Some(c) => match c.ping().await {
+                    Ok(()) => return Ok(()),
+                    Err(s) => s.message().to_string(),
+                },
+                None => "no route".into(),
+            };
+            if tokio::time::Instant::now() >= deadline {
+                return Err(AgentError::BotUnavailable {
+                    bot: bot.to_string(),
+                    reason: format!("server did not answer within {READY_TIMEOUT:?}: {last}"),
+                });
+            }
+            // A server whose task already ended will never answer: say so now instead of
+            // holding the bot's lock for the whole timeout. Checked once the quick polls are
+            // over (a starting server usually answers within a few of them).
+            if delay >= Duration::from_millis(100) {
+                let cid = ids::container_id(bot);
+                if let Ok(st) = self.rt.task_status(&cid).await {
+                    if let Some(why) = task_gone(st.as_ref()) {
+                        return Err(AgentError::BotUnavailable {
+                            bot: bot.to_string(),
+                            reason: format!("server {why} before answering: {last}"),
+                        });
+                    }
+                }
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_millis(100));
+        }
+    }
+
+    pub(super) async fn kill_and_delete_task(
+        &self,
+        cid: &str,
+        grace: Duration,
+    ) -> Result<(), AgentError> {
+        let Some(st) = self.rt.task_status(cid).await? else {
+            return Ok(());
+        };
+        if st.state == TaskState::Running || st.state == TaskState::Created {
+            if let Some(bot) = ids::bot_of_container(cid) {
+                lock(&self.health)
+                    .entry(bot.to_string())
+                    .or_default()
+                    .stopping = true;
+            }
+            if !grace.is_zero() {
+                self.rt.kill_task(cid, libc::SIGTERM, false).await.ok();
+                if self.rt.wait_task(cid, grace).await.is_ok() {
+                    self.rt.delete_task(cid).await?;
+                    return Ok(());
+                }
+            }
+            self.rt.kill_task(cid, libc::SIGKILL, true).await.ok();
+            if let Err(e) = self.rt.wait_task(cid, Duration::from_secs(10)).await {
+                warn!(container = cid, error = %e, "task did not exit after SIGKILL");
+            }
+        }
+        self.rt.delete_task(cid).await?;
+        Ok(())
+    }
+
+    /// Stops the bot: SIGTERM, bounded wait, SIGKILL, bounded wait; removes the task entry and
+    /// detaches the network. The bot stays stopped across agent restarts.
+    pub async fn stop(&self, bot: &str) -> Result<BotInfo, AgentError> {
+        let _g = self.lock_bot(bot).await;
+        let c = self.container_locked(bot).await?;
+        self.set_desired(bot, "stopped").await?;
+        self.forget_route(bot);
+        self.kill_and_delete_task(&c.id, STOP_GRACE).await?;
+        self.net.teardown(bot).await?;
+        self.info(bot).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(state: TaskState, exit_status: Option<u32>) -> TaskStatus {
+        TaskStatus {
+            state,
+            pid: 0,
+            exit_status,
+            exited_at: None,
+        }
+    }
+
+    #[test]
+    fn only_an_ended_or_missing_task_is_given_up_on() {
+        assert_eq!(
+            task_gone(None).as_deref(),
+            Some("has no task (it was removed)")
+        );
+        assert_eq!(
+            task_gone(Some(&status(TaskState::Stopped, Some(127)))).as_deref(),
+            Some("exited with status 127")
+        );
+        assert_eq!(
+            task_gone(Some(&status(TaskState::Stopped, None))).as_deref(),
+            Some("exited")
+        );
+        for state in [TaskState::Running, TaskState::Created, TaskState::Paused] {
+            assert_eq!(task_gone(Some(&status(state, None))), None, "{state:?}");
+        }
+    }
+}
