@@ -254,7 +254,7 @@ pub async fn migrate(socket: &Path, bot: String) -> Result<u8, CliError> {
             return Ok(0);
         }
         for sk in &m.skipped {
-            eprintln!("skipped: {sk}");
+            eprintln!("skipped: {sk}: not a regular file, directory or symlink");
         }
         if !m.failures.is_empty() {
             for f in &m.failures {
@@ -266,8 +266,12 @@ pub async fn migrate(socket: &Path, bot: String) -> Result<u8, CliError> {
             )));
         }
         println!(
-            "{bot}: migrated {} entries, {} bytes, {} symlinks; source renamed: {}",
-            m.entries, m.bytes, m.symlinks, m.renamed
+            "{bot}: migrated {} entries, {} bytes, {} symlinks, {} skipped; source renamed: {}",
+            m.entries,
+            m.bytes,
+            m.symlinks,
+            m.skipped.len(),
+            m.renamed
         );
         return Ok(0);
     }
@@ -507,17 +511,25 @@ pub async fn exec(
             .join(" ")
     };
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(8);
-    // stdin goes through as it comes; EOF closes the command's stdin.
+    let (stdin_failed, mut stdin_error) = tokio::sync::oneshot::channel::<String>();
+    // stdin goes through as it comes; EOF closes the command's stdin. A read error is not an
+    // EOF: the call is cancelled (the bot kills the command) and the error reported.
     tokio::spawn(async move {
         let mut stdin = tokio::io::stdin();
         let mut buf = vec![0u8; 64 * 1024];
         loop {
             match stdin.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
+                Ok(0) => return,
                 Ok(n) => {
                     if tx.send(Bytes::copy_from_slice(&buf[..n])).await.is_err() {
                         return;
                     }
+                }
+                Err(e) => {
+                    let _ = stdin_failed.send(e.to_string());
+                    // Held open until the call is gone: its end must not look like an EOF.
+                    tx.closed().await;
+                    return;
                 }
             }
         }
@@ -528,13 +540,36 @@ pub async fn exec(
         timeout_seconds: timeout,
         ..Default::default()
     };
+    let limit = if timeout > 0 {
+        std::time::Duration::from_secs(timeout as u64)
+    } else {
+        memoh_proto::limits::DEFAULT_EXEC_TIMEOUT
+    };
+    let started = std::time::Instant::now();
     let mut out = client
         .exec(first, tokio_stream::wrappers::ReceiverStream::new(rx))
         .await
         .map_err(|s| status_err(socket, s))?;
     let mut stdout = tokio::io::stdout();
     let mut stderr = tokio::io::stderr();
-    while let Some(m) = out.message().await.map_err(|s| status_err(socket, s))? {
+    let mut stdin_settled = false;
+    loop {
+        let m = tokio::select! {
+            m = out.message() => m.map_err(|s| status_err(socket, s))?,
+            r = &mut stdin_error, if !stdin_settled => {
+                match r {
+                    Ok(e) => {
+                        return Err(CliError::new(format!(
+                            "reading stdin failed ({e}); the command was cancelled"
+                        )));
+                    }
+                    // stdin ended (EOF) or the output ended first: nothing to report.
+                    Err(_) => stdin_settled = true,
+                }
+                continue;
+            }
+        };
+        let Some(m) = m else { break };
         match OutKind::try_from(m.stream) {
             Ok(OutKind::Stdout) => {
                 let _ = stdout.write_all(&m.data).await;
@@ -546,7 +581,19 @@ pub async fn exec(
             }
             Ok(OutKind::Exit) => {
                 let code = m.exit_code;
-                return Ok(if code < 0 { 137 } else { (code & 0xff) as u8 });
+                if code >= 0 {
+                    return Ok((code & 0xff) as u8);
+                }
+                // -1: a signal ended the command, the timeout's kill among them. The exit code
+                // is 137 either way (128 + SIGKILL, as a shell reports a killed command); the
+                // line on stderr says which.
+                let _ = stdout.flush().await;
+                if started.elapsed() + std::time::Duration::from_millis(500) >= limit {
+                    eprintln!("memoh-agent: exec: timed out after {} s", limit.as_secs());
+                } else {
+                    eprintln!("memoh-agent: exec: the command was killed by a signal");
+                }
+                return Ok(137);
             }
             Err(_) => {}
         }

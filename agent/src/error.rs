@@ -19,9 +19,16 @@ pub enum AgentError {
     /// No such bot.
     #[error("unknown bot {0:?}")]
     UnknownBot(String),
-    /// The bot already exists.
-    #[error("bot {0:?} already exists")]
-    BotExists(String),
+    /// A create of a bot that exists with another spec (today: another image).
+    #[error("bot {bot:?} already exists with image {have}, not {want}")]
+    BotConflict {
+        /// The bot.
+        bot: String,
+        /// The image it has.
+        have: String,
+        /// The image the create asked for.
+        want: String,
+    },
     /// The bot exists but is not running or not reachable.
     #[error("bot {bot:?} is unavailable: {reason}")]
     BotUnavailable {
@@ -140,7 +147,7 @@ impl From<AgentError> for tonic::Status {
             AgentError::Config { .. } => Code::FailedPrecondition,
             AgentError::InvalidBotId(_) => Code::InvalidArgument,
             AgentError::UnknownBot(_) => Code::NotFound,
-            AgentError::BotExists(_) => Code::AlreadyExists,
+            AgentError::BotConflict { .. } => Code::AlreadyExists,
             AgentError::BotUnavailable { .. } => Code::Unavailable,
             AgentError::ContainerdUnreachable { .. } => Code::Unavailable,
             AgentError::Containerd { status, .. } => match status.code() {
@@ -169,15 +176,32 @@ mod tests {
     use super::*;
     use tonic::Code;
 
+    /// One case per variant (the match above is exhaustive; this pins each code), and for the
+    /// pass-through variants one case per kind of inner status.
     #[test]
     fn codes() {
+        let io = || std::io::Error::from(std::io::ErrorKind::PermissionDenied);
         let cases: Vec<(AgentError, Code)> = vec![
+            (
+                AgentError::Config {
+                    path: "/etc/memoh/agent.toml".into(),
+                    reason: "bad".into(),
+                },
+                Code::FailedPrecondition,
+            ),
             (
                 AgentError::InvalidBotId("a b".into()),
                 Code::InvalidArgument,
             ),
             (AgentError::UnknownBot("x".into()), Code::NotFound),
-            (AgentError::BotExists("x".into()), Code::AlreadyExists),
+            (
+                AgentError::BotConflict {
+                    bot: "x".into(),
+                    have: "a".into(),
+                    want: "b".into(),
+                },
+                Code::AlreadyExists,
+            ),
             (
                 AgentError::BotUnavailable {
                     bot: "x".into(),
@@ -185,8 +209,51 @@ mod tests {
                 },
                 Code::Unavailable,
             ),
+            (
+                AgentError::ContainerdUnreachable {
+                    socket: "/run/containerd/containerd.sock".into(),
+                    reason: "refused".into(),
+                },
+                Code::Unavailable,
+            ),
+            (
+                AgentError::containerd("get", tonic::Status::not_found("nope")),
+                Code::NotFound,
+            ),
+            (
+                AgentError::containerd("create", tonic::Status::already_exists("dup")),
+                Code::AlreadyExists,
+            ),
+            (
+                AgentError::containerd("list", tonic::Status::unavailable("down")),
+                Code::Unavailable,
+            ),
+            (
+                AgentError::containerd("commit", tonic::Status::failed_precondition("x")),
+                Code::Internal,
+            ),
+            (
+                AgentError::InvalidImageRef {
+                    reference: "A".into(),
+                    reason: "uppercase".into(),
+                },
+                Code::InvalidArgument,
+            ),
             (AgentError::ImageNotFound("x".into()), Code::NotFound),
-            (AgentError::Timeout("x".into()), Code::DeadlineExceeded),
+            (
+                AgentError::Image {
+                    reference: "x".into(),
+                    reason: "bad layer".into(),
+                },
+                Code::Internal,
+            ),
+            (
+                AgentError::Network {
+                    op: "cni add".into(),
+                    reason: "no".into(),
+                },
+                Code::Internal,
+            ),
             (
                 AgentError::CniPlugin {
                     plugin: "bridge".into(),
@@ -198,12 +265,29 @@ mod tests {
                 Code::Internal,
             ),
             (
-                AgentError::containerd("get", tonic::Status::not_found("nope")),
-                Code::NotFound,
+                AgentError::Bot {
+                    bot: "x".into(),
+                    status: tonic::Status::permission_denied("no"),
+                },
+                Code::PermissionDenied,
             ),
+            (AgentError::io("/x", io()), Code::Internal),
+            (
+                AgentError::InvalidArgument("x".into()),
+                Code::InvalidArgument,
+            ),
+            (
+                AgentError::FailedPrecondition("x".into()),
+                Code::FailedPrecondition,
+            ),
+            (AgentError::Timeout("x".into()), Code::DeadlineExceeded),
         ];
         for (e, code) in cases {
-            assert_eq!(tonic::Status::from(e).code(), code);
+            let msg = e.to_string();
+            let s = tonic::Status::from(e);
+            assert_eq!(s.code(), code, "{msg}");
+            assert_eq!(s.message(), msg);
+            assert!(!msg.is_empty());
         }
     }
 }

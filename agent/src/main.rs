@@ -48,7 +48,9 @@ enum Cmd {
         /// Working directory inside the bot (default /data).
         #[arg(long, short = 'w')]
         workdir: Option<String>,
-        /// Seconds before the command's process group is killed (0: the server's default).
+        /// Seconds before the command's process group is killed (0: the server's default,
+        /// 30 s). A command that timed out or was killed by a signal exits 137, with one line
+        /// on stderr saying which.
         #[arg(long, default_value_t = 0)]
         timeout: i32,
         /// The command and its arguments.

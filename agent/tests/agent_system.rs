@@ -243,10 +243,26 @@ fn bad_input_gets_one_line_naming_the_problem() {
     let line = a.fails(&["image", "import", "/nonexistent/image.tar"]);
     assert!(line.contains("/nonexistent/image.tar"), "{line}");
 
-    // A second create of a running bot, and cp without a bot side.
-    let (bot, _) = a.create_bot("dup");
-    let line = a.fails(&["bot", "create", &bot]);
-    assert!(line.contains(&bot) && line.contains("exist"), "{line}");
+    // Create is idempotent: a second create of a running bot with the same image (a retry
+    // after a lost connection) succeeds and prints the bot; another image is a conflict.
+    let (bot, ip) = a.create_bot("dup");
+    let again = a.ok(&["bot", "create", &bot]);
+    assert!(again.contains(&bot) && again.contains(&ip), "{again}");
+    let line = a.fails(&["bot", "create", &bot, "--image", missing]);
+    assert!(
+        line.contains(&bot) && line.contains("already exists with image") && line.contains(missing),
+        "{line}"
+    );
+    // A command that times out exits 137 and says so in one line.
+    let out = a.cli(&["exec", &bot, "--timeout", "1", "--", "sleep", "5"]);
+    assert_eq!(out.status.code(), Some(137), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        err.trim(),
+        "memoh-agent: exec: timed out after 1 s",
+        "{err}"
+    );
+    // cp without a bot side.
     let line = a.fails(&["cp", "/etc/hostname", "/tmp/x"]);
     assert!(line.contains("BOT:PATH"), "{line}");
     let line = a.fails(&["cp", &format!("{bot}:/data/none"), "/tmp/x"]);

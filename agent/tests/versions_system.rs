@@ -672,8 +672,27 @@ fn migration_of_legacy_data() {
     std::fs::rename(&done, &src).unwrap();
     let out = a.ok(&["migrate", &bot]);
     assert!(out.contains("already migrated"), "{out}");
+    assert!(out.contains("source renamed: true"), "{out}");
     assert_eq!(a.sh_in(&bot, "cat /data/old.txt"), "changed\n");
     assert!(done.is_dir() && !src.exists());
+
+    // A legacy directory that is itself a symlink is refused, not followed: nothing of where
+    // it points reaches the bot, and the operator gets one line saying why.
+    let linked = a.bot_id("migln");
+    let elsewhere = a.dir.path().join("elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    std::fs::write(elsewhere.join("stolen.txt"), "host data\n").unwrap();
+    let link = a.data_root().join("bots").join(&linked);
+    std::os::unix::fs::symlink(&elsewhere, &link).unwrap();
+    a.create_bot("migln");
+    let why = a.fails(&["migrate", &linked]);
+    assert!(why.contains("symlink"), "{why}");
+    assert_eq!(
+        a.sh_in(&linked, "ls -A /data | grep -c stolen || true"),
+        "0\n",
+        "the symlinked legacy data reached the bot"
+    );
+    assert!(link.is_symlink() && elsewhere.join("stolen.txt").is_file());
 
     // Last, so that everything above is checked too.
     assert!(problems.is_empty(), "migrated tree differs:\n{problems:#?}");

@@ -29,7 +29,8 @@ pub(super) fn new_token() -> Result<String, AgentError> {
 impl Manager {
     /// Creates the bot's container from `image` (the configured default when `None`) and starts
     /// it; returns once its server answers. A leftover container or snapshot of the bot is
-    /// reused, never discarded: a stopped one is started, a running one is an error.
+    /// reused, never discarded: a stopped one is started, a running one with the same image is
+    /// the answer (create is idempotent), one with another image is [`AgentError::BotConflict`].
     pub async fn create(&self, bot: &str, image: Option<&str>) -> Result<BotInfo, AgentError> {
         ids::validate(bot)?;
         let _g = self.lock_bot(bot).await;
@@ -45,20 +46,35 @@ impl Manager {
             info!(bot, "finishing an interrupted delete before create");
             self.delete_locked(bot, &c, keep_versions).await?;
         }
+        let image = image
+            .filter(|s| !s.is_empty())
+            .unwrap_or(&self.cfg.image)
+            .to_string();
         if let Some(c) = existing {
+            // Create is idempotent: a retry after a lost connection (the first create may have
+            // finished after the caller gave up) finds the bot as asked and succeeds. A bot of
+            // that id with another image is a conflict, never silently replaced.
+            let want = crate::containerd::reference::normalize_image_ref(&image)?;
+            if let Some(have) = c.labels.get(LABEL_IMAGE).filter(|have| **have != want) {
+                return Err(AgentError::BotConflict {
+                    bot: bot.to_string(),
+                    have: have.clone(),
+                    want,
+                });
+            }
             let st = self.rt.task_status(&cid).await?;
             if st.as_ref().is_some_and(|s| s.state == TaskState::Running) {
-                return Err(AgentError::BotExists(bot.to_string()));
+                info!(
+                    bot,
+                    "create of a running bot with the same image: nothing to do"
+                );
+                return self.info(bot).await;
             }
             info!(bot, "container exists without a running task; starting it");
             self.set_desired(bot, "running").await?;
             self.start_locked(bot, &c).await?;
             return self.info(bot).await;
         }
-        let image = image
-            .filter(|s| !s.is_empty())
-            .unwrap_or(&self.cfg.image)
-            .to_string();
         let resolved = self.rt.ensure_unpacked(&image).await?;
         // The bot label finds the snapshot again after a crash; gc.root keeps containerd's
         // collector off it while no container references it (mid-create or mid-cycle).

@@ -75,6 +75,49 @@ pub fn legacy_dir(data_root: &Path, bot: &str) -> PathBuf {
     data_root.join("bots").join(bot)
 }
 
+/// The bot's legacy data directory, if it has one. A symlink in its place is refused: the walk
+/// never follows a link, and its root is no exception (a link there would copy whatever it
+/// points at on the host into the bot).
+pub fn legacy_source(data_root: &Path, bot: &str) -> Result<Option<PathBuf>, AgentError> {
+    let p = legacy_dir(data_root, bot);
+    match std::fs::symlink_metadata(&p) {
+        Ok(md) if md.file_type().is_symlink() => Err(AgentError::FailedPrecondition(format!(
+            "legacy data {} is a symlink; refusing to follow it (put the data itself there)",
+            p.display()
+        ))),
+        Ok(md) if md.is_dir() => Ok(Some(p)),
+        Ok(_) => Err(AgentError::FailedPrecondition(format!(
+            "legacy data {} is not a directory",
+            p.display()
+        ))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(AgentError::io(&p, e)),
+    }
+}
+
+/// Where a migrated source goes.
+fn migrated_path(src: &Path) -> PathBuf {
+    let mut dest = src.as_os_str().to_owned();
+    dest.push(MIGRATED_SUFFIX);
+    PathBuf::from(dest)
+}
+
+/// What kind of special file the walk skips, for the operator.
+fn special_kind(ft: &std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if ft.is_fifo() {
+        "fifo"
+    } else if ft.is_socket() {
+        "socket"
+    } else if ft.is_block_device() {
+        "block device"
+    } else if ft.is_char_device() {
+        "character device"
+    } else {
+        "special file"
+    }
+}
+
 /// Sends chunks of the archive into a channel, from the blocking walker thread.
 struct ChunkWriter {
     tx: mpsc::Sender<Bytes>,
@@ -203,8 +246,9 @@ fn build_archive(src: &Path, out: ChunkWriter) -> Walked {
                 }
             }
         } else {
-            warn!(path = %rel, "skipping special file in legacy data");
-            skipped.push(rel);
+            let kind = special_kind(&ft);
+            warn!(path = %rel, kind, "skipping special file in legacy data");
+            skipped.push(format!("{rel} ({kind})"));
             continue;
         };
         if let Err(e) = r {
@@ -258,9 +302,10 @@ fn total_size(src: &Path) -> u64 {
 }
 
 impl Manager {
-    /// Whether the bot has legacy data still to migrate.
+    /// Whether the bot has legacy data still to migrate (a symlink in its place counts, so
+    /// that the migration runs and refuses it with its reason).
     pub fn has_legacy_data(&self, bot: &str) -> bool {
-        legacy_dir(&self.config().data_root, bot).is_dir()
+        !matches!(legacy_source(&self.config().data_root, bot), Ok(None))
     }
 
     /// Migrates the bot's legacy data (see the module docs). Holds the bot's lock throughout.
@@ -270,22 +315,28 @@ impl Manager {
         progress: &(dyn Fn(MigrationProgress) + Send + Sync),
     ) -> Result<MigrationReport, AgentError> {
         crate::ids::validate(bot)?;
-        let src = legacy_dir(&self.config().data_root, bot);
-        if !src.is_dir() {
-            return Err(AgentError::FailedPrecondition(format!(
+        let dir = legacy_dir(&self.config().data_root, bot);
+        let no_data = || {
+            AgentError::FailedPrecondition(format!(
                 "bot {bot:?} has no legacy data at {}",
-                src.display()
-            )));
-        }
+                dir.display()
+            ))
+        };
+        let src = legacy_source(&self.config().data_root, bot)?.ok_or_else(no_data)?;
         let _g = self.lock_bot(bot).await;
         let mut report = MigrationReport::default();
         let client = self.client(bot).await?;
         if client.stat(MARKER).await.is_ok() {
-            // Completed before; never copy again over what the bot changed since.
+            // Completed before; never copy again over what the bot changed since. The rename
+            // may have happened meanwhile (a background migration held the lock): then the
+            // source is renamed all the same.
             report.already_done = true;
-            report.renamed = rename_source(&src).await.is_ok();
+            report.renamed = rename_source(&src).await.is_ok()
+                || (!src.exists() && migrated_path(&src).exists());
             return Ok(report);
         }
+        // Checked again under the lock: what was checked before may have changed.
+        let src = legacy_source(&self.config().data_root, bot)?.ok_or_else(no_data)?;
 
         progress(MigrationProgress {
             phase: "snapshot".into(),
@@ -460,9 +511,7 @@ impl Manager {
 }
 
 async fn rename_source(src: &Path) -> Result<(), AgentError> {
-    let mut dest = src.as_os_str().to_owned();
-    dest.push(MIGRATED_SUFFIX);
-    tokio::fs::rename(src, &dest)
+    tokio::fs::rename(src, migrated_path(src))
         .await
         .map_err(|e| AgentError::io(src, e))
 }
@@ -521,5 +570,48 @@ mod tests {
                     .windows(passwd.len().min(16))
                     .any(|w| w == &passwd[..passwd.len().min(16)])
         );
+    }
+
+    #[test]
+    fn special_files_are_skipped_and_named_with_their_kind() {
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("src");
+        std::fs::create_dir_all(&src).unwrap();
+        std::fs::write(src.join("f"), b"x").unwrap();
+        nix::unistd::mkfifo(
+            &src.join("pipe"),
+            nix::sys::stat::Mode::from_bits_truncate(0o644),
+        )
+        .unwrap();
+        let _sock = std::os::unix::net::UnixListener::bind(src.join("sock")).unwrap();
+        let (tx, _rx) = mpsc::channel(1024);
+        let w = ChunkWriter {
+            tx,
+            buf: Vec::new(),
+            sent: Default::default(),
+        };
+        let s = src.clone();
+        let (expect, failures, skipped, _, _) = std::thread::spawn(move || build_archive(&s, w))
+            .join()
+            .unwrap();
+        assert!(failures.is_empty(), "{failures:?}");
+        assert_eq!(skipped, ["pipe (fifo)", "sock (socket)"]);
+        assert_eq!(expect.len(), 1);
+    }
+
+    #[test]
+    fn a_legacy_root_that_is_a_symlink_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path();
+        std::fs::create_dir_all(root.join("bots")).unwrap();
+        assert!(legacy_source(root, "a").unwrap().is_none());
+        std::fs::create_dir_all(root.join("bots/a")).unwrap();
+        assert_eq!(legacy_source(root, "a").unwrap(), Some(root.join("bots/a")));
+        std::fs::create_dir_all(root.join("elsewhere")).unwrap();
+        std::os::unix::fs::symlink(root.join("elsewhere"), root.join("bots/b")).unwrap();
+        let e = legacy_source(root, "b").unwrap_err().to_string();
+        assert!(e.contains("symlink") && e.contains("bots/b"), "{e}");
+        std::fs::write(root.join("bots/c"), b"file").unwrap();
+        assert!(legacy_source(root, "c").is_err());
     }
 }
