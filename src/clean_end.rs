@@ -5,17 +5,23 @@
 //!
 //! Handlers commit uploads (WriteRaw) and close a child's stdin (Exec) when their request
 //! stream ends. What the handler is told depends on how the client ended the stream, and on
-//! the stack below it. What the clients send, at the HTTP/2 frame level:
+//! the stack below it. What the clients send, at the HTTP/2 frame level (grpcio 1.85 and the
+//! tonic/hyper client observed on the wire by the foreign-client tier, `tests/wire/test_aborts.py`
+//! and `tests/server_raw.rs`; grpc-go from its transport's source):
 //!
-//! | client ending                         | grpcio (C-core)          | grpc-go                  | tonic / hyper client        |
-//! |---------------------------------------|--------------------------|--------------------------|-----------------------------|
-//! | clean half-close                      | DATA END_STREAM          | DATA END_STREAM          | DATA END_STREAM             |
-//! | cancel (future/ctx/drop)              | RST_STREAM CANCEL        | RST_STREAM CANCEL        | RST_STREAM CANCEL           |
-//! | deadline                              | RST_STREAM CANCEL        | RST_STREAM CANCEL        | RST_STREAM CANCEL           |
-//! | channel closed mid-call               | RST_STREAM CANCEL, GOAWAY, close | RST_STREAM CANCEL, GOAWAY, close | GOAWAY, close  |
-//! | process killed / link lost            | TCP FIN or RST           | TCP FIN or RST           | TCP FIN or RST              |
+//! | client ending          | grpcio (C-core)                   | grpc-go                   | tonic / hyper client |
+//! |------------------------|-----------------------------------|---------------------------|----------------------|
+//! | clean half-close       | DATA with END_STREAM              | DATA with END_STREAM      | DATA with END_STREAM |
+//! | cancel                 | RST_STREAM CANCEL, connection kept| RST_STREAM CANCEL         | RST_STREAM CANCEL (call dropped) |
+//! | deadline               | `grpc-timeout` sent, then RST_STREAM CANCEL, never END_STREAM | RST_STREAM CANCEL | `grpc-timeout`; RST_STREAM CANCEL |
+//! | channel closed mid-call| RST_STREAM CANCEL, then TCP close (no GOAWAY) | connection closed | connection closed |
+//! | process killed, link lost | TCP FIN or RST                 | TCP FIN or RST            | TCP FIN or RST       |
 //!
-//! and what hyper 1.x and tonic 0.14 hand the handler's `Streaming` for each:
+//! A raw HTTP/2 client (the tier's `h2` one) adds RST_STREAM NO_ERROR and GOAWAY then close.
+//! The server's own `grpc-timeout` enforcement (tonic's) may fire first and answer CANCELLED;
+//! either way the call is over before a clean end.
+//!
+//! What hyper 1.x and tonic 0.14 then hand the handler's `Streaming`, for each:
 //!
 //! - END_STREAM: `Ok(None)`, the clean end.
 //! - RST_STREAM NO_ERROR: hyper's `Incoming` returns end of body (RFC 9113 8.1 lets a server

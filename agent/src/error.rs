@@ -114,6 +114,9 @@ pub enum AgentError {
     /// A request that is malformed in another way.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// Something a request names that does not exist (other than a bot or an image).
+    #[error("{0}")]
+    NotFound(String),
     /// The operation cannot run in the bot's current state.
     #[error("{0}")]
     FailedPrecondition(String),
@@ -140,10 +143,12 @@ impl AgentError {
     }
 }
 
-impl From<AgentError> for tonic::Status {
-    fn from(e: AgentError) -> Self {
+impl AgentError {
+    /// The gRPC code of this error: the one mapping, exhaustive over the variants (a new
+    /// variant must choose its code).
+    pub fn code(&self) -> tonic::Code {
         use tonic::Code;
-        let code = match &e {
+        match self {
             AgentError::Config { .. } => Code::FailedPrecondition,
             AgentError::InvalidBotId(_) => Code::InvalidArgument,
             AgentError::UnknownBot(_) => Code::NotFound,
@@ -164,10 +169,41 @@ impl From<AgentError> for tonic::Status {
             AgentError::Bot { status, .. } => status.code(),
             AgentError::Io { .. } => Code::Internal,
             AgentError::InvalidArgument(_) => Code::InvalidArgument,
+            AgentError::NotFound(_) => Code::NotFound,
             AgentError::FailedPrecondition(_) => Code::FailedPrecondition,
             AgentError::Timeout(_) => Code::DeadlineExceeded,
-        };
-        tonic::Status::new(code, e.to_string())
+        }
+    }
+
+    /// The HTTP status of this error, for the MCP listener: derived from [`AgentError::code`]
+    /// by [`http_status_of`], so both sides of the agent answer alike.
+    pub fn http_status(&self) -> u16 {
+        http_status_of(self.code())
+    }
+}
+
+/// The HTTP status of a gRPC code (the usual mapping of gRPC codes onto HTTP).
+pub fn http_status_of(code: tonic::Code) -> u16 {
+    use tonic::Code;
+    match code {
+        Code::Ok => 200,
+        Code::Cancelled => 499,
+        Code::Unknown | Code::Internal | Code::DataLoss => 500,
+        Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => 400,
+        Code::DeadlineExceeded => 504,
+        Code::NotFound => 404,
+        Code::AlreadyExists | Code::Aborted => 409,
+        Code::PermissionDenied => 403,
+        Code::ResourceExhausted => 429,
+        Code::Unimplemented => 501,
+        Code::Unavailable => 503,
+        Code::Unauthenticated => 401,
+    }
+}
+
+impl From<AgentError> for tonic::Status {
+    fn from(e: AgentError) -> Self {
+        tonic::Status::new(e.code(), e.to_string())
     }
 }
 
@@ -276,6 +312,7 @@ mod tests {
                 AgentError::InvalidArgument("x".into()),
                 Code::InvalidArgument,
             ),
+            (AgentError::NotFound("x".into()), Code::NotFound),
             (
                 AgentError::FailedPrecondition("x".into()),
                 Code::FailedPrecondition,
@@ -289,5 +326,33 @@ mod tests {
             assert_eq!(s.message(), msg);
             assert!(!msg.is_empty());
         }
+    }
+
+    #[test]
+    fn http_statuses_follow_the_grpc_codes() {
+        use tonic::Code;
+        let cases = [
+            (Code::Ok, 200),
+            (Code::Cancelled, 499),
+            (Code::Unknown, 500),
+            (Code::InvalidArgument, 400),
+            (Code::DeadlineExceeded, 504),
+            (Code::NotFound, 404),
+            (Code::AlreadyExists, 409),
+            (Code::PermissionDenied, 403),
+            (Code::ResourceExhausted, 429),
+            (Code::FailedPrecondition, 400),
+            (Code::Aborted, 409),
+            (Code::OutOfRange, 400),
+            (Code::Unimplemented, 501),
+            (Code::Internal, 500),
+            (Code::Unavailable, 503),
+            (Code::DataLoss, 500),
+            (Code::Unauthenticated, 401),
+        ];
+        for (code, http) in cases {
+            assert_eq!(http_status_of(code), http, "{code:?}");
+        }
+        assert_eq!(AgentError::UnknownBot("x".into()).http_status(), 404);
     }
 }

@@ -61,7 +61,6 @@ class Target:
         self.authority = authority
         self.md = metadata
         self.data_dir = data_dir
-        self.own_channel = channel is None
         self.channel = channel or self.new_channel()
         self.stub = pb_grpc.ContainerServiceStub(self.channel)
 
@@ -449,9 +448,9 @@ def test_writeraw_h2_rst_stream_cancel_keeps_old_file(t, d):
 
 
 def test_writeraw_h2_rst_stream_no_error_keeps_old_file(t, d):
-    """RST_STREAM(NO_ERROR) mid-body without END_STREAM, connection kept open: what an HTTP/2
-    stack sends to stop a stream it no longer needs (e.g. hyper after the response arrived).
-    hyper hands it to the server as a clean end of the body."""
+    """RST_STREAM(NO_ERROR) mid-body without END_STREAM, connection kept open (raw h2 client):
+    a peer stopping a stream it no longer needs, as RFC 9113 lets it. hyper used to hand it to
+    the server as a clean end of the body."""
     raw_upload_ending_badly(t, d, "rst_no_error")
 
 

@@ -248,7 +248,7 @@ impl Mcp {
         let client = self.source.client(bot).await?;
         let specs = registry::load(&client, bot).await?;
         if !specs.iter().any(|s| s.name == name) {
-            return Err(AgentError::InvalidArgument(format!(
+            return Err(AgentError::NotFound(format!(
                 "bot {bot:?} has no mcp server named {name:?}"
             )));
         }
@@ -377,12 +377,14 @@ fn constant_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// An error as an HTTP answer, through the agent's one error mapping. A bot id that cannot
+/// be valid names no resource: 404, as an unknown bot.
 fn error_response(e: &AgentError) -> Response {
-    let code = match e {
-        AgentError::InvalidBotId(_) | AgentError::InvalidArgument(_) => StatusCode::NOT_FOUND,
-        AgentError::UnknownBot(_) => StatusCode::NOT_FOUND,
-        _ => StatusCode::SERVICE_UNAVAILABLE,
+    let http = match e {
+        AgentError::InvalidBotId(_) => 404,
+        e => e.http_status(),
     };
+    let code = StatusCode::from_u16(http).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     (code, format!("{e}\n")).into_response()
 }
 

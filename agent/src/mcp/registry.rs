@@ -151,7 +151,7 @@ pub async fn remove(client: &ContainerClient, bot: &str, name: &str) -> Result<(
     let before = servers.len();
     servers.retain(|s| s.name != name);
     if servers.len() == before {
-        return Err(AgentError::InvalidArgument(format!(
+        return Err(AgentError::NotFound(format!(
             "bot {bot:?} has no mcp server named {name:?}"
         )));
     }
