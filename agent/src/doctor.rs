@@ -417,7 +417,8 @@ fn task_bundles(
         "task bundles",
         Status::Problem,
         format!(
-            "{} half-deleted by a killed containerd in {}: {} cannot start until removed",
+            "{} half-deleted by a killed containerd in {}: {} cannot start until removed (the \
+             agent removes its bots' ones at their next start)",
             stale.join(", "),
             dir.display(),
             if bots.is_empty() {

@@ -144,6 +144,7 @@ pub struct Metrics {
     cni_retries: AtomicU64,
     cni_errors: AtomicU64,
     lost_states: AtomicU64,
+    stale_bundles: AtomicU64,
     evictions: [AtomicU64; 3],
     rpc: Family,
     tools: Family,
@@ -180,6 +181,7 @@ impl Default for Metrics {
             cni_retries: AtomicU64::new(0),
             cni_errors: AtomicU64::new(0),
             lost_states: AtomicU64::new(0),
+            stale_bundles: AtomicU64::new(0),
             evictions: Default::default(),
             rpc: Family::new(LATENCY_BUCKETS),
             tools: Family::new(LATENCY_BUCKETS),
@@ -213,6 +215,11 @@ impl Metrics {
     /// containerd lost a bot's state mid-commit; recovery put the bot back on an older one.
     pub fn lost_state(&self) {
         self.lost_states.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A task bundle a killed containerd left half-deleted was removed before a start.
+    pub fn stale_bundle_removed(&self) {
+        self.stale_bundles.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The pool dropped a channel.
@@ -287,6 +294,13 @@ impl Metrics {
             "Bots whose state containerd lost in a snapshot commit it was killed in; each went \
              back to its last version.",
             &self.lost_states,
+        );
+        counter(
+            &mut out,
+            "memoh_stale_bundles_removed_total",
+            "Task bundles a killed containerd left half-deleted, removed by the agent before \
+             starting their bot (the bot could not start until then).",
+            &self.stale_bundles,
         );
         let _ = writeln!(
             out,

@@ -821,3 +821,41 @@ fn a_flushed_nat_table_gets_its_masquerade_back() {
         assert!(a.leftovers(b).is_empty(), "{:?}", a.leftovers(b));
     }
 }
+
+/// A task bundle that a killed containerd left half-deleted (`.mcp-BOT` beside `mcp-BOT`, see
+/// `memoh_agent::bots::bundles`) used to block its bot for good ("file exists" on every task
+/// create) until an operator removed it. The agent removes it itself before the start.
+#[test]
+fn a_half_deleted_task_bundle_does_not_block_the_bot() {
+    let Some(env) = Env::get(false) else { return };
+    // The private containerd keeps its state beside its socket (scripts/test-env.sh).
+    let state = env.sock.parent().unwrap().join("containerd");
+    let mut a = TestAgent::new(
+        &env,
+        &format!("containerd_state = {:?}", state.display().to_string()),
+    );
+    a.serve();
+    a.ok(&["image", "import", &env.tar.display().to_string()]);
+    let (bot, _) = a.create_bot("bundle");
+    a.sh_in(&bot, "echo kept > /data/kept.txt");
+    a.ok(&["bot", "stop", &bot]);
+    let dir = state
+        .join("io.containerd.runtime.v2.task")
+        .join(&a.namespace);
+    let cid = format!("mcp-{bot}");
+    // What containerd killed between its rename and its removal leaves behind.
+    for d in [dir.join(&cid), dir.join(format!(".{cid}"))] {
+        std::fs::create_dir_all(d.join("rootfs")).unwrap();
+        std::fs::write(d.join("config.json"), "{}").unwrap();
+    }
+    a.ok(&["bot", "start", &bot]);
+    assert!(
+        !dir.join(format!(".{cid}")).exists(),
+        "the half-deleted bundle is still there"
+    );
+    assert_eq!(a.sh_in(&bot, "cat /data/kept.txt"), "kept\n");
+    assert!(
+        a.log_tail(200).contains("half-deleted"),
+        "no log line about the removal"
+    );
+}

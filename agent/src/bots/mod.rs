@@ -11,6 +11,7 @@
 //! - `mod.rs` (this file): the [`Manager`], its state and what every part reads (records,
 //!   locks, routes, listings);
 //! - [`create`]: create (and its undo) and delete;
+//! - [`bundles`]: task bundles a killed containerd left half-deleted, removed before a start;
 //! - [`run`]: start, stop, attaching the network, waiting for the server;
 //! - [`route`]: the pooled client of a bot and what a failed call triggers;
 //! - [`watch`]: reconcile, the task and link watchers, crash restarts with backoff;
@@ -20,6 +21,7 @@
 //! - [`images`]: image import, pull and listing for the control API;
 //! - [`fault`]: the test-only fault hook of the cycle.
 
+pub mod bundles;
 pub mod create;
 pub mod fault;
 pub mod images;

@@ -54,6 +54,8 @@ impl Manager {
             }
             None => {}
         }
+        // containerd has no task for it now: a bundle it left half-deleted is garbage.
+        self.clear_stale_bundle(bot, cid).await?;
         let mounts = self.rt.snapshot_mounts(&c.snapshot_key).await?;
         self.net.create_netns(bot).await?;
         let log = ids::log_path(&self.cfg.state_dir, bot);

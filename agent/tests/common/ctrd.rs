@@ -200,14 +200,13 @@ impl PrivateContainerd {
     /// containerd 1.6 deletes a bundle by renaming `state/io.containerd.runtime.v2.task/NS/ID`
     /// to `.ID`, then removing that. Killed in between, it leaves `.ID` behind, and every later
     /// delete of that container's bundle fails to rename ("file exists"), so the bundle stays and
-    /// every later task create fails with "mkdir .../ID: file exists": the container can never
-    /// run again (the same class of failure as moby/moby#50040). An operator removes the hidden
-    /// directory; so does this.
-    pub fn remove_stale_bundles(&self) -> Vec<String> {
-        let mut removed = Vec::new();
+    /// every later task create fails with "mkdir .../ID: file exists" (the same class of failure
+    /// as moby/moby#50040). Lists those half-deleted bundles; the agent removes its own.
+    pub fn stale_bundles(&self) -> Vec<String> {
+        let mut found = Vec::new();
         let tasks = self.path("state/io.containerd.runtime.v2.task");
         let Ok(namespaces) = std::fs::read_dir(&tasks) else {
-            return removed;
+            return found;
         };
         for ns in namespaces.filter_map(Result::ok) {
             let Ok(bundles) = std::fs::read_dir(ns.path()) else {
@@ -215,14 +214,11 @@ impl PrivateContainerd {
             };
             for b in bundles.filter_map(Result::ok) {
                 if b.file_name().to_string_lossy().starts_with('.') && b.path().is_dir() {
-                    unmount_under(&b.path());
-                    if std::fs::remove_dir_all(b.path()).is_ok() {
-                        removed.push(b.path().display().to_string());
-                    }
+                    found.push(b.path().display().to_string());
                 }
             }
         }
-        removed
+        found
     }
 
     /// Runs `ctr -a SOCK -n NS ARGS...`.

@@ -341,8 +341,8 @@ pub struct SoakReport {
     /// (`bot inspect` `lost_state`) with the bot back on the version its state came from; an
     /// unreported one is a ledger mismatch.
     pub lost_states: Vec<String>,
-    /// Half-deleted task bundles a killed containerd left, removed before restarting it (see
-    /// [`PrivateContainerd::remove_stale_bundles`]).
+    /// Half-deleted task bundles a killed containerd left (see
+    /// [`PrivateContainerd::stale_bundles`]); the agent removes those of its bots itself.
     pub stale_bundles: u64,
     /// Bots that stopped answering for good (each also a violation); left out of later
     /// recovery checks so one broken bot does not fail every later fault.
@@ -732,7 +732,13 @@ impl Rig {
         let ns_name = format!("memoh-soak-{t}");
         let netns = NetnsGuard::new(&ns_name);
         let env = ctrd.env(env);
-        let mut a = TestAgent::new(&env, &format!("mcp_listen = {MCP_ADDR:?}"));
+        // The agent removes what a killed containerd half-deleted of its bots' task bundles
+        // itself; it finds them in this containerd's state dir.
+        let state = ctrd.path("state").display().to_string();
+        let mut a = TestAgent::new(
+            &env,
+            &format!("mcp_listen = {MCP_ADDR:?}\ncontainerd_state = {state:?}"),
+        );
         a.netns = Some(ns_name.clone());
         ctrd.import_image(&env, &a.namespace);
         a.serve();
@@ -1907,10 +1913,11 @@ fn inject(ctx: &Shared<'_>, rng: &mut Rng, kind: FaultKind) -> Result<(), String
             rec.log("fault: SIGKILL containerd");
             c.kill();
             std::thread::sleep(rng.duration((Duration::from_millis(200), Duration::from_secs(3))));
-            let stale = c.remove_stale_bundles();
+            // Counted, not removed: the agent must get past them by itself.
+            let stale = c.stale_bundles();
             if !stale.is_empty() {
                 rec.log(&format!(
-                    "removed {} half-deleted bundle(s) the killed containerd left: {}",
+                    "the killed containerd left {} half-deleted bundle(s): {}",
                     stale.len(),
                     stale.join(" ")
                 ));
