@@ -8,7 +8,6 @@ use std::time::Duration;
 use memoh_proto::pb::agent::agent_service_server::AgentServiceServer;
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
-use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::api::control::Control;
@@ -39,6 +38,9 @@ pub async fn connect_runtime(cfg: &Config, wait: Duration) -> Result<Containerd,
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
+
+/// How long shutdown waits for background tasks (a migration or a restart under way).
+pub const SHUTDOWN_DRAIN: Duration = Duration::from_secs(10);
 
 /// Binds the control socket (mode 0660), replacing a stale socket file.
 pub fn bind_control(cfg: &Config) -> Result<UnixListener, AgentError> {
@@ -116,8 +118,8 @@ pub async fn run(
             "reconcile still running (a bot's start is slow); serving meanwhile"
         );
     }
-    let stop = CancellationToken::new();
-    mgr.spawn_watchers(stop.clone());
+    let stop = mgr.stop_token();
+    mgr.spawn_watchers();
     // MCP is an extra: a busy port must not take the control socket down with it.
     let mcp = match crate::mcp::serve(mgr.clone(), mgr.config(), stop.clone()).await {
         Ok(m) => m,
@@ -154,6 +156,15 @@ pub async fn run(
     let r = router
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await;
-    stop.cancel();
+    // The one shutdown path: the stop token ends the watchers, restarts, checks, migrations
+    // and the MCP server; each is waited for, up to a deadline.
+    info!("stopping background tasks");
+    mgr.shutdown(SHUTDOWN_DRAIN).await;
+    if let Some((_, task)) = mcp {
+        if tokio::time::timeout(SHUTDOWN_DRAIN, task).await.is_err() {
+            warn!(deadline = ?SHUTDOWN_DRAIN, "the mcp server did not stop in time");
+        }
+    }
+    info!("agent stopped");
     r.map_err(|e| AgentError::FailedPrecondition(format!("control server: {e}")))
 }

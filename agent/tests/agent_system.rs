@@ -143,7 +143,20 @@ fn two_bots_from_import_to_delete() {
     assert!(before
         .iter()
         .all(|(_, s, ip)| s == "running" && !ip.is_empty()));
+    let t = Instant::now();
     a.kill(Signal::SIGTERM);
+    // The one shutdown path ran to its end: background tasks drained, well before the 15 s
+    // after which the guard would have used SIGKILL.
+    assert!(
+        t.elapsed() < Duration::from_secs(12),
+        "stopping took {:?}",
+        t.elapsed()
+    );
+    let log = a.log_tail(20);
+    assert!(
+        log.contains("agent stopped"),
+        "no clean stop in the log:\n{log}"
+    );
     a.serve();
     assert_eq!(ips_of(&a), before);
     assert_eq!(a.sh_in(&b1, "cat /data/only-in-one"), "mine\n");

@@ -38,7 +38,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::OwnedMutexGuard;
-use tracing::info;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::containerd::{label_filter, ContainerInfo, Runtime, TaskState, TaskStatus};
@@ -131,6 +133,11 @@ pub struct Manager {
     /// Bots whose automatic migration already ran in this agent's life (a failed one is only
     /// retried on demand, so a broken source cannot make the bot restart over and over).
     auto_migrated: Mutex<std::collections::HashSet<String>>,
+    /// Every background task of the lifecycle (watchers, restarts, network checks,
+    /// migrations): drained, with a deadline, by [`Manager::shutdown`].
+    tasks: TaskTracker,
+    /// Fired by [`Manager::shutdown`]: every background task ends at its next step.
+    stop: CancellationToken,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -171,7 +178,40 @@ impl Manager {
             health: Mutex::default(),
             me: std::sync::OnceLock::new(),
             auto_migrated: Mutex::default(),
+            tasks: TaskTracker::new(),
+            stop: CancellationToken::new(),
         }
+    }
+
+    /// The token every background task of the agent ends on (MCP's server uses it too).
+    pub fn stop_token(&self) -> CancellationToken {
+        self.stop.clone()
+    }
+
+    /// Runs `fut` as a background task of the lifecycle: tracked, so shutdown waits for it.
+    pub(super) fn spawn<F>(&self, fut: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.tasks.spawn(fut);
+    }
+
+    /// The one shutdown path: fires the stop token, then waits up to `deadline` for every
+    /// background task to end. Returns whether all did.
+    pub async fn shutdown(&self, deadline: Duration) -> bool {
+        self.stop.cancel();
+        self.tasks.close();
+        let drained = tokio::time::timeout(deadline, self.tasks.wait())
+            .await
+            .is_ok();
+        if !drained {
+            warn!(
+                left = self.tasks.len(),
+                ?deadline,
+                "background tasks still running at shutdown; leaving them"
+            );
+        }
+        drained
     }
 
     /// Lets the manager start background work of its own (migrations). Call once after

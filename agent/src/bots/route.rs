@@ -104,7 +104,7 @@ impl Manager {
             return;
         };
         let bot = bot.to_string();
-        tokio::spawn(async move {
+        self.spawn(async move {
             if now {
                 // The kernel reports the host end before the bot's end is gone: give it a
                 // moment, or the check can still find the bot's interface up.

@@ -96,11 +96,13 @@ impl Manager {
     }
 
     /// Watches task exits and restarts bots that should be running, with backoff; re-runs
-    /// [`Manager::reconcile`] periodically and after containerd comes back. Ends on `stop`.
-    pub fn spawn_watchers(self: &Arc<Self>, stop: CancellationToken) {
+    /// [`Manager::reconcile`] periodically and after containerd comes back. Ends on
+    /// [`Manager::shutdown`].
+    pub fn spawn_watchers(self: &Arc<Self>) {
+        let stop = self.stop.clone();
         let me = self.clone();
         let s = stop.clone();
-        tokio::spawn(async move {
+        self.spawn(async move {
             loop {
                 let events = tokio::select! {
                     _ = s.cancelled() => return,
@@ -135,9 +137,9 @@ impl Manager {
         });
         let me = self.clone();
         let s = stop.clone();
-        tokio::spawn(async move { me.watch_links(s).await });
+        self.spawn(async move { me.watch_links(s).await });
         let me = self.clone();
-        tokio::spawn(async move {
+        self.spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(15));
             tick.tick().await;
             loop {
@@ -239,8 +241,11 @@ impl Manager {
             d.min(Duration::from_secs(30))
         };
         let me = self.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(delay).await;
+        self.spawn(async move {
+            tokio::select! {
+                _ = me.stop.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
             let _g = me.lock_bot(&bot).await;
             let Ok(Some(c)) = me.rt.get_container(&ids::container_id(&bot)).await else {
                 return;
@@ -278,7 +283,7 @@ impl Manager {
             return;
         };
         let bot = bot.to_string();
-        tokio::spawn(async move {
+        self.spawn(async move {
             info!(bot, "legacy data found; migrating in the background");
             match me.migrate(&bot, &|_| {}).await {
                 Ok(r) if r.failures.is_empty() => {
