@@ -3,11 +3,13 @@
 //! - [`pb`]: code generated from `proto/` (the container service of WIRE.md and the agent's
 //!   control API), plus [`FILE_DESCRIPTOR_SET`] for gRPC server reflection.
 //! - [`limits`]: sizes and defaults both sides must agree on.
+//! - [`auth`]: bearer tokens and their constant-time check.
 //! - [`clean_end`]: the layer that lets a handler see a request stream's end only when the
 //!   client half-closed it (a reset or cancelled call is an error, whatever the client stack).
 //! - [`client`]: the typed client of `mcpcontainer.ContainerService`, with per-call deadlines on
 //!   unary calls, none on streams, and optional bearer-token / bot-routing metadata.
 
+pub mod auth;
 pub mod clean_end;
 pub mod client;
 pub mod limits;

@@ -31,5 +31,6 @@ pub mod mcp;
 pub mod metrics;
 pub mod network;
 pub mod pool;
+mod sync;
 
 pub use error::AgentError;

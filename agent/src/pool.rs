@@ -15,6 +15,7 @@ use memoh_proto::ContainerClient;
 use tracing::debug;
 
 use crate::error::AgentError;
+use crate::sync::lock;
 
 /// Where and how to reach one bot's server.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,7 +51,7 @@ impl Pool {
 
     /// The client for `bot` at `route`, reusing the cached channel when the route is unchanged.
     pub fn client(&self, bot: &str, route: &Route) -> Result<ContainerClient, AgentError> {
-        let mut map = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = lock(&self.entries);
         if let Some(e) = map.get(bot) {
             if &e.route == route {
                 return Ok(e.client.clone());
@@ -86,7 +87,7 @@ impl Pool {
 
     /// Drops the bot's channel.
     pub fn evict(&self, bot: &str) {
-        let mut map = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = lock(&self.entries);
         if map.remove(bot).is_some() {
             debug!(bot, "evicted channel");
             crate::metrics::global().eviction(crate::metrics::Eviction::Explicit);
@@ -96,7 +97,7 @@ impl Pool {
     /// Drops the bot's channel if it still serves `route` (a failed call evicts only the
     /// channel it used, not a newer one).
     pub fn evict_if(&self, bot: &str, route: &Route) {
-        let mut map = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = lock(&self.entries);
         if map.get(bot).is_some_and(|e| &e.route == route) {
             map.remove(bot);
             debug!(bot, "evicted failing channel");
@@ -106,7 +107,7 @@ impl Pool {
 
     /// Number of cached channels.
     pub fn len(&self) -> usize {
-        self.entries.lock().unwrap_or_else(|p| p.into_inner()).len()
+        lock(&self.entries).len()
     }
 
     /// Whether no channel is cached.

@@ -39,17 +39,9 @@ impl Auth {
     /// `None` leaves the service open, as the Go server is.
     pub fn new(token: Option<&str>) -> Self {
         Self {
-            expected: token.map(|t| format!("Bearer {t}").into_bytes()),
+            expected: token.map(|t| memoh_proto::auth::bearer(t).into_bytes()),
         }
     }
-}
-
-/// Compares in time independent of where the first difference is.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 impl tonic::service::Interceptor for Auth {
@@ -58,7 +50,7 @@ impl tonic::service::Interceptor for Auth {
             return Ok(req);
         };
         match req.metadata().get("authorization") {
-            Some(v) if constant_time_eq(v.as_bytes(), expected) => Ok(req),
+            Some(v) if memoh_proto::auth::constant_time_eq(v.as_bytes(), expected) => Ok(req),
             _ => Err(ServerError::Unauthenticated.into()),
         }
     }

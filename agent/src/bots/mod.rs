@@ -140,9 +140,7 @@ pub struct Manager {
     stop: CancellationToken,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+use crate::sync::lock;
 
 fn status_name(s: Option<&TaskStatus>) -> &'static str {
     match s.map(|s| s.state) {

@@ -36,8 +36,8 @@ pub use images::chain_id;
 pub use reference::{normalize_image_ref, ImageRef};
 pub use spec::{build_spec, BindMount, SpecOptions};
 
-/// Label holding the bot id on containers and snapshots.
-pub const LABEL_BOT_ID: &str = "mcp.bot_id";
+/// Label holding the bot id on containers and snapshots (named in one place, [`crate::ids`]).
+pub use crate::ids::LABEL_BOT_ID;
 /// Label that keeps a snapshot or blob from containerd's garbage collector.
 pub const LABEL_GC_ROOT: &str = "containerd.io/gc.root";
 

@@ -36,6 +36,7 @@ use tracing::{info, warn};
 use crate::bots::Manager;
 use crate::config::Config;
 use crate::error::AgentError;
+use crate::sync::lock;
 use bridge::{StdioBridge, ToolsServer};
 use registry::ServerSpec;
 use stdio::{Launcher, Output, Pipe, Session, SessionConfig};
@@ -181,10 +182,6 @@ pub struct ServerListing {
     pub spec: ServerSpec,
     /// The live session's state, when one exists.
     pub status: Option<stdio::SessionStatus>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Mcp {
@@ -348,7 +345,9 @@ impl Mcp {
                                 .get(header::AUTHORIZATION)
                                 .and_then(|v| v.to_str().ok())
                                 .and_then(|v| v.strip_prefix("Bearer "))
-                                .is_some_and(|v| constant_eq(v.as_bytes(), t.as_bytes()));
+                                .is_some_and(|v| {
+                                    memoh_proto::auth::constant_time_eq(v.as_bytes(), t.as_bytes())
+                                });
                             if !ok {
                                 return (
                                     StatusCode::UNAUTHORIZED,
@@ -371,10 +370,6 @@ async fn metrics_route(State(mcp): State<Arc<Mcp>>) -> Response {
     let text = crate::metrics::global().render(mcp.source.bot_states().await.as_ref());
     let ct = "text/plain; version=0.0.4; charset=utf-8";
     ([(header::CONTENT_TYPE, ct)], text).into_response()
-}
-
-fn constant_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// An error as an HTTP answer, through the agent's one error mapping. A bot id that cannot
