@@ -1,0 +1,104 @@
+//! The operator's CLI: a client of the agent's control socket, one file a verb.
+//!
+//! - [`bot`]: the `bot` and `logs` verbs;
+//! - [`versions`]: the `snapshot` and `migrate` verbs;
+//! - [`image`]: the `image` verb;
+//! - [`exec`]: the `exec` and `cp` verbs;
+//! - [`mcp`]: the `mcp` verb.
+
+mod bot;
+mod exec;
+mod image;
+mod mcp;
+mod versions;
+
+pub use bot::{bot, logs, BotCmd};
+pub use exec::{cp, exec};
+pub use image::{image, ImageCmd};
+pub use mcp::{mcp, McpCmd};
+pub use versions::{migrate, snapshot, SnapshotCmd};
+
+use std::path::Path;
+
+use memoh_proto::client::unix_channel;
+use memoh_proto::pb::agent::agent_service_client::AgentServiceClient;
+use memoh_proto::ContainerClient;
+use tonic::transport::Channel;
+
+/// A CLI failure: one line for stderr and the exit code.
+#[derive(Debug)]
+pub struct CliError {
+    /// The line to print.
+    pub message: String,
+    /// The exit code.
+    pub code: u8,
+}
+
+impl CliError {
+    fn new(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            code: 1,
+        }
+    }
+}
+
+/// Turns a status from the agent into one readable line.
+fn status_err(socket: &Path, s: tonic::Status) -> CliError {
+    let msg = s.message();
+    let transport = matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown)
+        && [
+            "transport",
+            "connect",
+            "No such file",
+            "refused",
+            "reset",
+            "broken pipe",
+            "h2 protocol",
+        ]
+        .iter()
+        .any(|w| msg.contains(w));
+    if transport {
+        let first = msg.lines().next().unwrap_or_default();
+        // The call may have failed below gRPC: say whether the agent is gone or only the
+        // connection. A status that came over the wire (no local source) is the agent's own
+        // answer, e.g. about a bot it cannot reach, and is shown as it is.
+        match std::os::unix::net::UnixStream::connect(socket) {
+            Err(e) => {
+                return CliError::new(format!(
+                    "agent not running: cannot connect to {} ({e})",
+                    socket.display()
+                ))
+            }
+            Ok(_) if std::error::Error::source(&s).is_some() => {
+                return CliError::new(format!(
+                    "lost the connection to the agent at {} mid-call ({first})",
+                    socket.display()
+                ))
+            }
+            Ok(_) => {}
+        }
+    }
+    CliError::new(msg.to_string())
+}
+
+async fn control(socket: &Path) -> AgentServiceClient<Channel> {
+    AgentServiceClient::new(unix_channel(socket))
+}
+
+fn bot_client(socket: &Path, bot: &str) -> Result<ContainerClient, CliError> {
+    crate::ids::validate(bot).map_err(|e| CliError::new(e.to_string()))?;
+    ContainerClient::with_auth(unix_channel(socket), None, Some(bot))
+        .map_err(|s| CliError::new(s.message().to_string()))
+}
+
+/// Quotes `s` for `/bin/sh` when it needs it.
+fn shell_quote(s: &str) -> String {
+    if !s.is_empty()
+        && s.bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b"-_./=:,@%+".contains(&c))
+    {
+        return s.to_string();
+    }
+    format!("'{}'", s.replace('\'', "'\\''"))
+}

@@ -1,0 +1,174 @@
+//! `snapshot` (create, ls, rollback, rm) and `migrate`: a bot's versions and its legacy data.
+
+use std::io::IsTerminal;
+use std::path::Path;
+
+use clap::Subcommand;
+use futures::StreamExt;
+use memoh_proto::pb::agent as pb;
+
+use super::{control, status_err, CliError};
+
+/// Snapshot (version) subcommands.
+#[derive(Subcommand, Debug)]
+pub enum SnapshotCmd {
+    /// Commit the bot's current state as a new version (the bot restarts on it).
+    Create {
+        /// Bot id.
+        bot: String,
+        /// Display name.
+        #[arg(long, default_value = "")]
+        name: String,
+    },
+    /// List the bot's versions.
+    Ls {
+        /// Bot id.
+        bot: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the bot on version N (its current state is kept as a new version first).
+    Rollback {
+        /// Bot id.
+        bot: String,
+        /// Version number.
+        version: u64,
+    },
+    /// Remove version N (refused while another version or the bot's state depends on it).
+    Rm {
+        /// Bot id.
+        bot: String,
+        /// Version number.
+        version: u64,
+    },
+}
+
+fn snapshot_json(v: &pb::SnapshotInfo) -> serde_json::Value {
+    serde_json::json!({
+        "version": v.version,
+        "name": v.name,
+        "source": v.source,
+        "created_at": v.created_at,
+        "snapshot": v.snapshot,
+        "current": v.current,
+    })
+}
+
+/// Runs a snapshot subcommand.
+pub async fn snapshot(socket: &Path, cmd: SnapshotCmd) -> Result<u8, CliError> {
+    let mut c = control(socket).await;
+    let e = |s| status_err(socket, s);
+    match cmd {
+        SnapshotCmd::Create { bot, name } => {
+            let v = c
+                .create_snapshot(pb::CreateSnapshotRequest { bot_id: bot, name })
+                .await
+                .map_err(e)?
+                .into_inner();
+            println!("version {} {}", v.version, v.created_at);
+        }
+        SnapshotCmd::Ls { bot, json } => {
+            let vs = c
+                .list_snapshots(pb::BotRef { bot_id: bot })
+                .await
+                .map_err(e)?
+                .into_inner()
+                .snapshots;
+            if json {
+                let v: Vec<_> = vs.iter().map(snapshot_json).collect();
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            } else {
+                println!(
+                    "{:<8} {:<22} {:<14} {:<8} NAME",
+                    "VERSION", "CREATED", "SOURCE", "CURRENT"
+                );
+                for v in vs {
+                    let cur = if v.current { "*" } else { "" };
+                    println!(
+                        "{:<8} {:<22} {:<14} {:<8} {}",
+                        v.version, v.created_at, v.source, cur, v.name
+                    );
+                }
+            }
+        }
+        SnapshotCmd::Rollback { bot, version } => {
+            let v = c
+                .rollback_snapshot(pb::RollbackSnapshotRequest {
+                    bot_id: bot.clone(),
+                    version,
+                })
+                .await
+                .map_err(e)?
+                .into_inner();
+            println!("{bot} now runs on version {}", v.version);
+        }
+        SnapshotCmd::Rm { bot, version } => {
+            c.remove_snapshot(pb::RemoveSnapshotRequest {
+                bot_id: bot.clone(),
+                version,
+            })
+            .await
+            .map_err(e)?;
+            println!("{bot} version {version} removed");
+        }
+    }
+    Ok(0)
+}
+
+/// Copies the bot's legacy data into it, with progress; non-zero exit when anything failed.
+pub async fn migrate(socket: &Path, bot: String) -> Result<u8, CliError> {
+    let mut c = control(socket).await;
+    let mut s = c
+        .migrate(pb::BotRef {
+            bot_id: bot.clone(),
+        })
+        .await
+        .map_err(|s| status_err(socket, s))?
+        .into_inner();
+    let tty = std::io::stderr().is_terminal();
+    while let Some(m) = s.next().await {
+        let m = m.map_err(|s| status_err(socket, s))?;
+        if !m.finished {
+            if tty {
+                eprint!(
+                    "\r{:<10} {:>12} / {:<12} bytes",
+                    m.phase, m.bytes, m.total_bytes
+                );
+            }
+            continue;
+        }
+        if tty {
+            eprintln!();
+        }
+        if m.already_done {
+            println!(
+                "{bot}: already migrated earlier (source renamed: {})",
+                m.renamed
+            );
+            return Ok(0);
+        }
+        for sk in &m.skipped {
+            eprintln!("skipped: {sk}: not a regular file, directory or symlink");
+        }
+        if !m.failures.is_empty() {
+            for f in &m.failures {
+                eprintln!("failed: {f}");
+            }
+            return Err(CliError::new(format!(
+                "migration of {bot} incomplete: {} failures; the source was left in place",
+                m.failures.len()
+            )));
+        }
+        println!(
+            "{bot}: migrated {} entries, {} bytes, {} symlinks, {} skipped; source renamed: {}",
+            m.entries,
+            m.bytes,
+            m.symlinks,
+            m.skipped.len(),
+            m.renamed
+        );
+        return Ok(0);
+    }
+    Err(CliError::new("migration ended without a report"))
+}
