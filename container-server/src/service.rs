@@ -220,6 +220,11 @@ impl ContainerService for Service {
                     Err(s) => {
                         debug!(status = %s.message(), "exec request stream ended badly");
                         abort.cancel();
+                        // Holding the sender keeps the child's stdin open until the driver has
+                        // killed the group (it then drops the feeder, which closes this):
+                        // dropping it now would race the kill with an EOF the child could act
+                        // on.
+                        stdin_tx.closed().await;
                         return;
                     }
                 }
