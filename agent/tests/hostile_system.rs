@@ -19,6 +19,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use common::{random_bytes, Env, TestAgent};
+use memoh_agent::containerd::Runtime;
 
 /// The bounding, permitted and effective set a bot's root gets: CHOWN, DAC_OVERRIDE, FOWNER,
 /// FSETID, KILL, SETGID, SETUID, SETPCAP, NET_BIND_SERVICE, SYS_CHROOT, SETFCAP.
@@ -367,6 +368,67 @@ fn a_hardened_bot_still_does_its_work() {
             "{name} must work in a bot: {answers:?}"
         );
     }
+}
+
+#[test]
+fn a_bot_an_older_agent_created_is_hardened_on_its_next_start() {
+    let Some(env) = Env::get(false) else { return };
+    let mut a = TestAgent::with_image(&env);
+    let (bot, _ip) = a.create_bot("legacy");
+    a.ok(&["bot", "stop", &bot]);
+
+    // Rewrite the record as an agent before the hardening wrote it: containerd's default
+    // capabilities (NET_RAW, MKNOD, AUDIT_WRITE), no_new_privileges off, no seccomp.
+    let cid = format!("mcp-{bot}");
+    common::block_on(async {
+        let rt = a.containerd().await;
+        let c = rt
+            .get_container(&cid)
+            .await
+            .unwrap()
+            .expect("the bot's container");
+        let mut spec = c.spec.expect("a spec");
+        let mut caps: oci_spec::runtime::Capabilities =
+            memoh_agent::containerd::spec::default_capabilities()
+                .into_iter()
+                .collect();
+        for extra in [
+            oci_spec::runtime::Capability::NetRaw,
+            oci_spec::runtime::Capability::Mknod,
+            oci_spec::runtime::Capability::AuditWrite,
+        ] {
+            caps.insert(extra);
+        }
+        let p = spec.process_mut().as_mut().unwrap();
+        p.set_no_new_privileges(Some(false));
+        p.set_capabilities(Some(
+            oci_spec::runtime::LinuxCapabilitiesBuilder::default()
+                .bounding(caps.clone())
+                .effective(caps.clone())
+                .permitted(caps)
+                .build()
+                .unwrap(),
+        ));
+        spec.linux_mut().as_mut().unwrap().set_seccomp(None);
+        rt.update_container_spec(&cid, &spec).await.unwrap();
+    });
+
+    a.ok(&["bot", "start", &bot]);
+    assert_eq!(status_field(&a, &bot, "Seccomp"), "2");
+    assert_eq!(status_field(&a, &bot, "NoNewPrivs"), "1");
+    assert_eq!(status_field(&a, &bot, "CapEff"), BOT_CAPS);
+    assert_ne!(run(&a, &bot, "unshare -U -r true").0, 0);
+    // The record itself now carries the privileges (a later start does not depend on this one).
+    common::block_on(async {
+        let rt = a.containerd().await;
+        let c = rt.get_container(&cid).await.unwrap().unwrap();
+        let spec = c.spec.unwrap();
+        assert_eq!(
+            spec.process().as_ref().unwrap().no_new_privileges(),
+            Some(true)
+        );
+        assert!(spec.linux().as_ref().unwrap().seccomp().is_some());
+    });
 }
 
 /// What is left of a runc experiment: containers, a network namespace; removed on drop.

@@ -310,7 +310,6 @@ pub fn build_spec(image: &ImageConfig, opts: &SpecOptions) -> Result<Spec, Agent
         image.working_dir.clone()
     };
     let (uid, gid) = parse_user(&image.user)?;
-    let caps: oci_spec::runtime::Capabilities = default_capabilities().into_iter().collect();
     let process = ProcessBuilder::default()
         .terminal(false)
         .user(
@@ -323,27 +322,12 @@ pub fn build_spec(image: &ImageConfig, opts: &SpecOptions) -> Result<Spec, Agent
         .args(args)
         .env(env)
         .cwd(cwd)
-        .capabilities(
-            // Inheritable and ambient stay empty (oci-spec's default would fill them): an
-            // inheritable set lets file capabilities grant more to a non-root exec
-            // (CVE-2022-24769), an ambient set would hand capabilities to every non-root exec.
-            LinuxCapabilitiesBuilder::default()
-                .bounding(caps.clone())
-                .effective(caps.clone())
-                .permitted(caps)
-                .inheritable(oci_spec::runtime::Capabilities::new())
-                .ambient(oci_spec::runtime::Capabilities::new())
-                .build()
-                .map_err(spec_err)?,
-        )
         .rlimits(vec![PosixRlimitBuilder::default()
             .typ(PosixRlimitType::RlimitNofile)
             .soft(opts.nofile)
             .hard(opts.nofile)
             .build()
             .map_err(spec_err)?])
-        // No setuid binary or file capability raises a bot's privileges on exec.
-        .no_new_privileges(true)
         .build()
         .map_err(spec_err)?;
 
@@ -463,29 +447,11 @@ pub fn build_spec(image: &ImageConfig, opts: &SpecOptions) -> Result<Spec, Agent
     let linux = LinuxBuilder::default()
         .namespaces(namespaces)
         .cgroups_path(cgroups_path)
-        .resources(
-            LinuxResourcesBuilder::default()
-                .devices(device_rules()?)
-                .build()
-                .map_err(spec_err)?,
-        )
-        .masked_paths(
-            MASKED_PATHS
-                .iter()
-                .map(|s| s.to_string())
-                .collect::<Vec<_>>(),
-        )
-        .readonly_paths(
-            READONLY_PATHS
-                .iter()
-                .map(|s| s.to_string())
-                .collect::<Vec<_>>(),
-        )
-        .seccomp(seccomp::default_profile()?)
+        .resources(LinuxResourcesBuilder::default().build().map_err(spec_err)?)
         .build()
         .map_err(spec_err)?;
 
-    SpecBuilder::default()
+    let mut spec = SpecBuilder::default()
         .version("1.0.2-dev")
         .process(process)
         .root(
@@ -499,7 +465,52 @@ pub fn build_spec(image: &ImageConfig, opts: &SpecOptions) -> Result<Spec, Agent
         .mounts(mounts)
         .linux(linux)
         .build()
+        .map_err(spec_err)?;
+    apply_privileges(&mut spec)?;
+    Ok(spec)
+}
+
+/// The capability sets of a bot's process: [`default_capabilities`] bounding, permitted and
+/// effective. Inheritable and ambient stay empty (oci-spec's default would fill them): an
+/// inheritable set lets file capabilities grant more to a non-root exec (CVE-2022-24769), an
+/// ambient set would hand capabilities to every non-root exec.
+fn bot_capabilities() -> Result<oci_spec::runtime::LinuxCapabilities, AgentError> {
+    let caps: oci_spec::runtime::Capabilities = default_capabilities().into_iter().collect();
+    LinuxCapabilitiesBuilder::default()
+        .bounding(caps.clone())
+        .effective(caps.clone())
+        .permitted(caps)
+        .inheritable(oci_spec::runtime::Capabilities::new())
+        .ambient(oci_spec::runtime::Capabilities::new())
+        .build()
         .map_err(spec_err)
+}
+
+/// Puts today's process privileges on `spec` (see the module docs): the seccomp profile,
+/// no new privileges, the capability sets, masked and read-only paths and the device rules.
+/// Everything else (resource limits included) stays. Returns whether the spec changed, so a
+/// container record an older agent wrote can be brought up to date before its task starts.
+pub fn apply_privileges(spec: &mut Spec) -> Result<bool, AgentError> {
+    let before = spec.clone();
+    let process = spec
+        .process_mut()
+        .as_mut()
+        .ok_or_else(|| AgentError::InvalidArgument("oci spec: no process".into()))?;
+    // No setuid binary or file capability raises a bot's privileges on exec.
+    process.set_no_new_privileges(Some(true));
+    process.set_capabilities(Some(bot_capabilities()?));
+    let linux = spec
+        .linux_mut()
+        .as_mut()
+        .ok_or_else(|| AgentError::InvalidArgument("oci spec: no linux section".into()))?;
+    linux.set_seccomp(Some(seccomp::default_profile()?));
+    linux.set_masked_paths(Some(MASKED_PATHS.iter().map(|s| s.to_string()).collect()));
+    linux.set_readonly_paths(Some(READONLY_PATHS.iter().map(|s| s.to_string()).collect()));
+    let resources = linux
+        .resources_mut()
+        .get_or_insert_with(oci_spec::runtime::LinuxResources::default);
+    resources.set_devices(Some(device_rules()?));
+    Ok(*spec != before)
 }
 
 /// Serialises a spec into the `Any` a containerd container record carries.
@@ -677,6 +688,74 @@ mod tests {
         assert!(has(1, Some(3)) && has(1, Some(9)) && has(5, Some(2)) && has(136, None));
         assert!(!has(10, Some(200)), "no /dev/net/tun");
         assert!(spec.linux().as_ref().unwrap().devices().is_none());
+    }
+
+    #[test]
+    fn an_older_record_is_brought_up_to_date_and_keeps_the_rest() {
+        let fresh = build_spec(&image(), &SpecOptions::new("mcp-b1", "b1")).unwrap();
+        // What an agent before the hardening wrote: containerd's caps, nnp off, no seccomp,
+        // devices deny-all only; plus a memory limit that must survive.
+        let mut old = fresh.clone();
+        let p = old.process_mut().as_mut().unwrap();
+        p.set_no_new_privileges(Some(false));
+        let mut caps: oci_spec::runtime::Capabilities =
+            default_capabilities().into_iter().collect();
+        caps.insert(Capability::NetRaw);
+        caps.insert(Capability::Mknod);
+        p.set_capabilities(Some(
+            LinuxCapabilitiesBuilder::default()
+                .bounding(caps.clone())
+                .effective(caps.clone())
+                .permitted(caps)
+                .build()
+                .unwrap(),
+        ));
+        let linux = old.linux_mut().as_mut().unwrap();
+        linux.set_seccomp(None);
+        linux.set_masked_paths(Some(vec!["/proc/kcore".into()]));
+        linux.set_resources(Some(
+            LinuxResourcesBuilder::default()
+                .memory(
+                    oci_spec::runtime::LinuxMemoryBuilder::default()
+                        .limit(1 << 30)
+                        .build()
+                        .unwrap(),
+                )
+                .build()
+                .unwrap(),
+        ));
+
+        let mut updated = old.clone();
+        assert!(apply_privileges(&mut updated).unwrap());
+        let u = |s: &Spec| {
+            let l = s.linux().as_ref().unwrap().clone();
+            (
+                s.process().as_ref().unwrap().capabilities().clone(),
+                s.process().as_ref().unwrap().no_new_privileges(),
+                l.seccomp().clone(),
+                l.masked_paths().clone(),
+                l.readonly_paths().clone(),
+                l.resources().as_ref().unwrap().devices().clone(),
+            )
+        };
+        assert_eq!(u(&updated), u(&fresh));
+        let mem = updated
+            .linux()
+            .as_ref()
+            .unwrap()
+            .resources()
+            .as_ref()
+            .unwrap();
+        assert_eq!(mem.memory().as_ref().unwrap().limit(), Some(1 << 30));
+        assert_eq!(updated.mounts(), old.mounts());
+        assert_eq!(
+            updated.process().as_ref().unwrap().args(),
+            old.process().as_ref().unwrap().args()
+        );
+        // Up to date: nothing to change, nothing to write.
+        assert!(!apply_privileges(&mut updated).unwrap());
+        let mut f = fresh.clone();
+        assert!(!apply_privileges(&mut f).unwrap());
     }
 
     #[test]
