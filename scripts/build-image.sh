@@ -14,9 +14,10 @@
 #   --extra SRC:DEST  put a file or the contents of a directory SRC at the absolute path DEST
 #                   in the image (repeatable), e.g. --extra target/debug/fixture:/usr/local/bin/
 #                   (a DEST ending in `/` keeps the file's name).
-#   --no-fixture    leave out the MCP test fixture (by default the workspace's `mcp-fixture`, a
-#                   small stdio MCP server, is built static (debug, target/static) and installed
-#                   at /usr/local/bin/mcp-fixture for the MCP system tests)
+#   --no-fixture    leave out the test fixtures (by default the workspace's `mcp-fixture`, a
+#                   small stdio MCP server, and `syscall-probe`, which makes the system calls a
+#                   hostile bot would try, are built static (debug, target/static) and installed
+#                   in /usr/local/bin for the MCP and hostile-bot system tests)
 # Everything under image/extra/ (if present) is copied into the image at the same path,
 # e.g. image/extra/usr/local/bin/tool -> /usr/local/bin/tool.
 #
@@ -47,7 +48,7 @@ while [ $# -gt 0 ]; do
         --extra) [ $# -ge 2 ] || die "--extra needs a value"; EXTRAS+=("$2"); shift 2 ;;
         --extra=*) EXTRAS+=("${1#--extra=}"); shift ;;
         --no-fixture) FIXTURE=0; shift ;;
-        -h|--help) sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) die "unknown argument: $1 (see --help)" ;;
     esac
 done
@@ -93,13 +94,16 @@ if [ -z "$BINARY" ]; then
 fi
 # --- the MCP test fixture (static: the base image has no libc) -----------------------------
 FIXTURE_BIN=""
+PROBE_BIN=""
 if [ "$FIXTURE" = "1" ]; then
-    echo "build-image: building a static mcp-fixture (debug, target/static)" >&2
+    echo "build-image: building a static mcp-fixture and syscall-probe (debug, target/static)" >&2
     (cd "$ROOT" && RUSTFLAGS="${RUSTFLAGS:-} -C target-feature=+crt-static" \
         CARGO_TARGET_DIR="$ROOT/target/static" \
-        cargo build --quiet --target x86_64-unknown-linux-gnu -p mcp-fixture)
+        cargo build --quiet --target x86_64-unknown-linux-gnu -p mcp-fixture -p syscall-probe)
     FIXTURE_BIN="$ROOT/target/static/x86_64-unknown-linux-gnu/debug/mcp-fixture"
+    PROBE_BIN="$ROOT/target/static/x86_64-unknown-linux-gnu/debug/syscall-probe"
     [ -x "$FIXTURE_BIN" ] || die "mcp-fixture was not built: $FIXTURE_BIN"
+    [ -x "$PROBE_BIN" ] || die "syscall-probe was not built: $PROBE_BIN"
 fi
 [ -f "$BINARY" ] || die "binary not found: $BINARY"
 [ -x "$BINARY" ] || die "binary is not executable: $BINARY"
@@ -142,6 +146,7 @@ fi
 
 install -m 0755 "$ROOT/entrypoint.sh" "$RFS/entrypoint.sh"
 [ -z "$FIXTURE_BIN" ] || install -m 0755 "$FIXTURE_BIN" "$RFS/usr/local/bin/mcp-fixture"
+[ -z "$PROBE_BIN" ] || install -m 0755 "$PROBE_BIN" "$RFS/usr/local/bin/syscall-probe"
 
 if [ -d "$ROOT/image/template" ]; then
     cp -R "$ROOT/image/template/." "$RFS/opt/mcp-template/"

@@ -3,9 +3,10 @@
 use std::net::IpAddr;
 use std::time::{Duration, SystemTime};
 
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::{lock, BotInfo, Manager, READY_TIMEOUT, STOP_GRACE};
+use crate::containerd::spec::apply_privileges;
 use crate::containerd::{ContainerInfo, TaskIo, TaskState, TaskStatus};
 use crate::error::AgentError;
 use crate::ids::{self};
@@ -56,6 +57,16 @@ impl Manager {
         }
         // containerd has no task for it now: a bundle it left half-deleted is garbage.
         self.clear_stale_bundle(bot, cid).await?;
+        // A record an older agent wrote gets today's process privileges before its task runs.
+        if let Some(mut spec) = c.spec.clone() {
+            if apply_privileges(&mut spec)? {
+                self.rt.update_container_spec(cid, &spec).await?;
+                info!(
+                    bot,
+                    "container spec brought up to today's process privileges"
+                );
+            }
+        }
         let mounts = self.rt.snapshot_mounts(&c.snapshot_key).await?;
         self.net.create_netns(bot).await?;
         let log = ids::log_path(&self.cfg.state_dir, bot);

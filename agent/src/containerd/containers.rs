@@ -143,6 +143,34 @@ impl Containerd {
     }
 }
 
+impl Containerd {
+    pub(crate) async fn update_container_spec_inner(
+        &self,
+        id: &str,
+        spec: &oci_spec::runtime::Spec,
+    ) -> Result<ContainerInfo, AgentError> {
+        let req = self.request(UpdateContainerRequest {
+            container: Some(Container {
+                id: id.to_string(),
+                spec: Some(spec_to_any(spec)?),
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["spec".to_string()],
+            }),
+        });
+        let op = || format!("update container {id} spec");
+        let out = self
+            .containers()
+            .update(req)
+            .await
+            .map_err(|s| AgentError::containerd(op(), s))?
+            .into_inner();
+        tracing::info!(container = %id, "container spec updated");
+        out.container.map(from_pb).ok_or_else(|| missing(&op()))
+    }
+}
+
 pub(crate) fn missing(op: &str) -> AgentError {
     AgentError::containerd(op, tonic::Status::internal("empty answer"))
 }

@@ -361,6 +361,13 @@ pub trait Runtime: Send + Sync {
         labels: &HashMap<String, String>,
     ) -> Result<ContainerInfo, AgentError>;
 
+    /// Replaces the runtime spec of a container record; the next task runs with it.
+    async fn update_container_spec(
+        &self,
+        id: &str,
+        spec: &oci_spec::runtime::Spec,
+    ) -> Result<ContainerInfo, AgentError>;
+
     /// Prepares an active snapshot `key` on `parent` (committed name or chain id; `None` for
     /// an empty one) and returns its mounts. Without a [`LABEL_GC_ROOT`] label containerd's
     /// collector removes an active snapshot as soon as no container references it (right
@@ -685,6 +692,14 @@ impl Runtime for Containerd {
         labels: &HashMap<String, String>,
     ) -> Result<ContainerInfo, AgentError> {
         self.update_container_labels_inner(id, labels).await
+    }
+
+    async fn update_container_spec(
+        &self,
+        id: &str,
+        spec: &oci_spec::runtime::Spec,
+    ) -> Result<ContainerInfo, AgentError> {
+        self.update_container_spec_inner(id, spec).await
     }
 
     async fn prepare_snapshot(

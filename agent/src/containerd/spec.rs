@@ -2,12 +2,23 @@
 //!
 //! Pure: the host facts it needs (TZ, whether `/etc/resolv.conf` exists) come in through
 //! [`SpecOptions`], which [`SpecOptions::with_host_files`] fills from the real host.
+//!
+//! Every bot runs code an AI wrote, so its process gets the privileges of a hardened container
+//! and nothing more, each layer on its own enough to stop the common escapes:
+//! - a seccomp allow-list ([`seccomp`], data in `spec/seccomp.toml`): no keyrings, BPF, perf,
+//!   mounts, namespaces (clone with namespace flags, unshare, setns), ptrace, module or kexec
+//!   calls, vsock;
+//! - `no_new_privileges`: no setuid binary or file capability raises what a process holds;
+//! - a minimal capability set ([`default_capabilities`]): no NET_RAW, MKNOD, SYS_ADMIN, ...;
+//! - masked and read-only paths in `/proc` and `/sys` ([`MASKED_PATHS`], [`READONLY_PATHS`]);
+//! - the standard device nodes only, the device cgroup denying every other
+//!   ([`device_rules`]).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use oci_spec::runtime::{
-    Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxDeviceCgroupBuilder,
+    Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxDeviceCgroupBuilder, LinuxDeviceType,
     LinuxNamespaceBuilder, LinuxNamespaceType, LinuxResourcesBuilder, Mount, MountBuilder,
     PosixRlimitBuilder, PosixRlimitType, ProcessBuilder, RootBuilder, Spec, SpecBuilder,
     UserBuilder,
@@ -15,6 +26,8 @@ use oci_spec::runtime::{
 
 use super::ImageConfig;
 use crate::error::AgentError;
+
+pub mod seccomp;
 
 /// `type_url` containerd expects on a container record's spec.
 pub const SPEC_TYPE_URL: &str = "types.containerd.io/opencontainers/runtime-spec/1/Spec";
@@ -163,24 +176,111 @@ fn merge_env(image_env: &[String], extra: &[(String, String)]) -> Vec<String> {
         .collect()
 }
 
-/// Capabilities every bot gets (containerd's default set).
+/// Capabilities every bot's root gets (bounding, permitted and effective): what package
+/// managers, build tools and servers need from root inside their own filesystem, and nothing
+/// that reaches the kernel or the host. This is podman's default set: containerd's minus
+/// NET_RAW, MKNOD and AUDIT_WRITE.
+///
+/// Kept, and why:
+/// - CHOWN, DAC_OVERRIDE, FOWNER, FSETID: root's file semantics (tar and package installs that
+///   keep owners and modes, writing files of other users);
+/// - SETUID, SETGID: dropping to another user (`su`, daemons that shed root);
+/// - SETPCAP: dropping capabilities from the bounding set (`capsh`, hardened daemons);
+/// - SETFCAP: package scripts that `setcap` a binary (iputils' ping); with no new privileges
+///   such a file capability grants nothing on exec anyway;
+/// - KILL: signalling the bot's processes of other users;
+/// - NET_BIND_SERVICE: a server on a port below 1024;
+/// - SYS_CHROOT: build tools and package managers chroot into their own trees.
+///
+/// Dropped beyond containerd's set: NET_RAW (raw and packet sockets: spoofing on the bridge,
+/// sniffing), MKNOD (block and character device nodes; the device cgroup is then a second
+/// wall, not the only one), AUDIT_WRITE (no login daemon runs in a bot). Never granted:
+/// SYS_ADMIN, NET_ADMIN, SYS_MODULE, SYS_PTRACE, SYS_RAWIO, SYS_BOOT, SYS_TIME, SYSLOG,
+/// DAC_READ_SEARCH (open_by_handle_at), AUDIT_CONTROL, MAC_ADMIN, MAC_OVERRIDE, BPF, PERFMON.
 pub fn default_capabilities() -> Vec<Capability> {
     vec![
         Capability::Chown,
         Capability::DacOverride,
-        Capability::Fsetid,
         Capability::Fowner,
-        Capability::Mknod,
-        Capability::NetRaw,
+        Capability::Fsetid,
+        Capability::Kill,
         Capability::Setgid,
         Capability::Setuid,
-        Capability::Setfcap,
         Capability::Setpcap,
+        Capability::Setfcap,
         Capability::NetBindService,
         Capability::SysChroot,
-        Capability::Kill,
-        Capability::AuditWrite,
     ]
+}
+
+/// Paths runc covers (files with `/dev/null`, directories with an empty read-only tmpfs) so a
+/// bot cannot read host state through the kernel's shared `/proc` and `/sys`: the container
+/// engines' default list, plus `/proc/kallsyms` (kernel addresses are readable by everyone
+/// where `kptr_restrict` is 0, as on these hosts, and they defeat KASLR).
+pub const MASKED_PATHS: &[&str] = &[
+    // Hardware and firmware of the host.
+    "/proc/acpi",
+    "/proc/asound",
+    "/proc/scsi",
+    "/sys/firmware",
+    // Kernel memory and kernel addresses.
+    "/proc/kcore",
+    "/proc/kallsyms",
+    // The host's keys (keyrings are not namespaced).
+    "/proc/keys",
+    // Timers and scheduler state of every process on the host (side channels).
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    // RAPL energy counters (power side channels such as Platypus, CVE-2020-8694).
+    "/sys/devices/virtual/powercap",
+];
+
+/// Paths runc remounts read-only: kernel knobs that are not namespaced and would change the
+/// host (`/proc/sys` holds both; the bot's network namespace needs none set from inside).
+pub const READONLY_PATHS: &[&str] = &[
+    "/proc/bus",
+    "/proc/fs",
+    "/proc/irq",
+    "/proc/sys",
+    "/proc/sysrq-trigger",
+];
+
+/// The device cgroup of a bot: deny everything, then allow the standard character devices
+/// runc creates in `/dev` (null, zero, full, random, urandom, tty, console) and the bot's own
+/// pseudo-terminals (ptmx, pts). runc 1.1 appends its own list after these (the same devices,
+/// plus mknod-only wildcards and /dev/net/tun); without CAP_MKNOD and CAP_NET_ADMIN a bot can
+/// use none of that.
+pub fn device_rules() -> Result<Vec<oci_spec::runtime::LinuxDeviceCgroup>, AgentError> {
+    let mut rules = vec![LinuxDeviceCgroupBuilder::default()
+        .allow(false)
+        .access("rwm")
+        .build()
+        .map_err(spec_err)?];
+    let chars: &[(i64, Option<i64>)] = &[
+        (1, Some(3)), // null
+        (1, Some(5)), // zero
+        (1, Some(7)), // full
+        (1, Some(8)), // random
+        (1, Some(9)), // urandom
+        (5, Some(0)), // tty
+        (5, Some(1)), // console
+        (5, Some(2)), // ptmx
+        (136, None),  // pts/*
+    ];
+    for &(major, minor) in chars {
+        let mut b = LinuxDeviceCgroupBuilder::default()
+            .allow(true)
+            .typ(LinuxDeviceType::C)
+            .major(major)
+            .access("rwm");
+        if let Some(m) = minor {
+            b = b.minor(m);
+        }
+        rules.push(b.build().map_err(spec_err)?);
+    }
+    Ok(rules)
 }
 
 /// Builds the runtime spec of a bot container.
@@ -210,7 +310,6 @@ pub fn build_spec(image: &ImageConfig, opts: &SpecOptions) -> Result<Spec, Agent
         image.working_dir.clone()
     };
     let (uid, gid) = parse_user(&image.user)?;
-    let caps: oci_spec::runtime::Capabilities = default_capabilities().into_iter().collect();
     let process = ProcessBuilder::default()
         .terminal(false)
         .user(
@@ -223,21 +322,12 @@ pub fn build_spec(image: &ImageConfig, opts: &SpecOptions) -> Result<Spec, Agent
         .args(args)
         .env(env)
         .cwd(cwd)
-        .capabilities(
-            LinuxCapabilitiesBuilder::default()
-                .bounding(caps.clone())
-                .effective(caps.clone())
-                .permitted(caps)
-                .build()
-                .map_err(spec_err)?,
-        )
         .rlimits(vec![PosixRlimitBuilder::default()
             .typ(PosixRlimitType::RlimitNofile)
             .soft(opts.nofile)
             .hard(opts.nofile)
             .build()
             .map_err(spec_err)?])
-        .no_new_privileges(false)
         .build()
         .map_err(spec_err)?;
 
@@ -357,50 +447,11 @@ pub fn build_spec(image: &ImageConfig, opts: &SpecOptions) -> Result<Spec, Agent
     let linux = LinuxBuilder::default()
         .namespaces(namespaces)
         .cgroups_path(cgroups_path)
-        .resources(
-            LinuxResourcesBuilder::default()
-                .devices(vec![LinuxDeviceCgroupBuilder::default()
-                    .allow(false)
-                    .access("rwm")
-                    .build()
-                    .map_err(spec_err)?])
-                .build()
-                .map_err(spec_err)?,
-        )
-        .masked_paths(
-            [
-                "/proc/acpi",
-                "/proc/asound",
-                "/proc/kcore",
-                "/proc/keys",
-                "/proc/latency_stats",
-                "/proc/timer_list",
-                "/proc/timer_stats",
-                "/proc/sched_debug",
-                "/proc/scsi",
-                "/sys/firmware",
-                "/sys/devices/virtual/powercap",
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect::<Vec<_>>(),
-        )
-        .readonly_paths(
-            [
-                "/proc/bus",
-                "/proc/fs",
-                "/proc/irq",
-                "/proc/sys",
-                "/proc/sysrq-trigger",
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect::<Vec<_>>(),
-        )
+        .resources(LinuxResourcesBuilder::default().build().map_err(spec_err)?)
         .build()
         .map_err(spec_err)?;
 
-    SpecBuilder::default()
+    let mut spec = SpecBuilder::default()
         .version("1.0.2-dev")
         .process(process)
         .root(
@@ -414,7 +465,52 @@ pub fn build_spec(image: &ImageConfig, opts: &SpecOptions) -> Result<Spec, Agent
         .mounts(mounts)
         .linux(linux)
         .build()
+        .map_err(spec_err)?;
+    apply_privileges(&mut spec)?;
+    Ok(spec)
+}
+
+/// The capability sets of a bot's process: [`default_capabilities`] bounding, permitted and
+/// effective. Inheritable and ambient stay empty (oci-spec's default would fill them): an
+/// inheritable set lets file capabilities grant more to a non-root exec (CVE-2022-24769), an
+/// ambient set would hand capabilities to every non-root exec.
+fn bot_capabilities() -> Result<oci_spec::runtime::LinuxCapabilities, AgentError> {
+    let caps: oci_spec::runtime::Capabilities = default_capabilities().into_iter().collect();
+    LinuxCapabilitiesBuilder::default()
+        .bounding(caps.clone())
+        .effective(caps.clone())
+        .permitted(caps)
+        .inheritable(oci_spec::runtime::Capabilities::new())
+        .ambient(oci_spec::runtime::Capabilities::new())
+        .build()
         .map_err(spec_err)
+}
+
+/// Puts today's process privileges on `spec` (see the module docs): the seccomp profile,
+/// no new privileges, the capability sets, masked and read-only paths and the device rules.
+/// Everything else (resource limits included) stays. Returns whether the spec changed, so a
+/// container record an older agent wrote can be brought up to date before its task starts.
+pub fn apply_privileges(spec: &mut Spec) -> Result<bool, AgentError> {
+    let before = spec.clone();
+    let process = spec
+        .process_mut()
+        .as_mut()
+        .ok_or_else(|| AgentError::InvalidArgument("oci spec: no process".into()))?;
+    // No setuid binary or file capability raises a bot's privileges on exec.
+    process.set_no_new_privileges(Some(true));
+    process.set_capabilities(Some(bot_capabilities()?));
+    let linux = spec
+        .linux_mut()
+        .as_mut()
+        .ok_or_else(|| AgentError::InvalidArgument("oci spec: no linux section".into()))?;
+    linux.set_seccomp(Some(seccomp::default_profile()?));
+    linux.set_masked_paths(Some(MASKED_PATHS.iter().map(|s| s.to_string()).collect()));
+    linux.set_readonly_paths(Some(READONLY_PATHS.iter().map(|s| s.to_string()).collect()));
+    let resources = linux
+        .resources_mut()
+        .get_or_insert_with(oci_spec::runtime::LinuxResources::default);
+    resources.set_devices(Some(device_rules()?));
+    Ok(*spec != before)
 }
 
 /// Serialises a spec into the `Any` a containerd container record carries.
@@ -472,7 +568,7 @@ mod tests {
         );
         assert_eq!(p.cwd(), &PathBuf::from("/app"));
         assert_eq!(p.user().uid(), 0);
-        assert_eq!(p.no_new_privileges(), Some(false));
+        assert_eq!(p.no_new_privileges(), Some(true));
         let rl = &p.rlimits().as_ref().unwrap()[0];
         assert_eq!(rl.typ(), PosixRlimitType::RlimitNofile);
         assert_eq!(rl.hard(), 1024);
@@ -488,6 +584,178 @@ mod tests {
             .unwrap()
             .contains(&Capability::SysAdmin));
         assert_eq!(spec.hostname().as_deref(), Some("b1"));
+    }
+
+    #[test]
+    fn privileges_of_a_bot() {
+        let spec = build_spec(&image(), &SpecOptions::new("mcp-b1", "b1")).unwrap();
+        let p = spec.process().as_ref().unwrap();
+        assert_eq!(p.no_new_privileges(), Some(true));
+
+        // The same eleven capabilities in every set that runc applies; none in ambient.
+        let caps = p.capabilities().as_ref().unwrap();
+        let want: oci_spec::runtime::Capabilities = default_capabilities().into_iter().collect();
+        assert_eq!(want.len(), 11);
+        assert_eq!(caps.bounding().as_ref(), Some(&want));
+        assert_eq!(caps.effective().as_ref(), Some(&want));
+        assert_eq!(caps.permitted().as_ref(), Some(&want));
+        assert!(caps.ambient().as_ref().is_none_or(|a| a.is_empty()));
+        assert!(caps.inheritable().as_ref().is_none_or(|i| i.is_empty()));
+        for never in [
+            Capability::NetRaw,
+            Capability::Mknod,
+            Capability::SysAdmin,
+            Capability::SysModule,
+            Capability::SysPtrace,
+            Capability::SysBoot,
+            Capability::SysRawio,
+            Capability::SysTime,
+            Capability::Syslog,
+            Capability::NetAdmin,
+            Capability::AuditControl,
+            Capability::AuditWrite,
+            Capability::MacAdmin,
+            Capability::MacOverride,
+            Capability::DacReadSearch,
+            Capability::Bpf,
+            Capability::Perfmon,
+        ] {
+            assert!(!want.contains(&never), "{never:?}");
+        }
+
+        let linux = spec.linux().as_ref().unwrap();
+        // The seccomp allow-list: EPERM by default, the host's architectures, keyctl denied.
+        let sc = linux.seccomp().as_ref().expect("a seccomp profile");
+        assert_eq!(
+            sc.default_action(),
+            oci_spec::runtime::LinuxSeccompAction::ScmpActErrno
+        );
+        assert_eq!(sc.default_errno_ret(), Some(libc::EPERM as u32));
+        assert!(!sc.architectures().as_ref().unwrap().is_empty());
+        let rules = sc.syscalls().as_ref().unwrap();
+        assert!(rules
+            .iter()
+            .any(|r| r.names().contains(&"read".to_string())));
+        assert!(!rules
+            .iter()
+            .any(|r| r.names().iter().any(|n| n == "keyctl" || n == "unshare")));
+
+        // Masked and read-only paths.
+        let masked = linux.masked_paths().as_ref().unwrap();
+        for m in [
+            "/proc/kcore",
+            "/proc/kallsyms",
+            "/proc/keys",
+            "/proc/timer_list",
+            "/proc/sched_debug",
+            "/proc/acpi",
+            "/proc/scsi",
+            "/sys/firmware",
+        ] {
+            assert!(masked.iter().any(|p| p == m), "{m} not masked");
+        }
+        let ro = linux.readonly_paths().as_ref().unwrap();
+        for r in [
+            "/proc/sys",
+            "/proc/sysrq-trigger",
+            "/proc/irq",
+            "/proc/bus",
+            "/proc/fs",
+        ] {
+            assert!(ro.iter().any(|p| p == r), "{r} not read-only");
+        }
+
+        // Devices: deny all first, then only character devices, each named.
+        let devs = linux
+            .resources()
+            .as_ref()
+            .unwrap()
+            .devices()
+            .as_ref()
+            .unwrap();
+        assert!(!devs[0].allow() && devs[0].typ().is_none() && devs[0].major().is_none());
+        assert_eq!(devs[0].access().as_deref(), Some("rwm"));
+        for d in &devs[1..] {
+            assert!(d.allow());
+            assert_eq!(d.typ(), Some(LinuxDeviceType::C));
+            assert!(d.major().is_some());
+        }
+        let has = |maj: i64, min: Option<i64>| {
+            devs[1..]
+                .iter()
+                .any(|d| d.major() == Some(maj) && d.minor() == min)
+        };
+        assert!(has(1, Some(3)) && has(1, Some(9)) && has(5, Some(2)) && has(136, None));
+        assert!(!has(10, Some(200)), "no /dev/net/tun");
+        assert!(spec.linux().as_ref().unwrap().devices().is_none());
+    }
+
+    #[test]
+    fn an_older_record_is_brought_up_to_date_and_keeps_the_rest() {
+        let fresh = build_spec(&image(), &SpecOptions::new("mcp-b1", "b1")).unwrap();
+        // What an agent before the hardening wrote: containerd's caps, nnp off, no seccomp,
+        // devices deny-all only; plus a memory limit that must survive.
+        let mut old = fresh.clone();
+        let p = old.process_mut().as_mut().unwrap();
+        p.set_no_new_privileges(Some(false));
+        let mut caps: oci_spec::runtime::Capabilities =
+            default_capabilities().into_iter().collect();
+        caps.insert(Capability::NetRaw);
+        caps.insert(Capability::Mknod);
+        p.set_capabilities(Some(
+            LinuxCapabilitiesBuilder::default()
+                .bounding(caps.clone())
+                .effective(caps.clone())
+                .permitted(caps)
+                .build()
+                .unwrap(),
+        ));
+        let linux = old.linux_mut().as_mut().unwrap();
+        linux.set_seccomp(None);
+        linux.set_masked_paths(Some(vec!["/proc/kcore".into()]));
+        linux.set_resources(Some(
+            LinuxResourcesBuilder::default()
+                .memory(
+                    oci_spec::runtime::LinuxMemoryBuilder::default()
+                        .limit(1 << 30)
+                        .build()
+                        .unwrap(),
+                )
+                .build()
+                .unwrap(),
+        ));
+
+        let mut updated = old.clone();
+        assert!(apply_privileges(&mut updated).unwrap());
+        let u = |s: &Spec| {
+            let l = s.linux().as_ref().unwrap().clone();
+            (
+                s.process().as_ref().unwrap().capabilities().clone(),
+                s.process().as_ref().unwrap().no_new_privileges(),
+                l.seccomp().clone(),
+                l.masked_paths().clone(),
+                l.readonly_paths().clone(),
+                l.resources().as_ref().unwrap().devices().clone(),
+            )
+        };
+        assert_eq!(u(&updated), u(&fresh));
+        let mem = updated
+            .linux()
+            .as_ref()
+            .unwrap()
+            .resources()
+            .as_ref()
+            .unwrap();
+        assert_eq!(mem.memory().as_ref().unwrap().limit(), Some(1 << 30));
+        assert_eq!(updated.mounts(), old.mounts());
+        assert_eq!(
+            updated.process().as_ref().unwrap().args(),
+            old.process().as_ref().unwrap().args()
+        );
+        // Up to date: nothing to change, nothing to write.
+        assert!(!apply_privileges(&mut updated).unwrap());
+        let mut f = fresh.clone();
+        assert!(!apply_privileges(&mut f).unwrap());
     }
 
     #[test]
