@@ -351,6 +351,14 @@ impl<E: PluginExec, F: Firewall, N: Netns> Network<E, F, N> {
             None => {}
         }
 
+        // Containment must work before the bot gets any network: a host where the ruleset
+        // cannot be applied refuses the bot before ADD makes its interface.
+        if self.cfg.containment.enabled || self.cfg.isolate {
+            self.contain().await.map_err(|e| AgentError::Network {
+                op: format!("contain bot {bot}"),
+                reason: format!("isolation cannot be put in place, the bot is not started: {e}"),
+            })?;
+        }
         let net = self.load_network().await?;
         let mut rt = RuntimeConf {
             container_id: cid.clone(),

@@ -238,6 +238,7 @@ async fn fresh_setup_adds_saves_and_sets_host_rules() {
     assert_eq!(
         e.net.firewall().calls(),
         [
+            "no-ruleset",
             "masq 10.210.3.0/24",
             "isolate br-test",
             "bridge-nf",
@@ -275,8 +276,14 @@ async fn a_bot_that_cannot_be_contained_is_detached_and_refused() {
             err.to_string().contains("isolation cannot be put in place"),
             "{why}: {err}"
         );
-        // Nothing of the attachment is left: no network beats an open one.
-        assert_eq!(commands(&e), [CniCommand::Add, CniCommand::Del], "{why}");
+        // Nothing of the attachment is left: no network beats an open one. A ruleset that
+        // cannot be applied at all is found before ADD.
+        let want: &[CniCommand] = if port_fails {
+            &[CniCommand::Add, CniCommand::Del]
+        } else {
+            &[]
+        };
+        assert_eq!(commands(&e), want, "{why}");
         assert_eq!(e.net.saved("a").await.unwrap(), None, "{why}");
     }
 }
@@ -335,8 +342,9 @@ async fn healthy_bot_keeps_its_address() {
     let again = e.net.setup("a", Path::new(NS)).await.unwrap();
     assert_eq!(first, again);
     assert_eq!(commands(&e), [CniCommand::Add, CniCommand::Check]);
-    // Host rules are ensured on every setup, healthy or not.
-    assert_eq!(e.net.firewall().calls().len(), 8);
+    // Host rules are ensured on every setup, healthy or not (the first also checked the
+    // ruleset applies before ADD).
+    assert_eq!(e.net.firewall().calls().len(), 9);
 }
 
 #[tokio::test]
@@ -416,7 +424,8 @@ async fn retry_happens_once_and_failures_are_cleaned_up() {
         ]
     );
     assert_eq!(e.net.saved("a").await.unwrap(), None);
-    assert!(e.net.firewall().calls().is_empty());
+    // Only the check before ADD that the (empty) ruleset applies.
+    assert_eq!(e.net.firewall().calls(), ["no-ruleset"]);
 }
 
 #[tokio::test]
