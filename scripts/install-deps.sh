@@ -1,7 +1,8 @@
 #!/bin/sh
 # Installs the Debian packages the build and the system tests need: containerd, runc, the CNI
-# plugins, iptables, the busybox base of the test image, skopeo and a registry for pull tests,
-# Python's venv for the wire-compatibility client, and the C toolchain cargo links with.
+# plugins, iptables and nftables (bot containment), the busybox base of the test image, skopeo
+# and a registry for pull tests, Python's venv for the wire-compatibility client, and the C
+# toolchain cargo links with.
 # Idempotent: when every package is already installed it does nothing (set FORCE=1 to run
 # apt-get anyway). Needs root (uses sudo when it is not root).
 set -eu
@@ -18,6 +19,7 @@ util-linux
 procps
 iproute2
 iptables
+nftables
 containerd
 runc
 containernetworking-plugins

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::error::AgentError;
+use crate::network::containment::{Cidr, HostPort};
 
 /// Default location of the configuration file.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/memoh/agent.toml";
@@ -54,6 +55,13 @@ pub struct Config {
     pub mcp_token: Option<String>,
     /// Seconds without calls after which a stdio MCP server's process is closed.
     pub mcp_idle_secs: u64,
+    /// Ports of the host bots may connect to, as `PROTO/PORT` or `PROTO/FIRST-LAST` (e.g.
+    /// `["udp/53", "tcp/53"]` for a resolver on the host). Everything else a bot sends to the
+    /// host is dropped, except replies and ICMP echo to its gateway.
+    pub host_ports_allowed: Vec<HostPort>,
+    /// Destinations (CIDRs) in loopback, link-local, private, shared or unique-local ranges
+    /// that bots may reach anyway (e.g. a LAN resolver); the rest of those ranges is dropped.
+    pub egress_allowed: Vec<Cidr>,
 }
 
 impl Default for Config {
@@ -78,6 +86,8 @@ impl Default for Config {
             mcp_listen: "127.0.0.1:8091".into(),
             mcp_token: None,
             mcp_idle_secs: 600,
+            host_ports_allowed: Vec::new(),
+            egress_allowed: Vec::new(),
         }
     }
 }
@@ -135,6 +145,34 @@ mod tests {
     fn unknown_key_is_an_error() {
         let e = Config::parse("nope = 1").unwrap_err();
         assert!(e.contains("unknown field"), "{e}");
+    }
+
+    #[test]
+    fn containment_allow_lists_parse_and_bad_entries_are_named() {
+        let c = Config::parse(
+            "host_ports_allowed = [\"udp/53\", \"tcp/8000-8080\"]\negress_allowed = [\"192.168.10.0/24\", \"fd00::/8\"]",
+        )
+        .unwrap();
+        assert_eq!(
+            c.host_ports_allowed
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            ["udp/53", "tcp/8000-8080"]
+        );
+        assert_eq!(
+            c.egress_allowed
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            ["192.168.10.0/24", "fd00::/8"]
+        );
+        let e = Config::parse("host_ports_allowed = [\"icmp/1\"]").unwrap_err();
+        assert!(e.contains("icmp/1"), "{e}");
+        let e = Config::parse("egress_allowed = [\"10.1.2.3/8\"]").unwrap_err();
+        assert!(e.contains("10.1.2.3/8"), "{e}");
+        let d = Config::default();
+        assert!(d.host_ports_allowed.is_empty() && d.egress_allowed.is_empty());
     }
 
     #[test]

@@ -102,6 +102,10 @@ pub trait Host: Send + Sync {
     fn subdirs(&self, dir: &Path) -> Option<Vec<String>>;
     /// Whether network `name` is defined in `dir`.
     fn network_defined(&self, dir: &Path, name: &str) -> Result<bool, String>;
+    /// Runs a program; `Ok` carries its standard output, `Err` its error output.
+    fn output(&self, program: &str, args: &[&str]) -> Result<String, String>;
+    /// Names of the regular files in `dir`; `None` when it cannot be read.
+    fn files(&self, dir: &Path) -> Option<Vec<String>>;
 }
 
 /// Runs every check against `host`, in report order.
@@ -144,14 +148,9 @@ pub async fn run_checks(cfg: &Config, config_path: &str, host: &dyn Host) -> Vec
         "bots cannot reach the outside",
         "sysctl -w net.ipv4.ip_forward=1",
     ));
-    out.push(sysctl(
-        host,
-        "bridge-nf",
-        "/proc/sys/net/bridge/bridge-nf-call-iptables",
-        Status::Warn,
-        "bot-to-bot isolation relies on it",
-        "modprobe br_netfilter && sysctl -w net.bridge.bridge-nf-call-iptables=1",
-    ));
+    out.push(nftables(host));
+    out.push(bridge_netfilter(host));
+    out.push(firewall_state(cfg, host));
     out.push(match host.cgroups() {
         Cgroups::V2 => Check::ok("cgroups", "cgroup2 at /sys/fs/cgroup"),
         Cgroups::V1 => Check::ok("cgroups", "cgroup v1 at /sys/fs/cgroup"),
@@ -333,6 +332,149 @@ fn iptables(host: &dyn Host) -> Check {
             "modprobe iptable_nat",
         ),
     }
+}
+
+fn nftables(host: &dyn Host) -> Check {
+    if host.which("nft").is_none() {
+        return Check::bad(
+            "nftables",
+            Status::Problem,
+            "nft not found on PATH: bots cannot be contained, so the agent refuses to start them",
+            "apt-get install nftables",
+        );
+    }
+    if !host.is_root() {
+        return Check::ok(
+            "nftables",
+            "nft found (not run: doctor does not run as root)",
+        );
+    }
+    match host.output("nft", &["list", "tables"]) {
+        Ok(_) => Check::ok("nftables", "nft list tables works"),
+        Err(e) => Check::bad(
+            "nftables",
+            Status::Problem,
+            format!("nft list tables failed: {e}: bots cannot be contained"),
+            "use a kernel with nf_tables (bridge and inet families)",
+        ),
+    }
+}
+
+/// Bridge netfilter is the third layer of bot-to-bot isolation (the iptables one); the
+/// bridge-level layers hold without it, so it is a warning, and the agent turns it on itself.
+fn bridge_netfilter(host: &dyn Host) -> Check {
+    let paths = crate::network::firewall::BRIDGE_NETFILTER_SYSCTLS;
+    let off: Vec<String> = paths
+        .iter()
+        .filter_map(|p| match host.read(Path::new(p)).as_deref() {
+            Some("1") => None,
+            Some(v) => Some(format!("{p} is {v}")),
+            None => Some(format!("{p} is missing")),
+        })
+        .collect();
+    if off.is_empty() {
+        return Check::ok("bridge-nf", format!("{} are 1", paths.join(" and ")));
+    }
+    Check::bad(
+        "bridge-nf",
+        Status::Warn,
+        format!(
+            "{}: the iptables layer of bot-to-bot isolation is off (port isolation and the \
+             bridge table still hold; the agent turns it on when it attaches a bot)",
+            off.join(", ")
+        ),
+        "modprobe br_netfilter && sysctl -w net.bridge.bridge-nf-call-iptables=1 \
+         net.bridge.bridge-nf-call-ip6tables=1",
+    )
+}
+
+/// The agent's firewall state against its attached bots: its tables missing while bots are
+/// attached (they run uncontained), or its tables, isolation rule or MASQUERADE rule left
+/// behind with no bot attached.
+fn firewall_state(cfg: &Config, host: &dyn Host) -> Check {
+    use crate::network::containment::table_name;
+    use crate::network::firewall::{DEFAULT_ISOLATION_CHAIN, DEFAULT_MASQ_COMMENT};
+    if !host.is_root() {
+        return Check::ok("firewall", "not checked: doctor does not run as root");
+    }
+    let table = table_name(&cfg.namespace);
+    let attached = host
+        .files(&cfg.state_dir.join("cni"))
+        .unwrap_or_default()
+        .iter()
+        .filter(|f| f.ends_with(".json"))
+        .count();
+    let Ok(tables) = host.output("nft", &["list", "tables"]) else {
+        return Check::ok("firewall", "not checked: nft does not run");
+    };
+    let present: Vec<String> = ["bridge", "inet"]
+        .iter()
+        .map(|f| format!("table {f} {table}"))
+        .filter(|t| tables.lines().any(|l| l.trim() == t))
+        .collect();
+    if attached > 0 {
+        if present.len() == 2 {
+            return Check::ok(
+                "firewall",
+                format!("tables {table} contain {attached} attached bot(s)"),
+            );
+        }
+        return Check::bad(
+            "firewall",
+            Status::Problem,
+            format!(
+                "{attached} bot(s) attached but tables bridge/inet {table} are not both there: \
+                 the bots are not contained"
+            ),
+            "systemctl restart memoh-agent (its reconcile puts the ruleset back)",
+        );
+    }
+    let mut left = Vec::new();
+    let mut fixes = Vec::new();
+    for t in &present {
+        left.push(t.clone());
+        fixes.push(format!("nft delete {t}"));
+    }
+    let bridge = &cfg.cni_bridge;
+    let isolation = format!("-A {DEFAULT_ISOLATION_CHAIN} -i {bridge} -o {bridge} -j DROP");
+    if host
+        .output("iptables", &["-w", "5", "-S", DEFAULT_ISOLATION_CHAIN])
+        .is_ok_and(|o| o.lines().any(|l| l.trim() == isolation))
+    {
+        left.push(format!("isolation rule of {bridge}"));
+        fixes.push(format!(
+            "iptables -D {DEFAULT_ISOLATION_CHAIN} -i {bridge} -o {bridge} -j DROP"
+        ));
+    }
+    let subnet = &cfg.cni_subnet;
+    if host
+        .output("iptables", &["-w", "5", "-t", "nat", "-S", "POSTROUTING"])
+        .is_ok_and(|o| {
+            o.lines().any(|l| {
+                l.contains(&format!("-s {subnet} "))
+                    && l.contains(DEFAULT_MASQ_COMMENT)
+                    && l.contains("MASQUERADE")
+            })
+        })
+    {
+        left.push(format!("masquerade rule of {subnet}"));
+        fixes.push(format!(
+            "iptables -t nat -D POSTROUTING -s {subnet} ! -d {subnet} -j MASQUERADE -m comment \
+             --comment {DEFAULT_MASQ_COMMENT}"
+        ));
+    }
+    if left.is_empty() {
+        return Check::ok("firewall", "no bot attached and nothing left behind");
+    }
+    Check::bad(
+        "firewall",
+        Status::Warn,
+        format!(
+            "no bot attached, but the agent's {} are left behind",
+            left.join(", ")
+        ),
+        fixes.join("; "),
+    )
 }
 
 fn sysctl(
@@ -604,6 +746,34 @@ impl Host for RealHost {
             .map(|n| n.is_some())
             .map_err(|e| e.to_string())
     }
+
+    fn output(&self, program: &str, args: &[&str]) -> Result<String, String> {
+        let out = std::process::Command::new(program)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .map_err(|e| e.to_string())?;
+        if out.status.success() {
+            return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
+        }
+        let err = String::from_utf8_lossy(&out.stderr);
+        Err(err
+            .lines()
+            .next()
+            .map(str::to_string)
+            .unwrap_or_else(|| out.status.to_string()))
+    }
+
+    fn files(&self, dir: &Path) -> Option<Vec<String>> {
+        let entries = std::fs::read_dir(dir).ok()?;
+        Some(
+            entries
+                .filter_map(Result::ok)
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect(),
+        )
+    }
 }
 
 #[cfg(test)]
@@ -627,6 +797,10 @@ mod tests {
         bundles: Option<Vec<String>>,
         /// Whether containerd's state directory exists.
         state_dir: bool,
+        /// Outputs of programs by "program args".
+        outputs: HashMap<String, Result<String, String>>,
+        /// Saved attachments (files in `<state_dir>/cni`).
+        attached: Vec<String>,
     }
 
     impl Default for Fake {
@@ -636,7 +810,7 @@ mod tests {
                 containerd: Ok("v2.0.0".into()),
                 image: Ok(true),
                 agent: Ok(2),
-                on_path: vec!["runc", "iptables"],
+                on_path: vec!["runc", "iptables", "nft"],
                 files: CNI_PLUGINS
                     .iter()
                     .map(|p| cfg.cni_bin_dirs[1].join(p))
@@ -653,6 +827,10 @@ mod tests {
                         "/proc/sys/net/bridge/bridge-nf-call-iptables".into(),
                         "1".into(),
                     ),
+                    (
+                        "/proc/sys/net/bridge/bridge-nf-call-ip6tables".into(),
+                        "1".into(),
+                    ),
                 ]),
                 iptables: Ok(()),
                 root: true,
@@ -660,6 +838,21 @@ mod tests {
                 network: Ok(false),
                 bundles: Some(vec!["mcp-a".into(), "mcp-b".into()]),
                 state_dir: true,
+                outputs: HashMap::from([
+                    (
+                        "nft list tables".to_string(),
+                        Ok("table ip filter\ntable ip nat\n".to_string()),
+                    ),
+                    (
+                        "iptables -w 5 -S MEMOH-ISOLATION".to_string(),
+                        Err("No chain/target/match by that name.".to_string()),
+                    ),
+                    (
+                        "iptables -w 5 -t nat -S POSTROUTING".to_string(),
+                        Ok("-P POSTROUTING ACCEPT\n".to_string()),
+                    ),
+                ]),
+                attached: Vec::new(),
             }
         }
     }
@@ -701,6 +894,17 @@ mod tests {
         fn network_defined(&self, _: &Path, _: &str) -> Result<bool, String> {
             self.network.clone()
         }
+        fn output(&self, program: &str, args: &[&str]) -> Result<String, String> {
+            let key = format!("{program} {}", args.join(" "));
+            self.outputs
+                .get(&key)
+                .cloned()
+                .unwrap_or_else(|| panic!("unexpected run of {key:?}"))
+        }
+        fn files(&self, dir: &Path) -> Option<Vec<String>> {
+            assert_eq!(dir, Path::new("/var/lib/memoh-agent/cni"));
+            Some(self.attached.clone())
+        }
         fn subdirs(&self, dir: &Path) -> Option<Vec<String>> {
             if dir == Path::new("/run/containerd") {
                 return self
@@ -739,9 +943,9 @@ mod tests {
     fn a_healthy_host_passes() {
         let (checks, text, code) = report(&Fake::default());
         assert_eq!(code, 0, "{text}");
-        assert_eq!(checks.len(), 12);
+        assert_eq!(checks.len(), 14);
         assert!(checks.iter().all(|c| c.status == Status::Ok), "{text}");
-        assert_eq!(text.lines().count(), 13);
+        assert_eq!(text.lines().count(), 15);
         assert!(text.ends_with("all checks passed\n"));
         assert!(line(&text, "containerd").starts_with("ok      containerd   v2.0.0 at "));
         assert!(line(&text, "cni config").contains("/etc/cni/net.d is writable"));
@@ -798,6 +1002,16 @@ mod tests {
                 "cgroups",
                 |h| h.cgroups = Cgroups::Missing,
                 "mount -t cgroup2",
+            ),
+            (
+                "nftables",
+                |h| h.on_path.retain(|p| *p != "nft"),
+                "apt-get install nftables",
+            ),
+            (
+                "firewall",
+                |h| h.attached = vec!["b1.json".into()],
+                "systemctl restart memoh-agent",
             ),
             (
                 "image",
@@ -924,10 +1138,52 @@ mod tests {
             "{text}"
         );
         assert!(
+            line(&text, "bridge-nf").contains("bridge table still hold"),
+            "{text}"
+        );
+        assert!(
             line(&text, "iptables").contains("sudo memoh-agent doctor"),
             "{text}"
         );
         assert!(text.ends_with("0 problem(s), 2 warning(s)\n"), "{text}");
+    }
+
+    #[test]
+    fn firewall_leftovers_and_missing_tables_are_reported() {
+        // No bot attached, everything of the agent's left behind: a warning naming each fix.
+        let mut host = Fake::default();
+        host.outputs.insert(
+            "nft list tables".into(),
+            Ok("table ip nat\ntable bridge memoh-default\ntable inet memoh-default\n".into()),
+        );
+        host.outputs.insert(
+            "iptables -w 5 -S MEMOH-ISOLATION".into(),
+            Ok("-N MEMOH-ISOLATION\n-A MEMOH-ISOLATION -i cni0 -o cni0 -j DROP\n".into()),
+        );
+        host.outputs.insert(
+            "iptables -w 5 -t nat -S POSTROUTING".into(),
+            Ok("-A POSTROUTING -s 10.88.0.0/16 ! -d 10.88.0.0/16 -m comment --comment memoh-masq -j MASQUERADE\n".into()),
+        );
+        let (_, text, code) = report(&host);
+        assert_eq!(code, 0, "{text}");
+        let l = line(&text, "firewall");
+        assert!(l.starts_with("warn "), "{l}");
+        for want in [
+            "nft delete table bridge memoh-default",
+            "nft delete table inet memoh-default",
+            "iptables -D MEMOH-ISOLATION -i cni0 -o cni0 -j DROP",
+            "iptables -t nat -D POSTROUTING -s 10.88.0.0/16 ! -d 10.88.0.0/16 -j MASQUERADE",
+        ] {
+            assert!(l.contains(want), "{want}: {l}");
+        }
+        // Bots attached and the tables there: fine.
+        host.attached = vec!["a.json".into(), "b.json".into()];
+        let (_, text, code) = report(&host);
+        assert_eq!(code, 0, "{text}");
+        assert!(
+            line(&text, "firewall").contains("contain 2 attached bot(s)"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -606,7 +606,16 @@ fn a_deleted_veth_is_attached_again() {
 #[test]
 fn bots_cannot_reach_each_other_but_reach_the_gateway() {
     let Some(env) = Env::get(false) else { return };
-    let mut a = TestAgent::with_image(&env);
+    // Of the host, a bot reaches only the ports the configuration allows: the test's listener
+    // on the gateway gets one.
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut a = TestAgent::new(&env, &format!("host_ports_allowed = [\"tcp/{port}\"]"));
+    a.serve();
+    a.ok(&["image", "import", &env.tar.display().to_string()]);
     let (ba, ip_a) = a.create_bot("isoa");
     let (bb, ip_b) = a.create_bot("isob");
     let rules = stdout(&common::sh(
@@ -644,8 +653,7 @@ fn bots_cannot_reach_each_other_but_reach_the_gateway() {
     }
     // A bot still reaches its gateway: a listener of the test's on the bridge address.
     let gw = a.gateway();
-    let listener = TcpListener::bind(format!("{gw}:0")).unwrap();
-    let port = listener.local_addr().unwrap().port();
+    let listener = TcpListener::bind(format!("{gw}:{port}")).unwrap();
     let server = std::thread::spawn(move || {
         listener.set_nonblocking(false).unwrap();
         let (mut s, _) = listener.accept().unwrap();

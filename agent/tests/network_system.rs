@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use memoh_agent::network::{
-    self, conf, ExecPlugins, IpNetns, Iptables, Netns, Network, NetworkConfig, RuntimeConf,
+    self, conf, ExecPlugins, IpNetns, Iptables, Netns, Network, NetworkConfig, Policy, RuntimeConf,
 };
 
 /// Whether the tests can run; panics under CI when they cannot.
@@ -90,6 +90,7 @@ impl Fixture {
             plugin_timeout: Duration::from_secs(30),
             masquerade: true,
             isolate: true,
+            containment: Policy::strict(&format!("mtst-{tag}")),
         };
         let net = Network::with_parts(
             cfg.clone(),
@@ -181,6 +182,11 @@ impl Drop for Fixture {
         {}
         let _ = sh("iptables", &["-w", "5", "-F", &self.chain]);
         let _ = sh("iptables", &["-w", "5", "-X", &self.chain]);
+        // The containment tables of this fixture's network.
+        let table = format!("mtst-{}", self.tag);
+        for family in ["bridge", "inet"] {
+            let _ = sh("nft", &["delete", "table", family, &table]);
+        }
         // The bridge plugin's masquerade rules and chains for this network.
         let quoted = format!("name: \\\"{}\\\"", self.network_name);
         for rule in self.nat_rules_mentioning(&quoted) {

@@ -1,12 +1,16 @@
 //! Host firewall rules: the MASQUERADE fallback for the bot subnet, bot-to-bot isolation on
-//! the bridge, and clean-up of the bridge plugin's masquerade chains.
+//! the bridge, clean-up of the bridge plugin's masquerade chains, and the nftables ruleset of
+//! [`super::containment`] (anti-spoofing, bot-to-host, egress, and the bridge-level layers of
+//! isolation).
 //!
 //! Isolation is an iptables chain (default `MEMOH-ISOLATION`) jumped to from the top of
 //! `FORWARD`, holding one `-i BRIDGE -o BRIDGE -j DROP` rule per bridge. With bridge netfilter
 //! on, frames switched between two ports of the bridge traverse `FORWARD` with the bridge as
 //! both input and output device, so bot-to-bot traffic is dropped, while traffic to the host
 //! (the gateway, `INPUT`) and out of the host (`-o` another device) is untouched. Being per
-//! bridge, it also covers bots attached after it was set, with no per-veth state to keep.
+//! bridge, it also covers bots attached after it was set, with no per-veth state to keep. It is
+//! the third of the isolation layers [`super::containment`] describes (IPv4, and only with bridge
+//! netfilter on, which [`Firewall::ensure_bridge_netfilter`] sees to).
 
 use std::future::Future;
 use std::net::IpAddr;
@@ -26,6 +30,12 @@ pub const DEFAULT_ISOLATION_CHAIN: &str = "MEMOH-ISOLATION";
 pub const DEFAULT_MASQ_COMMENT: &str = "memoh-masq";
 
 const TOOL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The bridge netfilter settings the iptables layer of isolation needs.
+pub const BRIDGE_NETFILTER_SYSCTLS: &[&str] = &[
+    "/proc/sys/net/bridge/bridge-nf-call-iptables",
+    "/proc/sys/net/bridge/bridge-nf-call-ip6tables",
+];
 
 /// The outside system: the host's packet filter.
 pub trait Firewall: Send + Sync {
@@ -55,6 +65,17 @@ pub trait Firewall: Send + Sync {
         &self,
         bridge: &str,
     ) -> impl Future<Output = Result<bool, AgentError>> + Send;
+
+    /// Replaces the agent's nftables tables with `script` (from [`super::containment::render`]
+    /// or [`super::containment::remove_script`]) in one transaction.
+    fn apply_ruleset(&self, script: &str) -> impl Future<Output = Result<(), AgentError>> + Send;
+
+    /// Turns bridge netfilter's `bridge-nf-call-iptables` and `-ip6tables` on (the iptables
+    /// layer of isolation needs them); returns the settings it changed. Settings the kernel
+    /// does not have are reported as an error naming them.
+    fn ensure_bridge_netfilter(
+        &self,
+    ) -> impl Future<Output = Result<Vec<String>, AgentError>> + Send;
 
     /// Removes the bridge plugin's per-container masquerade rule and chain for `container`
     /// on `network`. The plugin only removes them itself when the container's namespace still
@@ -341,6 +362,69 @@ impl Firewall for Iptables {
             }
         }
         Ok(removed)
+    }
+
+    async fn apply_ruleset(&self, script: &str) -> Result<(), AgentError> {
+        let op = "apply the containment ruleset";
+        let out = cmd::run(
+            op,
+            "nft".as_ref(),
+            ["-f", "-"],
+            &[],
+            Some(script.as_bytes()),
+            TOOL_TIMEOUT,
+        )
+        .await
+        .map_err(|e| match e {
+            AgentError::Network { op, reason } => AgentError::Network {
+                op,
+                reason: format!(
+                    "{reason} (bots are contained with nftables: install the nftables package)"
+                ),
+            },
+            e => e,
+        })?;
+        if out.success() {
+            Ok(())
+        } else {
+            Err(AgentError::Network {
+                op: op.to_string(),
+                reason: format!("nft -f: {}", out.stderr_text()),
+            })
+        }
+    }
+
+    async fn ensure_bridge_netfilter(&self) -> Result<Vec<String>, AgentError> {
+        tokio::task::spawn_blocking(|| {
+            let mut changed = Vec::new();
+            let mut missing = Vec::new();
+            for path in BRIDGE_NETFILTER_SYSCTLS {
+                match std::fs::read_to_string(path) {
+                    Ok(v) if v.trim() == "1" => {}
+                    Ok(_) => {
+                        std::fs::write(path, "1").map_err(|e| AgentError::io(path, e))?;
+                        changed.push(path.to_string());
+                    }
+                    Err(_) => missing.push(path.to_string()),
+                }
+            }
+            if missing.is_empty() {
+                Ok(changed)
+            } else {
+                Err(AgentError::Network {
+                    op: "turn bridge netfilter on".into(),
+                    reason: format!(
+                        "{} missing (br_netfilter is not loaded)",
+                        missing.join(", ")
+                    ),
+                })
+            }
+        })
+        .await
+        .map_err(|e| AgentError::Network {
+            op: "turn bridge netfilter on".into(),
+            reason: e.to_string(),
+        })?
     }
 
     async fn remove_cni_masq(&self, network: &str, container: &str) -> Result<usize, AgentError> {

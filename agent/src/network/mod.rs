@@ -6,26 +6,35 @@
 //!    spec, so the namespace belongs to the agent and outlives the task.
 //! 2. [`Network::setup`] after every (re)start: keeps a healthy bot's address, otherwise runs
 //!    CNI ADD (retrying once after a DEL on the known transient errors), saves what DEL will
-//!    need, and makes sure the MASQUERADE fallback and bot-to-bot isolation are in place.
+//!    need, contains the new attachment (IPv6 off in the namespace unless it was given an
+//!    IPv6 address, its bridge port isolated, the containment ruleset rebuilt), and makes sure
+//!    the MASQUERADE fallback and bot-to-bot isolation are in place. An attachment that cannot
+//!    be contained is removed again and setup fails: a bot never runs uncontained.
 //! 3. [`Network::teardown`] on delete: CNI DEL with the saved config and result (so it works
 //!    after the task died and after an agent restart), then the namespace and the saved state
-//!    go. Tearing down an unknown bot succeeds.
+//!    go, the ruleset is rebuilt without the bot, and with the last bot of a bridge, subnet or
+//!    the whole agent go its isolation rule, its MASQUERADE rule and the agent's tables.
+//!    Tearing down an unknown bot succeeds.
 //!
 //! Submodules: [`cni`] (the plugin protocol), [`conf`] (network configs), [`result`] (typed
-//! results), [`netns`] (namespaces), [`firewall`] (iptables). Each outside system sits behind a
-//! trait ([`cni::PluginExec`], [`netns::Netns`], [`firewall::Firewall`]) with the real
-//! implementation as the default type parameter.
+//! results), [`netns`] (namespaces), [`firewall`] (iptables and nftables), [`containment`]
+//! (what a bot may reach, rendered as an nftables ruleset; its docs are the security model).
+//! Each outside system sits behind a trait ([`cni::PluginExec`], [`netns::Netns`],
+//! [`firewall::Firewall`]) with the real implementation as the default type parameter.
 
 mod cmd;
 pub mod cni;
 pub mod conf;
+pub mod containment;
 pub mod firewall;
 pub mod netns;
 pub mod result;
 mod state;
 
+use std::collections::HashSet;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -35,6 +44,7 @@ use crate::error::AgentError;
 
 pub use cni::{CniChain, ExecPlugins, PluginExec, RuntimeConf};
 pub use conf::NetworkConfList;
+pub use containment::Policy;
 pub use firewall::{Firewall, Iptables};
 pub use netns::{IpNetns, Netns};
 pub use result::CniResult;
@@ -64,6 +74,8 @@ pub struct NetworkConfig {
     pub masquerade: bool,
     /// Drop bot-to-bot traffic on the network's bridge on every setup.
     pub isolate: bool,
+    /// What else bots may reach, and the agent's nftables tables.
+    pub containment: Policy,
 }
 
 impl NetworkConfig {
@@ -81,6 +93,13 @@ impl NetworkConfig {
             plugin_timeout: cni::DEFAULT_PLUGIN_TIMEOUT,
             masquerade: true,
             isolate: true,
+            containment: Policy {
+                enabled: true,
+                table: containment::table_name(&c.namespace),
+                host_ports_allowed: c.host_ports_allowed.clone(),
+                egress_allowed: c.egress_allowed.clone(),
+                resolv_conf: Some(crate::containerd::spec::HOST_RESOLV_CONF.into()),
+            },
         }
     }
 }
@@ -157,6 +176,14 @@ pub struct Network<E = ExecPlugins, F = Iptables, N = IpNetns> {
     cni: CniChain<E>,
     firewall: F,
     netns: N,
+    /// Orders rebuilding the ruleset from the saved attachments with the host-rule changes
+    /// around it, so the last rebuild always sees the last attachment change.
+    contain_lock: tokio::sync::Mutex<()>,
+    /// Bridges whose isolation [`Network::remove_isolation`] lifted (until
+    /// [`Network::ensure_isolation`]).
+    lifted: std::sync::Mutex<HashSet<String>>,
+    /// Whether the missing bridge netfilter was reported already (once is enough).
+    warned_bridge_nf: AtomicBool,
 }
 
 impl Network {
@@ -175,6 +202,9 @@ impl<E: PluginExec, F: Firewall, N: Netns> Network<E, F, N> {
             cni: CniChain::new(exec),
             firewall,
             netns,
+            contain_lock: tokio::sync::Mutex::new(()),
+            lifted: std::sync::Mutex::new(HashSet::new()),
+            warned_bridge_nf: AtomicBool::new(false),
         }
     }
 
@@ -264,19 +294,38 @@ impl<E: PluginExec, F: Firewall, N: Netns> Network<E, F, N> {
     /// removed and ADD runs; on a duplicate allocation, an existing interface or a bridge MAC
     /// error it removes what is there (ignoring that removal's error) and adds once more.
     pub async fn setup(&self, bot: &str, netns: &Path) -> Result<BotNetwork, AgentError> {
-        let bn = self.setup_without_host_rules(bot, netns).await?;
-        self.host_rules(&bn).await?;
+        let (bn, fresh) = self.attach(bot, netns).await?;
+        if let Err(e) = self.host_rules(&bn).await {
+            if fresh {
+                return Err(self.detach_uncontained(&bn, e).await);
+            }
+            return Err(e);
+        }
         Ok(bn)
     }
 
     /// [`Network::setup`] without the host rules, for a caller that attaches many bots and
     /// then calls [`Network::ensure_host_rules`] once per network (the periodic reconcile:
-    /// per bot, the four `iptables` runs cost more than the rest of the check).
+    /// per bot, the four `iptables` runs cost more than the rest of the check). A new
+    /// attachment is still contained before this returns.
     pub async fn setup_without_host_rules(
         &self,
         bot: &str,
         netns: &Path,
     ) -> Result<BotNetwork, AgentError> {
+        let (bn, fresh) = self.attach(bot, netns).await?;
+        if fresh {
+            if let Err(e) = self.contain().await {
+                return Err(self.detach_uncontained(&bn, e).await);
+            }
+        }
+        Ok(bn)
+    }
+
+    /// The attachment of [`Network::setup`]; also says whether it is new (not the healthy one
+    /// that was kept). A new attachment has its own part of containment in place (IPv6, port
+    /// isolation), not yet the rebuilt ruleset.
+    async fn attach(&self, bot: &str, netns: &Path) -> Result<(BotNetwork, bool), AgentError> {
         check_bot_id(bot)?;
         let cid = container_id(bot);
         let mut previous_ip = None;
@@ -286,7 +335,7 @@ impl<E: PluginExec, F: Firewall, N: Netns> Network<E, F, N> {
                     match self.healthy(&saved).await {
                         Ok(bn) => {
                             tracing::debug!(bot, ip = %bn.ip, "bot network is healthy; keeping it");
-                            return Ok(bn);
+                            return Ok((bn, false));
                         }
                         Err(reason) => {
                             tracing::warn!(bot, %reason, "bot network is not healthy; attaching again")
@@ -302,6 +351,14 @@ impl<E: PluginExec, F: Firewall, N: Netns> Network<E, F, N> {
             None => {}
         }
 
+        // Containment must work before the bot gets any network: a host where the ruleset
+        // cannot be applied refuses the bot before ADD makes its interface.
+        if self.cfg.containment.enabled || self.cfg.isolate {
+            self.contain().await.map_err(|e| AgentError::Network {
+                op: format!("contain bot {bot}"),
+                reason: format!("isolation cannot be put in place, the bot is not started: {e}"),
+            })?;
+        }
         let net = self.load_network().await?;
         let mut rt = RuntimeConf {
             container_id: cid.clone(),
@@ -333,8 +390,56 @@ impl<E: PluginExec, F: Firewall, N: Netns> Network<E, F, N> {
         if let Some(bridge) = &bn.bridge {
             self.netns.forget_neighbour(bridge, bn.ip).await;
         }
+        if let Err(e) = self.contain_attachment(&bn).await {
+            return Err(self.detach_uncontained(&bn, e).await);
+        }
         tracing::info!(bot, ip = %bn.ip, netns = %netns.display(), "bot attached to the network");
-        Ok(bn)
+        Ok((bn, true))
+    }
+
+    /// The per-attachment part of containment: a bridge port to filter on, IPv6 off in the
+    /// namespace when the bot has no IPv6 address, the port isolated from the other bots.
+    async fn contain_attachment(&self, bn: &BotNetwork) -> Result<(), AgentError> {
+        if !self.cfg.containment.enabled && !self.cfg.isolate {
+            return Ok(());
+        }
+        let (Some(bridge), Some(veth)) = (&bn.bridge, &bn.host_veth) else {
+            return Err(AgentError::Network {
+                op: format!("contain bot {}", bn.bot),
+                reason: format!(
+                    "network {:?} gave the bot no bridge port (bridge {:?}, host veth {:?}); \
+                     containment needs a bridge network",
+                    self.cfg.network, bn.bridge, bn.host_veth
+                ),
+            });
+        };
+        if self.cfg.containment.enabled && !bot_addrs(bn).iter().any(IpAddr::is_ipv6) {
+            self.netns.disable_ipv6(&bn.netns).await?;
+        }
+        if self.isolates(bridge) {
+            self.netns.set_port_isolated(veth, true).await?;
+        }
+        Ok(())
+    }
+
+    /// A new attachment that could not be contained: removed again (its DEL error only
+    /// logged), so the bot has no network rather than an open one; returns `e` with context.
+    async fn detach_uncontained(&self, bn: &BotNetwork, e: AgentError) -> AgentError {
+        tracing::error!(bot = %bn.bot, error = %e, "cannot contain the bot's network; detaching it");
+        match state::load(&self.cfg.state_dir, &bn.bot).await {
+            Ok(Some(Ok(saved))) => {
+                self.del_saved_quietly(&saved).await;
+                if let Err(re) = state::remove(&self.cfg.state_dir, &bn.bot).await {
+                    tracing::warn!(bot = %bn.bot, error = %re, "cannot remove the saved state");
+                }
+            }
+            Ok(_) => {}
+            Err(le) => tracing::warn!(bot = %bn.bot, error = %le, "cannot read the saved state"),
+        }
+        AgentError::Network {
+            op: format!("contain bot {}", bn.bot),
+            reason: format!("isolation cannot be put in place, the bot is not started: {e}"),
+        }
     }
 
     /// Detaches bot `bot`: CNI DEL with the saved config and result (the namespace may be
@@ -345,8 +450,10 @@ impl<E: PluginExec, F: Firewall, N: Netns> Network<E, F, N> {
         let cid = container_id(bot);
         let canonical = self.netns_path(bot);
         let mut extra_netns: Option<PathBuf> = None;
+        let mut freed: Option<BotNetwork> = None;
         match state::load(&self.cfg.state_dir, bot).await? {
             Some(Ok(saved)) => {
+                freed = self.describe(&saved).ok();
                 let net = self.saved_network(&saved).await?;
                 self.del(
                     &net,
@@ -378,7 +485,158 @@ impl<E: PluginExec, F: Firewall, N: Netns> Network<E, F, N> {
             }
         }
         state::remove(&self.cfg.state_dir, bot).await?;
+        self.release(freed.as_ref()).await;
         tracing::info!(bot, "bot detached from the network");
+        Ok(())
+    }
+
+    /// After a bot's attachment went: the ruleset without it (the tables go with the last
+    /// bot), and the isolation and MASQUERADE rules of its bridge and subnet once no other
+    /// bot of this agent uses them. Failures are only logged: they leave a stricter or stale
+    /// rule, never an open one, and must not keep a bot from being deleted.
+    async fn release(&self, freed: Option<&BotNetwork>) {
+        let _g = self.contain_lock.lock().await;
+        if let Err(e) = self.contain_locked().await {
+            tracing::warn!(error = %e, "cannot rebuild the containment ruleset");
+        }
+        let Some(freed) = freed else { return };
+        let left = match self.attached().await {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list the attached bots; host rules kept");
+                return;
+            }
+        };
+        if let Some(bridge) = &freed.bridge {
+            if !left.iter().any(|b| b.bridge.as_ref() == Some(bridge)) {
+                match self.firewall.remove_isolation(bridge).await {
+                    Ok(true) => tracing::info!(
+                        bridge,
+                        "last bot of the bridge gone; isolation rule removed"
+                    ),
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::warn!(bridge, error = %e, "cannot remove the isolation rule")
+                    }
+                }
+                lock(&self.lifted).remove(bridge);
+            }
+        }
+        if self.cfg.masquerade && freed.ip.is_ipv4() {
+            let subnet = freed.subnet();
+            if !left.iter().any(|b| b.subnet() == subnet) {
+                match self.firewall.remove_masquerade(&subnet).await {
+                    Ok(true) => tracing::info!(
+                        subnet,
+                        "last bot of the subnet gone; masquerade rule removed"
+                    ),
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::warn!(subnet, error = %e, "cannot remove the masquerade rule")
+                    }
+                }
+            }
+        }
+    }
+
+    /// Every bot this agent has attached (its saved attachments), described.
+    async fn attached(&self) -> Result<Vec<BotNetwork>, AgentError> {
+        Ok(state::load_all(&self.cfg.state_dir)
+            .await?
+            .iter()
+            .filter_map(|s| match self.describe(s) {
+                Ok(bn) => Some(bn),
+                Err(e) => {
+                    tracing::warn!(bot = %s.bot, error = %e, "skipping an unusable attachment");
+                    None
+                }
+            })
+            .collect())
+    }
+
+    /// Whether bot-to-bot isolation applies to `bridge`.
+    fn isolates(&self, bridge: &str) -> bool {
+        self.cfg.isolate && !lock(&self.lifted).contains(bridge)
+    }
+
+    /// Rebuilds the containment ruleset from the saved attachments (see
+    /// [`containment`]); with no attachment left, removes the agent's tables.
+    pub async fn contain(&self) -> Result<(), AgentError> {
+        let _g = self.contain_lock.lock().await;
+        self.contain_locked().await
+    }
+
+    /// [`Network::contain`]; the caller holds `contain_lock`.
+    async fn contain_locked(&self) -> Result<(), AgentError> {
+        let policy = &self.cfg.containment;
+        if !policy.enabled && !self.cfg.isolate {
+            return Ok(());
+        }
+        let mut ports = Vec::new();
+        for bn in self.attached().await? {
+            let (Some(bridge), Some(veth)) = (bn.bridge.clone(), bn.host_veth.clone()) else {
+                tracing::warn!(bot = %bn.bot, "attachment without a bridge port; not in the ruleset");
+                continue;
+            };
+            let isolated = self.isolates(&bridge);
+            // Re-asserted on every rebuild: nothing but the agent should ever clear it.
+            if isolated && self.netns.link_exists(&veth).await {
+                match self.netns.set_port_isolated(&veth, true).await {
+                    Ok(true) => {
+                        tracing::warn!(bot = %bn.bot, port = %veth, "bridge port was not isolated; isolated it again")
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::warn!(bot = %bn.bot, port = %veth, error = %e, "cannot isolate the bridge port")
+                    }
+                }
+            }
+            let mut mac = bn
+                .result
+                .interfaces
+                .iter()
+                .find(|i| {
+                    i.name == self.cfg.ifname && i.sandbox.as_deref().is_some_and(|s| !s.is_empty())
+                })
+                .and_then(|i| i.mac.clone());
+            if mac.is_none() {
+                mac = match self.netns.interface_mac(&bn.netns, &self.cfg.ifname).await {
+                    Ok(m) => m,
+                    Err(e) => {
+                        tracing::warn!(bot = %bn.bot, error = %e, "cannot read the bot's mac; all it sends is dropped");
+                        None
+                    }
+                };
+            }
+            ports.push(containment::BotPort {
+                bot: bn.bot.clone(),
+                addrs: bot_addrs(&bn),
+                gateways: bn.gateway.into_iter().collect(),
+                veth,
+                bridge,
+                mac,
+                isolated,
+            });
+        }
+        let resolvers = match &policy.resolv_conf {
+            Some(p) => tokio::fs::read_to_string(p)
+                .await
+                .map(|t| containment::nameservers(&t))
+                .unwrap_or_default(),
+            None => Vec::new(),
+        };
+        let script = if ports.is_empty() {
+            containment::remove_script(&policy.table)
+        } else {
+            containment::render(policy, &ports, &resolvers).map_err(|reason| {
+                AgentError::Network {
+                    op: "render the containment ruleset".into(),
+                    reason,
+                }
+            })?
+        };
+        self.firewall.apply_ruleset(&script).await?;
+        tracing::debug!(table = %policy.table, bots = ports.len(), "containment ruleset applied");
         Ok(())
     }
 
@@ -392,14 +650,33 @@ impl<E: PluginExec, F: Firewall, N: Netns> Network<E, F, N> {
         self.firewall.remove_masquerade(subnet).await
     }
 
-    /// Drops bot-to-bot traffic on `bridge`; returns whether the rule was added.
+    /// Drops bot-to-bot traffic on `bridge` (every layer: the bots' ports isolated, the
+    /// ruleset, the iptables rule); returns whether the iptables rule was added.
     pub async fn ensure_isolation(&self, bridge: &str) -> Result<bool, AgentError> {
-        self.firewall.ensure_isolation(bridge).await
+        let _g = self.contain_lock.lock().await;
+        lock(&self.lifted).remove(bridge);
+        let added = self.firewall.ensure_isolation(bridge).await?;
+        self.contain_locked().await?;
+        Ok(added)
     }
 
-    /// Lifts the isolation of `bridge`; returns whether it was there.
+    /// Lifts every layer of the isolation of `bridge` until [`Network::ensure_isolation`];
+    /// returns whether the iptables rule was there.
     pub async fn remove_isolation(&self, bridge: &str) -> Result<bool, AgentError> {
-        self.firewall.remove_isolation(bridge).await
+        let _g = self.contain_lock.lock().await;
+        lock(&self.lifted).insert(bridge.to_string());
+        let removed = self.firewall.remove_isolation(bridge).await?;
+        for bn in self.attached().await? {
+            if bn.bridge.as_deref() == Some(bridge) {
+                if let Some(veth) = &bn.host_veth {
+                    if self.netns.link_exists(veth).await {
+                        self.netns.set_port_isolated(veth, false).await?;
+                    }
+                }
+            }
+        }
+        self.contain_locked().await?;
+        Ok(removed)
     }
 
     /// DEL for one attachment; when the namespace is gone the bridge plugin cannot find the
@@ -568,18 +845,57 @@ impl<E: PluginExec, F: Firewall, N: Netns> Network<E, F, N> {
         self.host_rules(bn).await
     }
 
-    /// MASQUERADE for the bot's subnet and isolation on its bridge, as configured.
+    /// MASQUERADE for the bot's subnet, isolation on its bridge (with bridge netfilter on for
+    /// its iptables layer), and the containment ruleset rebuilt, as configured.
     async fn host_rules(&self, bn: &BotNetwork) -> Result<(), AgentError> {
+        let _g = self.contain_lock.lock().await;
         if self.cfg.masquerade && bn.ip.is_ipv4() {
             self.firewall.ensure_masquerade(&bn.subnet()).await?;
         }
-        if self.cfg.isolate {
-            if let Some(bridge) = &bn.bridge {
-                self.firewall.ensure_isolation(bridge).await?;
+        if let Some(bridge) = bn.bridge.as_deref().filter(|b| self.isolates(b)) {
+            self.firewall.ensure_isolation(bridge).await?;
+            match self.firewall.ensure_bridge_netfilter().await {
+                Ok(changed) if !changed.is_empty() => tracing::info!(
+                    settings = ?changed,
+                    "turned bridge netfilter on for the iptables layer of bot isolation"
+                ),
+                Ok(_) => {}
+                Err(e) => {
+                    // The bridge-level layers hold without it: worth saying once, not failing.
+                    if !self.warned_bridge_nf.swap(true, Ordering::Relaxed) {
+                        tracing::warn!(error = %e, "bridge netfilter unavailable: the iptables layer of bot isolation is inactive, the bridge-level layers hold");
+                    }
+                }
             }
         }
-        Ok(())
+        self.contain_locked().await
     }
+}
+
+/// The bot's own addresses: those on its interface in the result (every address when the
+/// result does not say which interface holds it).
+fn bot_addrs(bn: &BotNetwork) -> Vec<IpAddr> {
+    let r = &bn.result;
+    let mine: Vec<IpAddr> = r
+        .ips
+        .iter()
+        .filter(|ip| {
+            ip.interface
+                .and_then(|i| r.interfaces.get(i))
+                .is_some_and(|itf| itf.sandbox.as_deref().is_some_and(|s| !s.is_empty()))
+        })
+        .map(|ip| ip.address)
+        .collect();
+    if mine.is_empty() {
+        r.ips.iter().map(|ip| ip.address).collect()
+    } else {
+        mine
+    }
+}
+
+/// Locks a std mutex, recovering from a poisoned one (the data is a plain set).
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[cfg(test)]

@@ -77,6 +77,30 @@ pub trait Netns: Send + Sync {
     /// just changed hands (a bot deleted, another given its address) would otherwise be sent
     /// to the old owner's MAC until the entry goes stale, about 30 s of silence.
     fn forget_neighbour(&self, bridge: &str, ip: IpAddr) -> impl Future<Output = ()> + Send;
+
+    /// Sets (or clears) the `isolated` flag of bridge port `port`: the bridge then never
+    /// forwards a frame between two isolated ports, whatever its protocol. Returns whether it
+    /// changed anything; a port that does not exist (or is on no bridge) is an error.
+    fn set_port_isolated(
+        &self,
+        port: &str,
+        on: bool,
+    ) -> impl Future<Output = Result<bool, AgentError>> + Send;
+
+    /// Whether link `name` exists on the host.
+    fn link_exists(&self, name: &str) -> impl Future<Output = bool> + Send;
+
+    /// Turns IPv6 off in the namespace at `path` (every interface, present and future), so a
+    /// bot given no IPv6 address has no link-local one either.
+    fn disable_ipv6(&self, path: &Path) -> impl Future<Output = Result<(), AgentError>> + Send;
+
+    /// The MAC address of interface `ifname` inside the namespace at `path`, lowercase;
+    /// `None` when the namespace or the interface does not exist.
+    fn interface_mac(
+        &self,
+        path: &Path,
+        ifname: &str,
+    ) -> impl Future<Output = Result<Option<String>, AgentError>> + Send;
 }
 
 /// Namespaces through iproute2 (`ip netns`) and util-linux `nsenter`.
@@ -249,6 +273,148 @@ impl Netns for IpNetns {
             Err(e) => tracing::debug!(bridge, ip, error = %e, "cannot drop the neighbour entry"),
         }
     }
+
+    async fn set_port_isolated(&self, port: &str, on: bool) -> Result<bool, AgentError> {
+        if !valid_netns_name(port) {
+            return Err(AgentError::InvalidArgument(format!("port name {port:?}")));
+        }
+        let op = format!("isolate bridge port {port}");
+        let path = Path::new("/sys/class/net")
+            .join(port)
+            .join("brport/isolated");
+        let want = if on { "1" } else { "0" };
+        let r = tokio::task::spawn_blocking(move || -> std::io::Result<bool> {
+            if std::fs::read_to_string(&path)?.trim() == want {
+                return Ok(false);
+            }
+            std::fs::write(&path, want)?;
+            let now = std::fs::read_to_string(&path)?;
+            if now.trim() != want {
+                return Err(std::io::Error::other(format!(
+                    "the flag reads {}",
+                    now.trim()
+                )));
+            }
+            Ok(true)
+        })
+        .await
+        .map_err(|e| AgentError::Network {
+            op: op.clone(),
+            reason: e.to_string(),
+        })?;
+        r.map_err(|e| AgentError::Network {
+            op,
+            reason: if e.kind() == std::io::ErrorKind::NotFound {
+                "no such port on a bridge (or the kernel has no port isolation)".into()
+            } else {
+                e.to_string()
+            },
+        })
+    }
+
+    async fn link_exists(&self, name: &str) -> bool {
+        valid_netns_name(name) && Path::new("/sys/class/net").join(name).exists()
+    }
+
+    async fn disable_ipv6(&self, path: &Path) -> Result<(), AgentError> {
+        let op = format!("turn ipv6 off in {}", path.display());
+        let ns = path.to_path_buf();
+        let r = tokio::task::spawn_blocking(move || {
+            write_sysctls_in(
+                &ns,
+                &[
+                    "net/ipv6/conf/all/disable_ipv6",
+                    "net/ipv6/conf/default/disable_ipv6",
+                ],
+                "1",
+            )
+        })
+        .await
+        .map_err(|e| AgentError::Network {
+            op: op.clone(),
+            reason: e.to_string(),
+        })?;
+        match r {
+            Ok(()) => Ok(()),
+            // A kernel without IPv6 has nothing to turn off.
+            Err(e)
+                if e.kind() == std::io::ErrorKind::NotFound
+                    && !Path::new("/proc/sys/net/ipv6").exists() =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(AgentError::Network {
+                op,
+                reason: e.to_string(),
+            }),
+        }
+    }
+
+    async fn interface_mac(&self, path: &Path, ifname: &str) -> Result<Option<String>, AgentError> {
+        if !self.exists(path).await {
+            return Ok(None);
+        }
+        let op = format!("read the mac of {ifname} in {}", path.display());
+        let mut net = std::ffi::OsString::from("--net=");
+        net.push(path);
+        let args: [&std::ffi::OsStr; 7] = [
+            &net,
+            "ip".as_ref(),
+            "-j".as_ref(),
+            "link".as_ref(),
+            "show".as_ref(),
+            "dev".as_ref(),
+            ifname.as_ref(),
+        ];
+        let out = cmd::run(&op, "nsenter".as_ref(), args, &[], None, TOOL_TIMEOUT).await?;
+        if !out.success() {
+            let err = out.stderr_text();
+            if err.contains("does not exist") {
+                return Ok(None);
+            }
+            return Err(AgentError::Network { op, reason: err });
+        }
+        let v: Value = serde_json::from_slice(&out.stdout).map_err(|e| AgentError::Network {
+            op: op.clone(),
+            reason: format!("ip -j output: {e}"),
+        })?;
+        Ok(v.as_array()
+            .and_then(|a| a.first())
+            .and_then(|l| l.get("address"))
+            .and_then(Value::as_str)
+            .map(str::to_ascii_lowercase))
+    }
+}
+
+/// Writes `value` to the sysctls under `/proc/sys/` named in `keys`, inside the network
+/// namespace at `ns`: a thread of its own enters the namespace (network sysctls belong to the
+/// namespace of the task that opens them) and ends with it, so no other thread ever runs in
+/// the wrong namespace.
+fn write_sysctls_in(ns: &Path, keys: &[&str], value: &str) -> std::io::Result<()> {
+    let ns = ns.to_path_buf();
+    let keys: Vec<String> = keys.iter().map(|k| k.to_string()).collect();
+    let value = value.to_string();
+    std::thread::spawn(move || -> std::io::Result<()> {
+        let f = std::fs::File::open(&ns)?;
+        nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(std::io::Error::from)?;
+        for k in &keys {
+            let p = Path::new("/proc/sys").join(k);
+            std::fs::write(&p, &value)
+                .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", p.display())))?;
+            let now = std::fs::read_to_string(&p)?;
+            if now.trim() != value {
+                return Err(std::io::Error::other(format!(
+                    "{} is {} after writing {value}",
+                    p.display(),
+                    now.trim()
+                )));
+            }
+        }
+        Ok(())
+    })
+    .join()
+    .map_err(|_| std::io::Error::other("sysctl thread panicked"))?
 }
 
 /// A random locally administered unicast MAC address.

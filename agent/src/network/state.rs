@@ -85,6 +85,41 @@ pub(crate) async fn load(
     }
 }
 
+/// Every usable saved attachment in `state_dir` (files that cannot be used are skipped with a
+/// warning: they name no attachment the agent could act on).
+pub(crate) async fn load_all(state_dir: &Path) -> Result<Vec<Saved>, AgentError> {
+    let dir = state_dir.join("cni");
+    let mut entries = match tokio::fs::read_dir(&dir).await {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(AgentError::io(dir, e)),
+    };
+    let mut bots = Vec::new();
+    while let Some(e) = entries
+        .next_entry()
+        .await
+        .map_err(|e| AgentError::io(&dir, e))?
+    {
+        let name = e.file_name();
+        let Some(bot) = name.to_str().and_then(|n| n.strip_suffix(".json")) else {
+            continue;
+        };
+        bots.push(bot.to_string());
+    }
+    bots.sort();
+    let mut out = Vec::with_capacity(bots.len());
+    for bot in bots {
+        match load(state_dir, &bot).await? {
+            Some(Ok(s)) => out.push(s),
+            Some(Err(reason)) => {
+                tracing::warn!(bot, %reason, "skipping unusable saved network state")
+            }
+            None => {}
+        }
+    }
+    Ok(out)
+}
+
 /// Writes a bot's attachment atomically (temp file, fsync, rename).
 pub(crate) async fn save(state_dir: &Path, saved: &Saved) -> Result<(), AgentError> {
     let p = path(state_dir, &saved.bot);
@@ -145,8 +180,14 @@ mod tests {
         std::fs::copy(path(dir.path(), "a"), path(dir.path(), "c")).unwrap();
         assert!(load(dir.path(), "c").await.unwrap().unwrap().is_err());
 
+        // Only usable files are listed.
+        let all = load_all(dir.path()).await.unwrap();
+        assert_eq!(all, vec![s.clone()]);
+
         remove(dir.path(), "a").await.unwrap();
         remove(dir.path(), "a").await.unwrap();
         assert!(load(dir.path(), "a").await.unwrap().is_none());
+        assert!(load_all(dir.path()).await.unwrap().is_empty());
+        assert!(load_all(&dir.path().join("none")).await.unwrap().is_empty());
     }
 }

@@ -15,6 +15,12 @@ struct FakeNetns {
     live: Mutex<HashMap<PathBuf, Vec<(IpAddr, u8)>>>,
     deleted: Mutex<Vec<String>>,
     pinned: Mutex<Vec<String>>,
+    /// Ports and their isolated flag.
+    isolated: Mutex<HashMap<String, bool>>,
+    /// Namespaces IPv6 was turned off in.
+    no_ipv6: Mutex<Vec<PathBuf>>,
+    /// Makes `set_port_isolated` fail.
+    fail_isolation: Mutex<bool>,
 }
 
 impl FakeNetns {
@@ -64,11 +70,38 @@ impl Netns for FakeNetns {
         Ok(false)
     }
     async fn forget_neighbour(&self, _bridge: &str, _ip: IpAddr) {}
+    async fn set_port_isolated(&self, port: &str, on: bool) -> Result<bool, AgentError> {
+        if *self.fail_isolation.lock().unwrap() {
+            return Err(AgentError::Network {
+                op: "isolate".into(),
+                reason: "no port isolation here".into(),
+            });
+        }
+        Ok(self.isolated.lock().unwrap().insert(port.to_string(), on) != Some(on))
+    }
+    async fn link_exists(&self, name: &str) -> bool {
+        name.starts_with("veth")
+    }
+    async fn disable_ipv6(&self, path: &Path) -> Result<(), AgentError> {
+        self.no_ipv6.lock().unwrap().push(path.to_path_buf());
+        Ok(())
+    }
+    async fn interface_mac(
+        &self,
+        _path: &Path,
+        _ifname: &str,
+    ) -> Result<Option<String>, AgentError> {
+        Ok(Some("02:00:00:00:00:aa".into()))
+    }
 }
 
 #[derive(Default)]
 struct FakeFirewall {
     calls: Mutex<Vec<String>>,
+    /// The last ruleset applied.
+    ruleset: Mutex<String>,
+    /// Makes `apply_ruleset` fail.
+    fail_ruleset: Mutex<bool>,
 }
 
 impl FakeFirewall {
@@ -101,6 +134,26 @@ impl Firewall for FakeFirewall {
         self.log(format!("cni-masq {network} {container}"));
         Ok(1)
     }
+    async fn apply_ruleset(&self, script: &str) -> Result<(), AgentError> {
+        if *self.fail_ruleset.lock().unwrap() {
+            return Err(AgentError::Network {
+                op: "nft".into(),
+                reason: "cannot run nft".into(),
+            });
+        }
+        let kind = if script.contains("chain") {
+            "ruleset"
+        } else {
+            "no-ruleset"
+        };
+        self.log(kind.to_string());
+        *self.ruleset.lock().unwrap() = script.to_string();
+        Ok(())
+    }
+    async fn ensure_bridge_netfilter(&self) -> Result<Vec<String>, AgentError> {
+        self.log("bridge-nf".into());
+        Ok(vec![])
+    }
 }
 
 struct Env {
@@ -122,6 +175,7 @@ fn env() -> Env {
         plugin_timeout: Duration::from_secs(5),
         masquerade: true,
         isolate: true,
+        containment: Policy::strict("memoh-test"),
     };
     Env {
         net: Network::with_parts(
@@ -183,9 +237,96 @@ async fn fresh_setup_adds_saves_and_sets_host_rules() {
     assert!(e.net.config().conf_dir.join("memoh-cni.conflist").is_file());
     assert_eq!(
         e.net.firewall().calls(),
-        ["masq 10.210.3.0/24", "isolate br-test"]
+        [
+            "no-ruleset",
+            "masq 10.210.3.0/24",
+            "isolate br-test",
+            "bridge-nf",
+            "ruleset"
+        ]
     );
     assert_eq!(e.net.saved("a").await.unwrap(), Some(bn));
+    // Contained: its port isolated, IPv6 off in its namespace, its identity in the ruleset.
+    assert_eq!(
+        *e.net.netns().isolated.lock().unwrap(),
+        HashMap::from([("veth0001".to_string(), true)])
+    );
+    assert_eq!(*e.net.netns().no_ipv6.lock().unwrap(), [PathBuf::from(NS)]);
+    let rules = e.net.firewall().ruleset.lock().unwrap().clone();
+    assert!(
+        rules.contains("\"veth0001\" . 02:00:00:00:00:aa . 10.210.3.2"),
+        "{rules}"
+    );
+    assert!(rules.contains("set gateways4 { type ipv4_addr; elements = { 10.210.3.1 }; }"));
+}
+
+#[tokio::test]
+async fn a_bot_that_cannot_be_contained_is_detached_and_refused() {
+    for (why, port_fails) in [("port isolation", true), ("ruleset", false)] {
+        let e = env();
+        e.net.netns().set(NS, &[]);
+        e.net
+            .cni()
+            .exec()
+            .answer(CniCommand::Add, Ok(Some(add_result("10.210.3.2"))));
+        *e.net.netns().fail_isolation.lock().unwrap() = port_fails;
+        *e.net.firewall().fail_ruleset.lock().unwrap() = !port_fails;
+        let err = e.net.setup("a", Path::new(NS)).await.unwrap_err();
+        assert!(
+            err.to_string().contains("isolation cannot be put in place"),
+            "{why}: {err}"
+        );
+        // Nothing of the attachment is left: no network beats an open one. A ruleset that
+        // cannot be applied at all is found before ADD.
+        let want: &[CniCommand] = if port_fails {
+            &[CniCommand::Add, CniCommand::Del]
+        } else {
+            &[]
+        };
+        assert_eq!(commands(&e), want, "{why}");
+        assert_eq!(e.net.saved("a").await.unwrap(), None, "{why}");
+    }
+}
+
+#[tokio::test]
+async fn the_last_teardown_removes_the_agents_rules() {
+    let e = env();
+    e.net.netns().set(NS, &[]);
+    let ns_b = "/run/netns/memoh-b";
+    e.net.netns().set(ns_b, &[]);
+    let exec = e.net.cni().exec();
+    exec.answer(CniCommand::Add, Ok(Some(add_result("10.210.3.2"))));
+    e.net.setup("a", Path::new(NS)).await.unwrap();
+    let mut second = add_result("10.210.3.3");
+    second["interfaces"][1]["name"] = json!("veth0002");
+    exec.answer(CniCommand::Add, Ok(Some(second)));
+    e.net.setup("b", Path::new(ns_b)).await.unwrap();
+    let fw = e.net.firewall();
+    let before = fw.calls().len();
+
+    // One bot left: the ruleset loses a, the shared rules stay.
+    e.net.teardown("a").await.unwrap();
+    let calls = fw.calls()[before..].to_vec();
+    assert!(calls.contains(&"ruleset".to_string()), "{calls:?}");
+    assert!(!calls.iter().any(|c| c.starts_with("un")), "{calls:?}");
+    let rules = fw.ruleset.lock().unwrap().clone();
+    assert!(
+        !rules.contains("veth0001") && rules.contains("veth0002"),
+        "{rules}"
+    );
+
+    // The last one: tables, isolation and masquerade go.
+    let before = fw.calls().len();
+    e.net.teardown("b").await.unwrap();
+    assert_eq!(
+        fw.calls()[before..],
+        ["no-ruleset", "unisolate br-test", "unmasq 10.210.3.0/24"]
+    );
+    assert!(fw
+        .ruleset
+        .lock()
+        .unwrap()
+        .contains("delete table inet memoh-test"));
 }
 
 #[tokio::test]
@@ -201,8 +342,9 @@ async fn healthy_bot_keeps_its_address() {
     let again = e.net.setup("a", Path::new(NS)).await.unwrap();
     assert_eq!(first, again);
     assert_eq!(commands(&e), [CniCommand::Add, CniCommand::Check]);
-    // Host rules are ensured on every setup, healthy or not.
-    assert_eq!(e.net.firewall().calls().len(), 4);
+    // Host rules are ensured on every setup, healthy or not (the first also checked the
+    // ruleset applies before ADD).
+    assert_eq!(e.net.firewall().calls().len(), 9);
 }
 
 #[tokio::test]
@@ -282,7 +424,8 @@ async fn retry_happens_once_and_failures_are_cleaned_up() {
         ]
     );
     assert_eq!(e.net.saved("a").await.unwrap(), None);
-    assert!(e.net.firewall().calls().is_empty());
+    // Only the check before ADD that the (empty) ruleset applies.
+    assert_eq!(e.net.firewall().calls(), ["no-ruleset"]);
 }
 
 #[tokio::test]

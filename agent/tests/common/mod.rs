@@ -717,6 +717,11 @@ impl TestAgent {
         while self.delete_masq() {}
         self.remove_cni_masq();
         self.remove_isolation();
+        // The agent's containment tables (named after its namespace, so only this guard's).
+        for family in ["bridge", "inet"] {
+            let table = format!("memoh-{}", self.namespace);
+            let _ = self.net_sh("nft", &["delete", "table", family, &table]);
+        }
         SUBNETS.lock().unwrap().retain(|s| *s != self.subnet);
     }
 
