@@ -51,8 +51,14 @@ pub struct Config {
     /// Address of the MCP streamable HTTP server (`/bots/BOT/mcp`, `/bots/BOT/mcp/NAME`); empty
     /// disables it.
     pub mcp_listen: String,
-    /// Bearer token MCP clients must present; unset leaves the MCP server open.
+    /// Bearer token MCP clients must present. Unset: the agent generates one on first start
+    /// into `<state_dir>/mcp.token` (0600) and keeps it; `memoh-agent mcp token` prints it.
     pub mcp_token: Option<String>,
+    /// Host names (besides the loopback names and the listen address) that MCP clients may
+    /// use in `Host` and `Origin`; any other is refused (DNS rebinding).
+    pub mcp_allowed_hosts: Vec<String>,
+    /// Serve `/metrics` without the MCP token.
+    pub metrics_public: bool,
     /// Seconds without calls after which a stdio MCP server's process is closed.
     pub mcp_idle_secs: u64,
     /// Ports of the host bots may connect to, as `PROTO/PORT` or `PROTO/FIRST-LAST` (e.g.
@@ -85,6 +91,8 @@ impl Default for Config {
             control_socket: "/run/memoh/agent.sock".into(),
             mcp_listen: "127.0.0.1:8091".into(),
             mcp_token: None,
+            mcp_allowed_hosts: Vec::new(),
+            metrics_public: false,
             mcp_idle_secs: 600,
             host_ports_allowed: Vec::new(),
             egress_allowed: Vec::new(),

@@ -164,14 +164,31 @@ fn doctor_finds_a_half_deleted_task_bundle_and_its_fix_works() {
     assert!(bundle_line(&text).starts_with("ok "), "{text}");
 }
 
-fn scrape(port: u16) -> String {
+/// `GET /metrics` with `token` (none: the answer's head only, for the refusal).
+fn get_metrics(port: u16, token: Option<&str>) -> (String, String) {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .unwrap();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let req =
+        format!("GET /metrics HTTP/1.1\r\nHost: localhost\r\n{auth}Connection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).unwrap();
     let mut text = String::new();
     s.read_to_string(&mut text).unwrap();
     let (head, body) = text.split_once("\r\n\r\n").expect("an http response");
+    (head.to_string(), body.to_string())
+}
+
+/// The metrics, with the agent's MCP token (`/metrics` wants it unless `metrics_public`).
+fn scrape(a: &TestAgent, port: u16) -> String {
+    let token = a.ok(&["mcp", "token"]).trim().to_string();
+    let (head, _) = get_metrics(port, None);
+    assert!(
+        head.starts_with("HTTP/1.1 401"),
+        "metrics without the token: {head}"
+    );
+    let (head, body) = get_metrics(port, Some(&token));
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert!(head.to_ascii_lowercase().contains("text/plain"), "{head}");
     body.to_string()
@@ -189,12 +206,12 @@ fn sample(body: &str, series: &str) -> f64 {
 fn metrics_show_bots_and_latencies() {
     let Some(env) = Env::get(false) else { return };
     let (mut a, port) = agent_with_http(&env);
-    let before = scrape(port);
+    let before = scrape(&a, port);
     assert_eq!(sample(&before, "memoh_bots{state=\"running\"}"), 0.0);
 
     let (bot, _) = a.create_bot("m");
     assert_eq!(a.sh_in(&bot, "echo hi").trim(), "hi");
-    let body = scrape(port);
+    let body = scrape(&a, port);
     assert_eq!(sample(&body, "memoh_bots{state=\"running\"}"), 1.0);
     assert_eq!(sample(&body, "memoh_bots{state=\"stopped\"}"), 0.0);
     let exec = "memoh_rpc_duration_seconds_count{api=\"proxy\",method=\"Exec\"}";
@@ -212,7 +229,7 @@ fn metrics_show_bots_and_latencies() {
     }
     // The stop evicts the pooled channel the exec used.
     a.ok(&["bot", "stop", &bot]);
-    let body = scrape(port);
+    let body = scrape(&a, port);
     assert_eq!(sample(&body, "memoh_bots{state=\"running\"}"), 0.0);
     assert!(
         sample(&body, "memoh_pool_evictions_total{reason=\"explicit\"}") >= 1.0,

@@ -364,6 +364,24 @@ async fn http(
     (status, head.to_string(), body.to_string())
 }
 
+/// The status of `REQUEST_LINE` with `headers` (each ending in CRLF) and no body.
+async fn raw_status(addr: &str, request_line: &str, headers: &str) -> u16 {
+    let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!(
+        "{request_line} HTTP/1.1\r\n{headers}Content-Type: application/json\r\n\
+         Accept: application/json, text/event-stream\r\nContent-Length: 2\r\n\
+         Connection: close\r\n\r\n{{}}"
+    );
+    c.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out)
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
 /// The first JSON-RPC message with an `id` in an SSE or JSON body.
 fn rpc(body: &str) -> Value {
     for l in body.lines() {
@@ -427,11 +445,31 @@ async fn http_tools_and_stdio_server_end_to_end() {
     ));
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap().to_string();
-    let _task = memoh_agent::mcp::serve_on(mcp.clone(), l, Some("tok".into()), stop.clone());
+    let access = memoh_agent::mcp::access::Access::new("tok", &addr, &[], false);
+    let _task = memoh_agent::mcp::serve_on(mcp.clone(), l, access, stop.clone());
 
     // Token required.
     let (st, _, _) = http(&addr, "/bots/b1/mcp", None, None, json!({})).await;
     assert_eq!(st, 401);
+    // A foreign Host or Origin (DNS rebinding) is refused before the token is looked at.
+    for extra in [
+        "Host: evil.example\r\nAuthorization: Bearer tok\r\n",
+        "Host: localhost\r\nOrigin: http://evil.example\r\nAuthorization: Bearer tok\r\n",
+        "Host: localhost\r\nOrigin: null\r\nAuthorization: Bearer tok\r\n",
+    ] {
+        assert_eq!(
+            raw_status(&addr, "POST /bots/b1/mcp", extra).await,
+            403,
+            "{extra}"
+        );
+    }
+    // /metrics wants the token too.
+    assert_eq!(
+        raw_status(&addr, "GET /metrics", "Host: localhost\r\n").await,
+        401
+    );
+    let with_token = "Host: localhost\r\nAuthorization: Bearer tok\r\n";
+    assert_eq!(raw_status(&addr, "GET /metrics", with_token).await, 200);
     let tok = Some("tok");
 
     let sid = mcp_session(&addr, "/bots/b1/mcp", tok).await;

@@ -86,6 +86,9 @@ class HttpMcp(Rpc):
         self.url = url
         self.http = httpx.Client(timeout=30)
         self.headers = dict(self.HEADERS)
+        token = os.environ.get("MEMOH_MCP_TOKEN", "")
+        if token:
+            self.headers["Authorization"] = "Bearer " + token
         self.handshake()
 
     def _post(self, msg):

@@ -4,19 +4,35 @@ under the SDK's 1.x (camelCase attributes) and 2.x (snake_case) models."""
 
 import contextlib
 import json
+import os
 
 from mcp import ClientSession
 
-try:  # mcp >= 2
+try:  # mcp >= 2: headers travel on the HTTP client the transport is given
     from mcp.client.streamable_http import streamable_http_client as _http_client
+    from mcp.shared._httpx_utils import create_mcp_http_client as _mcp_http_client
+
+    def _open(url, headers):
+        return _http_client(url, http_client=_mcp_http_client(headers=headers))
+
 except ImportError:  # mcp 1.x
     from mcp.client.streamable_http import streamablehttp_client as _http_client
 
+    def _open(url, headers):
+        return _http_client(url, headers=headers)
+
+
+def auth_headers():
+    """The agent's MCP bearer token (tests/mcp/run.sh reads it with `memoh-agent mcp token`)."""
+    token = os.environ.get("MEMOH_MCP_TOKEN", "")
+    return {"Authorization": "Bearer " + token} if token else {}
+
 
 @contextlib.asynccontextmanager
-async def http_session(url):
-    """An initialized client session to the streamable HTTP endpoint `url`."""
-    async with _http_client(url) as streams:
+async def http_session(url, headers=None):
+    """An initialized client session to the streamable HTTP endpoint `url`, with the agent's
+    token unless `headers` says otherwise."""
+    async with _open(url, auth_headers() if headers is None else headers) as streams:
         read, write = streams[0], streams[1]
         async with ClientSession(read, write) as session:
             await session.initialize()

@@ -179,6 +179,9 @@ out=$(cli exec "$BOT" -- mcp-fixture </dev/null 2>&1) || true
 grep -q "mcp-fixture started" <<<"$out" || { echo "mcp: mcp-fixture does not run in the bot: $out" >&2; exit 1; }
 
 export MEMOH_MCP_URL="http://127.0.0.1:$PORT"
+# MCP authentication is on by default: the agent generated a token; the operator reads it so.
+MEMOH_MCP_TOKEN=$(cli mcp token)
+export MEMOH_MCP_TOKEN
 export MEMOH_MCP_BOT="$BOT"
 export MEMOH_AGENT_SOCKET="$SOCK"
 export MEMOH_AGENT_BIN="$AGENT"

@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from mcpclient import http_session, is_error, structured, text, tool_names
+from mcpclient import auth_headers, http_session, is_error, structured, text, tool_names
 
 URL = os.environ.get("MEMOH_MCP_URL", "")
 BOT = os.environ.get("MEMOH_MCP_BOT", "")
@@ -216,7 +216,7 @@ def _post(client, url, msg, sid=None):
 def test_one_session_across_http_requests(fixture_server):
     """Raw streamable HTTP: one Mcp-Session-Id, several POSTs, the same server process."""
     url = fixture_url()
-    with httpx.Client(timeout=30) as c:
+    with httpx.Client(timeout=30, headers=auth_headers()) as c:
         r, body = _post(
             c,
             url,
@@ -251,7 +251,9 @@ def test_one_session_across_http_requests(fixture_server):
         # An unknown method is a JSON-RPC error with the full envelope.
         _, body = _post(c, url, {"jsonrpc": "2.0", "id": 77, "method": "no/such", "params": {}}, sid)
         assert body["id"] == 77 and "error" in body and "code" in body["error"] and "message" in body["error"]
-        c.delete(url, headers={"Mcp-Session-Id": sid})
+        # Ending the session answers 200, as the SDKs expect (they log a failure otherwise).
+        r = c.delete(url, headers={"Mcp-Session-Id": sid})
+        assert r.status_code == 200, (r.status_code, r.text)
 
 
 def test_sdk_session_spans_many_calls(fixture_server):
@@ -267,7 +269,7 @@ def test_sdk_session_spans_many_calls(fixture_server):
 
 
 def test_unknown_server_and_removal():
-    with httpx.Client(timeout=30) as c:
+    with httpx.Client(timeout=30, headers=auth_headers()) as c:
         r = c.post(
             fixture_url("nosuch"),
             content="{}",
@@ -280,3 +282,20 @@ def test_unknown_server_and_removal():
     assert "tmp" not in cli("mcp", "ls", BOT).stdout
     p = cli("mcp", "rm", BOT, "tmp", check=False)
     assert p.returncode != 0 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+def test_the_listener_wants_the_token_a_local_host_and_origin():
+    """Authentication is on by default: no token is 401; a foreign Host or Origin (a web page
+    rebinding a name of its own to 127.0.0.1) is 403 even with the token; /metrics wants it."""
+    assert auth_headers(), "tests/mcp/run.sh must export MEMOH_MCP_TOKEN"
+    hdrs = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+    with httpx.Client(timeout=30) as c:
+        assert c.post(tools_url(), content="{}", headers=hdrs).status_code == 401
+        bad = dict(hdrs, Authorization="Bearer not-the-token")
+        assert c.post(tools_url(), content="{}", headers=bad).status_code == 401
+        ok = dict(hdrs, **auth_headers())
+        assert c.post(tools_url(), content="{}", headers=dict(ok, Host="evil.example")).status_code == 403
+        assert c.post(tools_url(), content="{}", headers=dict(ok, Origin="http://evil.example")).status_code == 403
+        assert c.get(f"{URL}/metrics").status_code == 401
+        r = c.get(f"{URL}/metrics", headers=auth_headers())
+        assert r.status_code == 200 and "memoh_" in r.text, r.status_code

@@ -392,4 +392,11 @@ impl AgentService for Control {
     ) -> Result<Response<pb::McpLogsResponse>, Status> {
         super::control_mcp::logs(self.mcp.as_ref(), req).await
     }
+
+    async fn mcp_token(
+        &self,
+        _req: Request<pb::McpTokenRequest>,
+    ) -> Result<Response<pb::McpTokenResponse>, Status> {
+        super::control_mcp::token(self.mcp.as_ref())
+    }
 }

@@ -91,3 +91,13 @@ pub async fn logs(
     let data = mcp.logs(&r.bot_id, &r.name).await?.into_bytes();
     Ok(Response::new(pb::McpLogsResponse { data }))
 }
+
+/// `McpToken`: the listener's bearer token and address.
+pub fn token(mcp: Option<&Arc<Mcp>>) -> Result<Response<pb::McpTokenResponse>, Status> {
+    let (token, listen) = hub(mcp)?.token().ok_or_else(|| {
+        Status::from(AgentError::FailedPrecondition(
+            "the mcp server is not serving yet".into(),
+        ))
+    })?;
+    Ok(Response::new(pb::McpTokenResponse { token, listen }))
+}

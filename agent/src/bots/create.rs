@@ -17,7 +17,7 @@ use super::{
 };
 
 /// A random token from the kernel's generator, hex encoded.
-pub(super) fn new_token() -> Result<String, AgentError> {
+pub(crate) fn new_token() -> Result<String, AgentError> {
     use std::io::Read;
     let mut b = [0u8; 32];
     std::fs::File::open("/dev/urandom")
@@ -299,7 +299,7 @@ pub(super) fn host_nofile_limit() -> u64 {
 }
 
 /// Writes `content` to `path` (mode 0600) inside `dir` (created 0700).
-pub(super) fn write_private(
+pub(crate) fn write_private(
     dir: &std::path::Path,
     path: &std::path::Path,
     content: &str,

@@ -1,4 +1,5 @@
-//! `mcp` (add, ls, rm, logs): stdio MCP servers run inside a bot.
+//! `mcp` (add, ls, rm, logs, token): stdio MCP servers run inside a bot, and the listener's
+//! token.
 
 use std::io::Write;
 use std::path::Path;
@@ -48,6 +49,12 @@ pub enum McpCmd {
         bot: String,
         /// Server name.
         name: String,
+    },
+    /// Print the MCP listener's bearer token (clients send `Authorization: Bearer TOKEN`).
+    Token {
+        /// Also print the listener's address on a second line.
+        #[arg(long)]
+        url: bool,
     },
 }
 
@@ -137,6 +144,17 @@ pub async fn mcp(socket: &Path, cmd: McpCmd) -> Result<u8, CliError> {
             let mut out = std::io::stdout().lock();
             let _ = out.write_all(&r.data);
             let _ = out.flush();
+        }
+        McpCmd::Token { url } => {
+            let r = c
+                .mcp_token(pb::McpTokenRequest {})
+                .await
+                .map_err(e)?
+                .into_inner();
+            println!("{}", r.token);
+            if url {
+                println!("http://{}", r.listen);
+            }
         }
     }
     Ok(0)

@@ -486,6 +486,9 @@ fn bot_capabilities() -> Result<oci_spec::runtime::LinuxCapabilities, AgentError
         .map_err(spec_err)
 }
 
+/// The sysctl that lets a bot ping without `NET_RAW`, and its value (every group).
+pub const PING_GROUP_RANGE: (&str, &str) = ("net.ipv4.ping_group_range", "0 2147483647");
+
 /// Puts today's process privileges on `spec` (see the module docs): the seccomp profile,
 /// no new privileges, the capability sets, masked and read-only paths and the device rules.
 /// Everything else (resource limits included) stays. Returns whether the spec changed, so a
@@ -506,6 +509,16 @@ pub fn apply_privileges(spec: &mut Spec) -> Result<bool, AgentError> {
     linux.set_seccomp(Some(seccomp::default_profile()?));
     linux.set_masked_paths(Some(MASKED_PATHS.iter().map(|s| s.to_string()).collect()));
     linux.set_readonly_paths(Some(READONLY_PATHS.iter().map(|s| s.to_string()).collect()));
+    // Ping without raw sockets (NET_RAW is gone): ICMP echo datagram sockets for every group,
+    // in the bot's own network namespace only, as container engines set by default. Nothing
+    // else a raw socket could do comes with it.
+    linux
+        .sysctl_mut()
+        .get_or_insert_with(Default::default)
+        .insert(
+            PING_GROUP_RANGE.0.to_string(),
+            PING_GROUP_RANGE.1.to_string(),
+        );
     let resources = linux
         .resources_mut()
         .get_or_insert_with(oci_spec::runtime::LinuxResources::default);

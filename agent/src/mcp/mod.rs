@@ -9,6 +9,7 @@
 //! Every call into a bot goes through a [`ClientSource`] (the lifecycle manager's pool in
 //! production, a fixed client in tests).
 
+pub mod access;
 pub mod bridge;
 pub mod edit;
 pub mod registry;
@@ -173,6 +174,8 @@ pub struct Mcp {
     tools: Mutex<HashMap<String, ToolsService>>,
     stdio: Mutex<HashMap<(String, String), (Session, BridgeService)>>,
     reg_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// The listener's access rules and address, once it serves (for `mcp token`).
+    access: Mutex<Option<(access::Access, String)>>,
 }
 
 /// What `mcp ls` reports per server.
@@ -202,6 +205,7 @@ impl Mcp {
             tools: Mutex::new(HashMap::new()),
             stdio: Mutex::new(HashMap::new()),
             reg_locks: Mutex::new(HashMap::new()),
+            access: Mutex::new(None),
         }
     }
 
@@ -322,6 +326,13 @@ impl Mcp {
         Ok(self.session(bot, name).await?.logs())
     }
 
+    /// The listener's bearer token and address, once it serves.
+    pub fn token(&self) -> Option<(String, String)> {
+        lock(&self.access)
+            .as_ref()
+            .map(|(a, listen)| (a.token().to_string(), listen.clone()))
+    }
+
     /// Stops every session.
     pub fn close_all(&self) {
         for (_, (s, _)) in lock(&self.stdio).drain() {
@@ -329,39 +340,25 @@ impl Mcp {
         }
     }
 
-    /// The HTTP router of both kinds of endpoints, with the bearer-token check.
-    pub fn router(self: &Arc<Self>, token: Option<String>) -> axum::Router {
-        let token: Option<Arc<str>> = token.map(Into::into);
+    /// The HTTP router of both kinds of endpoints and `/metrics`, behind [`access::Access`]:
+    /// `Host` and `Origin` first (403), then the bearer token (401).
+    pub fn router(self: &Arc<Self>, access: access::Access) -> axum::Router {
         axum::Router::new()
             .route("/bots/{bot}/mcp", axum::routing::any(tools_route))
             .route("/bots/{bot}/mcp/{name}", axum::routing::any(stdio_route))
+            .route("/metrics", axum::routing::get(metrics_route))
             .layer(axum::middleware::from_fn(
                 move |req: Request, next: axum::middleware::Next| {
-                    let token = token.clone();
+                    let access = access.clone();
                     async move {
-                        if let Some(t) = token {
-                            let ok = req
-                                .headers()
-                                .get(header::AUTHORIZATION)
-                                .and_then(|v| v.to_str().ok())
-                                .and_then(|v| v.strip_prefix("Bearer "))
-                                .is_some_and(|v| {
-                                    memoh_proto::auth::constant_time_eq(v.as_bytes(), t.as_bytes())
-                                });
-                            if !ok {
-                                return (
-                                    StatusCode::UNAUTHORIZED,
-                                    "missing or wrong bearer token\n",
-                                )
-                                    .into_response();
-                            }
+                        if let Err(refused) = access.check(&req) {
+                            return refused;
                         }
-                        next.run(req).await
+                        let method = req.method().clone();
+                        access::session_end_answer(&method, next.run(req).await)
                     }
                 },
             ))
-            // After the layer: scrapers reach `/metrics` without the MCP bearer token.
-            .route("/metrics", axum::routing::get(metrics_route))
             .with_state(self.clone())
     }
 }
@@ -426,8 +423,16 @@ pub async fn serve(
         idle: Duration::from_secs(cfg.mcp_idle_secs.max(1)),
         ..Default::default()
     };
+    let token = access::load_or_create_token(cfg)?;
+    let access = access::Access::new(
+        &token,
+        &cfg.mcp_listen,
+        &cfg.mcp_allowed_hosts,
+        cfg.metrics_public,
+    );
     let mcp = Arc::new(Mcp::new(source, session_cfg, stop.clone()));
-    let task = serve_on(mcp.clone(), listener, cfg.mcp_token.clone(), stop);
+    *lock(&mcp.access) = Some((access.clone(), cfg.mcp_listen.clone()));
+    let task = serve_on(mcp.clone(), listener, access, stop);
     Ok(Some((mcp, task)))
 }
 
@@ -435,11 +440,11 @@ pub async fn serve(
 pub fn serve_on(
     mcp: Arc<Mcp>,
     listener: TcpListener,
-    token: Option<String>,
+    access: access::Access,
     stop: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
     let addr = listener.local_addr().ok();
-    let router = mcp.router(token);
+    let router = mcp.router(access);
     tokio::spawn(async move {
         info!(address = ?addr, "mcp server listening");
         // Without TCP_NODELAY a streamed (SSE) answer, written as headers first and the event

@@ -57,6 +57,8 @@ use super::{sh, tag, try_output_within, Env, TestAgent, AGENT};
 
 /// The agent's MCP listener inside the soak's network namespace.
 const MCP_ADDR: &str = "127.0.0.1:8091";
+/// The soak agent's MCP token (authentication is always on).
+const MCP_TOKEN: &str = "soak-mcp-token";
 /// A call that takes longer than this hung.
 const CALL_LIMIT: Duration = Duration::from_secs(120);
 /// An MCP request that takes longer than this hung.
@@ -737,7 +739,9 @@ impl Rig {
         let state = ctrd.path("state").display().to_string();
         let mut a = TestAgent::new(
             &env,
-            &format!("mcp_listen = {MCP_ADDR:?}\ncontainerd_state = {state:?}"),
+            &format!(
+                "mcp_listen = {MCP_ADDR:?}\nmcp_token = {MCP_TOKEN:?}\ncontainerd_state = {state:?}"
+            ),
         );
         a.netns = Some(ns_name.clone());
         ctrd.import_image(&env, &a.namespace);
@@ -2146,6 +2150,7 @@ fn http(
     if body.is_some() {
         req.push_str("Content-Type: application/json\r\n");
     }
+    let _ = write!(req, "Authorization: Bearer {MCP_TOKEN}\r\n");
     for (k, v) in headers {
         let _ = write!(req, "{k}: {v}\r\n");
     }
