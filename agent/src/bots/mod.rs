@@ -19,7 +19,9 @@
 //! - [`recover`]: finishing what a dead agent or containerd left half-done;
 //! - [`migrate`]: the one-time copy of legacy bind-mounted data into a bot;
 //! - [`images`]: image import, pull and listing for the control API;
-//! - [`fault`]: the test-only fault hook of the cycle.
+//! - [`fault`]: the test-only fault hook of the cycle;
+//! - `tests` (test builds only): unit tests of the lifecycle's decisions over the in-memory
+//!   runtime (`containerd::fake`).
 
 pub mod bundles;
 pub mod create;
@@ -29,6 +31,8 @@ pub mod migrate;
 pub mod recover;
 pub mod route;
 pub mod run;
+#[cfg(test)]
+mod tests;
 pub mod versions;
 pub mod watch;
 

@@ -3,12 +3,12 @@
 
 use futures::StreamExt;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{deleting, exit_code, lock, wants_running, Manager};
+use super::{deleting, exit_code, lock, wants_running, Health, Manager};
 use crate::containerd::{label_filter, TaskState};
 use crate::error::AgentError;
 use crate::ids::{self, LABEL_BOT_ID, LABEL_DESIRED};
@@ -20,6 +20,26 @@ pub(super) fn deleted_link(line: &str) -> Option<&str> {
     let (_, rest) = rest.split_once(": ")?;
     let name = rest.split(':').next()?.split('@').next()?;
     (!name.is_empty()).then_some(name)
+}
+
+/// How long to wait, at `now`, before restarting a bot whose task just exited, and the
+/// backoff that exit leaves in `h` for the next one: 250 ms doubling per crash, at most 30 s;
+/// a bot that ran for a minute starts over; an exit the agent caused (`stopping`) does not
+/// count as a crash.
+pub(super) fn restart_delay(h: &mut Health, now: Instant) -> Duration {
+    // A bot that ran for a minute starts its backoff over.
+    if h.last_start
+        .is_some_and(|t| now.saturating_duration_since(t) > Duration::from_secs(60))
+    {
+        h.backoff = 0;
+    }
+    let d = Duration::from_millis(250) * 2u32.saturating_pow(h.backoff.min(7));
+    if std::mem::take(&mut h.stopping) {
+        // The agent stopped it on purpose; whoever did restarts it if it should run.
+    } else {
+        h.backoff += 1;
+    }
+    d.min(Duration::from_secs(30))
 }
 
 impl Manager {
@@ -226,19 +246,7 @@ impl Manager {
             let h = h.entry(bot.clone()).or_default();
             h.last_exit_code = Some(exit_code(exit.exit_status));
             h.last_exit_at = exit.exited_at.or(Some(SystemTime::now()));
-            // A bot that ran for a minute starts its backoff over.
-            if h.last_start
-                .is_some_and(|t| t.elapsed() > Duration::from_secs(60))
-            {
-                h.backoff = 0;
-            }
-            let d = Duration::from_millis(250) * 2u32.saturating_pow(h.backoff.min(7));
-            if std::mem::take(&mut h.stopping) {
-                // The agent stopped it on purpose; whoever did restarts it if it should run.
-            } else {
-                h.backoff += 1;
-            }
-            d.min(Duration::from_secs(30))
+            restart_delay(h, Instant::now())
         };
         let me = self.clone();
         self.spawn(async move {

@@ -10,10 +10,13 @@
 //! - [`spec`]: the OCI runtime spec of a bot container.
 //! - `archive`, `content`, `images`: importing archives, pulling from registries, unpacking.
 //! - `containers`, `snapshots`, `tasks`: thin typed wrappers of those services.
+//! - `fake` (test builds only): an in-memory [`Runtime`] for unit tests of the lifecycle.
 
 mod archive;
 mod containers;
 mod content;
+#[cfg(test)]
+pub mod fake;
 mod images;
 pub mod reference;
 mod snapshots;
