@@ -51,6 +51,7 @@ const METHODS: &[&str] = &[
     "list_containers",
     "delete_container",
     "update_container_labels",
+    "update_container_spec",
     "prepare_snapshot",
     "snapshot_mounts",
     "commit_snapshot",
@@ -780,6 +781,26 @@ impl Runtime for FakeRuntime {
                 )
             })?;
             apply_labels(&mut c.labels, labels);
+            c.updated_at = Some(at);
+            Ok(c.clone())
+        })
+    }
+
+    async fn update_container_spec(
+        &self,
+        id: &str,
+        spec: &oci_spec::runtime::Spec,
+    ) -> Result<ContainerInfo, AgentError> {
+        self.call("update_container_spec", |s| {
+            let at = s.now();
+            let c = s.containers.get_mut(id).ok_or_else(|| {
+                refused(
+                    format!("update container {id} spec"),
+                    Code::NotFound,
+                    "container not found",
+                )
+            })?;
+            c.spec = Some(spec.clone());
             c.updated_at = Some(at);
             Ok(c.clone())
         })
