@@ -40,8 +40,12 @@ impl Manager {
                 continue;
             }
             let _g = self.lock_bot(&bot).await;
-            if self.recover_locked(&bot).await? {
-                repaired.push(bot);
+            // One bot that cannot be recovered (its image gone, say) must not hold back the
+            // others: it is logged and tried again on the next pass.
+            match self.recover_locked(&bot).await {
+                Ok(true) => repaired.push(bot),
+                Ok(false) => {}
+                Err(e) => warn!(bot, error = %e, "recovering the bot failed; the others go on"),
             }
         }
         Ok(repaired)
@@ -71,7 +75,14 @@ impl Manager {
         let snaps = rt
             .list_snapshots(&[label_filter(LABEL_BOT_ID, Some(bot))])
             .await?;
-        let next = snaps.iter().filter_map(version_of).max().unwrap_or(0) + 1;
+        // The record's counter too: a removed newest version's number is never handed out
+        // again.
+        let from_record = container
+            .as_ref()
+            .and_then(|c| c.labels.get(LABEL_NEXT_VERSION))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+        let next = (snaps.iter().filter_map(version_of).max().unwrap_or(0) + 1).max(from_record);
         let newest_version = snaps
             .iter()
             .filter(|s| s.kind == SnapshotKind::Committed && version_of(s).is_some())

@@ -779,7 +779,6 @@ async fn a_state_containerd_lost_mid_commit_goes_back_on_the_recorded_parent() {
 }
 
 #[tokio::test]
-#[ignore = "reports a bug: a lost-state recovery hands out a removed version's number again"]
 async fn version_numbers_are_not_reused_after_a_lost_state() {
     let h = harness();
     let bot = "reuse";
@@ -799,7 +798,6 @@ async fn version_numbers_are_not_reused_after_a_lost_state() {
 }
 
 #[tokio::test]
-#[ignore = "reports a bug: one bot whose recovery fails stops the recovery of every later bot"]
 async fn one_bot_that_cannot_be_recovered_does_not_block_the_others() {
     let h = harness();
     // "a" lost its record and its image is gone: its recovery fails.
