@@ -140,7 +140,9 @@ pub async fn run(
     let router = tonic::transport::Server::builder()
         // A request stream's end reaches a handler (and, through the proxy, a bot) only when
         // the caller half-closed it: a reset or cancelled call never looks finished.
-        .layer(memoh_proto::clean_end::CleanEndLayer)
+        .layer(memoh_proto::clean_end::CleanEndLayer::for_paths(
+            memoh_proto::clean_end::CONTAINER_STREAMING_REQUESTS,
+        ))
         .add_service(health_svc)
         .add_service(reflection)
         .add_service(Timed::new(

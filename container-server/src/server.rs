@@ -129,7 +129,9 @@ pub async fn run(
         .layer(tower::util::MapResponseLayer::new(rewrite_response))
         // A request stream's end reaches a handler only when the client half-closed it: a
         // reset or cancelled upload never commits, whatever the client stack.
-        .layer(memoh_proto::clean_end::CleanEndLayer)
+        .layer(memoh_proto::clean_end::CleanEndLayer::for_paths(
+            memoh_proto::clean_end::CONTAINER_STREAMING_REQUESTS,
+        ))
         .add_service(health_svc)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
