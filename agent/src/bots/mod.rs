@@ -70,7 +70,7 @@ pub(crate) fn deleting(c: &ContainerInfo) -> Option<bool> {
 
 /// Whether the agent keeps this bot's task running (not stopped by the operator, not being
 /// deleted).
-fn wants_running(c: &ContainerInfo) -> bool {
+pub(super) fn wants_running(c: &ContainerInfo) -> bool {
     c.labels.get(LABEL_DESIRED).map(String::as_str) != Some("stopped") && deleting(c).is_none()
 }
 

@@ -2,7 +2,10 @@
 //! create that died before its record, a snapshot containerd lost mid-commit. The bot then
 //! runs on its old or its new state, never on a fresh container from the image.
 
-use super::versions::{active_snapshot_key, nanos, version_of, LABEL_NEXT_VERSION};
+use super::versions::{
+    active_snapshot_key, carried_record, nanos, record_label, version_of, LABEL_NEXT_VERSION,
+    LABEL_RECORD,
+};
 use super::Manager;
 use crate::containerd::{label_filter, ContainerInfo, SnapshotInfo, SnapshotKind, LABEL_GC_ROOT};
 use crate::error::AgentError;
@@ -105,7 +108,8 @@ impl Manager {
             (None, Some(v)) => {
                 let image = v.labels.get(LABEL_IMAGE).cloned().unwrap_or_default();
                 (
-                    self.prepare_recovered(bot, &v.name, &image).await?,
+                    self.prepare_recovered(bot, &v.name, &image, &c.labels)
+                        .await?,
                     Some(v.name.clone()),
                 )
             }
@@ -170,7 +174,22 @@ impl Manager {
             a.parent.as_deref(),
         )
         .await?;
-        let labels = HashMap::from([(LABEL_NEXT_VERSION.to_string(), next.to_string())]);
+        // What the lost record carried (its desired state above all: a stopped bot stays
+        // stopped), then what recovery knows better: where the bot is now, and the counter.
+        let mut labels = carried_record(&a.labels);
+        let carried_next = labels
+            .get(LABEL_NEXT_VERSION)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+        labels.insert(
+            LABEL_NEXT_VERSION.to_string(),
+            next.max(carried_next).to_string(),
+        );
+        labels.insert(LABEL_IMAGE.to_string(), resolved.name.clone());
+        match a.parent.as_deref() {
+            Some(p) => labels.insert(LABEL_SNAPSHOT_PARENT.to_string(), p.to_string()),
+            None => labels.remove(LABEL_SNAPSHOT_PARENT),
+        };
         rt.update_container_labels(&cid, &labels).await?;
         Ok(true)
     }
@@ -184,19 +203,24 @@ impl Manager {
         Ok(usage.is_some_and(|u| u.inodes <= 1))
     }
 
-    /// A fresh active snapshot of `bot` on `parent`; returns its key.
+    /// A fresh active snapshot of `bot` on `parent`, carrying the labels of the record it is
+    /// for; returns its key.
     pub(super) async fn prepare_recovered(
         &self,
         bot: &str,
         parent: &str,
         image: &str,
+        record: &HashMap<String, String>,
     ) -> Result<String, AgentError> {
         let key = active_snapshot_key(bot, nanos());
-        let labels = HashMap::from([
+        let mut labels = HashMap::from([
             (LABEL_BOT_ID.to_string(), bot.to_string()),
             (LABEL_IMAGE.to_string(), image.to_string()),
             (LABEL_GC_ROOT.to_string(), "recovered".to_string()),
         ]);
+        if let Some(r) = record_label(record) {
+            labels.insert(LABEL_RECORD.to_string(), r);
+        }
         self.runtime()
             .prepare_snapshot(&key, Some(parent), &labels)
             .await?;
@@ -237,7 +261,9 @@ impl Manager {
             Some(n) => format!("version {n}"),
             None => format!("its image {}", c.image),
         };
-        let key = self.prepare_recovered(bot, &parent.name, &c.image).await?;
+        let key = self
+            .prepare_recovered(bot, &parent.name, &c.image, &c.labels)
+            .await?;
         let at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
         let note = format!(
             "{at}: containerd lost the bot's state while committing it (it was killed \

@@ -467,19 +467,102 @@ async fn the_real_cycle_stopped_by_a_failed_call_leaves_a_recoverable_bot() {
 }
 
 #[tokio::test]
-async fn a_commit_whose_answer_was_lost_leaves_the_version_although_the_cycle_failed() {
+async fn a_commit_whose_answer_was_lost_goes_on_from_the_version() {
     let h = harness();
     let bot = "lostcommit";
     running_bot(&h, bot).await;
     let (path, content) = marker(1);
     h.rt.write(&h.record(bot).snapshot_key, &path, &content);
     let e = cycle_failing_at(&h, bot, "commit_snapshot", true).await;
-    assert!(e.to_string().contains("commit"), "the commit's error: {e}");
-    // The failed commit's own recovery already moved the bot onto the committed state.
+    // The cycle went on past the commit and got as far as every start here does.
+    assert!(
+        e.to_string().contains("snapshot_mounts"),
+        "the cycle stopped at the commit: {e}"
+    );
     assert!(h.recover_twice("lost commit answer").await.is_empty());
     assert_eq!(h.bot_view(bot).get(&path), Some(&content));
-    // The caller was told the version failed, yet it exists and is current.
     assert_eq!(h.versions(bot).await, vec![(1, true)]);
+    assert_eq!(
+        h.record(bot)
+            .labels
+            .get(LABEL_NEXT_VERSION)
+            .map(String::as_str),
+        Some("2")
+    );
+}
+
+#[tokio::test]
+async fn a_stopped_bot_is_versioned_and_rolled_back_without_being_started() {
+    let h = harness();
+    let bot = "stoppedv";
+    running_bot(&h, bot).await;
+    h.m.stop(bot).await.expect("stop");
+    let (path, content) = marker(1);
+    h.rt.write(&h.record(bot).snapshot_key, &path, &content);
+    // Every start fails in this harness: a cycle that tried one would fail.
+    let v =
+        h.m.snapshot(bot, "s", Source::Manual)
+            .await
+            .expect("snapshot");
+    assert_eq!(v.number, 1);
+    let cid = ids::container_id(bot);
+    assert_eq!(h.rt.task_state(&cid), None, "the snapshot started the bot");
+    h.rt.write(&h.record(bot).snapshot_key, "/data/later", "x");
+    h.m.rollback(bot, 1).await.expect("rollback");
+    assert_eq!(h.rt.task_state(&cid), None, "the rollback started the bot");
+    let c = h.record(bot);
+    assert_eq!(
+        c.labels.get(LABEL_DESIRED).map(String::as_str),
+        Some("stopped")
+    );
+    let view = h.bot_view(bot);
+    assert_eq!(view.get(&path), Some(&content));
+    assert_eq!(view.get("/data/later"), None);
+    assert_eq!(h.versions(bot).await, vec![(1, true), (2, false)]);
+}
+
+#[tokio::test]
+async fn a_record_lost_mid_cycle_comes_back_with_what_it_carried() {
+    let h = harness();
+    let bot = "carried";
+    running_bot(&h, bot).await;
+    h.m.stop(bot).await.expect("stop");
+    // The record is deleted and its re-creation fails: only snapshots are left.
+    cycle_failing_at(&h, bot, "create_container", false).await;
+    assert!(h.rt.container(&ids::container_id(bot)).is_none());
+    assert_eq!(h.recover_twice("record lost").await, vec![bot.to_string()]);
+    let c = h.record(bot);
+    assert_eq!(
+        c.labels.get(LABEL_DESIRED).map(String::as_str),
+        Some("stopped"),
+        "a stopped bot came back wanting to run"
+    );
+    assert_eq!(
+        c.labels.get(LABEL_NEXT_VERSION).map(String::as_str),
+        Some("2")
+    );
+    let v = h.m.versions(bot).await.expect("versions").remove(0);
+    assert_eq!(c.labels.get(LABEL_SNAPSHOT_PARENT), Some(&v.snapshot));
+    assert_eq!(c.labels.get(LABEL_IMAGE), Some(&h.image.name));
+}
+
+#[test]
+fn the_record_label_fits_containerd_and_drops_only_the_loss_note() {
+    use super::versions::{carried_record, record_label};
+    let mut l = labels(&[
+        (LABEL_BOT_ID, "b"),
+        (LABEL_DESIRED, "stopped"),
+        (LABEL_NEXT_VERSION, "7"),
+        (LABEL_GC_ROOT, "x"),
+    ]);
+    let j = record_label(&l).expect("fits");
+    let back = carried_record(&labels(&[(super::versions::LABEL_RECORD, &j)]));
+    assert_eq!(back.get(LABEL_DESIRED).map(String::as_str), Some("stopped"));
+    assert_eq!(back.get(LABEL_NEXT_VERSION).map(String::as_str), Some("7"));
+    assert!(!back.contains_key(LABEL_BOT_ID) && !back.contains_key(LABEL_GC_ROOT));
+    l.insert(LABEL_LOST_STATE.to_string(), "n".repeat(5000));
+    let j = record_label(&l).expect("fits without the note");
+    assert!(j.len() < 4000 && !j.contains("nnnn"), "{j}");
 }
 
 #[tokio::test]

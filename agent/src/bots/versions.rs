@@ -34,6 +34,51 @@ pub const LABEL_VERSION_SOURCE: &str = "memoh.version.source";
 pub const LABEL_VERSION_CREATED: &str = "memoh.version.created";
 /// Label on the container: the next version number (numbers are never reused).
 pub const LABEL_NEXT_VERSION: &str = "memoh.version.next";
+/// Label on a bot's active snapshot: the bot's own record labels (`memoh.*`, as JSON) when the
+/// snapshot was prepared. A cycle cut short between deleting the record and recreating it
+/// leaves only snapshots; recovery rebuilds the record with these, so the bot keeps its
+/// desired state (a stopped bot stays stopped) and everything else the record carried.
+pub const LABEL_RECORD: &str = "memoh.record";
+
+/// containerd refuses a label whose key and value exceed 4 KiB together.
+const RECORD_LABEL_MAX: usize = 4000;
+
+/// The [`LABEL_RECORD`] value for a record with `labels`: its `memoh.*` labels, without the
+/// note of a lost state when the whole would not fit (that note is the longest and only
+/// informs), `None` when it still does not fit.
+pub(super) fn record_label(labels: &HashMap<String, String>) -> Option<String> {
+    let mut carried: std::collections::BTreeMap<&str, &str> = labels
+        .iter()
+        .filter(|(k, _)| k.starts_with("memoh.") && k.as_str() != LABEL_RECORD)
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let fits = |m: &std::collections::BTreeMap<&str, &str>| {
+        serde_json::to_string(m)
+            .ok()
+            .filter(|j| j.len() + LABEL_RECORD.len() <= RECORD_LABEL_MAX)
+    };
+    if let Some(j) = fits(&carried) {
+        return Some(j);
+    }
+    carried.remove(LABEL_LOST_STATE);
+    let j = fits(&carried);
+    if j.is_none() {
+        warn!("a bot's record labels do not fit on its snapshot; recovery would lose them");
+    }
+    j
+}
+
+/// The record labels a snapshot with `labels` carries ([`LABEL_RECORD`]); empty when it has
+/// none or they do not parse.
+pub(super) fn carried_record(labels: &HashMap<String, String>) -> HashMap<String, String> {
+    labels
+        .get(LABEL_RECORD)
+        .and_then(|j| serde_json::from_str::<HashMap<String, String>>(j).ok())
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("memoh.") && k.as_str() != LABEL_RECORD)
+        .collect()
+}
 
 /// Why a version was taken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -234,6 +279,8 @@ impl Manager {
         restore_from: Option<&str>,
     ) -> Result<Version, AgentError> {
         let c = self.container_locked(bot).await?;
+        // A stopped bot is versioned (or rolled back) and stays stopped.
+        let running = super::wants_running(&c);
         let rt = self.runtime().clone();
         let number = self.next_version(bot, &c).await?;
         let now = nanos();
@@ -266,29 +313,41 @@ impl Manager {
             .commit_snapshot(&version_name, &c.snapshot_key, &labels)
             .await
         {
-            // Usually nothing changed: bring the bot back on its last good state. A commit cut
-            // short (containerd died in it) may have consumed the active snapshot or lost it:
-            // recovery sorts that out first, as the periodic reconcile would.
-            warn!(bot, error = %e, "commit failed; restarting the bot");
-            let restarted = async {
-                self.recover_locked(bot).await?;
-                let c = self.container(bot).await?;
-                self.start_locked(bot, &c).await
-            };
-            if let Err(e2) = restarted.await {
-                warn!(bot, error = %e2, "restart after failed commit failed");
+            if self.committed_anyway(&version_name).await {
+                // containerd did the commit and its answer was lost (it was killed or
+                // restarted right after): the version exists, so the cycle goes on from it.
+                warn!(bot, error = %e, "the commit's answer was lost but the version exists; going on");
+            } else {
+                // Usually nothing changed: bring the bot back on its last good state. A commit
+                // cut short (containerd died in it) may have consumed the active snapshot or
+                // lost it: recovery sorts that out first, as the periodic reconcile would.
+                warn!(bot, error = %e, "commit failed; bringing the bot back");
+                let restarted = async {
+                    self.recover_locked(bot).await?;
+                    let c = self.container(bot).await?;
+                    if running {
+                        self.start_locked(bot, &c).await?;
+                    }
+                    Ok::<_, AgentError>(())
+                };
+                if let Err(e2) = restarted.await {
+                    warn!(bot, error = %e2, "restart after failed commit failed");
+                }
+                return Err(e);
             }
-            return Err(e);
         }
         fault("2");
 
         // 3. A new active snapshot on the version (or on the rollback target).
         let parent = restore_from.unwrap_or(&version_name);
-        let active_labels = HashMap::from([
+        let mut active_labels = HashMap::from([
             (LABEL_BOT_ID.to_string(), bot.to_string()),
             (LABEL_IMAGE.to_string(), c.image.clone()),
             (LABEL_GC_ROOT.to_string(), created.clone()),
         ]);
+        if let Some(record) = record_label(&c.labels) {
+            active_labels.insert(LABEL_RECORD.to_string(), record);
+        }
         rt.prepare_snapshot(&new_key, Some(parent), &active_labels)
             .await?;
         fault("3");
@@ -298,9 +357,11 @@ impl Manager {
             .await?;
         fault("4");
 
-        // 6. Start, re-network, evict the pooled channel.
-        let c2 = self.container(bot).await?;
-        self.start_locked(bot, &c2).await?;
+        // 6. Start, re-network, evict the pooled channel; a stopped bot stays stopped.
+        if running {
+            let c2 = self.container(bot).await?;
+            self.start_locked(bot, &c2).await?;
+        }
         info!(bot, number, source = source.as_str(), elapsed = ?started.elapsed(), "version taken");
         crate::metrics::global().snapshot(started.elapsed());
         Ok(Version {
@@ -311,6 +372,22 @@ impl Manager {
             snapshot: version_name,
             current: restore_from.is_none(),
         })
+    }
+
+    /// Whether committed snapshot `name` exists after its commit reported an error: containerd
+    /// may have done the commit and lost only its answer. Asks a few times while containerd
+    /// does not answer (it may be restarting).
+    async fn committed_anyway(&self, name: &str) -> bool {
+        for attempt in 0..COMMIT_CHECK_ATTEMPTS {
+            match self.runtime().stat_snapshot(name).await {
+                Ok(s) => return s.is_some_and(|s| s.kind == SnapshotKind::Committed),
+                Err(e) => {
+                    tracing::debug!(name, attempt, error = %e, "checking a commit");
+                    tokio::time::sleep(COMMIT_CHECK_PAUSE).await;
+                }
+            }
+        }
+        false
     }
 
     /// Deletes the container record (its task is gone) and creates it again on `key`, whose
@@ -346,6 +423,11 @@ impl Manager {
         Ok(())
     }
 }
+
+/// How often a failed commit's result is asked for while containerd does not answer.
+const COMMIT_CHECK_ATTEMPTS: u32 = 10;
+/// The pause between those questions.
+const COMMIT_CHECK_PAUSE: Duration = Duration::from_secs(1);
 
 /// How long a cycle may wait for its task to stop before SIGKILL (for docs and tests).
 pub const CYCLE_STOP_GRACE: Duration = STOP_GRACE;
