@@ -8,6 +8,7 @@
 //! - [`daemon`]: startup, the control socket, systemd readiness; [`cli`]: the operator's CLI.
 //! - [`ids`]: bot ids and derived names; [`pool`]: one channel per bot.
 //! - [`config`]: the TOML configuration; [`doctor`]: host checks for operators.
+//! - [`cgroup`]: what a bot's cgroup says it uses (v1 or v2).
 //! - [`metrics`]: Prometheus metrics (`/metrics` on the MCP listener).
 //! - [`mcp`]: MCP over streamable HTTP: the container as tools, stdio MCP servers in the bot.
 //! - [`containerd`]: images, containers, snapshots and tasks on containerd ([`containerd::Runtime`]).
@@ -18,6 +19,7 @@
 
 pub mod api;
 pub mod bots;
+pub mod cgroup;
 pub mod cli;
 pub mod config;
 pub mod containerd;

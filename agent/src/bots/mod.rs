@@ -27,6 +27,7 @@ pub mod bundles;
 pub mod create;
 pub mod fault;
 pub mod images;
+pub mod limits;
 pub mod migrate;
 pub mod recover;
 pub mod route;
