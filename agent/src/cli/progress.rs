@@ -24,8 +24,10 @@ pub(super) enum Unit {
 #[derive(Debug)]
 pub(super) struct Progress {
     bar: Option<ProgressBar>,
-    /// The phase, unit and known-ness of the total the bar is drawn for now.
-    shape: Option<(String, Unit, bool)>,
+    /// The unit and known-ness of the total the bar is drawn for now.
+    shape: Option<(Unit, bool)>,
+    /// The phase shown now.
+    phase: String,
 }
 
 /// How often a spinner turns while no count comes in.
@@ -60,7 +62,11 @@ impl Progress {
     /// Progress drawn on stderr when `draw`, else none at all.
     fn new(draw: bool) -> Self {
         let bar = draw.then(|| ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr()));
-        Self { bar, shape: None }
+        Self {
+            bar,
+            shape: None,
+            phase: String::new(),
+        }
     }
 
     /// Whether anything is drawn.
@@ -68,26 +74,26 @@ impl Progress {
         self.bar.is_some()
     }
 
-    /// The job is in `phase` with `current` of `total` (0: not known) done. A new phase,
-    /// unit or known-ness of the total restarts the rate and time estimates.
+    /// The job is in `phase` with `current` of `total` (0: not known) done. Another unit,
+    /// known-ness of the total or a count that went back restarts the bar (and its rate and
+    /// time estimates); another phase alone only changes its name.
     pub(super) fn set(&mut self, phase: &str, unit: Unit, current: u64, total: u64) {
         let Some(bar) = &self.bar else { return };
         let known = total > 0;
-        let changed = self
-            .shape
-            .as_ref()
-            .is_none_or(|(p, u, k)| p != phase || *u != unit || *k != known);
-        if changed {
+        if self.shape != Some((unit, known)) || current < bar.position() {
             bar.reset();
             bar.set_style(style(unit, known));
-            bar.set_message(Cow::Owned(phase.to_string()));
             if known {
                 bar.disable_steady_tick();
             } else {
                 bar.unset_length();
                 bar.enable_steady_tick(TICK);
             }
-            self.shape = Some((phase.to_string(), unit, known));
+            self.shape = Some((unit, known));
+        }
+        if self.phase != phase {
+            bar.set_message(Cow::Owned(phase.to_string()));
+            self.phase = phase.to_string();
         }
         if known {
             bar.set_length(total);
@@ -122,12 +128,16 @@ impl Progress {
 }
 
 impl Drop for Progress {
-    /// A job that ends early (an error) leaves its bar as it was, on its own line.
+    /// A job that ends early (an error) leaves its bar as it was, on its own line, when it
+    /// got anywhere; a bar that never counted anything is cleared.
     fn drop(&mut self) {
-        if let Some(bar) = &self.bar {
-            if !bar.is_finished() {
-                bar.abandon();
-            }
+        let Some(bar) = self.bar.as_ref().filter(|b| !b.is_finished()) else {
+            return;
+        };
+        if bar.position() == 0 {
+            bar.finish_and_clear();
+        } else {
+            bar.abandon();
         }
     }
 }
@@ -165,27 +175,47 @@ mod tests {
     }
 
     #[test]
-    fn a_new_phase_or_total_restarts_the_bar() {
+    fn a_new_unit_or_a_count_going_back_restarts_the_bar() {
         // Drawn to nowhere: the bar keeps its state without a terminal.
         let mut p = Progress {
             bar: Some(ProgressBar::hidden()),
             shape: None,
+            phase: String::new(),
         };
-        p.set("reading", Unit::Bytes, 0, 0);
         let bar = p.bar.clone().unwrap();
+        p.set("snapshot", Unit::Bytes, 0, 0);
         assert_eq!(bar.length(), None);
-        assert_eq!(bar.message(), "reading");
-        p.set("fetching", Unit::Bytes, 40, 100);
+        assert_eq!(bar.message(), "snapshot");
+        p.set("copying", Unit::Bytes, 40, 100);
         assert_eq!((bar.position(), bar.length()), (40, Some(100)));
-        assert_eq!(bar.message(), "fetching");
+        assert_eq!(bar.message(), "copying");
         p.inc(10);
         assert_eq!(bar.position(), 50);
         p.counter()(5);
         assert_eq!(bar.position(), 55);
+        // Same unit and total: the phase is renamed, the bar goes on.
+        let started = bar.elapsed();
+        p.set("verifying", Unit::Bytes, 100, 100);
+        assert_eq!(bar.message(), "verifying");
+        assert!(bar.elapsed() >= started);
+        assert_eq!(p.shape, Some((Unit::Bytes, true)));
         p.set("unpacking", Unit::Items, 1, 3);
         assert_eq!((bar.position(), bar.length()), (1, Some(3)));
-        assert_eq!(p.shape, Some(("unpacking".to_string(), Unit::Items, true)));
+        assert_eq!(p.shape, Some((Unit::Items, true)));
         p.done();
+        assert!(bar.is_finished());
+    }
+
+    #[test]
+    fn an_early_end_clears_a_bar_that_counted_nothing() {
+        let bar = ProgressBar::hidden();
+        let mut p = Progress {
+            bar: Some(bar.clone()),
+            shape: None,
+            phase: String::new(),
+        };
+        p.set("receiving", Unit::Bytes, 0, 0);
+        drop(p);
         assert!(bar.is_finished());
     }
 }
