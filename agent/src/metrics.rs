@@ -1,24 +1,52 @@
 //! Prometheus metrics, served as text exposition at `/metrics` on the MCP HTTP listener.
 //!
-//! One process-wide [`Metrics`] ([`global`], a `OnceLock`): the counters are bumped from a
-//! single line at each instrumented spot (restarts in `bots.rs`, CNI retries and errors in
-//! `network/mod.rs`, evictions in `pool.rs`, snapshot cycles in `versions.rs`), so nothing
-//! has to thread a handle through the lifecycle manager. Bots by state is a gauge computed
-//! at scrape time from the manager's list and passed to [`Metrics::render`]. Tests render a
-//! private [`Metrics`] instead of the global one.
+//! Holds [`Metrics`] (every family the agent keeps, in one `prometheus-client` registry),
+//! [`global`] (the process-wide one), [`Eviction`], the bucket sets, the [`Timed`] service
+//! wrapper and [`time_tool`].
 //!
-//! Hand-written exposition (format 0.0.4): a few counters and histograms do not need a
-//! registry crate.
+//! One process-wide [`Metrics`] ([`global`], a `OnceLock`): the counters are bumped from a
+//! single line at each instrumented spot (restarts in `bots/watch.rs`, CNI retries and errors
+//! in `network/mod.rs`, evictions in `pool.rs`, snapshot cycles in `bots/versions.rs`), so
+//! nothing has to thread a handle through the lifecycle manager. Bots by state is a gauge
+//! computed at scrape time from the manager's list and passed to [`Metrics::render`]. Tests
+//! render a private [`Metrics`] instead of the global one.
+//!
+//! The output is the Prometheus text format 0.0.4 ([`CONTENT_TYPE`]).
+//!
+//! # Adding a metric
+//!
+//! A metric that lives as long as the agent is a field of [`Metrics`] plus one line in
+//! [`Metrics::default`] that registers it; a method bumps it. Label sets are small structs
+//! deriving `EncodeLabelSet`. Per-bot memory, for example:
+//!
+//! ```ignore
+//! #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+//! struct BotLabels { bot: String }
+//! // field:    bot_memory: Family<BotLabels, Gauge>,
+//! // register: bot_memory: add(r, "memoh_bot_memory_bytes", "Memory in use per bot", Family::default()),
+//! // update:   self.bot_memory.get_or_create(&BotLabels { bot }).set(bytes);
+//! ```
+//!
+//! Counters are registered without the `_total` suffix: the encoder appends it. A value only
+//! known at scrape time (like bots by state) goes into the per-scrape registry built in
+//! [`Metrics::render`] instead, so a scrape never shows stale series of a bot that is gone.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::future::Future;
+use std::hash::Hash;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use prometheus_client::encoding::{
+    prometheus_text, EncodeLabelSet, EncodeLabelValue, LabelValueEncoder,
+};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Metric, Registry};
 use tonic::codegen::{http, Service};
 use tonic::server::NamedService;
 
@@ -29,130 +57,13 @@ pub const LATENCY_BUCKETS: &[f64] = &[
 ];
 /// Buckets of a whole snapshot cycle (stop, commit, prepare, recreate, start), in seconds.
 pub const SNAPSHOT_BUCKETS: &[f64] = &[0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0];
+/// The `Content-Type` of [`Metrics::render`]'s output (Prometheus text format 0.0.4).
+pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
 /// Most label sets a histogram family keeps; later ones are folded into `other`.
 const MAX_SERIES: usize = 128;
 
-/// A cumulative histogram with fixed buckets.
-#[derive(Debug)]
-pub struct Histogram {
-    bounds: &'static [f64],
-    counts: Vec<AtomicU64>,
-    count: AtomicU64,
-    sum_nanos: AtomicU64,
-}
-
-impl Histogram {
-    /// An empty histogram with `bounds` (ascending, `+Inf` implied).
-    pub fn new(bounds: &'static [f64]) -> Self {
-        Self {
-            bounds,
-            counts: bounds.iter().map(|_| AtomicU64::new(0)).collect(),
-            count: AtomicU64::new(0),
-            sum_nanos: AtomicU64::new(0),
-        }
-    }
-
-    /// Records one sample.
-    pub fn observe(&self, d: Duration) {
-        let secs = d.as_secs_f64();
-        if let Some(i) = self.bounds.iter().position(|b| secs <= *b) {
-            self.counts[i].fetch_add(1, Ordering::Relaxed);
-        }
-        self.count.fetch_add(1, Ordering::Relaxed);
-        let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
-        self.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
-    }
-
-    /// Number of samples.
-    pub fn count(&self) -> u64 {
-        self.count.load(Ordering::Relaxed)
-    }
-
-    fn write(&self, out: &mut String, name: &str, labels: &str) {
-        let sep = if labels.is_empty() { "" } else { "," };
-        let mut cumulative = 0;
-        for (b, c) in self.bounds.iter().zip(&self.counts) {
-            cumulative += c.load(Ordering::Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{b}\"}} {cumulative}");
-        }
-        let count = self.count();
-        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {count}");
-        let sum = self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
-        let braces = |s: &str| {
-            if s.is_empty() {
-                String::new()
-            } else {
-                format!("{{{s}}}")
-            }
-        };
-        let _ = writeln!(out, "{name}_sum{} {sum}", braces(labels));
-        let _ = writeln!(out, "{name}_count{} {count}", braces(labels));
-    }
-}
-
-/// Histograms keyed by a label set (rendered `k="v",...`).
-#[derive(Debug)]
-struct Family {
-    bounds: &'static [f64],
-    series: Mutex<BTreeMap<String, std::sync::Arc<Histogram>>>,
-}
-
-impl Family {
-    fn new(bounds: &'static [f64]) -> Self {
-        Self {
-            bounds,
-            series: Mutex::new(BTreeMap::new()),
-        }
-    }
-
-    fn get(&self, labels: &[(&str, &str)]) -> std::sync::Arc<Histogram> {
-        let mut key = labels
-            .iter()
-            .map(|(k, v)| format!("{k}=\"{}\"", escape(v)))
-            .collect::<Vec<_>>()
-            .join(",");
-        let mut map = self.series.lock().unwrap_or_else(|p| p.into_inner());
-        if !map.contains_key(&key) && map.len() >= MAX_SERIES {
-            key = labels
-                .iter()
-                .map(|(k, _)| format!("{k}=\"other\""))
-                .collect::<Vec<_>>()
-                .join(",");
-        }
-        map.entry(key)
-            .or_insert_with(|| std::sync::Arc::new(Histogram::new(self.bounds)))
-            .clone()
-    }
-
-    fn write(&self, out: &mut String, name: &str) {
-        for (labels, h) in self.series.lock().unwrap_or_else(|p| p.into_inner()).iter() {
-            h.write(out, name, labels);
-        }
-    }
-}
-
-fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
-/// Every metric the agent keeps.
-#[derive(Debug)]
-pub struct Metrics {
-    restarts: AtomicU64,
-    cni_retries: AtomicU64,
-    cni_errors: AtomicU64,
-    lost_states: AtomicU64,
-    stale_bundles: AtomicU64,
-    evictions: [AtomicU64; 3],
-    rpc: Family,
-    tools: Family,
-    snapshots: Histogram,
-}
-
 /// Why the pool dropped a bot's channel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Eviction {
     /// The bot's route changed (new address or recreated container).
     RouteChanged,
@@ -174,19 +85,168 @@ impl Eviction {
     }
 }
 
+impl EncodeLabelValue for Eviction {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        self.as_str().encode(encoder)
+    }
+}
+
+/// Labels of `memoh_pool_evictions_total`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: Eviction,
+}
+
+/// Labels of `memoh_rpc_duration_seconds`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RpcLabels {
+    api: String,
+    method: String,
+}
+
+/// Labels of `memoh_mcp_tool_call_duration_seconds`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ToolLabels {
+    server: String,
+    tool: String,
+}
+
+/// Labels of `memoh_bots`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct StateLabels {
+    state: String,
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(LATENCY_BUCKETS.iter().copied())
+}
+
+/// Registers `metric` in `r` under `name` and hands it back: one line per metric.
+/// `help` has no final period (the registry adds it).
+fn add<M: Metric + Clone>(r: &mut Registry, name: &str, help: &str, metric: M) -> M {
+    r.register(name, help, metric.clone());
+    metric
+}
+
+/// A histogram family that keeps at most [`MAX_SERIES`] label sets; later ones share the
+/// series of an `other` label set, so odd method or tool names cannot grow it without end.
+#[derive(Debug)]
+struct Capped<S> {
+    family: Family<S, Histogram>,
+    /// Label sets created so far (the `other` one not counted).
+    series: Mutex<usize>,
+}
+
+impl<S: Clone + Hash + Eq> Capped<S> {
+    fn new(family: Family<S, Histogram>) -> Self {
+        Self {
+            family,
+            series: Mutex::new(0),
+        }
+    }
+
+    /// The series of `labels`, or of `other` once the family is full.
+    fn get(&self, labels: S, other: S) -> Histogram {
+        if let Some(h) = self.family.get(&labels) {
+            return Histogram::clone(&h);
+        }
+        let mut series = self.series.lock().unwrap_or_else(|p| p.into_inner());
+        // Checked again under the lock: another call may have created it meanwhile.
+        if let Some(h) = self.family.get(&labels) {
+            return Histogram::clone(&h);
+        }
+        if *series >= MAX_SERIES {
+            return self.family.get_or_create_owned(&other);
+        }
+        *series += 1;
+        self.family.get_or_create_owned(&labels)
+    }
+}
+
+/// Every metric the agent keeps, and the registry they are encoded from.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    restarts: Counter,
+    cni_retries: Counter,
+    cni_errors: Counter,
+    lost_states: Counter,
+    stale_bundles: Counter,
+    evictions: Family<ReasonLabels, Counter>,
+    rpc: Capped<RpcLabels>,
+    tools: Capped<ToolLabels>,
+    snapshots: Histogram,
+}
+
 impl Default for Metrics {
     fn default() -> Self {
-        Self {
-            restarts: AtomicU64::new(0),
-            cni_retries: AtomicU64::new(0),
-            cni_errors: AtomicU64::new(0),
-            lost_states: AtomicU64::new(0),
-            stale_bundles: AtomicU64::new(0),
-            evictions: Default::default(),
-            rpc: Family::new(LATENCY_BUCKETS),
-            tools: Family::new(LATENCY_BUCKETS),
-            snapshots: Histogram::new(SNAPSHOT_BUCKETS),
+        let r = &mut Registry::default();
+        // Fields are evaluated in the order written: the registry is taken last, full.
+        let m = Self {
+            restarts: add(
+                r,
+                "memoh_bot_restarts",
+                "Automatic restarts of bots whose server exited",
+                Counter::default(),
+            ),
+            cni_retries: add(
+                r,
+                "memoh_cni_retries",
+                "CNI ADDs retried after removing leftovers",
+                Counter::default(),
+            ),
+            cni_errors: add(
+                r,
+                "memoh_cni_errors",
+                "Failed attachments of a bot to the network",
+                Counter::default(),
+            ),
+            lost_states: add(
+                r,
+                "memoh_bot_lost_states",
+                "Bots whose state containerd lost in a snapshot commit it was killed in; each \
+                 went back to its last version",
+                Counter::default(),
+            ),
+            stale_bundles: add(
+                r,
+                "memoh_stale_bundles_removed",
+                "Task bundles a killed containerd left half-deleted, removed by the agent before \
+                 starting their bot (the bot could not start until then)",
+                Counter::default(),
+            ),
+            evictions: add(
+                r,
+                "memoh_pool_evictions",
+                "Channels dropped from the connection pool",
+                Family::default(),
+            ),
+            rpc: Capped::new(add(
+                r,
+                "memoh_rpc_duration_seconds",
+                "Control socket gRPC calls until the response headers (streams: until the \
+                 stream opens)",
+                Family::new_with_constructor(latency_histogram),
+            )),
+            tools: Capped::new(add(
+                r,
+                "memoh_mcp_tool_call_duration_seconds",
+                "MCP tool calls",
+                Family::new_with_constructor(latency_histogram),
+            )),
+            snapshots: add(
+                r,
+                "memoh_snapshot_cycle_duration_seconds",
+                "Completed snapshot cycles",
+                Histogram::new(SNAPSHOT_BUCKETS.iter().copied()),
+            ),
+            registry: std::mem::take(r),
+        };
+        // Every reason is scraped from the start, at zero.
+        for reason in Eviction::ALL {
+            let _ = m.evictions.get_or_create(&ReasonLabels { reason });
         }
+        m
     }
 }
 
@@ -199,147 +259,135 @@ pub fn global() -> &'static Metrics {
 impl Metrics {
     /// A bot's server was restarted after it exited.
     pub fn restart(&self) {
-        self.restarts.fetch_add(1, Ordering::Relaxed);
+        self.restarts.inc();
     }
 
     /// CNI ADD failed on leftovers and is retried after a DEL.
     pub fn cni_retry(&self) {
-        self.cni_retries.fetch_add(1, Ordering::Relaxed);
+        self.cni_retries.inc();
     }
 
     /// Attaching a bot to the network failed.
     pub fn cni_error(&self) {
-        self.cni_errors.fetch_add(1, Ordering::Relaxed);
+        self.cni_errors.inc();
     }
 
     /// containerd lost a bot's state mid-commit; recovery put the bot back on an older one.
     pub fn lost_state(&self) {
-        self.lost_states.fetch_add(1, Ordering::Relaxed);
+        self.lost_states.inc();
     }
 
     /// A task bundle a killed containerd left half-deleted was removed before a start.
     pub fn stale_bundle_removed(&self) {
-        self.stale_bundles.fetch_add(1, Ordering::Relaxed);
+        self.stale_bundles.inc();
     }
 
     /// The pool dropped a channel.
     pub fn eviction(&self, why: Eviction) {
-        self.evictions[why as usize].fetch_add(1, Ordering::Relaxed);
+        self.evictions
+            .get_or_create(&ReasonLabels { reason: why })
+            .inc();
     }
 
     /// One gRPC call on the control socket (`api` is `control` or `proxy`) took `d`.
     pub fn rpc(&self, api: &str, method: &str, d: Duration) {
-        self.rpc.get(&[("api", api), ("method", method)]).observe(d);
+        self.rpc
+            .get(rpc_labels(api, method), rpc_labels("other", "other"))
+            .observe(d.as_secs_f64());
     }
 
     /// One MCP tool call took `d` (`server` is `builtin` or `stdio`).
     pub fn tool_call(&self, server: &str, tool: &str, d: Duration) {
+        let labels = |server: &str, tool: &str| ToolLabels {
+            server: server.to_string(),
+            tool: tool.to_string(),
+        };
         self.tools
-            .get(&[("server", server), ("tool", tool)])
-            .observe(d);
+            .get(labels(server, tool), labels("other", "other"))
+            .observe(d.as_secs_f64());
     }
 
     /// A snapshot cycle finished in `d`.
     pub fn snapshot(&self, d: Duration) {
-        self.snapshots.observe(d);
+        self.snapshots.observe(d.as_secs_f64());
     }
 
-    /// Samples of the RPC histogram with these labels (0 when none).
+    /// Samples of the RPC histogram with these labels (0 when none), read back through the
+    /// encoder as a scraper would.
     pub fn rpc_count(&self, api: &str, method: &str) -> u64 {
-        self.rpc.get(&[("api", api), ("method", method)]).count()
+        if self.rpc.family.get(&rpc_labels(api, method)).is_none() {
+            return 0;
+        }
+        let mut r = Registry::default();
+        r.register("rpc", "", self.rpc.family.clone());
+        let mut text = String::new();
+        if prometheus_text::encode(&mut text, &r).is_err() {
+            return 0;
+        }
+        let series = format!(
+            "rpc_count{{api=\"{}\",method=\"{}\"}}",
+            escape(api),
+            escape(method)
+        );
+        sample(&text, &series).map_or(0, |v| v as u64)
     }
 
-    /// The text exposition; `bots` is the number of bots per state (`running`, `stopped`,
-    /// ...), computed by the caller at scrape time (`None` when listing failed).
+    /// The text exposition ([`CONTENT_TYPE`]); `bots` is the number of bots per state
+    /// (`running`, `stopped`, ...), computed by the caller at scrape time (`None` when
+    /// listing failed: the gauge is left out rather than reported as zero).
     pub fn render(&self, bots: Option<&BTreeMap<String, u64>>) -> String {
-        let mut out = String::new();
-        let counter = |out: &mut String, name: &str, help: &str, v: &AtomicU64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-            let _ = writeln!(out, "{name} {}", v.load(Ordering::Relaxed));
-        };
+        // Values known only now live in a registry of this scrape.
+        let scrape = &mut Registry::default();
         if let Some(bots) = bots {
-            let _ = writeln!(
-                out,
-                "# HELP memoh_bots Bots by task state.\n# TYPE memoh_bots gauge"
+            let family: Family<StateLabels, Gauge> = add(
+                scrape,
+                "memoh_bots",
+                "Bots by task state",
+                Family::default(),
             );
-            let mut all: BTreeMap<&str, u64> = [("running", 0), ("stopped", 0)].into();
-            for (state, n) in bots {
-                all.insert(state, *n);
+            let state = |s: &str| StateLabels {
+                state: s.to_string(),
+            };
+            for s in ["running", "stopped"] {
+                let _ = family.get_or_create(&state(s));
             }
-            for (state, n) in all {
-                let _ = writeln!(out, "memoh_bots{{state=\"{}\"}} {n}", escape(state));
+            for (s, n) in bots {
+                family
+                    .get_or_create(&state(s))
+                    .set(i64::try_from(*n).unwrap_or(i64::MAX));
             }
         }
-        counter(
-            &mut out,
-            "memoh_bot_restarts_total",
-            "Automatic restarts of bots whose server exited.",
-            &self.restarts,
-        );
-        counter(
-            &mut out,
-            "memoh_cni_retries_total",
-            "CNI ADDs retried after removing leftovers.",
-            &self.cni_retries,
-        );
-        counter(
-            &mut out,
-            "memoh_cni_errors_total",
-            "Failed attachments of a bot to the network.",
-            &self.cni_errors,
-        );
-        counter(
-            &mut out,
-            "memoh_bot_lost_states_total",
-            "Bots whose state containerd lost in a snapshot commit it was killed in; each went \
-             back to its last version.",
-            &self.lost_states,
-        );
-        counter(
-            &mut out,
-            "memoh_stale_bundles_removed_total",
-            "Task bundles a killed containerd left half-deleted, removed by the agent before \
-             starting their bot (the bot could not start until then).",
-            &self.stale_bundles,
-        );
-        let _ = writeln!(
-            out,
-            "# HELP memoh_pool_evictions_total Channels dropped from the connection pool.\n\
-             # TYPE memoh_pool_evictions_total counter"
-        );
-        for why in Eviction::ALL {
-            let _ = writeln!(
-                out,
-                "memoh_pool_evictions_total{{reason=\"{}\"}} {}",
-                why.as_str(),
-                self.evictions[why as usize].load(Ordering::Relaxed)
-            );
+        let mut out = String::new();
+        for r in [&*scrape, &self.registry] {
+            if let Err(e) = prometheus_text::encode(&mut out, r) {
+                tracing::warn!(error = %e, "encoding metrics failed");
+            }
         }
-        let _ = writeln!(
-            out,
-            "# HELP memoh_rpc_duration_seconds Control socket gRPC calls until the response \
-             headers (streams: until the stream opens).\n\
-             # TYPE memoh_rpc_duration_seconds histogram"
-        );
-        self.rpc.write(&mut out, "memoh_rpc_duration_seconds");
-        let _ = writeln!(
-            out,
-            "# HELP memoh_mcp_tool_call_duration_seconds MCP tool calls.\n\
-             # TYPE memoh_mcp_tool_call_duration_seconds histogram"
-        );
-        self.tools
-            .write(&mut out, "memoh_mcp_tool_call_duration_seconds");
-        let _ = writeln!(
-            out,
-            "# HELP memoh_snapshot_cycle_duration_seconds Completed snapshot cycles.\n\
-             # TYPE memoh_snapshot_cycle_duration_seconds histogram"
-        );
-        self.snapshots
-            .write(&mut out, "memoh_snapshot_cycle_duration_seconds", "");
         out
     }
 }
 
+fn rpc_labels(api: &str, method: &str) -> RpcLabels {
+    RpcLabels {
+        api: api.to_string(),
+        method: method.to_string(),
+    }
+}
+
+/// A label value as the exposition format writes it.
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// The value of `series` (`name{labels}` exactly as encoded) in exposition `text`.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))?
+        .parse()
+        .ok()
+}
 /// Times every call of a gRPC service into [`global`]'s RPC histogram.
 #[derive(Debug, Clone)]
 pub struct Timed<S> {
@@ -402,6 +450,65 @@ pub async fn time_tool<T>(server: &str, tool: &str, fut: impl Future<Output = T>
 mod tests {
     use super::*;
 
+    /// Checks that `text` is exposition text: `# HELP name text`, `# TYPE name kind`, and
+    /// samples `name{k="v",...} value` or `name value`, each sample of a declared family.
+    fn assert_parses(text: &str) {
+        let name_ok = |n: &str| {
+            !n.is_empty()
+                && !n.starts_with(|c: char| c.is_ascii_digit())
+                && n.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+        };
+        let mut families: Vec<(String, String)> = Vec::new();
+        for l in text.lines() {
+            if let Some(rest) = l.strip_prefix("# HELP ") {
+                let (name, _) = rest.split_once(' ').expect("help text");
+                assert!(name_ok(name), "bad name in {l:?}");
+                continue;
+            }
+            if let Some(rest) = l.strip_prefix("# TYPE ") {
+                let (name, kind) = rest.split_once(' ').expect("type");
+                assert!(name_ok(name), "bad name in {l:?}");
+                assert!(
+                    ["counter", "gauge", "histogram"].contains(&kind),
+                    "bad type in {l:?}"
+                );
+                families.push((name.to_string(), kind.to_string()));
+                continue;
+            }
+            assert!(!l.starts_with('#'), "unexpected comment {l:?}");
+            let (series, value) = l.rsplit_once(' ').expect("sample has a value");
+            assert!(value.parse::<f64>().is_ok(), "bad value in {l:?}");
+            let name = match series.split_once('{') {
+                Some((name, labels)) => {
+                    let labels = labels.strip_suffix('}').expect("closing brace");
+                    // Values here hold no `",` so a split is enough.
+                    for pair in labels.split("\",") {
+                        let (k, v) = pair.split_once('=').expect("label pair");
+                        assert!(name_ok(k), "bad label name in {l:?}");
+                        assert!(v.starts_with('"'), "unquoted label value in {l:?}");
+                    }
+                    name
+                }
+                None => series,
+            };
+            assert!(name_ok(name), "bad sample name in {l:?}");
+            let (family, kind) = families.last().expect("sample after a TYPE line");
+            let suffix = name
+                .strip_prefix(family.as_str())
+                .expect("sample of its family");
+            let allowed: &[&str] = match kind.as_str() {
+                "histogram" => &["_bucket", "_sum", "_count"],
+                _ => &[""],
+            };
+            assert!(allowed.contains(&suffix), "{l:?} in family {family}");
+        }
+    }
+
+    fn value(text: &str, series: &str) -> f64 {
+        sample(text, series).unwrap_or_else(|| panic!("no {series} in:\n{text}"))
+    }
+
     #[test]
     fn exposition() {
         let m = Metrics::default();
@@ -415,27 +522,35 @@ mod tests {
         m.snapshot(Duration::from_secs(2));
         let bots = BTreeMap::from([("running".to_string(), 2), ("paused".to_string(), 1)]);
         let text = m.render(Some(&bots));
+        assert_parses(&text);
         for line in [
+            "# HELP memoh_bots Bots by task state.",
             "# TYPE memoh_bots gauge",
             "memoh_bots{state=\"running\"} 2",
             "memoh_bots{state=\"stopped\"} 0",
             "memoh_bots{state=\"paused\"} 1",
+            "# HELP memoh_bot_restarts_total Automatic restarts of bots whose server exited.",
+            "# TYPE memoh_bot_restarts_total counter",
             "memoh_bot_restarts_total 2",
             "memoh_cni_retries_total 1",
             "memoh_cni_errors_total 0",
+            "memoh_bot_lost_states_total 0",
+            "memoh_stale_bundles_removed_total 0",
+            "# TYPE memoh_pool_evictions_total counter",
             "memoh_pool_evictions_total{reason=\"failure\"} 1",
             "memoh_pool_evictions_total{reason=\"route_changed\"} 0",
+            "memoh_pool_evictions_total{reason=\"explicit\"} 0",
             "# TYPE memoh_rpc_duration_seconds histogram",
             "memoh_rpc_duration_seconds_bucket{api=\"proxy\",method=\"Exec\",le=\"0.0025\"} 0",
             "memoh_rpc_duration_seconds_bucket{api=\"proxy\",method=\"Exec\",le=\"0.005\"} 1",
             "memoh_rpc_duration_seconds_bucket{api=\"proxy\",method=\"Exec\",le=\"1\"} 2",
             "memoh_rpc_duration_seconds_bucket{api=\"proxy\",method=\"Exec\",le=\"+Inf\"} 2",
-            "memoh_rpc_duration_seconds_sum{api=\"proxy\",method=\"Exec\"} 0.703",
             "memoh_rpc_duration_seconds_count{api=\"proxy\",method=\"Exec\"} 2",
+            "# TYPE memoh_mcp_tool_call_duration_seconds histogram",
             "memoh_mcp_tool_call_duration_seconds_count{server=\"builtin\",tool=\"read\"} 1",
+            "# TYPE memoh_snapshot_cycle_duration_seconds histogram",
             "memoh_snapshot_cycle_duration_seconds_bucket{le=\"1\"} 0",
             "memoh_snapshot_cycle_duration_seconds_bucket{le=\"2.5\"} 1",
-            "memoh_snapshot_cycle_duration_seconds_sum 2",
             "memoh_snapshot_cycle_duration_seconds_count 1",
         ] {
             assert!(
@@ -443,13 +558,64 @@ mod tests {
                 "missing {line:?} in:\n{text}"
             );
         }
-        // Every sample line is `name{labels} value` or `name value` with a numeric value.
-        for l in text.lines().filter(|l| !l.starts_with('#')) {
-            let v = l.rsplit(' ').next().unwrap();
-            assert!(v.parse::<f64>().is_ok(), "bad sample {l:?}");
-        }
+        let sum = value(
+            &text,
+            "memoh_rpc_duration_seconds_sum{api=\"proxy\",method=\"Exec\"}",
+        );
+        assert!((sum - 0.703).abs() < 1e-9, "{sum}");
+        assert_eq!(
+            value(&text, "memoh_snapshot_cycle_duration_seconds_sum"),
+            2.0
+        );
+        assert_eq!(m.rpc_count("proxy", "Exec"), 2);
+        assert_eq!(m.rpc_count("proxy", "Nope"), 0);
         // Without a bot list the gauge is left out rather than reported as zero.
-        assert!(!m.render(None).contains("memoh_bots{"));
+        let without = m.render(None);
+        assert_parses(&without);
+        assert!(!without.contains("memoh_bots"), "{without}");
+    }
+
+    #[test]
+    fn histograms_keep_their_buckets() {
+        let m = Metrics::default();
+        m.rpc("control", "CreateBot", Duration::from_millis(20));
+        m.snapshot(Duration::from_secs(200));
+        let text = m.render(None);
+        let bounds = |prefix: &str| -> Vec<(String, f64)> {
+            text.lines()
+                .filter_map(|l| {
+                    let rest = l.strip_prefix(prefix)?;
+                    let (le, v) = rest.split_once("\"} ")?;
+                    Some((le.to_string(), v.parse().ok()?))
+                })
+                .collect()
+        };
+        let as_labels = |b: &[f64]| -> Vec<String> {
+            b.iter()
+                .map(|v| v.to_string())
+                .chain(["+Inf".to_string()])
+                .collect()
+        };
+        let rpc =
+            bounds("memoh_rpc_duration_seconds_bucket{api=\"control\",method=\"CreateBot\",le=\"");
+        let les: Vec<_> = rpc.iter().map(|(le, _)| le.clone()).collect();
+        assert_eq!(les, as_labels(LATENCY_BUCKETS));
+        // Cumulative: 0 below 25 ms, 1 from there on.
+        for (le, n) in &rpc {
+            let expect = if le == "+Inf" || le.parse::<f64>().unwrap() >= 0.02 {
+                1.0
+            } else {
+                0.0
+            };
+            assert_eq!(*n, expect, "le={le}");
+        }
+        let snap = bounds("memoh_snapshot_cycle_duration_seconds_bucket{le=\"");
+        let les: Vec<_> = snap.iter().map(|(le, _)| le.clone()).collect();
+        assert_eq!(les, as_labels(SNAPSHOT_BUCKETS));
+        // 200 s is past the last bound: only +Inf counts it.
+        let counts: Vec<_> = snap.iter().map(|(_, n)| *n).collect();
+        assert_eq!(counts.last(), Some(&1.0));
+        assert!(counts[..counts.len() - 1].iter().all(|n| *n == 0.0));
     }
 
     #[test]
@@ -459,10 +625,22 @@ mod tests {
             m.rpc("control", &format!("M{i}"), Duration::from_millis(1));
         }
         assert_eq!(m.rpc_count("other", "other"), 5);
+        assert_eq!(m.rpc_count("control", "M0"), 1);
+        let text = m.render(None);
+        let series = text
+            .lines()
+            .filter(|l| l.starts_with("memoh_rpc_duration_seconds_count{"))
+            .count();
+        assert_eq!(series, MAX_SERIES + 1);
     }
 
     #[test]
     fn label_values_are_escaped() {
         assert_eq!(escape("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+        let m = Metrics::default();
+        m.tool_call("stdio", "a\"b\\c\nd", Duration::from_millis(1));
+        let text = m.render(None);
+        let line = "memoh_mcp_tool_call_duration_seconds_count{server=\"stdio\",tool=\"a\\\"b\\\\c\\nd\"} 1";
+        assert!(text.lines().any(|l| l == line), "{text}");
     }
 }

@@ -3,10 +3,12 @@
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
+use futures::StreamExt;
 use memoh_proto::pb::mcpcontainer::exec_output::Stream as OutKind;
 use memoh_proto::pb::mcpcontainer::ExecInput;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use super::progress::{Progress, Unit};
 use super::{bot_client, shell_quote, status_err, CliError};
 
 /// Runs a command in a bot, streaming output live and stdin through; returns its exit code.
@@ -123,6 +125,7 @@ pub async fn exec(
 }
 
 /// `cp SRC DST`: exactly one side is `BOT:PATH`. Streams any size; downloads land atomically.
+/// On a terminal a bar shows the bytes copied.
 pub async fn cp(socket: &Path, src: &str, dst: &str) -> Result<u8, CliError> {
     match (split_remote(src), split_remote(dst)) {
         (Some(_), Some(_)) => Err(CliError::new("cp between two bots is not supported")),
@@ -139,8 +142,16 @@ pub async fn cp(socket: &Path, src: &str, dst: &str) -> Result<u8, CliError> {
             let f = tokio::fs::File::open(&local)
                 .await
                 .map_err(|e| CliError::new(format!("{src}: {e}")))?;
+            let mut progress = Progress::stderr();
+            progress.set("sending", Unit::Bytes, 0, md.len());
+            let sent = progress.counter();
             // A read error aborts the upload: the bot keeps its old file.
-            let stream = tokio_util::io::ReaderStream::with_capacity(f, 64 * 1024);
+            let stream =
+                tokio_util::io::ReaderStream::with_capacity(f, 64 * 1024).inspect(move |chunk| {
+                    if let Ok(chunk) = chunk {
+                        sent(chunk.len() as u64);
+                    }
+                });
             let n = client
                 .try_write_raw(path, stream)
                 .await
@@ -151,6 +162,7 @@ pub async fn cp(socket: &Path, src: &str, dst: &str) -> Result<u8, CliError> {
                     md.len()
                 )));
             }
+            progress.done();
             Ok(0)
         }
         (Some((bot, path)), None) => {
@@ -173,6 +185,14 @@ pub async fn cp(socket: &Path, src: &str, dst: &str) -> Result<u8, CliError> {
                 tmp.reopen()
                     .map_err(|e| CliError::new(format!("{}: {e}", parent.display())))?,
             );
+            let mut progress = Progress::stderr();
+            // The size is asked only to draw a bar; without it a spinner counts the bytes.
+            let total = if progress.is_drawn() {
+                client.stat(path).await.map_or(0, |e| e.size.max(0) as u64)
+            } else {
+                0
+            };
+            progress.set("receiving", Unit::Bytes, 0, total);
             let mut s = client
                 .read_raw(path)
                 .await
@@ -181,7 +201,9 @@ pub async fn cp(socket: &Path, src: &str, dst: &str) -> Result<u8, CliError> {
                 out.write_all(&c.data)
                     .await
                     .map_err(|e| CliError::new(format!("{}: {e}", local.display())))?;
+                progress.inc(c.data.len() as u64);
             }
+            progress.done();
             out.flush()
                 .await
                 .map_err(|e| CliError::new(format!("{}: {e}", local.display())))?;

@@ -1,12 +1,12 @@
 //! `image` (import, pull, ls).
 
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 use clap::Subcommand;
 use futures::StreamExt;
 use memoh_proto::pb::agent as pb;
 
+use super::progress::{Progress, Unit};
 use super::{control, status_err, CliError};
 
 /// Image subcommands.
@@ -32,7 +32,7 @@ pub enum ImageCmd {
     Ls,
 }
 
-/// Runs an image subcommand, with a progress line on a terminal.
+/// Runs an image subcommand, with a progress bar on a terminal.
 pub async fn image(socket: &Path, cmd: ImageCmd) -> Result<u8, CliError> {
     let mut c = control(socket).await;
     let e = |s| status_err(socket, s);
@@ -73,28 +73,43 @@ pub async fn image(socket: &Path, cmd: ImageCmd) -> Result<u8, CliError> {
             .map_err(e)?
             .into_inner(),
     };
-    let tty = std::io::stderr().is_terminal();
+    let mut progress = Progress::stderr();
     let mut stream = stream;
     let mut last = None;
     while let Some(m) = stream.next().await {
         let m = m.map_err(e)?;
-        if tty && m.total > 0 {
-            let pct = m.current.saturating_mul(100) / m.total.max(1);
-            let bar = "#".repeat((pct / 4) as usize);
-            eprint!("\r{:<10} [{bar:<25}] {pct:>3}%", m.phase);
-        }
         if m.phase == "done" {
             last = Some(m);
+        } else {
+            progress.set(&m.phase, unit_of(&m.phase), m.current, m.total);
         }
     }
-    if tty {
-        eprintln!();
-    }
+    progress.done();
     match last {
         Some(m) => {
             println!("{}", m.image);
             Ok(0)
         }
         None => Err(CliError::new("image job ended without a result")),
+    }
+}
+
+/// What the counts of an image job's `phase` measure: layers while unpacking, bytes else.
+fn unit_of(phase: &str) -> Unit {
+    match phase {
+        "unpacking" => Unit::Items,
+        _ => Unit::Bytes,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phases_count_bytes_or_layers() {
+        assert_eq!(unit_of("reading"), Unit::Bytes);
+        assert_eq!(unit_of("fetching"), Unit::Bytes);
+        assert_eq!(unit_of("unpacking"), Unit::Items);
     }
 }

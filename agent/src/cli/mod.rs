@@ -4,12 +4,14 @@
 //! - [`versions`]: the `snapshot` and `migrate` verbs;
 //! - [`image`]: the `image` verb;
 //! - [`exec`]: the `exec` and `cp` verbs;
-//! - [`mcp`]: the `mcp` verb.
+//! - [`mcp`]: the `mcp` verb;
+//! - [`progress`]: progress bars of long jobs on a terminal.
 
 mod bot;
 mod exec;
 mod image;
 mod mcp;
+mod progress;
 mod versions;
 
 pub use bot::{bot, logs, BotCmd};

@@ -1,12 +1,12 @@
 //! `snapshot` (create, ls, rollback, rm) and `migrate`: a bot's versions and its legacy data.
 
-use std::io::IsTerminal;
 use std::path::Path;
 
 use clap::Subcommand;
 use futures::StreamExt;
 use memoh_proto::pb::agent as pb;
 
+use super::progress::{Progress, Unit};
 use super::{control, status_err, CliError};
 
 /// Snapshot (version) subcommands.
@@ -126,21 +126,14 @@ pub async fn migrate(socket: &Path, bot: String) -> Result<u8, CliError> {
         .await
         .map_err(|s| status_err(socket, s))?
         .into_inner();
-    let tty = std::io::stderr().is_terminal();
+    let mut progress = Progress::stderr();
     while let Some(m) = s.next().await {
         let m = m.map_err(|s| status_err(socket, s))?;
         if !m.finished {
-            if tty {
-                eprint!(
-                    "\r{:<10} {:>12} / {:<12} bytes",
-                    m.phase, m.bytes, m.total_bytes
-                );
-            }
+            progress.set(&m.phase, Unit::Bytes, m.bytes, m.total_bytes);
             continue;
         }
-        if tty {
-            eprintln!();
-        }
+        progress.done();
         if m.already_done {
             println!(
                 "{bot}: already migrated earlier (source renamed: {})",

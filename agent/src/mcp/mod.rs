@@ -365,7 +365,7 @@ impl Mcp {
 
 async fn metrics_route(State(mcp): State<Arc<Mcp>>) -> Response {
     let text = crate::metrics::global().render(mcp.source.bot_states().await.as_ref());
-    let ct = "text/plain; version=0.0.4; charset=utf-8";
+    let ct = crate::metrics::CONTENT_TYPE;
     ([(header::CONTENT_TYPE, ct)], text).into_response()
 }
 
