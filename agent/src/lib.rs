@@ -8,6 +8,8 @@
 //! - [`daemon`]: startup, the control socket, systemd readiness; [`cli`]: the operator's CLI.
 //! - [`ids`]: bot ids and derived names; [`pool`]: one channel per bot.
 //! - [`config`]: the TOML configuration; [`doctor`]: host checks for operators.
+//! - [`logdriver`]: the bot server's size-bounded, rotated log (a program containerd's shim
+//!   runs next to each bot task).
 //! - [`metrics`]: Prometheus metrics (`/metrics` on the MCP listener).
 //! - [`mcp`]: MCP over streamable HTTP: the container as tools, stdio MCP servers in the bot.
 //! - [`containerd`]: images, containers, snapshots and tasks on containerd ([`containerd::Runtime`]).
@@ -27,6 +29,7 @@ pub mod error;
 #[doc(hidden)]
 pub mod fuzz_checks;
 pub mod ids;
+pub mod logdriver;
 pub mod mcp;
 pub mod metrics;
 pub mod network;
