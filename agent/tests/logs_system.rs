@@ -57,6 +57,61 @@ fn wait_for_last_line(a: &TestAgent, bot: &str, line: &str) {
     );
 }
 
+/// A `logs --tail 100 --follow` process whose output is scanned as it arrives (only a small
+/// window of it is kept).
+struct Follower {
+    child: std::process::Child,
+    seen: std::sync::mpsc::Receiver<String>,
+}
+
+impl Follower {
+    fn start(a: &TestAgent, bot: &str) -> Self {
+        use std::io::Read;
+        let mut child = a
+            .command(&["logs", bot, "--tail", "100", "--follow"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut out = child.stdout.take().unwrap();
+        let (tx, seen) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut window = String::new();
+            let mut buf = vec![0u8; 64 * 1024];
+            while let Ok(n) = out.read(&mut buf) {
+                if n == 0 {
+                    return;
+                }
+                window.push_str(&String::from_utf8_lossy(&buf[..n]));
+                let cut = window.len().saturating_sub(256);
+                let cut = (cut..=window.len())
+                    .find(|i| window.is_char_boundary(*i))
+                    .unwrap_or(0);
+                window.drain(..cut);
+                if tx.send(window.clone()).is_err() {
+                    return;
+                }
+            }
+        });
+        Self { child, seen }
+    }
+
+    fn wait_for(mut self, line: &str) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let mut last = String::new();
+        while !last.ends_with(line) {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.seen.recv_timeout(left) {
+                Ok(w) => last = w,
+                Err(_) => break,
+            }
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        assert!(last.ends_with(line), "logs --follow ended with {last:?}");
+    }
+}
+
 /// `MIB` MiB of lines tagged `tag` into the server's stdout, then `tag-done` on its stderr.
 fn flood(a: &TestAgent, bot: &str, tag: &str, mib: u64) {
     let script = format!(
@@ -114,7 +169,10 @@ fn a_bot_flooding_its_server_log_stays_within_the_bound() {
     assert_bounded(&a, &bot, "with the agent down");
     a.serve();
 
+    // `logs --follow` goes on through the rotations the next flood makes.
+    let follow = Follower::start(&a, &bot);
     flood(&a, &bot, "second", 10);
+    follow.wait_for("second-done\n");
     wait_for_last_line(&a, &bot, "second-done\n");
     assert_bounded(&a, &bot, "after the restart");
     let tail = a.ok(&["logs", &bot, "--tail", "100"]);
