@@ -157,6 +157,12 @@ pub fn run(s: &Settings) -> u8 {
         libc::signal(libc::SIGHUP, libc::SIG_IGN);
         libc::signal(libc::SIGPIPE, libc::SIG_IGN);
     }
+    // A name of its own, so that `pkill memoh-agent` aimed at the daemon spares the bots' logs
+    // (a log process gone would leave the bot's writes blocked on a full pipe).
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
+    unsafe {
+        libc::prctl(libc::PR_SET_NAME, c"memoh-serverlog".as_ptr());
+    }
     // The shim starts it in the task's bundle directory; hold nothing of the task's open.
     let _ = std::env::set_current_dir("/");
     let mut rot = Rotator::open(&s.path, s.max_bytes, s.keep);
