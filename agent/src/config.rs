@@ -68,7 +68,18 @@ pub struct Config {
     /// Destinations (CIDRs) in loopback, link-local, private, shared or unique-local ranges
     /// that bots may reach anyway (e.g. a LAN resolver); the rest of those ranges is dropped.
     pub egress_allowed: Vec<Cidr>,
+    /// Size at which a bot server's log (`<state_dir>/bots/BOT/server.log`) is rotated, in
+    /// bytes (at least [`MIN_SERVER_LOG_BYTES`]).
+    pub server_log_max_bytes: u64,
+    /// Rotated server logs kept per bot (`server.log.1` newest, ...). A bot's logs take at
+    /// most `(server_log_keep + 1) * server_log_max_bytes` of disk.
+    pub server_log_keep: u32,
 }
+
+/// Smallest accepted `server_log_max_bytes`.
+pub const MIN_SERVER_LOG_BYTES: u64 = 4096;
+/// Most rotated server logs a bot may keep.
+pub const MAX_SERVER_LOG_KEEP: u32 = 100;
 
 impl Default for Config {
     fn default() -> Self {
@@ -96,6 +107,8 @@ impl Default for Config {
             mcp_idle_secs: 600,
             host_ports_allowed: Vec::new(),
             egress_allowed: Vec::new(),
+            server_log_max_bytes: 10 * 1024 * 1024,
+            server_log_keep: 2,
         }
     }
 }
@@ -124,7 +137,20 @@ impl Config {
 
     /// Parses TOML text.
     pub fn parse(text: &str) -> Result<Self, String> {
-        toml::from_str(text).map_err(|e| e.message().to_string())
+        let c: Self = toml::from_str(text).map_err(|e| e.message().to_string())?;
+        if c.server_log_max_bytes < MIN_SERVER_LOG_BYTES {
+            return Err(format!(
+                "server_log_max_bytes is {}; it must be at least {MIN_SERVER_LOG_BYTES}",
+                c.server_log_max_bytes
+            ));
+        }
+        if c.server_log_keep > MAX_SERVER_LOG_KEEP {
+            return Err(format!(
+                "server_log_keep is {}; it must be at most {MAX_SERVER_LOG_KEEP}",
+                c.server_log_keep
+            ));
+        }
+        Ok(c)
     }
 }
 
@@ -181,6 +207,18 @@ mod tests {
         assert!(e.contains("10.1.2.3/8"), "{e}");
         let d = Config::default();
         assert!(d.host_ports_allowed.is_empty() && d.egress_allowed.is_empty());
+    }
+
+    #[test]
+    fn server_log_bounds() {
+        let d = Config::default();
+        assert_eq!((d.server_log_max_bytes, d.server_log_keep), (10 << 20, 2));
+        let c = Config::parse("server_log_max_bytes = 1048576\nserver_log_keep = 0").unwrap();
+        assert_eq!((c.server_log_max_bytes, c.server_log_keep), (1 << 20, 0));
+        let e = Config::parse("server_log_max_bytes = 10").unwrap_err();
+        assert!(e.contains("server_log_max_bytes"), "{e}");
+        let e = Config::parse("server_log_keep = 1000").unwrap_err();
+        assert!(e.contains("server_log_keep"), "{e}");
     }
 
     #[test]

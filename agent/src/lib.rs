@@ -9,6 +9,8 @@
 //! - [`ids`]: bot ids and derived names; [`pool`]: one channel per bot.
 //! - [`config`]: the TOML configuration; [`doctor`]: host checks for operators.
 //! - [`cgroup`]: what a bot's cgroup says it uses (v1 or v2).
+//! - [`logdriver`]: the bot server's size-bounded, rotated log (a program containerd's shim
+//!   runs next to each bot task).
 //! - [`metrics`]: Prometheus metrics (`/metrics` on the MCP listener).
 //! - [`mcp`]: MCP over streamable HTTP: the container as tools, stdio MCP servers in the bot.
 //! - [`containerd`]: images, containers, snapshots and tasks on containerd ([`containerd::Runtime`]).
@@ -29,6 +31,7 @@ pub mod error;
 #[doc(hidden)]
 pub mod fuzz_checks;
 pub mod ids;
+pub mod logdriver;
 pub mod mcp;
 pub mod metrics;
 pub mod network;

@@ -92,6 +92,17 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
+    // containerd's shim starts this binary as a bot's log program, with an argument list of its
+    // own (see `logdriver`): handled before the CLI parser, which would refuse it.
+    if let Some(settings) = memoh_agent::logdriver::from_shim() {
+        return ExitCode::from(match settings {
+            Ok(s) => memoh_agent::logdriver::run(&s),
+            Err(e) => {
+                eprintln!("memoh-agent: log program: {e}");
+                memoh_agent::logdriver::discard()
+            }
+        });
+    }
     let args = Args::parse();
     let is_daemon = matches!(args.cmd, Cmd::Serve { .. });
     let filter = tracing_subscriber::EnvFilter::try_from_env("MEMOH_LOG").unwrap_or_else(|_| {

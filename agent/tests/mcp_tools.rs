@@ -266,6 +266,63 @@ async fn exec_results_and_cut_output() {
     assert_eq!(r["stdout"], format!("{}\n", s.data().join("w").display()));
 }
 
+/// The last 300 bytes of a long result, for failure messages.
+fn tail_of(t: &str) -> &str {
+    let mut i = t.len().saturating_sub(300);
+    while !t.is_char_boundary(i) {
+        i += 1;
+    }
+    &t[i..]
+}
+
+/// The process's peak resident set, from `/proc/self/status`, in bytes.
+fn peak_rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kib * 1024
+}
+
+#[tokio::test]
+async fn exec_output_past_the_bound_is_dropped_while_it_streams() {
+    let s = Server::start().await;
+    let before = peak_rss();
+    // 50 MB of stdout and 3 MB of stderr.
+    let r = s
+        .call(
+            "exec",
+            json!({"command": "head -c 50000000 /dev/zero | tr '\\0' y; echo; echo the-end; \
+                   head -c 3000000 /dev/zero | tr '\\0' e >&2"}),
+        )
+        .await
+        .unwrap();
+    let grown = peak_rss().saturating_sub(before);
+    assert_eq!(r["exit_code"], 0);
+    let out = r["stdout"].as_str().unwrap();
+    let dropped = 50_000_000 + 9 - tools::EXEC_STDOUT_LIMIT;
+    assert!(
+        out.starts_with("yyyy") && out.ends_with("\nthe-end\n"),
+        "{}",
+        tail_of(out)
+    );
+    assert!(
+        out.contains(&format!(
+            "output cut at 1 MiB while the command ran; {dropped} bytes more not shown"
+        )),
+        "{}",
+        tail_of(out)
+    );
+    assert!(out.len() <= tools::MAX_OUTPUT_BYTES + 300, "{}", out.len());
+    let err = r["stderr"].as_str().unwrap();
+    assert!(
+        err.contains("output cut at 256 KiB while the command ran"),
+        "{}",
+        tail_of(err)
+    );
+    // The agent's memory did not follow the output (the whole of it would be 50 MB).
+    assert!(grown < 24 << 20, "peak memory grew by {grown} bytes");
+}
+
 struct Down;
 
 #[async_trait::async_trait]

@@ -19,6 +19,7 @@ use crate::bots::Manager;
 use crate::containerd::{Progress, PullOptions};
 use crate::error::AgentError;
 use crate::ids;
+use crate::logdriver;
 
 /// The control service.
 #[derive(Clone)]
@@ -126,45 +127,68 @@ impl AgentService for Control {
         let r = req.into_inner();
         // Unknown bots are NOT_FOUND even if a log file is left over.
         self.mgr.info(&r.bot_id).await?;
-        let path = ids::log_path(&self.mgr.config().state_dir, &r.bot_id);
-        let mut f = match tokio::fs::File::open(&path).await {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !r.follow => {
+        let cfg = self.mgr.config();
+        let path = ids::log_path(&cfg.state_dir, &r.bot_id);
+        // The rotated files and the current one, oldest first, all opened now: a rotation while
+        // they are read renames them but loses nothing.
+        let mut files = Vec::new();
+        for p in logdriver::log_files(&path, cfg.server_log_keep) {
+            match tokio::fs::File::open(&p).await {
+                Ok(f) => {
+                    let len = f.metadata().await.map(|m| m.len()).unwrap_or(0);
+                    files.push((f, len));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(AgentError::io(&p, e).into()),
+            }
+        }
+        if files.is_empty() {
+            if !r.follow {
                 return Ok(Response::new(Box::pin(futures::stream::empty())));
             }
-            Err(e) => return Err(AgentError::io(&path, e).into()),
-        };
+            let e = std::io::Error::from(std::io::ErrorKind::NotFound);
+            return Err(AgentError::io(&path, e).into());
+        }
         if r.tail_bytes > 0 {
-            let len = f.metadata().await.map(|m| m.len()).unwrap_or(0);
-            let start = len.saturating_sub(r.tail_bytes);
-            f.seek(std::io::SeekFrom::Start(start))
+            // The last `tail_bytes` may begin in a rotated file.
+            let total: u64 = files.iter().map(|(_, len)| len).sum();
+            let mut skip = total.saturating_sub(r.tail_bytes);
+            while files.len() > 1 && skip >= files[0].1 {
+                skip -= files.remove(0).1;
+            }
+            files[0]
+                .0
+                .seek(std::io::SeekFrom::Start(skip))
                 .await
                 .map_err(|e| AgentError::io(&path, e))?;
         }
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(async move {
             let mut buf = vec![0u8; 64 * 1024];
+            let mut files = files.into_iter().map(|(f, _)| f).collect::<Vec<_>>();
+            let Some(mut cur) = files.pop() else {
+                return;
+            };
+            for mut f in files {
+                if !send_to_end(&mut f, &mut buf, &tx).await {
+                    return;
+                }
+            }
             loop {
-                match f.read(&mut buf).await {
-                    Ok(0) if r.follow => {
-                        tokio::select! {
-                            _ = tx.closed() => return,
-                            _ = tokio::time::sleep(std::time::Duration::from_millis(200)) => {}
-                        }
-                    }
-                    Ok(0) => return,
-                    Ok(n) => {
-                        let chunk = pb::LogChunk {
-                            data: buf[..n].to_vec(),
-                        };
-                        if tx.send(Ok(chunk)).await.is_err() {
-                            return;
-                        }
-                    }
-                    Err(e) => {
-                        let _ = tx.send(Err(Status::internal(e.to_string()))).await;
+                if !send_to_end(&mut cur, &mut buf, &tx).await || !r.follow {
+                    return;
+                }
+                // Rotated: what was written before the rename, then the new file.
+                if let Some(next) = replaced(&path, &cur).await {
+                    if !send_to_end(&mut cur, &mut buf, &tx).await {
                         return;
                     }
+                    cur = next;
+                    continue;
+                }
+                tokio::select! {
+                    _ = tx.closed() => return,
+                    _ = tokio::time::sleep(std::time::Duration::from_millis(200)) => {}
                 }
             }
         });
@@ -399,4 +423,37 @@ impl AgentService for Control {
     ) -> Result<Response<pb::McpTokenResponse>, Status> {
         super::control_mcp::token(self.mcp.as_ref())
     }
+}
+
+/// Sends what is left of `f` to `tx`; false when the client left or reading failed.
+async fn send_to_end(
+    f: &mut tokio::fs::File,
+    buf: &mut [u8],
+    tx: &mpsc::Sender<Result<pb::LogChunk, Status>>,
+) -> bool {
+    loop {
+        match f.read(buf).await {
+            Ok(0) => return true,
+            Ok(n) => {
+                let chunk = pb::LogChunk {
+                    data: buf[..n].to_vec(),
+                };
+                if tx.send(Ok(chunk)).await.is_err() {
+                    return false;
+                }
+            }
+            Err(e) => {
+                let _ = tx.send(Err(Status::internal(e.to_string()))).await;
+                return false;
+            }
+        }
+    }
+}
+
+/// The file now at `path` when it is not the one `cur` reads (the log was rotated).
+async fn replaced(path: &std::path::Path, cur: &tokio::fs::File) -> Option<tokio::fs::File> {
+    use std::os::unix::fs::MetadataExt;
+    let now = tokio::fs::File::open(path).await.ok()?;
+    let (a, b) = (cur.metadata().await.ok()?, now.metadata().await.ok()?);
+    ((a.dev(), a.ino()) != (b.dev(), b.ino())).then_some(now)
 }

@@ -7,7 +7,7 @@ use tracing::{debug, info, warn};
 
 use super::{lock, BotInfo, Manager, READY_TIMEOUT, STOP_GRACE};
 use crate::containerd::spec::apply_privileges;
-use crate::containerd::{ContainerInfo, TaskIo, TaskState, TaskStatus};
+use crate::containerd::{ContainerInfo, TaskState, TaskStatus};
 use crate::error::AgentError;
 use crate::ids::{self};
 use crate::pool::Route;
@@ -75,9 +75,7 @@ impl Manager {
                 .await
                 .map_err(|e| AgentError::io(parent, e))?;
         }
-        self.rt
-            .create_task(cid, &mounts, &TaskIo::log_file(&log))
-            .await?;
+        crate::logdriver::create_server_task(&*self.rt, &self.cfg, cid, &mounts, &log).await?;
         if let Err(e) = self.rt.start_task(cid).await {
             let _ = self.rt.delete_task(cid).await;
             return Err(e);

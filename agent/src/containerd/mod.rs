@@ -238,6 +238,19 @@ pub struct TaskIo {
     pub stdout: Option<PathBuf>,
     /// Host file that receives stderr; `None` discards it.
     pub stderr: Option<PathBuf>,
+    /// A logging program the shim starts with both streams as pipes (a `binary://` URI);
+    /// when set, `stdout` and `stderr` are not used.
+    pub program: Option<LogProgram>,
+}
+
+/// A program containerd's shim runs for a task's output: `path ARG VALUE...`, one pair per
+/// entry of `args` (the shim passes them in no fixed order).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogProgram {
+    /// Absolute path of the executable.
+    pub path: PathBuf,
+    /// Argument pairs.
+    pub args: Vec<(String, String)>,
 }
 
 impl TaskIo {
@@ -247,6 +260,15 @@ impl TaskIo {
         Self {
             stdout: Some(p.clone()),
             stderr: Some(p),
+            program: None,
+        }
+    }
+
+    /// Both streams piped into `program`.
+    pub fn log_program(program: LogProgram) -> Self {
+        Self {
+            program: Some(program),
+            ..Self::default()
         }
     }
 }

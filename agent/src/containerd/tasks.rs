@@ -13,8 +13,8 @@ use prost::Message;
 use tonic::Code;
 
 use super::{
-    rootfs_to_pb, to_system_time, Containerd, RootfsMount, TaskExit, TaskExitStream, TaskIo,
-    TaskState, TaskStatus,
+    rootfs_to_pb, to_system_time, Containerd, LogProgram, RootfsMount, TaskExit, TaskExitStream,
+    TaskIo, TaskState, TaskStatus,
 };
 use crate::error::AgentError;
 
@@ -40,6 +40,15 @@ struct RuncOptions {
 /// Type URL the shim resolves runc options by.
 const RUNC_OPTIONS_TYPE_URL: &str = "containerd.runc.v1.Options";
 
+/// The URI of one output stream: the task's logging program (the same URI for both streams),
+/// else `file`.
+fn stdio_uri(io: &TaskIo, file: Option<&Path>) -> Result<String, AgentError> {
+    match &io.program {
+        Some(p) => binary_uri(p),
+        None => file_uri(file),
+    }
+}
+
 /// The stdio URI the runc shim opens as an append-only host file.
 pub(crate) fn file_uri(path: Option<&Path>) -> Result<String, AgentError> {
     match path {
@@ -50,6 +59,43 @@ pub(crate) fn file_uri(path: Option<&Path>) -> Result<String, AgentError> {
             p.display()
         ))),
     }
+}
+
+/// The stdio URI of a logging program: `binary://PATH?ARG=VALUE&...`. containerd's runc shim
+/// (1.6, `pkg/process/io.go`, `NewBinaryIO` and `newBinaryCmd`) parses it with Go's `net/url`
+/// and passes each query key and its first value as two arguments, in map (random) order; every
+/// byte outside the unreserved set is percent-encoded here so paths come back unchanged.
+pub(crate) fn binary_uri(program: &LogProgram) -> Result<String, AgentError> {
+    let path = program.path.to_str().filter(|p| p.starts_with('/'));
+    let Some(path) = path else {
+        return Err(AgentError::InvalidArgument(format!(
+            "log program path {} must be absolute and UTF-8",
+            program.path.display()
+        )));
+    };
+    let query: Vec<String> = program
+        .args
+        .iter()
+        .map(|(k, v)| format!("{}={}", percent_encode(k, false), percent_encode(v, false)))
+        .collect();
+    Ok(format!(
+        "binary://{}?{}",
+        percent_encode(path, true),
+        query.join("&")
+    ))
+}
+
+/// Percent-encodes every byte but ASCII letters, digits and `-._~` (and `/` in a path).
+fn percent_encode(s: &str, path: bool) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) || (path && b == b'/') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 fn state_from_pb(status: i32) -> TaskState {
@@ -89,8 +135,8 @@ impl Containerd {
             container_id: container_id.to_string(),
             rootfs: rootfs.iter().map(rootfs_to_pb).collect(),
             stdin: String::new(),
-            stdout: file_uri(io.stdout.as_deref())?,
-            stderr: file_uri(io.stderr.as_deref())?,
+            stdout: stdio_uri(io, io.stdout.as_deref())?,
+            stderr: stdio_uri(io, io.stderr.as_deref())?,
             terminal: false,
             options: self.runc_root.as_ref().map(|root| prost_types::Any {
                 type_url: RUNC_OPTIONS_TYPE_URL.to_string(),
@@ -359,6 +405,28 @@ mod tests {
             "file:///var/log/b.log"
         );
         assert!(file_uri(Some(Path::new("rel.log"))).is_err());
+    }
+
+    #[test]
+    fn binary_uris_encode_what_url_parsing_would_change() {
+        let p = LogProgram {
+            path: "/opt/my bin/memoh-agent".into(),
+            args: vec![
+                ("memoh-server-log".into(), "/var/lib/a+b/server.log".into()),
+                ("keep".into(), "2".into()),
+            ],
+        };
+        assert_eq!(
+            binary_uri(&p).unwrap(),
+            "binary:///opt/my%20bin/memoh-agent?memoh-server-log=%2Fvar%2Flib%2Fa%2Bb%2Fserver.log&keep=2"
+        );
+        let io = TaskIo::log_program(p.clone());
+        assert_eq!(stdio_uri(&io, None).unwrap(), binary_uri(&p).unwrap());
+        let rel = LogProgram {
+            path: "memoh-agent".into(),
+            args: Vec::new(),
+        };
+        assert!(binary_uri(&rel).is_err());
     }
 
     #[test]

@@ -72,9 +72,12 @@ pub fn validate(spec: &ServerSpec) -> Result<(), AgentError> {
     Ok(())
 }
 
+/// Largest registry file the agent reads. The bot can write the file, so it is read as a
+/// stream and refused as soon as it grows past this, never held whole.
+pub const MAX_REGISTRY_BYTES: usize = 1024 * 1024;
+
 /// Reads the bot's registrations (none when the file does not exist).
 pub async fn load(client: &ContainerClient, bot: &str) -> Result<Vec<ServerSpec>, AgentError> {
-    use futures::StreamExt;
     let mut s = match client.read_raw(REGISTRY_PATH).await {
         Ok(s) => s,
         Err(st) if st.code() == tonic::Code::NotFound => return Ok(Vec::new()),
@@ -85,11 +88,31 @@ pub async fn load(client: &ContainerClient, bot: &str) -> Result<Vec<ServerSpec>
             })
         }
     };
+    let Some(buf) = read_bounded(&mut s, bot, MAX_REGISTRY_BYTES).await? else {
+        return Ok(Vec::new());
+    };
+    parse(&buf, bot)
+}
+
+/// Collects a file's chunks up to `limit` bytes; `None` when the file is gone. A bigger file is
+/// an error as soon as a chunk crosses the limit.
+async fn read_bounded<S>(s: &mut S, bot: &str, limit: usize) -> Result<Option<Vec<u8>>, AgentError>
+where
+    S: futures::Stream<Item = Result<memoh_proto::pb::mcpcontainer::DataChunk, tonic::Status>>
+        + Unpin,
+{
+    use futures::StreamExt;
     let mut buf = Vec::new();
     while let Some(c) = s.next().await {
         match c {
+            Ok(c) if buf.len() + c.data.len() > limit => {
+                return Err(AgentError::FailedPrecondition(format!(
+                    "bot {bot:?}: /data/{REGISTRY_PATH} is over the {limit}-byte limit; it is \
+                     not read"
+                )));
+            }
             Ok(c) => buf.extend_from_slice(&c.data),
-            Err(st) if st.code() == tonic::Code::NotFound => return Ok(Vec::new()),
+            Err(st) if st.code() == tonic::Code::NotFound => return Ok(None),
             Err(status) => {
                 return Err(AgentError::Bot {
                     bot: bot.into(),
@@ -98,7 +121,11 @@ pub async fn load(client: &ContainerClient, bot: &str) -> Result<Vec<ServerSpec>
             }
         }
     }
-    let f: RegistryFile = serde_json::from_slice(&buf).map_err(|e| {
+    Ok(Some(buf))
+}
+
+fn parse(buf: &[u8], bot: &str) -> Result<Vec<ServerSpec>, AgentError> {
+    let f: RegistryFile = serde_json::from_slice(buf).map_err(|e| {
         AgentError::FailedPrecondition(format!(
             "bot {bot:?}: /data/{REGISTRY_PATH} is not valid: {e}"
         ))
@@ -230,5 +257,41 @@ mod tests {
         ] {
             assert!(validate(&bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn a_registry_file_past_the_limit_is_refused_unread() {
+        use memoh_proto::pb::mcpcontainer::DataChunk;
+        let chunk = |n: usize| {
+            Ok(DataChunk {
+                data: vec![b' '; n].into(),
+            })
+        };
+        // Within the limit: read whole.
+        let mut ok = futures::stream::iter(vec![chunk(1000), chunk(24)]);
+        let got = futures::executor::block_on(read_bounded(&mut ok, "b", 1024)).unwrap();
+        assert_eq!(got.map(|b| b.len()), Some(1024));
+        // An endless file: refused at the chunk that crosses the limit, the rest never pulled.
+        let mut pulled = 0usize;
+        let mut endless = futures::stream::repeat_with(|| {
+            pulled += 1;
+            chunk(64 * 1024)
+        });
+        let e = futures::executor::block_on(read_bounded(&mut endless, "b", MAX_REGISTRY_BYTES))
+            .unwrap_err();
+        assert_eq!(pulled, MAX_REGISTRY_BYTES / (64 * 1024) + 1);
+        assert!(
+            e.to_string().contains(&format!(
+                "bot \"b\": /data/{REGISTRY_PATH} is over the 1048576-byte limit; it is not read"
+            )),
+            "{e}"
+        );
+        // Gone mid-read: no registrations.
+        let mut gone =
+            futures::stream::iter(vec![chunk(10), Err(tonic::Status::not_found("gone"))]);
+        assert_eq!(
+            futures::executor::block_on(read_bounded(&mut gone, "b", 1024)).unwrap(),
+            None
+        );
     }
 }

@@ -21,6 +21,13 @@ pub const MAX_LIST_ENTRIES: usize = 1000;
 pub const MAX_OUTPUT_BYTES: usize = 10 * 1024;
 /// Output of `exec` over this many lines (per stream) is cut to its head and tail.
 pub const MAX_OUTPUT_LINES: usize = 250;
+/// Most bytes of a command's stdout that `exec` holds while the command runs: the first and
+/// the last half of it. Output between them is dropped as it arrives (and counted); the command
+/// keeps running, its output drained, until it ends or its timeout kills it, so its exit code
+/// stays meaningful and the agent's memory stays bounded whatever it writes.
+pub const EXEC_STDOUT_LIMIT: usize = 1024 * 1024;
+/// [`EXEC_STDOUT_LIMIT`] for stderr.
+pub const EXEC_STDERR_LIMIT: usize = 256 * 1024;
 /// Default `exec` timeout in seconds.
 pub const DEFAULT_EXEC_TIMEOUT: i32 = 30;
 /// Largest file the `edit` tool reads (the server's message limit is the same order).
@@ -154,7 +161,8 @@ pub fn definitions() -> Vec<Tool> {
         Tool::new(
             "exec",
             "Run a shell command (/bin/sh -c) in the bot's container. Returns {stdout, stderr, \
-             exit_code}; long output is cut to its head and tail.",
+             exit_code}; long output is cut to its head and tail (only the first and last \
+             512 KiB of stdout and 128 KiB of stderr are kept while it runs).",
             schema(json!({
                 "type": "object",
                 "properties": {
@@ -403,23 +411,154 @@ async fn exec(client: &ContainerClient, args: &JsonObject) -> Result<Value, Tool
         ));
     }
     let timeout = i32::try_from(timeout).unwrap_or(i32::MAX);
-    let r = client
-        .exec_collect(command, &work_dir, timeout)
+    let first = memoh_proto::pb::mcpcontainer::ExecInput {
+        command: command.into(),
+        work_dir,
+        timeout_seconds: timeout,
+        ..Default::default()
+    };
+    let mut out = client
+        .exec(first, futures::stream::empty())
         .await
         .map_err(call_err("exec", command))?;
+    let (stdout, stderr, exit_code) =
+        collect_bounded(&mut out, EXEC_STDOUT_LIMIT, EXEC_STDERR_LIMIT)
+            .await
+            .map_err(call_err("exec", command))?;
     Ok(json!({
-        "stdout": cut_output(&String::from_utf8_lossy(&r.stdout)),
-        "stderr": cut_output(&String::from_utf8_lossy(&r.stderr)),
-        "exit_code": r.exit_code,
+        "stdout": stdout.render(),
+        "stderr": stderr.render(),
+        "exit_code": exit_code,
     }))
+}
+
+/// Drains an exec output stream, keeping each stream within its bound; returns stdout,
+/// stderr and the exit code. A stream that ends without an exit status is `UNAVAILABLE`.
+pub async fn collect_bounded<S>(
+    out: &mut S,
+    stdout_limit: usize,
+    stderr_limit: usize,
+) -> Result<(BoundedOutput, BoundedOutput, i32), Status>
+where
+    S: futures::Stream<Item = Result<memoh_proto::pb::mcpcontainer::ExecOutput, Status>> + Unpin,
+{
+    use memoh_proto::pb::mcpcontainer::exec_output::Stream as Kind;
+    let mut stdout = BoundedOutput::new(stdout_limit);
+    let mut stderr = BoundedOutput::new(stderr_limit);
+    while let Some(msg) = out.next().await.transpose()? {
+        match Kind::try_from(msg.stream) {
+            Ok(Kind::Stdout) => stdout.push(&msg.data),
+            Ok(Kind::Stderr) => stderr.push(&msg.data),
+            Ok(Kind::Exit) => return Ok((stdout, stderr, msg.exit_code)),
+            Err(_) => return Err(Status::internal("unknown exec output stream kind")),
+        }
+    }
+    Err(Status::unavailable(
+        "exec stream ended without an exit status",
+    ))
+}
+
+/// One output stream kept within `limit` bytes while it arrives: its first `limit / 2` bytes
+/// and its latest `limit - limit / 2`; what falls between is counted and dropped.
+#[derive(Debug)]
+pub struct BoundedOutput {
+    limit: usize,
+    head: Vec<u8>,
+    tail: std::collections::VecDeque<u8>,
+    dropped: u64,
+}
+
+impl BoundedOutput {
+    /// An empty stream bounded by `limit` bytes.
+    pub fn new(limit: usize) -> Self {
+        Self {
+            limit,
+            head: Vec::new(),
+            tail: std::collections::VecDeque::new(),
+            dropped: 0,
+        }
+    }
+
+    /// Adds the next bytes of the stream.
+    pub fn push(&mut self, data: &[u8]) {
+        let head_room = (self.limit / 2).saturating_sub(self.head.len());
+        let (h, rest) = data.split_at(head_room.min(data.len()));
+        self.head.extend_from_slice(h);
+        let cap = self.limit - self.limit / 2;
+        if rest.len() >= cap {
+            self.dropped += (self.tail.len() + rest.len() - cap) as u64;
+            self.tail.clear();
+            self.tail.extend(&rest[rest.len() - cap..]);
+        } else {
+            self.tail.extend(rest);
+            let over = self.tail.len().saturating_sub(cap);
+            self.tail.drain(..over);
+            self.dropped += over as u64;
+        }
+    }
+
+    /// Bytes held.
+    pub fn kept(&self) -> usize {
+        self.head.len() + self.tail.len()
+    }
+
+    /// Bytes dropped for the bound.
+    pub fn dropped(&self) -> u64 {
+        self.dropped
+    }
+
+    /// The text for the tool's result: cut by [`cut_output`], and when the bound dropped
+    /// output, saying so and how much.
+    pub fn render(self) -> String {
+        let mut bytes = self.head;
+        bytes.extend(self.tail);
+        let text = String::from_utf8_lossy(&bytes);
+        if self.dropped == 0 {
+            return cut_output(&text);
+        }
+        let note = format!(
+            "output cut at {} while the command ran; {} bytes more not shown",
+            human_size(self.limit),
+            self.dropped
+        );
+        cut_output_noting(&text, Some(&note))
+    }
+}
+
+/// `1 MiB`, `256 KiB`, or bytes.
+fn human_size(n: usize) -> String {
+    const KIB: usize = 1024;
+    if n >= KIB * KIB && n % (KIB * KIB) == 0 {
+        format!("{} MiB", n / (KIB * KIB))
+    } else if n >= KIB && n % KIB == 0 {
+        format!("{} KiB", n / KIB)
+    } else {
+        format!("{n} bytes")
+    }
 }
 
 /// Cuts output over [`MAX_OUTPUT_BYTES`] or [`MAX_OUTPUT_LINES`] to its head and tail, with a
 /// marker line saying how many lines and bytes were left out.
 pub fn cut_output(s: &str) -> String {
+    cut_output_noting(s, None)
+}
+
+/// [`cut_output`], with `note` added to the marker (and a marker even when nothing else is
+/// cut).
+fn cut_output_noting(s: &str, note: Option<&str>) -> String {
     let lines = s.split_inclusive('\n').count();
     if s.len() <= MAX_OUTPUT_BYTES && lines <= MAX_OUTPUT_LINES {
-        return s.to_string();
+        return match note {
+            None => s.to_string(),
+            Some(n) => {
+                let sep = if s.ends_with('\n') || s.is_empty() {
+                    ""
+                } else {
+                    "\n"
+                };
+                format!("{s}{sep}... [{n}] ...\n")
+            }
+        };
     }
     let keep_lines = MAX_OUTPUT_LINES / 2 - 10;
     let keep_bytes = MAX_OUTPUT_BYTES / 2 - 256;
@@ -457,8 +596,9 @@ pub fn cut_output(s: &str) -> String {
     } else {
         "\n"
     };
+    let note = note.map(|n| format!("; {n}")).unwrap_or_default();
     format!(
-        "{head}{sep}... [output cut: {cut_lines} lines, {cut_bytes} bytes omitted of {lines} lines, {} bytes] ...\n{tail}",
+        "{head}{sep}... [output cut: {cut_lines} lines, {cut_bytes} bytes omitted of {lines} lines, {} bytes{note}] ...\n{tail}",
         s.len()
     )
 }
@@ -515,6 +655,96 @@ mod tests {
         assert!(c.contains("[output cut: "), "{c}");
         assert!(c.lines().count() <= MAX_OUTPUT_LINES + 1);
         assert!(c.len() <= MAX_OUTPUT_BYTES + 200);
+    }
+
+    #[test]
+    fn exec_output_is_bounded_while_it_streams() {
+        use memoh_proto::pb::mcpcontainer::{exec_output::Stream as Kind, ExecOutput};
+        // 64 MiB of stdout and 8 MiB of stderr in 64 KiB messages, then an exit; the collector
+        // never holds more than its bounds.
+        let chunk = bytes::Bytes::from(vec![b'y'; 64 * 1024]);
+        let mut msgs = Vec::new();
+        for i in 0..1024 {
+            msgs.push((Kind::Stdout, chunk.clone()));
+            if i % 8 == 0 {
+                msgs.push((Kind::Stderr, chunk.clone()));
+            }
+        }
+        msgs.push((
+            Kind::Stdout,
+            bytes::Bytes::from_static(b"\nthe last line\n"),
+        ));
+        let mut kept_max = (0, 0);
+        let mut out = BoundedOutput::new(EXEC_STDOUT_LIMIT);
+        let mut err = BoundedOutput::new(EXEC_STDERR_LIMIT);
+        for (kind, data) in &msgs {
+            match kind {
+                Kind::Stdout => out.push(data),
+                _ => err.push(data),
+            }
+            kept_max = (kept_max.0.max(out.kept()), kept_max.1.max(err.kept()));
+        }
+        assert_eq!(kept_max, (EXEC_STDOUT_LIMIT, EXEC_STDERR_LIMIT));
+        let total_out = 1024 * 64 * 1024 + 15;
+        assert_eq!(out.dropped() + out.kept() as u64, total_out as u64);
+        // The same through the stream collector.
+        let stream = msgs
+            .into_iter()
+            .map(|(k, data)| {
+                Ok(ExecOutput {
+                    stream: k as i32,
+                    data,
+                    exit_code: 0,
+                })
+            })
+            .chain([Ok(ExecOutput {
+                stream: Kind::Exit as i32,
+                data: bytes::Bytes::new(),
+                exit_code: 7,
+            })]);
+        let mut stream = futures::stream::iter(stream);
+        let (o, e, code) = futures::executor::block_on(collect_bounded(
+            &mut stream,
+            EXEC_STDOUT_LIMIT,
+            EXEC_STDERR_LIMIT,
+        ))
+        .unwrap();
+        assert_eq!(code, 7);
+        assert_eq!((o.kept(), e.kept()), (EXEC_STDOUT_LIMIT, EXEC_STDERR_LIMIT));
+        let dropped = o.dropped();
+        let text = o.render();
+        assert!(text.len() <= MAX_OUTPUT_BYTES + 300, "{}", text.len());
+        assert!(text.ends_with("the last line\n"), "{text}");
+        assert!(
+            text.contains(&format!(
+                "output cut at 1 MiB while the command ran; {dropped} bytes more not shown"
+            )),
+            "{text}"
+        );
+        assert!(e
+            .render()
+            .contains("output cut at 256 KiB while the command ran"));
+        // No exit status: an error, as before.
+        let mut cut = futures::stream::iter(Vec::<Result<ExecOutput, Status>>::new());
+        let r = futures::executor::block_on(collect_bounded(&mut cut, 10, 10));
+        assert_eq!(r.unwrap_err().code(), Code::Unavailable);
+    }
+
+    #[test]
+    fn bounded_output_keeps_head_and_tail() {
+        let mut b = BoundedOutput::new(10);
+        b.push(b"0123");
+        b.push(b"456789abcdef");
+        b.push(b"g");
+        assert_eq!(b.kept(), 10);
+        assert_eq!(b.dropped(), 7);
+        let t = b.render();
+        assert!(t.starts_with("01234"), "{t}");
+        assert!(t.contains("cdefg"), "{t}");
+        assert!(t.contains("output cut at 10 bytes while the command ran; 7 bytes more not shown"));
+        let mut small = BoundedOutput::new(EXEC_STDOUT_LIMIT);
+        small.push(b"ok\n");
+        assert_eq!(small.render(), "ok\n");
     }
 
     #[test]
