@@ -1,22 +1,123 @@
 //! Tasks: the running side of containers, and the exit events used for crash detection.
 
-use std::path::Path;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
 
 use containerd_client::services::v1::{
     events_client::EventsClient, tasks_client::TasksClient, CreateTaskRequest, DeleteTaskRequest,
     GetRequest, KillRequest, PublishRequest, StartRequest, SubscribeRequest, WaitRequest,
 };
 use containerd_client::types::v1::Status;
+use futures::stream::BoxStream;
 use futures::StreamExt;
 use prost::Message;
 use tonic::Code;
 
-use super::{
-    rootfs_to_pb, to_system_time, Containerd, RootfsMount, TaskExit, TaskExitStream, TaskIo,
-    TaskState, TaskStatus,
-};
+use super::snapshots::{rootfs_to_pb, RootfsMount};
+use super::{to_system_time, Connection, Containerd};
 use crate::error::AgentError;
+
+/// Where a task's output goes.
+#[derive(Debug, Clone, Default)]
+pub struct TaskIo {
+    /// Host file that receives stdout (appended); `None` discards it.
+    pub stdout: Option<PathBuf>,
+    /// Host file that receives stderr; `None` discards it.
+    pub stderr: Option<PathBuf>,
+}
+
+impl TaskIo {
+    /// Both streams appended to one host log file.
+    pub fn log_file(path: impl Into<PathBuf>) -> Self {
+        let p = path.into();
+        Self {
+            stdout: Some(p.clone()),
+            stderr: Some(p),
+        }
+    }
+}
+
+/// State of a task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaskState {
+    /// Created, not started.
+    Created,
+    /// Running.
+    Running,
+    /// Exited; the entry stays until deleted.
+    Stopped,
+    /// Paused.
+    Paused,
+    /// Being paused.
+    Pausing,
+    /// containerd does not know.
+    Unknown,
+}
+
+/// A task's state as containerd reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskStatus {
+    /// State.
+    pub state: TaskState,
+    /// Host pid of its init process (0 once gone).
+    pub pid: u32,
+    /// Exit status when stopped.
+    pub exit_status: Option<u32>,
+    /// Exit time when stopped.
+    pub exited_at: Option<SystemTime>,
+}
+
+/// A task's end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskExit {
+    /// The container whose init process exited.
+    pub container_id: String,
+    /// Its host pid.
+    pub pid: u32,
+    /// Exit status (128 + signal for signalled processes).
+    pub exit_status: u32,
+    /// When it exited.
+    pub exited_at: Option<SystemTime>,
+}
+
+/// A stream of task exits.
+pub type TaskExitStream = BoxStream<'static, Result<TaskExit, AgentError>>;
+
+/// Tasks: the running side of containers.
+#[async_trait::async_trait]
+pub trait Tasks: Send + Sync {
+    /// Creates the task of a container on `rootfs`, output to host files. Returns its pid.
+    async fn create_task(
+        &self,
+        container_id: &str,
+        rootfs: &[RootfsMount],
+        io: &TaskIo,
+    ) -> Result<u32, AgentError>;
+
+    /// Starts a created task. Returns its pid.
+    async fn start_task(&self, container_id: &str) -> Result<u32, AgentError>;
+
+    /// Sends `signal` to the task's init process, or to all its processes when `all`.
+    async fn kill_task(&self, container_id: &str, signal: i32, all: bool)
+        -> Result<(), AgentError>;
+
+    /// Waits until the task exits; [`AgentError::Timeout`] after `timeout`.
+    async fn wait_task(
+        &self,
+        container_id: &str,
+        timeout: Duration,
+    ) -> Result<TaskExit, AgentError>;
+
+    /// Deletes the task entry. `None` when there was none; [`AgentError::FailedPrecondition`]
+    /// while it runs (kill and wait first). Works on created and stopped tasks.
+    async fn delete_task(&self, container_id: &str) -> Result<Option<TaskExit>, AgentError>;
+
+    /// The task's state, `None` when there is no task.
+    async fn task_status(&self, container_id: &str) -> Result<Option<TaskStatus>, AgentError>;
+
+    /// Exits of tasks' init processes in this namespace, as they happen.
+    async fn subscribe_task_exits(&self) -> Result<TaskExitStream, AgentError>;
+}
 
 /// Topic of task exit events.
 pub const TASK_EXIT_TOPIC: &str = "/tasks/exit";
@@ -79,7 +180,26 @@ impl Containerd {
         TasksClient::new(self.channel.clone())
     }
 
-    pub(crate) async fn create_task_inner(
+    /// Publishes a probe event that only our own subscriptions see.
+    async fn publish_probe(&self) -> Result<(), AgentError> {
+        let req = self.request(PublishRequest {
+            topic: PROBE_TOPIC.to_string(),
+            event: Some(prost_types::Any {
+                type_url: PROBE_TYPE_URL.to_string(),
+                value: Vec::new(),
+            }),
+        });
+        EventsClient::new(self.channel.clone())
+            .publish(req)
+            .await
+            .map_err(|s| AgentError::containerd("publish subscription probe", s))?;
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl Tasks for Containerd {
+    async fn create_task(
         &self,
         container_id: &str,
         rootfs: &[RootfsMount],
@@ -131,7 +251,7 @@ impl Containerd {
         Ok(out.pid)
     }
 
-    pub(crate) async fn start_task_inner(&self, container_id: &str) -> Result<u32, AgentError> {
+    async fn start_task(&self, container_id: &str) -> Result<u32, AgentError> {
         let req = self.request(StartRequest {
             container_id: container_id.to_string(),
             exec_id: String::new(),
@@ -145,7 +265,7 @@ impl Containerd {
         Ok(out.pid)
     }
 
-    pub(crate) async fn kill_task_inner(
+    async fn kill_task(
         &self,
         container_id: &str,
         signal: i32,
@@ -166,13 +286,13 @@ impl Containerd {
         Ok(())
     }
 
-    pub(crate) async fn wait_task_inner(
+    async fn wait_task(
         &self,
         container_id: &str,
         timeout: Duration,
     ) -> Result<TaskExit, AgentError> {
         let pid = self
-            .task_status_inner(container_id)
+            .task_status(container_id)
             .await?
             .map(|s| s.pid)
             .unwrap_or(0);
@@ -198,12 +318,9 @@ impl Containerd {
         })
     }
 
-    pub(crate) async fn delete_task_inner(
-        &self,
-        container_id: &str,
-    ) -> Result<Option<TaskExit>, AgentError> {
+    async fn delete_task(&self, container_id: &str) -> Result<Option<TaskExit>, AgentError> {
         // containerd 1.6 answers UNKNOWN for a live task; say what is wrong instead.
-        match self.task_status_inner(container_id).await? {
+        match self.task_status(container_id).await? {
             None => return Ok(None),
             Some(t)
                 if matches!(
@@ -240,10 +357,7 @@ impl Containerd {
         }
     }
 
-    pub(crate) async fn task_status_inner(
-        &self,
-        container_id: &str,
-    ) -> Result<Option<TaskStatus>, AgentError> {
+    async fn task_status(&self, container_id: &str) -> Result<Option<TaskStatus>, AgentError> {
         let req = self.request(GetRequest {
             container_id: container_id.to_string(),
             exec_id: String::new(),
@@ -271,24 +385,8 @@ impl Containerd {
         }
     }
 
-    /// Publishes a probe event that only our own subscriptions see.
-    async fn publish_probe(&self) -> Result<(), AgentError> {
-        let req = self.request(PublishRequest {
-            topic: PROBE_TOPIC.to_string(),
-            event: Some(prost_types::Any {
-                type_url: PROBE_TYPE_URL.to_string(),
-                value: Vec::new(),
-            }),
-        });
-        EventsClient::new(self.channel.clone())
-            .publish(req)
-            .await
-            .map_err(|s| AgentError::containerd("publish subscription probe", s))?;
-        Ok(())
-    }
-
-    pub(crate) async fn subscribe_task_exits_inner(&self) -> Result<TaskExitStream, AgentError> {
-        let ns = format!("{:?}", self.namespace);
+    async fn subscribe_task_exits(&self) -> Result<TaskExitStream, AgentError> {
+        let ns = format!("{:?}", self.namespace());
         let req = self.request(SubscribeRequest {
             filters: vec![
                 format!("topic=={TASK_EXIT_TOPIC:?},namespace=={ns}"),
