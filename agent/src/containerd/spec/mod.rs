@@ -23,7 +23,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use oci_spec::runtime::{
-    Capability, LinuxBuilder, LinuxNamespaceBuilder, LinuxNamespaceType, LinuxResourcesBuilder,
+    LinuxBuilder, LinuxNamespaceBuilder, LinuxNamespaceType, LinuxResourcesBuilder,
     PosixRlimitBuilder, PosixRlimitType, ProcessBuilder, RootBuilder, Spec, SpecBuilder,
     UserBuilder,
 };
@@ -281,6 +281,8 @@ pub fn spec_from_any(any: &prost_types::Any) -> Result<Spec, AgentError> {
 
 #[cfg(test)]
 mod tests {
+    use oci_spec::runtime::Capability;
+
     use super::*;
 
     pub(super) fn image() -> ImageConfig {
