@@ -227,7 +227,7 @@ impl CtrBaseline {
 /// The containers come from the container list: `common::list_tasks` reads `container_id`,
 /// which containerd 1.6 leaves empty in `ListTasks` (it fills `id`), so it finds no task.
 async fn stop_tasks(sock: &Path, ns: &str) -> Result<(), String> {
-    use memoh_agent::containerd::{Containerd, Runtime};
+    use memoh_agent::containerd::{prelude::*, Containerd};
     let c = Containerd::connect(sock, ns, "overlayfs", "io.containerd.runc.v2")
         .await
         .map_err(|e| e.to_string())?;

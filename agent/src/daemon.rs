@@ -14,7 +14,7 @@ use crate::api::control::Control;
 use crate::api::proxy::Proxy;
 use crate::bots::Manager;
 use crate::config::Config;
-use crate::containerd::{Containerd, Runtime};
+use crate::containerd::{Connection, Containerd, Runtime};
 use crate::error::AgentError;
 use crate::metrics::Timed;
 use crate::network::{Network, NetworkConfig};

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::config::Config;
-use crate::containerd::{Containerd, Runtime};
+use crate::containerd::{Connection, Containerd, Images};
 
 /// How long one containerd or control-socket probe may take.
 const PROBE_LIMIT: Duration = Duration::from_secs(5);

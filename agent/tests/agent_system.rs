@@ -459,7 +459,7 @@ fn a_killed_agent_comes_back_without_losing_or_readdressing_bots() {
     let cid2 = format!("mcp-{b2}");
     let gone = || {
         block_on(async {
-            use memoh_agent::containerd::{Runtime, TaskState};
+            use memoh_agent::containerd::{prelude::*, TaskState};
             let c = a.containerd().await;
             c.task_status(&cid2)
                 .await

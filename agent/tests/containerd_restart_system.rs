@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use common::ctrd::PrivateContainerd;
 use common::{block_on, Env, TestAgent};
-use memoh_agent::containerd::{label_filter, Containerd, Runtime, SnapshotKind, LABEL_BOT_ID};
+use memoh_agent::containerd::{label_filter, prelude::*, Containerd, SnapshotKind, LABEL_BOT_ID};
 
 /// A containerd of the test's own with the test image imported, and an agent configured for
 /// it (not started).

@@ -29,8 +29,8 @@ use containerd_client::services::v1::{
 use futures::{FutureExt, StreamExt};
 use memoh_agent::containerd::spec::{build_spec, SpecOptions};
 use memoh_agent::containerd::{
-    chain_id, label_filter, no_progress, Containerd, NewContainer, Progress, ProgressPhase,
-    PullOptions, Runtime, SnapshotKind, TaskIo, TaskState, LABEL_BOT_ID, LABEL_GC_ROOT,
+    chain_id, label_filter, no_progress, prelude::*, Containerd, NewContainer, Progress,
+    ProgressPhase, PullOptions, SnapshotKind, TaskIo, TaskState, LABEL_BOT_ID, LABEL_GC_ROOT,
 };
 use memoh_agent::AgentError;
 

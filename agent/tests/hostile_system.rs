@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use common::{random_bytes, Env, TestAgent};
-use memoh_agent::containerd::Runtime;
+use memoh_agent::containerd::prelude::*;
 
 /// The bounding, permitted and effective set a bot's root gets: CHOWN, DAC_OVERRIDE, FOWNER,
 /// FSETID, KILL, SETGID, SETUID, SETPCAP, NET_BIND_SERVICE, SYS_CHROOT, SETFCAP.

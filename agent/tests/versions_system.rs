@@ -177,7 +177,7 @@ fn agent_killed_at_each_cycle_step_recovers_the_bot() {
 
 #[test]
 fn delete_interrupted_by_a_crash_is_finished_not_undone() {
-    use memoh_agent::containerd::Runtime;
+    use memoh_agent::containerd::prelude::*;
     let Some(env) = Env::get(false) else { return };
     let mut a = TestAgent::with_image(&env);
     let (bot, _) = a.create_bot("del");
@@ -213,7 +213,7 @@ fn delete_interrupted_by_a_crash_is_finished_not_undone() {
 
 /// The bot's container record and its `mcp-BOT` snapshot, as containerd has them.
 fn record_and_snapshot(a: &TestAgent, bot: &str) -> (bool, bool) {
-    use memoh_agent::containerd::Runtime;
+    use memoh_agent::containerd::prelude::*;
     let cid = format!("mcp-{bot}");
     common::block_on(async {
         let c = a.containerd().await;
@@ -316,7 +316,7 @@ fn a_create_whose_record_fails_takes_its_snapshot_back() {
 #[test]
 fn bot_rm_keep_versions_keeps_them_for_the_next_bot_of_that_id() {
     use memoh_agent::bots::versions::LABEL_VERSION;
-    use memoh_agent::containerd::{label_filter, Runtime, SnapshotKind};
+    use memoh_agent::containerd::{label_filter, prelude::*, SnapshotKind};
     use memoh_agent::ids::LABEL_BOT_ID;
     let Some(env) = Env::get(false) else { return };
     let mut a = TestAgent::with_image(&env);
@@ -369,7 +369,7 @@ fn bot_rm_keep_versions_keeps_them_for_the_next_bot_of_that_id() {
 
 #[test]
 fn a_bot_whose_record_vanished_comes_back_with_its_data() {
-    use memoh_agent::containerd::Runtime;
+    use memoh_agent::containerd::prelude::*;
     let Some(env) = Env::get(false) else { return };
     let mut a = TestAgent::with_image(&env);
     let (bot, _) = a.create_bot("vanished");
@@ -402,7 +402,7 @@ fn a_call_finds_a_bot_whose_cut_short_cycle_lost_its_record() {
         active_snapshot_key, version_snapshot_name, LABEL_VERSION, LABEL_VERSION_CREATED,
         LABEL_VERSION_NAME, LABEL_VERSION_SOURCE,
     };
-    use memoh_agent::containerd::{Runtime, LABEL_GC_ROOT};
+    use memoh_agent::containerd::{prelude::*, LABEL_GC_ROOT};
     use memoh_agent::ids::{LABEL_BOT_ID, LABEL_IMAGE};
     use std::collections::HashMap;
     let Some(env) = Env::get(false) else { return };

@@ -22,8 +22,9 @@ use super::watch::restart_delay;
 use super::{Health, Manager, DESIRED_DELETED};
 use crate::config::Config;
 use crate::containerd::fake::FakeRuntime;
+use crate::containerd::prelude::*;
 use crate::containerd::{
-    NewContainer, ResolvedImage, Runtime, SnapshotKind, TaskIo, TaskState, LABEL_GC_ROOT,
+    NewContainer, ResolvedImage, SnapshotKind, TaskIo, TaskState, LABEL_GC_ROOT,
 };
 use crate::error::AgentError;
 use crate::ids::{

@@ -1,6 +1,8 @@
-//! Container records.
+//! Container records: the [`Containers`] trait, its types, and its implementation for
+//! [`Containerd`].
 
 use std::collections::HashMap;
+use std::time::SystemTime;
 
 use containerd_client::services::v1::{
     container::Runtime as PbRuntime, containers_client::ContainersClient, Container,
@@ -10,8 +12,78 @@ use containerd_client::services::v1::{
 use tonic::Code;
 
 use super::spec::{spec_from_any, spec_to_any};
-use super::{to_system_time, ContainerInfo, Containerd, NewContainer};
+use super::{to_system_time, Containerd, Tasks};
 use crate::error::AgentError;
+
+/// What a new container is made of.
+#[derive(Debug, Clone)]
+pub struct NewContainer {
+    /// Container id (`mcp-<bot>`).
+    pub id: String,
+    /// Image name recorded on the container.
+    pub image: String,
+    /// Key of the active snapshot holding its root filesystem.
+    pub snapshot_key: String,
+    /// Labels, e.g. `mcp.bot_id`.
+    pub labels: HashMap<String, String>,
+    /// The runtime spec.
+    pub spec: oci_spec::runtime::Spec,
+}
+
+/// A container record.
+#[derive(Debug, Clone)]
+pub struct ContainerInfo {
+    /// Container id.
+    pub id: String,
+    /// Image name.
+    pub image: String,
+    /// Labels.
+    pub labels: HashMap<String, String>,
+    /// Snapshotter of its root filesystem.
+    pub snapshotter: String,
+    /// Snapshot key of its root filesystem.
+    pub snapshot_key: String,
+    /// Runtime name.
+    pub runtime: String,
+    /// The runtime spec, when the record holds one that parses.
+    pub spec: Option<oci_spec::runtime::Spec>,
+    /// When the record was created.
+    pub created_at: Option<SystemTime>,
+    /// When the record last changed.
+    pub updated_at: Option<SystemTime>,
+}
+
+/// Container records.
+#[async_trait::async_trait]
+pub trait Containers: Send + Sync {
+    /// Creates a container record with the configured snapshotter and runtime.
+    async fn create_container(&self, container: &NewContainer)
+        -> Result<ContainerInfo, AgentError>;
+
+    /// A container record, `None` when missing.
+    async fn get_container(&self, id: &str) -> Result<Option<ContainerInfo>, AgentError>;
+
+    /// Container records matching any of `filters` (all when empty); see [`label_filter`].
+    async fn list_containers(&self, filters: &[String]) -> Result<Vec<ContainerInfo>, AgentError>;
+
+    /// Deletes a container record (not its snapshot). Returns whether it existed.
+    /// Fails with FAILED_PRECONDITION while a task entry exists: delete the task first.
+    async fn delete_container(&self, id: &str) -> Result<bool, AgentError>;
+
+    /// Sets labels on a container; an empty value removes the label. Others stay.
+    async fn update_container_labels(
+        &self,
+        id: &str,
+        labels: &HashMap<String, String>,
+    ) -> Result<ContainerInfo, AgentError>;
+
+    /// Replaces the runtime spec of a container record; the next task runs with it.
+    async fn update_container_spec(
+        &self,
+        id: &str,
+        spec: &oci_spec::runtime::Spec,
+    ) -> Result<ContainerInfo, AgentError>;
+}
 
 fn from_pb(c: Container) -> ContainerInfo {
     let spec = c.spec.as_ref().and_then(|any| match spec_from_any(any) {
@@ -38,11 +110,11 @@ impl Containerd {
     fn containers(&self) -> ContainersClient<tonic::transport::Channel> {
         ContainersClient::new(self.channel.clone())
     }
+}
 
-    pub(crate) async fn create_container_inner(
-        &self,
-        c: &NewContainer,
-    ) -> Result<ContainerInfo, AgentError> {
+#[async_trait::async_trait]
+impl Containers for Containerd {
+    async fn create_container(&self, c: &NewContainer) -> Result<ContainerInfo, AgentError> {
         let spec = spec_to_any(&c.spec)?;
         let req = self.request(CreateContainerRequest {
             container: Some(Container {
@@ -71,10 +143,7 @@ impl Containerd {
             .ok_or_else(|| missing(&format!("create container {}", c.id)))
     }
 
-    pub(crate) async fn get_container_inner(
-        &self,
-        id: &str,
-    ) -> Result<Option<ContainerInfo>, AgentError> {
+    async fn get_container(&self, id: &str) -> Result<Option<ContainerInfo>, AgentError> {
         let req = self.request(GetContainerRequest { id: id.to_string() });
         match self.containers().get(req).await {
             Ok(r) => Ok(r.into_inner().container.map(from_pb)),
@@ -83,10 +152,7 @@ impl Containerd {
         }
     }
 
-    pub(crate) async fn list_containers_inner(
-        &self,
-        filters: &[String],
-    ) -> Result<Vec<ContainerInfo>, AgentError> {
+    async fn list_containers(&self, filters: &[String]) -> Result<Vec<ContainerInfo>, AgentError> {
         let req = self.request(ListContainersRequest {
             filters: filters.to_vec(),
         });
@@ -99,9 +165,9 @@ impl Containerd {
         Ok(out.containers.into_iter().map(from_pb).collect())
     }
 
-    pub(crate) async fn delete_container_inner(&self, id: &str) -> Result<bool, AgentError> {
+    async fn delete_container(&self, id: &str) -> Result<bool, AgentError> {
         // containerd 1.6 deletes the record even under a live task, orphaning the shim.
-        if let Some(task) = self.task_status_inner(id).await? {
+        if let Some(task) = self.task_status(id).await? {
             return Err(AgentError::FailedPrecondition(format!(
                 "container {id} still has a task ({:?}); delete the task first",
                 task.state
@@ -118,7 +184,7 @@ impl Containerd {
         }
     }
 
-    pub(crate) async fn update_container_labels_inner(
+    async fn update_container_labels(
         &self,
         id: &str,
         labels: &HashMap<String, String>,
@@ -141,10 +207,8 @@ impl Containerd {
             .into_inner();
         out.container.map(from_pb).ok_or_else(|| missing(&op()))
     }
-}
 
-impl Containerd {
-    pub(crate) async fn update_container_spec_inner(
+    async fn update_container_spec(
         &self,
         id: &str,
         spec: &oci_spec::runtime::Spec,

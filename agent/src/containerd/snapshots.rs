@@ -1,6 +1,8 @@
-//! Snapshots of the configured snapshotter.
+//! Snapshots of the configured snapshotter: the [`Snapshots`] trait, its types, and its
+//! implementation for [`Containerd`].
 
 use std::collections::HashMap;
+use std::time::SystemTime;
 
 use containerd_client::services::v1::snapshots::{
     snapshots_client::SnapshotsClient, CommitSnapshotRequest, Info, Kind, ListSnapshotsRequest,
@@ -10,11 +12,124 @@ use containerd_client::services::v1::snapshots::{
 use tonic::Code;
 
 use super::containers::missing;
-use super::{
-    rootfs_from_pb, to_system_time, Containerd, RootfsMount, SnapshotInfo, SnapshotKind,
-    SnapshotUsage,
-};
+use super::{to_system_time, Containerd};
 use crate::error::AgentError;
+
+/// A mount of a root filesystem, as snapshots hand them out and tasks take them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RootfsMount {
+    /// Mount type (`overlay`, `bind`).
+    pub kind: String,
+    /// Source.
+    pub source: String,
+    /// Target; usually empty for rootfs mounts.
+    pub target: String,
+    /// Mount options.
+    pub options: Vec<String>,
+}
+
+/// Kind of snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotKind {
+    /// Read-only view.
+    View,
+    /// Writable, mountable.
+    Active,
+    /// Read-only, can be a parent.
+    Committed,
+    /// Anything else.
+    Unknown,
+}
+
+/// A snapshot as containerd describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    /// Key (active) or name (committed).
+    pub name: String,
+    /// Parent's name, if any.
+    pub parent: Option<String>,
+    /// Kind.
+    pub kind: SnapshotKind,
+    /// Labels.
+    pub labels: HashMap<String, String>,
+    /// Creation time.
+    pub created_at: Option<SystemTime>,
+    /// Last update.
+    pub updated_at: Option<SystemTime>,
+}
+
+/// The disk a snapshot uses of its own, as its snapshotter counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SnapshotUsage {
+    /// Bytes.
+    pub size: u64,
+    /// Inodes, the snapshot's own root directory included.
+    pub inodes: u64,
+}
+
+/// Snapshots of the configured snapshotter.
+#[async_trait::async_trait]
+pub trait Snapshots: Send + Sync {
+    /// Prepares an active snapshot `key` on `parent` (committed name or chain id; `None` for
+    /// an empty one) and returns its mounts. Without a [`LABEL_GC_ROOT`] label containerd's
+    /// collector removes an active snapshot as soon as no container references it (right
+    /// after its container is deleted, for one).
+    async fn prepare_snapshot(
+        &self,
+        key: &str,
+        parent: Option<&str>,
+        labels: &HashMap<String, String>,
+    ) -> Result<Vec<RootfsMount>, AgentError>;
+
+    /// Mounts of an existing active snapshot.
+    async fn snapshot_mounts(&self, key: &str) -> Result<Vec<RootfsMount>, AgentError>;
+
+    /// Commits active snapshot `key` as read-only `name`; `key` is gone afterwards.
+    async fn commit_snapshot(
+        &self,
+        name: &str,
+        key: &str,
+        labels: &HashMap<String, String>,
+    ) -> Result<(), AgentError>;
+
+    /// Removes a snapshot. Returns whether it existed. Fails while it has children.
+    async fn remove_snapshot(&self, key: &str) -> Result<bool, AgentError>;
+
+    /// A snapshot's info, `None` when missing.
+    async fn stat_snapshot(&self, key: &str) -> Result<Option<SnapshotInfo>, AgentError>;
+
+    /// What a snapshot holds of its own (for an active one: what was written on top of its
+    /// parent), `None` when missing.
+    async fn snapshot_usage(&self, key: &str) -> Result<Option<SnapshotUsage>, AgentError>;
+
+    /// Snapshots matching any of `filters` (all when empty).
+    async fn list_snapshots(&self, filters: &[String]) -> Result<Vec<SnapshotInfo>, AgentError>;
+
+    /// Sets labels on a snapshot; an empty value removes the label. Others stay.
+    async fn update_snapshot_labels(
+        &self,
+        key: &str,
+        labels: &HashMap<String, String>,
+    ) -> Result<SnapshotInfo, AgentError>;
+}
+
+pub(crate) fn rootfs_to_pb(m: &RootfsMount) -> containerd_client::types::Mount {
+    containerd_client::types::Mount {
+        r#type: m.kind.clone(),
+        source: m.source.clone(),
+        target: m.target.clone(),
+        options: m.options.clone(),
+    }
+}
+
+pub(crate) fn rootfs_from_pb(m: containerd_client::types::Mount) -> RootfsMount {
+    RootfsMount {
+        kind: m.r#type,
+        source: m.source,
+        target: m.target,
+        options: m.options,
+    }
+}
 
 fn from_pb(i: Info) -> SnapshotInfo {
     let kind = match Kind::try_from(i.kind) {
@@ -45,7 +160,8 @@ impl Containerd {
         }
     }
 
-    pub(crate) async fn prepare_snapshot_inner(
+    /// [`Snapshots::prepare_snapshot`], attaching the snapshot to `lease` when given.
+    pub(crate) async fn prepare_snapshot_leased(
         &self,
         key: &str,
         parent: Option<&str>,
@@ -70,24 +186,8 @@ impl Containerd {
         Ok(out.mounts.into_iter().map(rootfs_from_pb).collect())
     }
 
-    pub(crate) async fn snapshot_mounts_inner(
-        &self,
-        key: &str,
-    ) -> Result<Vec<RootfsMount>, AgentError> {
-        let req = self.request(MountsRequest {
-            snapshotter: self.snapshotter.clone(),
-            key: key.to_string(),
-        });
-        let out = self
-            .snapshots()
-            .mounts(req)
-            .await
-            .map_err(|s| AgentError::containerd(format!("snapshot mounts {key}"), s))?
-            .into_inner();
-        Ok(out.mounts.into_iter().map(rootfs_from_pb).collect())
-    }
-
-    pub(crate) async fn commit_snapshot_inner(
+    /// [`Snapshots::commit_snapshot`], attaching the snapshot to `lease` when given.
+    pub(crate) async fn commit_snapshot_leased(
         &self,
         name: &str,
         key: &str,
@@ -109,8 +209,44 @@ impl Containerd {
             .map_err(|s| AgentError::containerd(format!("commit snapshot {key} as {name}"), s))?;
         Ok(())
     }
+}
 
-    pub(crate) async fn remove_snapshot_inner(&self, key: &str) -> Result<bool, AgentError> {
+#[async_trait::async_trait]
+impl Snapshots for Containerd {
+    async fn prepare_snapshot(
+        &self,
+        key: &str,
+        parent: Option<&str>,
+        labels: &HashMap<String, String>,
+    ) -> Result<Vec<RootfsMount>, AgentError> {
+        self.prepare_snapshot_leased(key, parent, labels, None)
+            .await
+    }
+
+    async fn commit_snapshot(
+        &self,
+        name: &str,
+        key: &str,
+        labels: &HashMap<String, String>,
+    ) -> Result<(), AgentError> {
+        self.commit_snapshot_leased(name, key, labels, None).await
+    }
+
+    async fn snapshot_mounts(&self, key: &str) -> Result<Vec<RootfsMount>, AgentError> {
+        let req = self.request(MountsRequest {
+            snapshotter: self.snapshotter.clone(),
+            key: key.to_string(),
+        });
+        let out = self
+            .snapshots()
+            .mounts(req)
+            .await
+            .map_err(|s| AgentError::containerd(format!("snapshot mounts {key}"), s))?
+            .into_inner();
+        Ok(out.mounts.into_iter().map(rootfs_from_pb).collect())
+    }
+
+    async fn remove_snapshot(&self, key: &str) -> Result<bool, AgentError> {
         let req = self.request(RemoveSnapshotRequest {
             snapshotter: self.snapshotter.clone(),
             key: key.to_string(),
@@ -122,10 +258,7 @@ impl Containerd {
         }
     }
 
-    pub(crate) async fn stat_snapshot_inner(
-        &self,
-        key: &str,
-    ) -> Result<Option<SnapshotInfo>, AgentError> {
+    async fn stat_snapshot(&self, key: &str) -> Result<Option<SnapshotInfo>, AgentError> {
         let req = self.request(StatSnapshotRequest {
             snapshotter: self.snapshotter.clone(),
             key: key.to_string(),
@@ -137,10 +270,7 @@ impl Containerd {
         }
     }
 
-    pub(crate) async fn snapshot_usage_inner(
-        &self,
-        key: &str,
-    ) -> Result<Option<SnapshotUsage>, AgentError> {
+    async fn snapshot_usage(&self, key: &str) -> Result<Option<SnapshotUsage>, AgentError> {
         let req = self.request(UsageRequest {
             snapshotter: self.snapshotter.clone(),
             key: key.to_string(),
@@ -161,10 +291,7 @@ impl Containerd {
         }
     }
 
-    pub(crate) async fn list_snapshots_inner(
-        &self,
-        filters: &[String],
-    ) -> Result<Vec<SnapshotInfo>, AgentError> {
+    async fn list_snapshots(&self, filters: &[String]) -> Result<Vec<SnapshotInfo>, AgentError> {
         let req = self.request(ListSnapshotsRequest {
             snapshotter: self.snapshotter.clone(),
             filters: filters.to_vec(),
@@ -186,7 +313,7 @@ impl Containerd {
         Ok(out)
     }
 
-    pub(crate) async fn update_snapshot_labels_inner(
+    async fn update_snapshot_labels(
         &self,
         key: &str,
         labels: &HashMap<String, String>,

@@ -1,22 +1,103 @@
 //! Tasks: the running side of containers, and the exit events used for crash detection.
 
-use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use containerd_client::services::v1::{
     events_client::EventsClient, tasks_client::TasksClient, CreateTaskRequest, DeleteTaskRequest,
     GetRequest, KillRequest, PublishRequest, StartRequest, SubscribeRequest, WaitRequest,
 };
 use containerd_client::types::v1::Status;
+use futures::stream::BoxStream;
 use futures::StreamExt;
 use prost::Message;
 use tonic::Code;
 
-use super::{
-    rootfs_to_pb, to_system_time, Containerd, LogProgram, RootfsMount, TaskExit, TaskExitStream,
-    TaskIo, TaskState, TaskStatus,
-};
+use super::snapshots::{rootfs_to_pb, RootfsMount};
+use super::stdio::{stdio_uri, TaskIo};
+use super::{to_system_time, Connection, Containerd};
 use crate::error::AgentError;
+
+/// State of a task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaskState {
+    /// Created, not started.
+    Created,
+    /// Running.
+    Running,
+    /// Exited; the entry stays until deleted.
+    Stopped,
+    /// Paused.
+    Paused,
+    /// Being paused.
+    Pausing,
+    /// containerd does not know.
+    Unknown,
+}
+
+/// A task's state as containerd reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskStatus {
+    /// State.
+    pub state: TaskState,
+    /// Host pid of its init process (0 once gone).
+    pub pid: u32,
+    /// Exit status when stopped.
+    pub exit_status: Option<u32>,
+    /// Exit time when stopped.
+    pub exited_at: Option<SystemTime>,
+}
+
+/// A task's end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskExit {
+    /// The container whose init process exited.
+    pub container_id: String,
+    /// Its host pid.
+    pub pid: u32,
+    /// Exit status (128 + signal for signalled processes).
+    pub exit_status: u32,
+    /// When it exited.
+    pub exited_at: Option<SystemTime>,
+}
+
+/// A stream of task exits.
+pub type TaskExitStream = BoxStream<'static, Result<TaskExit, AgentError>>;
+
+/// Tasks: the running side of containers.
+#[async_trait::async_trait]
+pub trait Tasks: Send + Sync {
+    /// Creates the task of a container on `rootfs`, output to host files. Returns its pid.
+    async fn create_task(
+        &self,
+        container_id: &str,
+        rootfs: &[RootfsMount],
+        io: &TaskIo,
+    ) -> Result<u32, AgentError>;
+
+    /// Starts a created task. Returns its pid.
+    async fn start_task(&self, container_id: &str) -> Result<u32, AgentError>;
+
+    /// Sends `signal` to the task's init process, or to all its processes when `all`.
+    async fn kill_task(&self, container_id: &str, signal: i32, all: bool)
+        -> Result<(), AgentError>;
+
+    /// Waits until the task exits; [`AgentError::Timeout`] after `timeout`.
+    async fn wait_task(
+        &self,
+        container_id: &str,
+        timeout: Duration,
+    ) -> Result<TaskExit, AgentError>;
+
+    /// Deletes the task entry. `None` when there was none; [`AgentError::FailedPrecondition`]
+    /// while it runs (kill and wait first). Works on created and stopped tasks.
+    async fn delete_task(&self, container_id: &str) -> Result<Option<TaskExit>, AgentError>;
+
+    /// The task's state, `None` when there is no task.
+    async fn task_status(&self, container_id: &str) -> Result<Option<TaskStatus>, AgentError>;
+
+    /// Exits of tasks' init processes in this namespace, as they happen.
+    async fn subscribe_task_exits(&self) -> Result<TaskExitStream, AgentError>;
+}
 
 /// Topic of task exit events.
 pub const TASK_EXIT_TOPIC: &str = "/tasks/exit";
@@ -39,64 +120,6 @@ struct RuncOptions {
 
 /// Type URL the shim resolves runc options by.
 const RUNC_OPTIONS_TYPE_URL: &str = "containerd.runc.v1.Options";
-
-/// The URI of one output stream: the task's logging program (the same URI for both streams),
-/// else `file`.
-fn stdio_uri(io: &TaskIo, file: Option<&Path>) -> Result<String, AgentError> {
-    match &io.program {
-        Some(p) => binary_uri(p),
-        None => file_uri(file),
-    }
-}
-
-/// The stdio URI the runc shim opens as an append-only host file.
-pub(crate) fn file_uri(path: Option<&Path>) -> Result<String, AgentError> {
-    match path {
-        None => Ok(String::new()),
-        Some(p) if p.is_absolute() => Ok(format!("file://{}", p.display())),
-        Some(p) => Err(AgentError::InvalidArgument(format!(
-            "task log path {} must be absolute",
-            p.display()
-        ))),
-    }
-}
-
-/// The stdio URI of a logging program: `binary://PATH?ARG=VALUE&...`. containerd's runc shim
-/// (1.6, `pkg/process/io.go`, `NewBinaryIO` and `newBinaryCmd`) parses it with Go's `net/url`
-/// and passes each query key and its first value as two arguments, in map (random) order; every
-/// byte outside the unreserved set is percent-encoded here so paths come back unchanged.
-pub(crate) fn binary_uri(program: &LogProgram) -> Result<String, AgentError> {
-    let path = program.path.to_str().filter(|p| p.starts_with('/'));
-    let Some(path) = path else {
-        return Err(AgentError::InvalidArgument(format!(
-            "log program path {} must be absolute and UTF-8",
-            program.path.display()
-        )));
-    };
-    let query: Vec<String> = program
-        .args
-        .iter()
-        .map(|(k, v)| format!("{}={}", percent_encode(k, false), percent_encode(v, false)))
-        .collect();
-    Ok(format!(
-        "binary://{}?{}",
-        percent_encode(path, true),
-        query.join("&")
-    ))
-}
-
-/// Percent-encodes every byte but ASCII letters, digits and `-._~` (and `/` in a path).
-fn percent_encode(s: &str, path: bool) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) || (path && b == b'/') {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
 
 fn state_from_pb(status: i32) -> TaskState {
     match Status::try_from(status) {
@@ -125,7 +148,26 @@ impl Containerd {
         TasksClient::new(self.channel.clone())
     }
 
-    pub(crate) async fn create_task_inner(
+    /// Publishes a probe event that only our own subscriptions see.
+    async fn publish_probe(&self) -> Result<(), AgentError> {
+        let req = self.request(PublishRequest {
+            topic: PROBE_TOPIC.to_string(),
+            event: Some(prost_types::Any {
+                type_url: PROBE_TYPE_URL.to_string(),
+                value: Vec::new(),
+            }),
+        });
+        EventsClient::new(self.channel.clone())
+            .publish(req)
+            .await
+            .map_err(|s| AgentError::containerd("publish subscription probe", s))?;
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl Tasks for Containerd {
+    async fn create_task(
         &self,
         container_id: &str,
         rootfs: &[RootfsMount],
@@ -177,7 +219,7 @@ impl Containerd {
         Ok(out.pid)
     }
 
-    pub(crate) async fn start_task_inner(&self, container_id: &str) -> Result<u32, AgentError> {
+    async fn start_task(&self, container_id: &str) -> Result<u32, AgentError> {
         let req = self.request(StartRequest {
             container_id: container_id.to_string(),
             exec_id: String::new(),
@@ -191,7 +233,7 @@ impl Containerd {
         Ok(out.pid)
     }
 
-    pub(crate) async fn kill_task_inner(
+    async fn kill_task(
         &self,
         container_id: &str,
         signal: i32,
@@ -212,13 +254,13 @@ impl Containerd {
         Ok(())
     }
 
-    pub(crate) async fn wait_task_inner(
+    async fn wait_task(
         &self,
         container_id: &str,
         timeout: Duration,
     ) -> Result<TaskExit, AgentError> {
         let pid = self
-            .task_status_inner(container_id)
+            .task_status(container_id)
             .await?
             .map(|s| s.pid)
             .unwrap_or(0);
@@ -244,12 +286,9 @@ impl Containerd {
         })
     }
 
-    pub(crate) async fn delete_task_inner(
-        &self,
-        container_id: &str,
-    ) -> Result<Option<TaskExit>, AgentError> {
+    async fn delete_task(&self, container_id: &str) -> Result<Option<TaskExit>, AgentError> {
         // containerd 1.6 answers UNKNOWN for a live task; say what is wrong instead.
-        match self.task_status_inner(container_id).await? {
+        match self.task_status(container_id).await? {
             None => return Ok(None),
             Some(t)
                 if matches!(
@@ -286,10 +325,7 @@ impl Containerd {
         }
     }
 
-    pub(crate) async fn task_status_inner(
-        &self,
-        container_id: &str,
-    ) -> Result<Option<TaskStatus>, AgentError> {
+    async fn task_status(&self, container_id: &str) -> Result<Option<TaskStatus>, AgentError> {
         let req = self.request(GetRequest {
             container_id: container_id.to_string(),
             exec_id: String::new(),
@@ -317,24 +353,8 @@ impl Containerd {
         }
     }
 
-    /// Publishes a probe event that only our own subscriptions see.
-    async fn publish_probe(&self) -> Result<(), AgentError> {
-        let req = self.request(PublishRequest {
-            topic: PROBE_TOPIC.to_string(),
-            event: Some(prost_types::Any {
-                type_url: PROBE_TYPE_URL.to_string(),
-                value: Vec::new(),
-            }),
-        });
-        EventsClient::new(self.channel.clone())
-            .publish(req)
-            .await
-            .map_err(|s| AgentError::containerd("publish subscription probe", s))?;
-        Ok(())
-    }
-
-    pub(crate) async fn subscribe_task_exits_inner(&self) -> Result<TaskExitStream, AgentError> {
-        let ns = format!("{:?}", self.namespace);
+    async fn subscribe_task_exits(&self) -> Result<TaskExitStream, AgentError> {
+        let ns = format!("{:?}", self.namespace());
         let req = self.request(SubscribeRequest {
             filters: vec![
                 format!("topic=={TASK_EXIT_TOPIC:?},namespace=={ns}"),
@@ -396,38 +416,6 @@ impl Containerd {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn stdio_uris() {
-        assert_eq!(file_uri(None).unwrap(), "");
-        assert_eq!(
-            file_uri(Some(Path::new("/var/log/b.log"))).unwrap(),
-            "file:///var/log/b.log"
-        );
-        assert!(file_uri(Some(Path::new("rel.log"))).is_err());
-    }
-
-    #[test]
-    fn binary_uris_encode_what_url_parsing_would_change() {
-        let p = LogProgram {
-            path: "/opt/my bin/memoh-agent".into(),
-            args: vec![
-                ("memoh-server-log".into(), "/var/lib/a+b/server.log".into()),
-                ("keep".into(), "2".into()),
-            ],
-        };
-        assert_eq!(
-            binary_uri(&p).unwrap(),
-            "binary:///opt/my%20bin/memoh-agent?memoh-server-log=%2Fvar%2Flib%2Fa%2Bb%2Fserver.log&keep=2"
-        );
-        let io = TaskIo::log_program(p.clone());
-        assert_eq!(stdio_uri(&io, None).unwrap(), binary_uri(&p).unwrap());
-        let rel = LogProgram {
-            path: "memoh-agent".into(),
-            args: Vec::new(),
-        };
-        assert!(binary_uri(&rel).is_err());
-    }
 
     #[test]
     fn states() {

@@ -30,7 +30,7 @@ use containerd_client::services::v1::{
     ListRequest as ListLeasesRequest, ListTasksRequest,
 };
 use futures::StreamExt;
-use memoh_agent::containerd::{label_filter, Containerd, Runtime, LABEL_BOT_ID};
+use memoh_agent::containerd::{label_filter, prelude::*, Containerd, LABEL_BOT_ID};
 
 /// The agent binary under test (the release build under `cargo bench`).
 pub const AGENT: &str = env!("CARGO_BIN_EXE_memoh-agent");
