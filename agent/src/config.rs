@@ -74,6 +74,9 @@ pub struct Config {
     /// Rotated server logs kept per bot (`server.log.1` newest, ...). A bot's logs take at
     /// most `(server_log_keep + 1) * server_log_max_bytes` of disk.
     pub server_log_keep: u32,
+    /// `[bot_defaults]`: the resource limits of a bot created without its own (`memory`,
+    /// `cpus`, `pids`, `disk`; each may be `"unlimited"`).
+    pub bot_defaults: crate::bots::limits::BotDefaults,
 }
 
 /// Smallest accepted `server_log_max_bytes`.
@@ -109,6 +112,7 @@ impl Default for Config {
             egress_allowed: Vec::new(),
             server_log_max_bytes: 10 * 1024 * 1024,
             server_log_keep: 2,
+            bot_defaults: crate::bots::limits::BotDefaults::default(),
         }
     }
 }
@@ -138,6 +142,10 @@ impl Config {
     /// Parses TOML text.
     pub fn parse(text: &str) -> Result<Self, String> {
         let c: Self = toml::from_str(text).map_err(|e| e.message().to_string())?;
+        c.bot_defaults
+            .limits()
+            .check()
+            .map_err(|e| format!("[bot_defaults]: {e}"))?;
         if c.server_log_max_bytes < MIN_SERVER_LOG_BYTES {
             return Err(format!(
                 "server_log_max_bytes is {}; it must be at least {MIN_SERVER_LOG_BYTES}",
@@ -157,6 +165,28 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bot_defaults_are_a_table_of_limits() {
+        let d = Config::default().bot_defaults.limits();
+        assert_eq!(d.memory, Some(1 << 30));
+        let c = Config::parse(
+            "[bot_defaults]\nmemory = \"256MiB\"\ncpus = 0.5\npids = \"unlimited\"\n",
+        )
+        .unwrap();
+        let l = c.bot_defaults.limits();
+        assert_eq!(
+            (l.memory, l.millicpus, l.pids),
+            (Some(256 << 20), Some(500), None)
+        );
+        assert_eq!(l.disk, d.disk);
+        let e = Config::parse("[bot_defaults]\nmemory = \"1MiB\"\n").unwrap_err();
+        assert!(
+            e.contains("[bot_defaults]: invalid argument: memory limit below"),
+            "{e}"
+        );
+        assert!(Config::parse("[bot_defaults]\nram = 1\n").is_err());
+    }
 
     #[test]
     fn empty_config_is_defaults() {

@@ -31,7 +31,6 @@
 //! known at scrape time (like bots by state) goes into the per-scrape registry built in
 //! [`Metrics::render`] instead, so a scrape never shows stale series of a bot that is gone.
 
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::hash::Hash;
 use std::pin::Pin;
@@ -117,6 +116,40 @@ struct StateLabels {
     state: String,
 }
 
+/// Labels of the per-bot families.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct BotLabels {
+    bot: String,
+}
+
+/// One bot's figures at a scrape; `None` is a figure the bot has not got (no task, no limit,
+/// not measured yet).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct BotSample {
+    /// The bot id.
+    pub bot: String,
+    /// Its state (`running`, `stopped`, `paused`, ...).
+    pub state: String,
+    /// Memory in use, bytes.
+    pub memory_bytes: Option<u64>,
+    /// Its memory limit, bytes.
+    pub memory_limit_bytes: Option<u64>,
+    /// CPU time used since its task started, seconds.
+    pub cpu_seconds: Option<f64>,
+    /// Its CPU limit, in CPUs.
+    pub cpu_limit: Option<f64>,
+    /// Processes and threads now.
+    pub pids: Option<u64>,
+    /// Its process limit.
+    pub pids_limit: Option<u64>,
+    /// Bytes in its writable layer.
+    pub disk_bytes: Option<u64>,
+    /// The bound of its writable layer, bytes.
+    pub disk_limit_bytes: Option<u64>,
+    /// Processes the kernel killed at its memory limit since its task started.
+    pub oom_kills: Option<u64>,
+}
+
 fn latency_histogram() -> Histogram {
     Histogram::new(LATENCY_BUCKETS.iter().copied())
 }
@@ -172,6 +205,7 @@ pub struct Metrics {
     cni_errors: Counter,
     lost_states: Counter,
     stale_bundles: Counter,
+    oom_kills: Counter,
     evictions: Family<ReasonLabels, Counter>,
     rpc: Capped<RpcLabels>,
     tools: Capped<ToolLabels>,
@@ -213,6 +247,13 @@ impl Default for Metrics {
                 "memoh_stale_bundles_removed",
                 "Task bundles a killed containerd left half-deleted, removed by the agent before \
                  starting their bot (the bot could not start until then)",
+                Counter::default(),
+            ),
+            oom_kills: add(
+                r,
+                "memoh_oom_kills",
+                "Processes of bots the kernel killed at their bot's memory limit, as the agent \
+                 saw them (per bot: memoh_bot_oom_kills_total)",
                 Counter::default(),
             ),
             evictions: add(
@@ -282,6 +323,11 @@ impl Metrics {
         self.stale_bundles.inc();
     }
 
+    /// The kernel killed `n` processes of a bot at its memory limit.
+    pub fn oom_kills(&self, n: u64) {
+        self.oom_kills.inc_by(n);
+    }
+
     /// The pool dropped a channel.
     pub fn eviction(&self, why: Eviction) {
         self.evictions
@@ -332,11 +378,12 @@ impl Metrics {
         sample(&text, &series).map_or(0, |v| v as u64)
     }
 
-    /// The text exposition ([`CONTENT_TYPE`]); `bots` is the number of bots per state
-    /// (`running`, `stopped`, ...), computed by the caller at scrape time (`None` when
-    /// listing failed: the gauge is left out rather than reported as zero).
-    pub fn render(&self, bots: Option<&BTreeMap<String, u64>>) -> String {
-        // Values known only now live in a registry of this scrape.
+    /// The text exposition ([`CONTENT_TYPE`]); `bots` is every bot with its figures, taken by
+    /// the caller at scrape time (`None` when listing failed: the per-bot families are left out
+    /// rather than reported as zero).
+    pub fn render(&self, bots: Option<&[BotSample]>) -> String {
+        // Values known only now live in a registry of this scrape, so a bot that is gone
+        // leaves no stale series behind.
         let scrape = &mut Registry::default();
         if let Some(bots) = bots {
             let family: Family<StateLabels, Gauge> = add(
@@ -351,11 +398,10 @@ impl Metrics {
             for s in ["running", "stopped"] {
                 let _ = family.get_or_create(&state(s));
             }
-            for (s, n) in bots {
-                family
-                    .get_or_create(&state(s))
-                    .set(i64::try_from(*n).unwrap_or(i64::MAX));
+            for b in bots {
+                family.get_or_create(&state(&b.state)).inc();
             }
+            per_bot(scrape, bots);
         }
         let mut out = String::new();
         for r in [&*scrape, &self.registry] {
@@ -364,6 +410,91 @@ impl Metrics {
             }
         }
         out
+    }
+}
+
+/// The per-bot families of one scrape.
+fn per_bot(r: &mut Registry, bots: &[BotSample]) {
+    type F = Family<BotLabels, Gauge>;
+    type FloatGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
+    type FloatCounter = Counter<f64, std::sync::atomic::AtomicU64>;
+    let int = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    let memory: F = add(
+        r,
+        "memoh_bot_memory_bytes",
+        "Memory in use per bot",
+        F::default(),
+    );
+    let memory_limit: F = add(
+        r,
+        "memoh_bot_memory_limit_bytes",
+        "Memory limit per bot (absent: unlimited)",
+        F::default(),
+    );
+    let cpu: Family<BotLabels, FloatCounter> = add(
+        r,
+        "memoh_bot_cpu_seconds",
+        "CPU time used per bot since its task started",
+        Family::default(),
+    );
+    let cpu_limit: Family<BotLabels, FloatGauge> = add(
+        r,
+        "memoh_bot_cpu_limit",
+        "CPU limit per bot, in CPUs (absent: unlimited)",
+        Family::default(),
+    );
+    let pids: F = add(
+        r,
+        "memoh_bot_pids",
+        "Processes and threads per bot",
+        F::default(),
+    );
+    let pids_limit: F = add(
+        r,
+        "memoh_bot_pids_limit",
+        "Process limit per bot (absent: unlimited)",
+        F::default(),
+    );
+    let disk: F = add(
+        r,
+        "memoh_bot_disk_bytes",
+        "Bytes in each bot's writable layer (measured about once a minute)",
+        F::default(),
+    );
+    let disk_limit: F = add(
+        r,
+        "memoh_bot_disk_limit_bytes",
+        "Bound of each bot's writable layer (absent: unlimited)",
+        F::default(),
+    );
+    let ooms: Family<BotLabels, Counter> = add(
+        r,
+        "memoh_bot_oom_kills",
+        "Processes the kernel killed at the bot's memory limit since its task started",
+        Family::default(),
+    );
+    for b in bots {
+        let l = BotLabels { bot: b.bot.clone() };
+        let set = |f: &F, v: Option<u64>| {
+            if let Some(v) = v {
+                f.get_or_create(&l).set(int(v));
+            }
+        };
+        set(&memory, b.memory_bytes);
+        set(&memory_limit, b.memory_limit_bytes);
+        set(&pids, b.pids);
+        set(&pids_limit, b.pids_limit);
+        set(&disk, b.disk_bytes);
+        set(&disk_limit, b.disk_limit_bytes);
+        if let Some(v) = b.cpu_seconds {
+            cpu.get_or_create(&l).inc_by(v);
+        }
+        if let Some(v) = b.cpu_limit {
+            cpu_limit.get_or_create(&l).set(v);
+        }
+        if let Some(v) = b.oom_kills {
+            ooms.get_or_create(&l).inc_by(v);
+        }
     }
 }
 
@@ -520,7 +651,20 @@ mod tests {
         m.rpc("proxy", "Exec", Duration::from_millis(700));
         m.tool_call("builtin", "read", Duration::from_micros(100));
         m.snapshot(Duration::from_secs(2));
-        let bots = BTreeMap::from([("running".to_string(), 2), ("paused".to_string(), 1)]);
+        let sample = |bot: &str, state: &str| BotSample {
+            bot: bot.to_string(),
+            state: state.to_string(),
+            ..Default::default()
+        };
+        let mut a = sample("a", "running");
+        a.memory_bytes = Some(1 << 20);
+        a.memory_limit_bytes = Some(256 << 20);
+        a.cpu_seconds = Some(1.5);
+        a.cpu_limit = Some(0.5);
+        a.pids = Some(7);
+        a.oom_kills = Some(2);
+        let bots = vec![a, sample("b", "running"), sample("c", "paused")];
+        m.oom_kills(2);
         let text = m.render(Some(&bots));
         assert_parses(&text);
         for line in [
@@ -529,6 +673,14 @@ mod tests {
             "memoh_bots{state=\"running\"} 2",
             "memoh_bots{state=\"stopped\"} 0",
             "memoh_bots{state=\"paused\"} 1",
+            "memoh_bot_memory_bytes{bot=\"a\"} 1048576",
+            "memoh_bot_memory_limit_bytes{bot=\"a\"} 268435456",
+            "# TYPE memoh_bot_cpu_seconds_total counter",
+            "memoh_bot_cpu_seconds_total{bot=\"a\"} 1.5",
+            "memoh_bot_cpu_limit{bot=\"a\"} 0.5",
+            "memoh_bot_pids{bot=\"a\"} 7",
+            "memoh_bot_oom_kills_total{bot=\"a\"} 2",
+            "memoh_oom_kills_total 2",
             "# HELP memoh_bot_restarts_total Automatic restarts of bots whose server exited.",
             "# TYPE memoh_bot_restarts_total counter",
             "memoh_bot_restarts_total 2",
@@ -573,6 +725,12 @@ mod tests {
         let without = m.render(None);
         assert_parses(&without);
         assert!(!without.contains("memoh_bots"), "{without}");
+        assert!(!without.contains("memoh_bot_memory"), "{without}");
+        // A bot without a figure has no series of it (not a zero).
+        assert!(
+            !text.contains("memoh_bot_memory_bytes{bot=\"b\"}"),
+            "{text}"
+        );
     }
 
     #[test]

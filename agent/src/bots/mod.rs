@@ -30,6 +30,7 @@ pub mod images;
 pub mod limits;
 pub mod migrate;
 pub mod recover;
+pub mod resources;
 pub mod route;
 pub mod run;
 #[cfg(test)]
@@ -69,10 +70,13 @@ pub(crate) fn deleting(c: &ContainerInfo) -> Option<bool> {
     }
 }
 
-/// Whether the agent keeps this bot's task running (not stopped by the operator, not being
-/// deleted).
+/// Whether the agent keeps this bot's task running (not stopped or paused by the operator,
+/// not being deleted).
 pub(super) fn wants_running(c: &ContainerInfo) -> bool {
-    c.labels.get(LABEL_DESIRED).map(String::as_str) != Some("stopped") && deleting(c).is_none()
+    !matches!(
+        c.labels.get(LABEL_DESIRED).map(String::as_str),
+        Some("stopped" | resources::DESIRED_PAUSED)
+    ) && deleting(c).is_none()
 }
 
 /// Where the bearer token appears inside a bot's container.
@@ -107,6 +111,10 @@ pub struct BotInfo {
     pub last_exit_at: Option<SystemTime>,
     /// What containerd lost of the bot's state, if it ever did (see [`LABEL_LOST_STATE`]).
     pub lost_state: Option<String>,
+    /// What the bot may use.
+    pub limits: limits::Limits,
+    /// What it uses (cgroup figures are empty while it has no task).
+    pub usage: resources::BotUsage,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -143,6 +151,10 @@ pub struct Manager {
     tasks: TaskTracker,
     /// Fired by [`Manager::shutdown`]: every background task ends at its next step.
     stop: CancellationToken,
+    /// Bot -> the OOM kills its cgroup reported at the last look (tells a new one apart).
+    oom_seen: Mutex<HashMap<String, u64>>,
+    /// Bot -> its usage at the usage watcher's last pass (what `list` and `/metrics` show).
+    usage: Mutex<HashMap<String, resources::BotUsage>>,
 }
 
 use crate::sync::lock;
@@ -183,6 +195,8 @@ impl Manager {
             auto_migrated: Mutex::default(),
             tasks: TaskTracker::new(),
             stop: CancellationToken::new(),
+            oom_seen: Mutex::default(),
+            usage: Mutex::default(),
         }
     }
 
@@ -306,24 +320,32 @@ impl Manager {
             let Some(bot) = c.labels.get(LABEL_BOT_ID).cloned() else {
                 continue;
             };
-            out.push(self.describe(&bot, &c).await?);
+            out.push(self.describe(&bot, &c, false).await?);
         }
         out.sort_by(|a, b| a.bot_id.cmp(&b.bot_id));
         Ok(out)
     }
 
-    /// One bot.
+    /// One bot, its disk usage measured now.
     pub async fn info(&self, bot: &str) -> Result<BotInfo, AgentError> {
         let c = self.container(bot).await?;
-        self.describe(bot, &c).await
+        self.describe(bot, &c, true).await
     }
 
+    /// The bot of `c` as shown. Its cgroup is read now; its writable layer is measured now
+    /// with `measure_disk`, else taken from the usage watcher's last pass (measuring walks
+    /// the layer's files).
     pub(super) async fn describe(
         &self,
         bot: &str,
         c: &ContainerInfo,
+        measure_disk: bool,
     ) -> Result<BotInfo, AgentError> {
         let st = self.rt.task_status(&c.id).await?;
+        let mut usage = self.usage_of(c, measure_disk).await;
+        if !measure_disk {
+            usage.disk = lock(&self.usage).get(bot).and_then(|u| u.disk);
+        }
         let ip = match self.net.saved(bot).await {
             Ok(Some(bn)) if st.as_ref().is_some_and(|s| s.state == TaskState::Running) => {
                 Some(bn.ip)
@@ -340,7 +362,13 @@ impl Manager {
             bot_id: bot.to_string(),
             container_id: c.id.clone(),
             image: c.image.clone(),
-            status: status_name(st.as_ref()).to_string(),
+            status: match st.as_ref() {
+                // No task: what the operator asked for says more than "absent".
+                None if c.labels.get(LABEL_DESIRED).map(String::as_str) == Some("stopped") => {
+                    "stopped".to_string()
+                }
+                st => status_name(st).to_string(),
+            },
             ip,
             created_at: c.created_at,
             pid: st
@@ -352,6 +380,8 @@ impl Manager {
             last_exit_code,
             last_exit_at,
             lost_state: c.labels.get(LABEL_LOST_STATE).cloned(),
+            limits: self.limits_of(c),
+            usage,
         })
     }
 }

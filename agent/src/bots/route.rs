@@ -61,6 +61,7 @@ impl Manager {
                 }
                 "no address".to_string()
             }
+            Some(TaskState::Paused | TaskState::Pausing) => "bot is paused".to_string(),
             _ => format!("task is {}", status_name(st.as_ref())),
         };
         Err(AgentError::BotUnavailable {

@@ -57,10 +57,15 @@ impl Manager {
         }
         // containerd has no task for it now: a bundle it left half-deleted is garbage.
         self.clear_stale_bundle(bot, cid).await?;
-        // A record an older agent wrote gets today's process privileges before its task runs.
+        // A record an older agent wrote gets today's process privileges before its task runs,
+        // and every record its limits (and the server's OOM protection) from its labels.
         if let Some(mut spec) = c.spec.clone() {
-            if apply_privileges(&mut spec)? {
+            let privileged = apply_privileges(&mut spec)?;
+            let limited = self.apply_limits(bot, c, &mut spec).await?;
+            if privileged || limited {
                 self.rt.update_container_spec(cid, &spec).await?;
+            }
+            if privileged {
                 info!(
                     bot,
                     "container spec brought up to today's process privileges"
@@ -189,9 +194,14 @@ impl Manager {
         cid: &str,
         grace: Duration,
     ) -> Result<(), AgentError> {
-        let Some(st) = self.rt.task_status(cid).await? else {
+        let Some(mut st) = self.rt.task_status(cid).await? else {
             return Ok(());
         };
+        if matches!(st.state, TaskState::Paused | TaskState::Pausing) {
+            // A frozen task takes no signal until it is thawed; then it stops as any other.
+            self.rt.resume_task(cid).await?;
+            st.state = TaskState::Running;
+        }
         if st.state == TaskState::Running || st.state == TaskState::Created {
             if let Some(bot) = ids::bot_of_container(cid) {
                 lock(&self.health)

@@ -1000,3 +1000,110 @@ fn restart_backoff_doubles_from_250_ms_to_30_s_and_starts_over_after_a_minute() 
     };
     assert_eq!(restart_delay(&mut h, at(3600)), ms(2000));
 }
+
+#[tokio::test]
+async fn limits_are_recorded_put_on_the_spec_and_updated_on_a_live_task() {
+    use super::limits::{Limits, LimitsChange, LABEL_MEMORY, LABEL_PIDS};
+    let h = harness();
+    let bot = "limited";
+    running_bot(&h, bot).await;
+    // A record from before limits: none recorded, nothing on its spec.
+    assert!(h.record(bot).labels.get(LABEL_MEMORY).is_none());
+    let cid = ids::container_id(bot);
+    let st = h.m.info(bot).await.expect("info");
+    assert_eq!(st.limits, h.m.config().bot_defaults.limits());
+
+    // A live update: the task's cgroup at once, the labels and the spec for later starts.
+    let change = LimitsChange::parse("256MiB", "0.5", "128", "").unwrap();
+    let info = h.m.update(bot, &change).await.expect("update");
+    let want = Limits {
+        memory: Some(256 << 20),
+        millicpus: Some(500),
+        pids: Some(128),
+        disk: h.m.config().bot_defaults.limits().disk,
+    };
+    assert_eq!(info.limits, want);
+    let r = h.rt.task_resources(&cid).expect("the task was updated");
+    assert_eq!(r.memory().as_ref().unwrap().limit(), Some(256 << 20));
+    assert_eq!(r.pids().as_ref().unwrap().limit(), 128);
+    let c = h.record(bot);
+    assert_eq!(c.labels.get(LABEL_PIDS).map(String::as_str), Some("128"));
+    let spec = c.spec.as_ref().unwrap();
+    let res = spec.linux().as_ref().unwrap().resources().as_ref().unwrap();
+    assert_eq!(res.cpu().as_ref().unwrap().quota(), Some(50_000));
+    assert!(
+        res.devices().as_ref().is_some_and(|d| !d.is_empty()),
+        "device rules kept"
+    );
+    assert_eq!(
+        spec.process().as_ref().unwrap().oom_score_adj(),
+        Some(crate::containerd::spec::SERVER_OOM_SCORE_ADJ)
+    );
+
+    // A limit no bot can run under changes nothing.
+    let e =
+        h.m.update(
+            bot,
+            &LimitsChange {
+                pids: Some(Some(2)),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("pids limit below"), "{e}");
+    assert_eq!(h.m.info(bot).await.unwrap().limits, want);
+
+    // They survive a version cycle (the record is recreated with its labels and spec).
+    let _ = h.m.snapshot(bot, "s", Source::Manual).await;
+    assert_eq!(h.m.info(bot).await.unwrap().limits, want);
+}
+
+#[tokio::test]
+async fn a_start_records_the_defaults_on_a_bot_from_before_limits() {
+    use super::limits::LABEL_MEMORY;
+    let h = harness();
+    let bot = "oldbot";
+    running_bot(&h, bot).await;
+    h.m.stop(bot).await.expect("stop");
+    // The start ends at the harness's failing mounts call, after the limits went on.
+    let _ = h.m.start(bot).await.unwrap_err();
+    let c = h.record(bot);
+    assert_eq!(
+        c.labels.get(LABEL_MEMORY).map(String::as_str),
+        Some((1u64 << 30).to_string().as_str())
+    );
+    let spec = c.spec.as_ref().unwrap();
+    let res = spec.linux().as_ref().unwrap().resources().as_ref().unwrap();
+    assert_eq!(res.memory().as_ref().unwrap().limit(), Some(1 << 30));
+    assert_eq!(res.memory().as_ref().unwrap().swap(), Some(1 << 30));
+}
+
+#[tokio::test]
+async fn a_paused_bot_is_left_alone_and_says_so() {
+    let h = harness();
+    let bot = "frozen";
+    running_bot(&h, bot).await;
+    let cid = ids::container_id(bot);
+    let info = h.m.pause(bot).await.expect("pause");
+    assert_eq!(info.status, "paused");
+    assert_eq!(h.rt.task_state(&cid), Some(TaskState::Paused));
+    assert_eq!(
+        h.record(bot).labels.get(LABEL_DESIRED).map(String::as_str),
+        Some("paused")
+    );
+    // Calls get UNAVAILABLE at once, with the reason.
+    let e = h.m.client(bot).await.unwrap_err();
+    assert!(matches!(e, AgentError::BotUnavailable { .. }), "{e}");
+    assert!(e.to_string().contains("bot is paused"), "{e}");
+    // Reconcile neither starts nor restarts it.
+    assert_eq!(h.m.reconcile().await.expect("reconcile"), 0);
+    assert_eq!(h.rt.task_state(&cid), Some(TaskState::Paused));
+    // A stopped bot says "stopped", not "absent"; stopping a paused one works.
+    let info = h.m.stop(bot).await.expect("stop a paused bot");
+    assert_eq!(info.status, "stopped");
+    assert!(
+        h.m.pause(bot).await.is_err(),
+        "a stopped bot cannot be paused"
+    );
+}

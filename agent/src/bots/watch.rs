@@ -172,6 +172,24 @@ impl Manager {
                 }
             }
         });
+        let me = self.clone();
+        let stop = self.stop.clone();
+        self.spawn(async move {
+            let mut tick = tokio::time::interval(super::resources::USAGE_INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut pass = 0u32;
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                let disk = pass % super::resources::DISK_EVERY_PASSES == 0;
+                pass = pass.wrapping_add(1);
+                if let Err(e) = me.usage_pass(disk).await {
+                    debug!(error = %e, "usage pass failed");
+                }
+            }
+        });
     }
 
     /// Follows link deletions (`ip -o monitor link`, in the agent's network namespace): when

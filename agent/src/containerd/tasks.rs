@@ -4,7 +4,8 @@ use std::time::{Duration, SystemTime};
 
 use containerd_client::services::v1::{
     events_client::EventsClient, tasks_client::TasksClient, CreateTaskRequest, DeleteTaskRequest,
-    GetRequest, KillRequest, PublishRequest, StartRequest, SubscribeRequest, WaitRequest,
+    GetRequest, KillRequest, PauseTaskRequest, PublishRequest, ResumeTaskRequest, StartRequest,
+    SubscribeRequest, UpdateTaskRequest, WaitRequest,
 };
 use containerd_client::types::v1::Status;
 use futures::stream::BoxStream;
@@ -16,6 +17,7 @@ use super::snapshots::{rootfs_to_pb, RootfsMount};
 use super::stdio::{stdio_uri, TaskIo};
 use super::{to_system_time, Connection, Containerd};
 use crate::error::AgentError;
+use oci_spec::runtime::LinuxResources;
 
 /// State of a task.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,7 +99,24 @@ pub trait Tasks: Send + Sync {
 
     /// Exits of tasks' init processes in this namespace, as they happen.
     async fn subscribe_task_exits(&self) -> Result<TaskExitStream, AgentError>;
+
+    /// Gives a live task new resource limits (its cgroup changes at once; no restart).
+    async fn update_task_resources(
+        &self,
+        container_id: &str,
+        resources: &LinuxResources,
+    ) -> Result<(), AgentError>;
+
+    /// Freezes every process of the task (the cgroup freezer).
+    async fn pause_task(&self, container_id: &str) -> Result<(), AgentError>;
+
+    /// Thaws a paused task.
+    async fn resume_task(&self, container_id: &str) -> Result<(), AgentError>;
 }
+
+/// The type containerd knows OCI `LinuxResources` by in an update (JSON-encoded).
+const LINUX_RESOURCES_TYPE_URL: &str =
+    "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources";
 
 /// Topic of task exit events.
 pub const TASK_EXIT_TOPIC: &str = "/tasks/exit";
@@ -351,6 +370,51 @@ impl Tasks for Containerd {
                 s,
             )),
         }
+    }
+
+    async fn update_task_resources(
+        &self,
+        container_id: &str,
+        resources: &LinuxResources,
+    ) -> Result<(), AgentError> {
+        let value = serde_json::to_vec(resources).map_err(|e| {
+            AgentError::InvalidArgument(format!("resource limits of {container_id}: {e}"))
+        })?;
+        let req = self.request(UpdateTaskRequest {
+            container_id: container_id.to_string(),
+            resources: Some(prost_types::Any {
+                type_url: LINUX_RESOURCES_TYPE_URL.to_string(),
+                value,
+            }),
+            annotations: Default::default(),
+        });
+        tokio::time::timeout(TASK_CALL_TIMEOUT, self.tasks().update(req))
+            .await
+            .map_err(|_| stuck("update", container_id))?
+            .map_err(|s| AgentError::containerd(format!("update task {container_id}"), s))?;
+        Ok(())
+    }
+
+    async fn pause_task(&self, container_id: &str) -> Result<(), AgentError> {
+        let req = self.request(PauseTaskRequest {
+            container_id: container_id.to_string(),
+        });
+        tokio::time::timeout(TASK_CALL_TIMEOUT, self.tasks().pause(req))
+            .await
+            .map_err(|_| stuck("pause", container_id))?
+            .map_err(|s| AgentError::containerd(format!("pause task {container_id}"), s))?;
+        Ok(())
+    }
+
+    async fn resume_task(&self, container_id: &str) -> Result<(), AgentError> {
+        let req = self.request(ResumeTaskRequest {
+            container_id: container_id.to_string(),
+        });
+        tokio::time::timeout(TASK_CALL_TIMEOUT, self.tasks().resume(req))
+            .await
+            .map_err(|_| stuck("resume", container_id))?
+            .map_err(|s| AgentError::containerd(format!("resume task {container_id}"), s))?;
+        Ok(())
     }
 
     async fn subscribe_task_exits(&self) -> Result<TaskExitStream, AgentError> {

@@ -49,8 +49,8 @@ pub trait ClientSource: Send + Sync + 'static {
     async fn client(&self, bot: &str) -> Result<ContainerClient, AgentError>;
     /// Tells the source a call failed at the transport level.
     fn report_failure(&self, _bot: &str, _status: &tonic::Status) {}
-    /// Number of bots per task state, for `/metrics` (`None`: not known to this source).
-    async fn bot_states(&self) -> Option<std::collections::BTreeMap<String, u64>> {
+    /// Every bot with its figures, for `/metrics` (`None`: not known to this source).
+    async fn bot_samples(&self) -> Option<Vec<crate::metrics::BotSample>> {
         None
     }
 }
@@ -63,12 +63,9 @@ impl ClientSource for Manager {
     fn report_failure(&self, bot: &str, status: &tonic::Status) {
         Manager::report_failure(self, bot, status)
     }
-    async fn bot_states(&self) -> Option<std::collections::BTreeMap<String, u64>> {
+    async fn bot_samples(&self) -> Option<Vec<crate::metrics::BotSample>> {
         let bots = self.list().await.ok()?;
-        Some(bots.into_iter().fold(Default::default(), |mut m, b| {
-            *m.entry(b.status).or_default() += 1;
-            m
-        }))
+        Some(bots.iter().map(crate::bots::resources::sample).collect())
     }
 }
 
@@ -364,7 +361,7 @@ impl Mcp {
 }
 
 async fn metrics_route(State(mcp): State<Arc<Mcp>>) -> Response {
-    let text = crate::metrics::global().render(mcp.source.bot_states().await.as_ref());
+    let text = crate::metrics::global().render(mcp.source.bot_samples().await.as_deref());
     let ct = crate::metrics::CONTENT_TYPE;
     ([(header::CONTENT_TYPE, ct)], text).into_response()
 }

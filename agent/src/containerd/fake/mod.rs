@@ -198,6 +198,8 @@ struct Task {
     pid: u32,
     exit_status: Option<u32>,
     exited_at: Option<SystemTime>,
+    /// Limits given by an update.
+    resources: Option<oci_spec::runtime::LinuxResources>,
 }
 
 #[derive(Debug, Clone)]
@@ -553,6 +555,14 @@ impl FakeRuntime {
     /// The state of the task of `cid`, without counting a call.
     pub fn task_state(&self, cid: &str) -> Option<TaskState> {
         lock(&self.state).tasks.get(cid).map(|t| t.state)
+    }
+
+    /// The limits the task of `cid` was last updated to.
+    pub fn task_resources(&self, cid: &str) -> Option<oci_spec::runtime::LinuxResources> {
+        lock(&self.state)
+            .tasks
+            .get(cid)
+            .and_then(|t| t.resources.clone())
     }
 
     /// Everything the fake holds, to compare.

@@ -37,9 +37,65 @@ impl Tasks for FakeRuntime {
                     pid,
                     exit_status: None,
                     exited_at: None,
+                    resources: None,
                 },
             );
             Ok(pid)
+        })
+    }
+
+    async fn update_task_resources(
+        &self,
+        container_id: &str,
+        resources: &oci_spec::runtime::LinuxResources,
+    ) -> Result<(), AgentError> {
+        let resources = resources.clone();
+        self.call("update_task_resources", |s| {
+            let op = format!("update task {container_id}");
+            let t = s
+                .tasks
+                .get_mut(container_id)
+                .ok_or_else(|| refused(op, Code::NotFound, "no task"))?;
+            t.resources = Some(resources);
+            Ok(())
+        })
+    }
+
+    async fn pause_task(&self, container_id: &str) -> Result<(), AgentError> {
+        self.call("pause_task", |s| {
+            let op = format!("pause task {container_id}");
+            let t = s
+                .tasks
+                .get_mut(container_id)
+                .ok_or_else(|| refused(op.clone(), Code::NotFound, "no task"))?;
+            if t.state != TaskState::Running {
+                return Err(refused(
+                    op,
+                    Code::FailedPrecondition,
+                    format!("task is {:?}", t.state),
+                ));
+            }
+            t.state = TaskState::Paused;
+            Ok(())
+        })
+    }
+
+    async fn resume_task(&self, container_id: &str) -> Result<(), AgentError> {
+        self.call("resume_task", |s| {
+            let op = format!("resume task {container_id}");
+            let t = s
+                .tasks
+                .get_mut(container_id)
+                .ok_or_else(|| refused(op.clone(), Code::NotFound, "no task"))?;
+            if t.state != TaskState::Paused {
+                return Err(refused(
+                    op,
+                    Code::FailedPrecondition,
+                    format!("task is {:?}", t.state),
+                ));
+            }
+            t.state = TaskState::Running;
+            Ok(())
         })
     }
 

@@ -163,6 +163,35 @@ fn merge_env(image_env: &[String], extra: &[(String, String)]) -> Vec<String> {
         .collect()
 }
 
+/// The OOM score adjustment of a bot's server (its init process): the kernel kills anything
+/// else in the bot first when the bot passes its memory limit. The server gives the processes
+/// it starts a score of 0 again, so a memory hog is the one chosen.
+pub const SERVER_OOM_SCORE_ADJ: i32 = -998;
+
+/// Puts resource limits on `spec`: memory, CPU and pids from `resources` (the device rules
+/// stay as they are), and the server's OOM score adjustment. Returns whether the spec changed.
+pub fn apply_resources(
+    spec: &mut Spec,
+    resources: &oci_spec::runtime::LinuxResources,
+) -> Result<bool, AgentError> {
+    let before = spec.clone();
+    spec.process_mut()
+        .as_mut()
+        .ok_or_else(|| AgentError::InvalidArgument("oci spec: no process".into()))?
+        .set_oom_score_adj(Some(SERVER_OOM_SCORE_ADJ));
+    let linux = spec
+        .linux_mut()
+        .as_mut()
+        .ok_or_else(|| AgentError::InvalidArgument("oci spec: no linux section".into()))?;
+    let r = linux
+        .resources_mut()
+        .get_or_insert_with(oci_spec::runtime::LinuxResources::default);
+    r.set_memory(resources.memory().clone());
+    r.set_cpu(resources.cpu().clone());
+    r.set_pids(resources.pids().clone());
+    Ok(*spec != before)
+}
+
 /// Builds the runtime spec of a bot container.
 pub fn build_spec(image: &ImageConfig, opts: &SpecOptions) -> Result<Spec, AgentError> {
     let args: Vec<String> = match &opts.args {
