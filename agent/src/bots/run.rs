@@ -57,16 +57,34 @@ impl Manager {
         }
         // containerd has no task for it now: a bundle it left half-deleted is garbage.
         self.clear_stale_bundle(bot, cid).await?;
-        // A record an older agent wrote gets today's process privileges before its task runs.
+        // A record an older agent wrote gets today's process privileges and today's names
+        // (its namespace and cgroup carry the containerd namespace) before its task runs.
+        let mut renamed = None;
         if let Some(mut spec) = c.spec.clone() {
-            if apply_privileges(&mut spec)? {
+            let privileges = apply_privileges(&mut spec)?;
+            let names = ids::rename_in_spec(
+                &mut spec,
+                &self.net.netns_path(bot),
+                &ids::cgroup_path(&self.cfg.namespace, bot),
+            );
+            if privileges || names {
                 self.rt.update_container_spec(cid, &spec).await?;
                 info!(
                     bot,
-                    "container spec brought up to today's process privileges"
+                    privileges, names, "container spec brought up to today's privileges and names"
                 );
             }
+            if names {
+                if let Some(old) = c.spec.as_ref().and_then(ids::recorded_netns) {
+                    self.net.retire_netns(bot, &old).await;
+                }
+                renamed = Some(ContainerInfo {
+                    spec: Some(spec),
+                    ..c.clone()
+                });
+            }
         }
+        let c = renamed.as_ref().unwrap_or(c);
         let mounts = self.rt.snapshot_mounts(&c.snapshot_key).await?;
         self.net.create_netns(bot).await?;
         let log = ids::log_path(&self.cfg.state_dir, bot);
@@ -110,7 +128,13 @@ impl Manager {
         bot: &str,
         c: &ContainerInfo,
     ) -> Result<crate::network::BotNetwork, AgentError> {
-        let netns = self.net.netns_path(bot);
+        // The namespace the task runs in: the one its spec names (an older agent's name until
+        // the bot's next start), today's name when the spec names none.
+        let netns = c
+            .spec
+            .as_ref()
+            .and_then(ids::recorded_netns)
+            .unwrap_or_else(|| self.net.netns_path(bot));
         let bn = self.net.setup_without_host_rules(bot, &netns).await?;
         let token = tokio::fs::read_to_string(ids::token_path(&self.cfg.state_dir, bot))
             .await

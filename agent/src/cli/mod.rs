@@ -4,18 +4,21 @@
 //! - [`versions`]: the `snapshot` and `migrate` verbs;
 //! - [`image`]: the `image` verb;
 //! - [`exec`]: the `exec` and `cp` verbs;
-//! - [`mcp`]: the `mcp` verb.
+//! - [`mcp`]: the `mcp` verb;
+//! - [`net`]: the `net` verb.
 
 mod bot;
 mod exec;
 mod image;
 mod mcp;
+mod net;
 mod versions;
 
 pub use bot::{bot, logs, BotCmd};
 pub use exec::{cp, exec};
 pub use image::{image, ImageCmd};
 pub use mcp::{mcp, McpCmd};
+pub use net::{net, NetCmd};
 pub use versions::{migrate, snapshot, SnapshotCmd};
 
 use std::path::Path;

@@ -1,4 +1,5 @@
-//! Named network namespaces owned by the agent (`/run/netns/memoh-<bot>`).
+//! Named network namespaces owned by the agent (`/run/netns/memoh-<ns>.<bot>`, named by
+//! [`crate::ids::netns_name`]).
 //!
 //! The agent creates a bot's namespace before its task and hands the path to the OCI spec,
 //! so the namespace outlives the task: CNI DEL still finds the bot's interface after the
@@ -18,21 +19,16 @@ use super::cmd;
 /// Where iproute2 (and so the agent) keeps named namespaces.
 pub const NETNS_RUN_DIR: &str = "/run/netns";
 
-/// Prefix of the agent's namespace names.
-pub const NETNS_PREFIX: &str = "memoh-";
-
 /// How long one `ip`/`nsenter` call may take.
 const TOOL_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The namespace name of bot `bot`: `memoh-<bot>`.
-pub fn netns_name(bot: &str) -> String {
-    format!("{NETNS_PREFIX}{bot}")
-}
+/// Longest namespace name: a file name (`NAME_MAX`).
+pub const MAX_NETNS_NAME_LEN: usize = 255;
 
 /// Whether `name` is usable as a namespace name (a plain file name, no path tricks).
 pub fn valid_netns_name(name: &str) -> bool {
     !name.is_empty()
-        && name.len() <= 200
+        && name.len() <= MAX_NETNS_NAME_LEN
         && name != "."
         && name != ".."
         && name
@@ -51,6 +47,9 @@ pub trait Netns: Send + Sync {
 
     /// Deletes namespace `name`; a missing one is not an error.
     fn delete(&self, name: &str) -> impl Future<Output = Result<(), AgentError>> + Send;
+
+    /// The names of the namespaces that exist (sorted).
+    fn list(&self) -> impl Future<Output = Result<Vec<String>, AgentError>> + Send;
 
     /// Whether `path` is a live namespace (a mounted nsfs file).
     fn exists(&self, path: &Path) -> impl Future<Output = bool> + Send;
@@ -180,6 +179,28 @@ impl Netns for IpNetns {
             op,
             reason: out.stderr_text(),
         })
+    }
+
+    async fn list(&self) -> Result<Vec<String>, AgentError> {
+        tokio::task::spawn_blocking(|| {
+            let dir = Path::new(NETNS_RUN_DIR);
+            let entries = match std::fs::read_dir(dir) {
+                Ok(e) => e,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+                Err(e) => return Err(AgentError::io(dir, e)),
+            };
+            let mut names: Vec<String> = entries
+                .filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .filter(|n| valid_netns_name(n))
+                .collect();
+            names.sort();
+            Ok(names)
+        })
+        .await
+        .map_err(|e| AgentError::Network {
+            op: "list network namespaces".into(),
+            reason: e.to_string(),
+        })?
     }
 
     async fn exists(&self, path: &Path) -> bool {
@@ -481,11 +502,12 @@ mod tests {
 
     #[test]
     fn names() {
-        assert_eq!(netns_name("a-1_b"), "memoh-a-1_b");
-        for ok in ["memoh-a", "x.y", "A_9"] {
+        let longest = "x".repeat(MAX_NETNS_NAME_LEN);
+        for ok in ["memoh-a", "memoh-default.a", "x.y", "A_9", longest.as_str()] {
             assert!(valid_netns_name(ok), "{ok}");
         }
-        for bad in ["", ".", "..", "a/b", "a b", "../x"] {
+        let too_long = "x".repeat(MAX_NETNS_NAME_LEN + 1);
+        for bad in ["", ".", "..", "a/b", "a b", "../x", too_long.as_str()] {
             assert!(!valid_netns_name(bad), "{bad}");
         }
     }
