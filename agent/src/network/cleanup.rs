@@ -4,9 +4,9 @@
 //! In order: saved attachments of bots that no longer exist (torn down as a delete would:
 //! CNI DEL frees their address, their namespace and state go); namespaces named for this
 //! agent's namespace ([`ids::netns_name`]) of bots that no longer exist; namespaces an older
-//! agent named `memoh-<bot>` of bots that no longer exist and that hold no interface (the
-//! name is the same in every containerd namespace, so one with an interface may be another
-//! agent's live bot); host-local reservations of the agent's network held by `mcp-<bot>` of a
+//! agent named `memoh-<bot>` of bots that no longer exist and that hold no interface but `lo`
+//! (the name is the same in every containerd namespace and the prefix is not only the
+//! agent's, so one with an interface may be another agent's live bot or someone's own); host-local reservations of the agent's network held by `mcp-<bot>` of a
 //! bot that no longer exists and for an address no namespace on the host holds; and, when no
 //! bot is attached any more, the agent's nftables tables, the isolation rule of its bridge
 //! and the MASQUERADE rule of its subnet.
@@ -113,11 +113,7 @@ impl<E: PluginExec, F: Firewall, N: Netns> Network<E, F, N> {
             let ours =
                 ids::bot_of_netns(&self.cfg.namespace, name).is_some_and(|b| !live.contains(b));
             let old = ids::bot_of_legacy_netns(name).is_some_and(|b| !live.contains(b))
-                && self
-                    .netns
-                    .interface_addrs(&path, &self.cfg.ifname)
-                    .await?
-                    .is_none();
+                && self.netns.links(&path).await?.iter().all(|l| l == "lo");
             if ours || old {
                 self.netns.delete(name).await?;
                 tracing::info!(netns = %name, "removed a leftover network namespace");

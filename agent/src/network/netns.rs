@@ -62,6 +62,10 @@ pub trait Netns: Send + Sync {
         ifname: &str,
     ) -> impl Future<Output = Result<Option<Vec<(IpAddr, u8)>>, AgentError>> + Send;
 
+    /// The names of the interfaces inside the namespace at `path` (`lo` included); empty when
+    /// the namespace does not exist.
+    fn links(&self, path: &Path) -> impl Future<Output = Result<Vec<String>, AgentError>> + Send;
+
     /// Gives an existing `bridge` an explicitly set MAC address (its current one, or a random
     /// locally administered one when it has none); returns whether it changed anything.
     ///
@@ -240,6 +244,30 @@ impl Netns for IpNetns {
             return Err(AgentError::Network { op, reason: err });
         }
         parse_ip_addr_json(&out.stdout).map_err(|reason| AgentError::Network { op, reason })
+    }
+
+    async fn links(&self, path: &Path) -> Result<Vec<String>, AgentError> {
+        if !self.exists(path).await {
+            return Ok(Vec::new());
+        }
+        let op = format!("list the links in {}", path.display());
+        let mut net = std::ffi::OsString::from("--net=");
+        net.push(path);
+        let args: [&std::ffi::OsStr; 5] = [
+            &net,
+            "ip".as_ref(),
+            "-j".as_ref(),
+            "link".as_ref(),
+            "show".as_ref(),
+        ];
+        let out = cmd::run(&op, "nsenter".as_ref(), args, &[], None, TOOL_TIMEOUT).await?;
+        if !out.success() {
+            return Err(AgentError::Network {
+                op,
+                reason: out.stderr_text(),
+            });
+        }
+        parse_link_names(&out.stdout).map_err(|reason| AgentError::Network { op, reason })
     }
 
     async fn pin_bridge_mac(&self, bridge: &str) -> Result<bool, AgentError> {
@@ -496,13 +524,37 @@ pub fn parse_ip_addr_json(stdout: &[u8]) -> Result<Option<Vec<(IpAddr, u8)>>, St
     Ok(Some(addrs))
 }
 
+/// The interface names of `ip -j link show` output.
+fn parse_link_names(json: &[u8]) -> Result<Vec<String>, String> {
+    let v: Value = serde_json::from_slice(json).map_err(|e| format!("ip -j link: {e}"))?;
+    Ok(v.as_array()
+        .ok_or("ip -j link: not an array")?
+        .iter()
+        .filter_map(|l| l["ifname"].as_str().map(str::to_string))
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
+    fn link_names() {
+        let out = br#"[{"ifindex":1,"ifname":"lo"},{"ifindex":2,"ifname":"eth0","link_index":7}]"#;
+        assert_eq!(parse_link_names(out).unwrap(), ["lo", "eth0"]);
+        assert_eq!(parse_link_names(b"[]").unwrap(), Vec::<String>::new());
+        assert!(parse_link_names(b"{").is_err());
+    }
+
+    #[test]
     fn names() {
         let longest = "x".repeat(MAX_NETNS_NAME_LEN);
+        // The longest name a bot's namespace gets (the longest containerd namespace and bot).
+        let bot = "b".repeat(crate::ids::MAX_BOT_ID_LEN);
+        assert!(valid_netns_name(&crate::ids::netns_name(
+            &"n".repeat(76),
+            &bot
+        )));
         for ok in ["memoh-a", "memoh-default.a", "x.y", "A_9", longest.as_str()] {
             assert!(valid_netns_name(ok), "{ok}");
         }

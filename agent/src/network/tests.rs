@@ -60,6 +60,13 @@ impl Netns for FakeNetns {
         names.sort();
         Ok(names)
     }
+    async fn links(&self, path: &Path) -> Result<Vec<String>, AgentError> {
+        Ok(match self.live.lock().unwrap().get(path) {
+            None => vec![],
+            Some(addrs) if addrs.is_empty() => vec!["lo".into()],
+            Some(_) => vec!["lo".into(), "eth0".into()],
+        })
+    }
     async fn exists(&self, path: &Path) -> bool {
         self.live.lock().unwrap().contains_key(path)
     }
