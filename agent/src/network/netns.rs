@@ -114,6 +114,15 @@ impl IpNetns {
     async fn ip(op: &str, args: &[&str]) -> Result<cmd::Finished, AgentError> {
         cmd::run(op, "ip".as_ref(), args, &[], None, TOOL_TIMEOUT).await
     }
+
+    /// `ip ARGS` inside the namespace at `path` (through `nsenter`).
+    async fn ip_in(op: &str, path: &Path, args: &[&str]) -> Result<cmd::Finished, AgentError> {
+        let mut net = std::ffi::OsString::from("--net=");
+        net.push(path);
+        let mut all: Vec<&std::ffi::OsStr> = vec![&net, "ip".as_ref()];
+        all.extend(args.iter().map(|a| std::ffi::OsStr::new(*a)));
+        cmd::run(op, "nsenter".as_ref(), all, &[], None, TOOL_TIMEOUT).await
+    }
 }
 
 /// Whether `path` is a namespace file: a bind mount of nsfs.
@@ -223,19 +232,7 @@ impl Netns for IpNetns {
             return Ok(None);
         }
         let op = format!("inspect {ifname} in {}", path.display());
-        let mut net = std::ffi::OsString::from("--net=");
-        net.push(path);
-        let args: [&std::ffi::OsStr; 8] = [
-            &net,
-            "ip".as_ref(),
-            "-j".as_ref(),
-            "addr".as_ref(),
-            "show".as_ref(),
-            "dev".as_ref(),
-            ifname.as_ref(),
-            "up".as_ref(),
-        ];
-        let out = cmd::run(&op, "nsenter".as_ref(), args, &[], None, TOOL_TIMEOUT).await?;
+        let out = Self::ip_in(&op, path, &["-j", "addr", "show", "dev", ifname, "up"]).await?;
         if !out.success() {
             let err = out.stderr_text();
             if err.contains("does not exist") {
@@ -251,16 +248,7 @@ impl Netns for IpNetns {
             return Ok(Vec::new());
         }
         let op = format!("list the links in {}", path.display());
-        let mut net = std::ffi::OsString::from("--net=");
-        net.push(path);
-        let args: [&std::ffi::OsStr; 5] = [
-            &net,
-            "ip".as_ref(),
-            "-j".as_ref(),
-            "link".as_ref(),
-            "show".as_ref(),
-        ];
-        let out = cmd::run(&op, "nsenter".as_ref(), args, &[], None, TOOL_TIMEOUT).await?;
+        let out = Self::ip_in(&op, path, &["-j", "link", "show"]).await?;
         if !out.success() {
             return Err(AgentError::Network {
                 op,
@@ -404,18 +392,7 @@ impl Netns for IpNetns {
             return Ok(None);
         }
         let op = format!("read the mac of {ifname} in {}", path.display());
-        let mut net = std::ffi::OsString::from("--net=");
-        net.push(path);
-        let args: [&std::ffi::OsStr; 7] = [
-            &net,
-            "ip".as_ref(),
-            "-j".as_ref(),
-            "link".as_ref(),
-            "show".as_ref(),
-            "dev".as_ref(),
-            ifname.as_ref(),
-        ];
-        let out = cmd::run(&op, "nsenter".as_ref(), args, &[], None, TOOL_TIMEOUT).await?;
+        let out = Self::ip_in(&op, path, &["-j", "link", "show", "dev", ifname]).await?;
         if !out.success() {
             let err = out.stderr_text();
             if err.contains("does not exist") {
