@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use memoh_agent::cli::{self, BotCmd, ImageCmd, McpCmd, SnapshotCmd};
+use memoh_agent::cli::{self, BotCmd, ImageCmd, McpCmd, NetCmd, SnapshotCmd};
 use memoh_agent::config::Config;
 
 /// Host agent for bot containers on containerd.
@@ -89,6 +89,9 @@ enum Cmd {
     /// Stdio MCP servers inside a bot: add, list, remove, logs.
     #[command(subcommand)]
     Mcp(McpCmd),
+    /// The host's network: cleanup of what the agent left behind.
+    #[command(subcommand)]
+    Net(NetCmd),
 }
 
 fn main() -> ExitCode {
@@ -164,6 +167,7 @@ async fn dispatch(args: Args) -> Result<u8, cli::CliError> {
         Cmd::Snapshot(c) => cli::snapshot(&socket, c).await,
         Cmd::Migrate { bot } => cli::migrate(&socket, bot).await,
         Cmd::Mcp(c) => cli::mcp(&socket, c).await,
+        Cmd::Net(c) => cli::net(&socket, c).await,
     }
 }
 

@@ -55,8 +55,8 @@ fn in_ns(ns: &str, args: &[&str]) -> String {
 }
 
 /// The bot's namespace.
-fn bot_ns(bot: &str) -> String {
-    format!("memoh-{bot}")
+fn bot_ns(a: &TestAgent, bot: &str) -> String {
+    memoh_agent::ids::netns_name(&a.namespace, bot)
 }
 
 /// A TCP listener of the test on `addr` (port 0: any) counting accepted connections.
@@ -118,8 +118,11 @@ impl Drop for KillOnDrop {
 }
 
 /// The bot's MAC and link-local IPv6 address (if it has one), read from its namespace.
-fn bot_link(bot: &str) -> (String, Option<String>) {
-    let link = in_ns(&bot_ns(bot), &["ip", "-o", "link", "show", "dev", "eth0"]);
+fn bot_link(a: &TestAgent, bot: &str) -> (String, Option<String>) {
+    let link = in_ns(
+        &bot_ns(a, bot),
+        &["ip", "-o", "link", "show", "dev", "eth0"],
+    );
     let mac = link
         .split_whitespace()
         .skip_while(|w| *w != "link/ether")
@@ -127,7 +130,7 @@ fn bot_link(bot: &str) -> (String, Option<String>) {
         .expect("eth0 has a mac")
         .to_string();
     let addr = in_ns(
-        &bot_ns(bot),
+        &bot_ns(a, bot),
         &[
             "ip", "-o", "-6", "addr", "show", "dev", "eth0", "scope", "link",
         ],
@@ -143,7 +146,7 @@ fn bot_link(bot: &str) -> (String, Option<String>) {
 
 /// The host end of the bot's veth: the port on `bridge` whose peer is the bot's eth0.
 fn bot_port(a: &TestAgent, bot: &str) -> String {
-    let peer = in_ns(&bot_ns(bot), &["cat", "/sys/class/net/eth0/iflink"]);
+    let peer = in_ns(&bot_ns(a, bot), &["cat", "/sys/class/net/eth0/iflink"]);
     let ports = text(&a.net_sh("ip", &["-o", "link", "show", "master", &a.bridge]));
     ports
         .lines()
@@ -155,7 +158,7 @@ fn bot_port(a: &TestAgent, bot: &str) -> String {
 
 /// The agent's nftables table name.
 fn table(a: &TestAgent) -> String {
-    format!("memoh-{}", a.namespace)
+    memoh_agent::ids::table_name(&a.namespace)
 }
 
 /// Whether the bot still pings its gateway and the agent still runs commands in it.
@@ -236,7 +239,7 @@ fn a_bot_reaches_no_other_bot_over_ipv4_or_ipv6() {
             bot_connects(&a, &ba, &format!("{ll}%eth0"), 9090),
         );
     }
-    let (_, b_ll) = bot_link(&bb);
+    let (_, b_ll) = bot_link(&a, &bb);
     println!("b's link-local address: {b_ll:?}");
     if let Some(ll) = &b_ll {
         check(
@@ -249,7 +252,7 @@ fn a_bot_reaches_no_other_bot_over_ipv4_or_ipv6() {
     // link-local address is then there to be found, and still unreachable.
     for bot in [&ba, &bb] {
         in_ns(
-            &bot_ns(bot),
+            &bot_ns(&a, bot),
             &[
                 "sh",
                 "-c",
@@ -261,7 +264,7 @@ fn a_bot_reaches_no_other_bot_over_ipv4_or_ipv6() {
     }
     let mut b_ll = None;
     a.wait_for("b's link-local address", Duration::from_secs(10), || {
-        b_ll = bot_link(&bb).1;
+        b_ll = bot_link(&a, &bb).1;
         b_ll.is_some()
     });
     let b_ll = b_ll.unwrap();
@@ -319,7 +322,7 @@ fn a_bot_reaches_the_host_only_where_allowed() {
     );
     // The bridge's link-local address, from a bot that turned IPv6 back on.
     in_ns(
-        &bot_ns(&ba),
+        &bot_ns(&a, &ba),
         &[
             "sh",
             "-c",
@@ -377,9 +380,9 @@ fn a_bot_cannot_send_as_its_neighbour() {
     let (ba, ip_a) = a.create_bot("spa");
     let (bb, ip_b) = a.create_bot("spb");
     let gw = a.gateway();
-    let ns_a = bot_ns(&ba);
-    let (mac_a, _) = bot_link(&ba);
-    let (mac_b, _) = bot_link(&bb);
+    let ns_a = bot_ns(&a, &ba);
+    let (mac_a, _) = bot_link(&a, &ba);
+    let (mac_b, _) = bot_link(&a, &bb);
     let received = |udp: &UdpSocket| {
         let mut got = Vec::new();
         let mut buf = [0u8; 256];
@@ -805,4 +808,161 @@ fn a_bot_is_not_started_when_it_cannot_be_contained() {
     // It can still be removed (a rebuild that fails never blocks a delete).
     a.ok(&["bot", "rm", &bot]);
     assert!(a.leftovers(&bot).is_empty(), "{:?}", a.leftovers(&bot));
+}
+
+/// Named network namespaces a test made, deleted on drop (also when the test fails).
+struct NamespacesMade(Vec<String>);
+
+impl NamespacesMade {
+    fn add(&mut self, name: &str) {
+        self.0.push(name.to_string());
+        assert!(sh("ip", &["netns", "add", name]).status.success(), "{name}");
+    }
+}
+
+impl Drop for NamespacesMade {
+    fn drop(&mut self) {
+        for n in &self.0 {
+            if std::path::Path::new("/run/netns").join(n).exists() {
+                let _ = sh("ip", &["netns", "delete", n]);
+            }
+        }
+    }
+}
+
+#[test]
+fn net_cleanup_removes_leftovers_and_spares_live_bots() {
+    let Some(env) = Env::get(false) else { return };
+    let mut a = agent(&env, "", None);
+    let (ba, _) = a.create_bot("cla");
+    let (bb, ip_b) = a.create_bot("clb");
+    let t = table(&a);
+    let exists = |ns: &str| std::path::Path::new("/run/netns").join(ns).exists();
+
+    // Leftovers of bots that do not exist: a namespace with this agent's prefix, an older
+    // agent's empty one, and an address reservation.
+    let mut made = NamespacesMade(Vec::new());
+    let gone = format!("e{}gone", a.tag);
+    let ns_gone = memoh_agent::ids::netns_name(&a.namespace, &gone);
+    let old_gone = memoh_agent::ids::legacy_netns_name(&format!("e{}old", a.tag));
+    made.add(&ns_gone);
+    made.add(&old_gone);
+    let reserved = a
+        .ipam_dir
+        .join(&a.network)
+        .join(format!("{}.250", a.prefix));
+    std::fs::write(&reserved, format!("mcp-{gone}\r\neth0")).unwrap();
+
+    let out = a.ok(&["net", "cleanup"]);
+    println!("{out}");
+    for want in [
+        format!("removed network namespace {ns_gone}"),
+        format!("removed network namespace {old_gone}"),
+        format!("removed address reservation {}.250 (mcp-{gone})", a.prefix),
+        "removed 3 leftovers".to_string(),
+    ] {
+        assert!(out.lines().any(|l| l == want), "{want}:\n{out}");
+    }
+    assert!(!exists(&ns_gone) && !exists(&old_gone));
+    assert!(!reserved.exists());
+
+    // Nothing the live bots use went: their namespaces, addresses, the tables, isolation.
+    for bot in [&ba, &bb] {
+        assert!(exists(&memoh_agent::ids::netns_name(&a.namespace, bot)));
+        assert!(a
+            .ipam_entries()
+            .iter()
+            .any(|(_, owner)| *owner == format!("mcp-{bot}")));
+        still_served(&a, bot);
+    }
+    let tables = || text(&sh("nft", &["list", "tables"]));
+    for family in ["bridge", "inet"] {
+        assert!(
+            tables().contains(&format!("table {family} {t}")),
+            "{}",
+            tables()
+        );
+    }
+    assert!(!bot_connects(&a, &ba, &ip_b, 9090), "isolation lost");
+    assert_eq!(a.ok(&["net", "cleanup"]).trim(), "nothing to clean up");
+
+    // With no bot left, a table left behind goes too.
+    a.ok(&["bot", "rm", &ba]);
+    a.ok(&["bot", "rm", &bb]);
+    assert!(sh("nft", &["add", "table", "inet", &t]).status.success());
+    let out = a.ok(&["net", "cleanup"]);
+    assert!(
+        out.lines()
+            .any(|l| l == format!("removed nftables table inet {t}")),
+        "{out}"
+    );
+    assert!(!tables().contains(&t), "{}", tables());
+}
+
+#[test]
+fn an_older_agents_bot_moves_to_todays_names_at_its_next_start() {
+    use memoh_agent::containerd::prelude::*;
+    use memoh_agent::ids;
+    let Some(env) = Env::get(false) else { return };
+    let mut a = agent(&env, "", None);
+    let (bot, _) = a.create_bot("upg");
+    let (peer, ip_peer) = a.create_bot("upp");
+    let cid = ids::container_id(&bot);
+    let run_dir = std::path::Path::new("/run/netns");
+    let new_ns = ids::netns_name(&a.namespace, &bot);
+    let record = || {
+        common::block_on(async {
+            let c = a.containerd().await;
+            c.get_container(&cid).await.unwrap().unwrap().spec.unwrap()
+        })
+    };
+    let spec = record();
+    assert_eq!(ids::recorded_netns(&spec), Some(run_dir.join(&new_ns)));
+    let cgroup = |s: &oci_spec::runtime::Spec| {
+        s.linux()
+            .as_ref()
+            .and_then(|l| l.cgroups_path().clone())
+            .unwrap()
+    };
+    assert_eq!(
+        cgroup(&spec),
+        std::path::PathBuf::from(ids::cgroup_path(&a.namespace, &bot))
+    );
+    a.ok(&["bot", "stop", &bot]);
+
+    // What an older agent left: the record names `memoh-<bot>` and `/memoh/mcp-<bot>`, and
+    // the namespace is there.
+    let old_ns = ids::legacy_netns_name(&bot);
+    let mut made = NamespacesMade(Vec::new());
+    made.add(&old_ns);
+    let mut old = spec.clone();
+    assert!(ids::rename_in_spec(
+        &mut old,
+        &run_dir.join(&old_ns),
+        &ids::legacy_cgroup_path(&bot)
+    ));
+    common::block_on(async {
+        let c = a.containerd().await;
+        c.update_container_spec(&cid, &old).await.unwrap();
+    });
+
+    a.ok(&["bot", "start", &bot]);
+    let moved = record();
+    assert_eq!(ids::recorded_netns(&moved), Some(run_dir.join(&new_ns)));
+    assert_eq!(
+        cgroup(&moved),
+        std::path::PathBuf::from(ids::cgroup_path(&a.namespace, &bot))
+    );
+    assert!(!run_dir.join(&old_ns).exists(), "the old namespace stayed");
+    still_served(&a, &bot);
+    assert!(!bot_connects(&a, &bot, &ip_peer, 9090), "isolation lost");
+
+    // stop, start and rm work on the moved bot.
+    a.ok(&["bot", "stop", &bot]);
+    assert!(!run_dir.join(&new_ns).exists());
+    a.ok(&["bot", "start", &bot]);
+    still_served(&a, &bot);
+    a.ok(&["bot", "rm", &bot]);
+    assert!(!run_dir.join(&new_ns).exists());
+    still_served(&a, &peer);
 }

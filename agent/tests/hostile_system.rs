@@ -232,7 +232,10 @@ fn privileged_operations_fail_inside_a_bot() {
     // that cannot be listed): no read or write on any block device, nor on a character
     // device other than the standard ones (runc 1.1 adds /dev/net/tun, 10:200, itself; it is
     // of no use without CAP_NET_ADMIN) and the bot's pseudo-terminals.
-    let list = format!("/sys/fs/cgroup/devices/memoh/mcp-{bot}/devices.list");
+    let list = format!(
+        "/sys/fs/cgroup/devices{}/devices.list",
+        memoh_agent::ids::cgroup_path(&a.namespace, &bot)
+    );
     match std::fs::read_to_string(&list) {
         Ok(rules) => {
             let standard = [

@@ -79,6 +79,7 @@ impl Fixture {
         let comment = format!("mtst-masq-{tag}");
         let subnet = format!("{prefix}.0/24");
         let cfg = NetworkConfig {
+            namespace: format!("mtst-{tag}"),
             conf_dir: dir.path().join("net.d"),
             bin_dirs: vec!["/opt/cni/bin".into(), "/usr/lib/cni".into()],
             network: network_name.clone(),
@@ -151,7 +152,7 @@ impl Fixture {
 impl Drop for Fixture {
     fn drop(&mut self) {
         for bot in &self.bots {
-            let _ = sh("ip", &["netns", "delete", &network::netns::netns_name(bot)]);
+            let _ = sh("ip", &["netns", "delete", &self.net.netns_name(bot)]);
         }
         let _ = sh("ip", &["link", "delete", &self.bridge]);
         // The agent's MASQUERADE rule for this subnet, under this test's comment.
@@ -243,7 +244,10 @@ async fn setup_is_stable_and_teardown_releases_everything() {
     let mut f = Fixture::new(11);
     let bot = f.bot("a");
     let ns = f.net.create_netns(&bot).await.unwrap();
-    assert_eq!(ns, Path::new("/run/netns").join(format!("memoh-{bot}")));
+    assert_eq!(
+        ns,
+        Path::new("/run/netns").join(format!("memoh-mtst-{}.{bot}", f.tag))
+    );
     assert!(f.net.netns().exists(&ns).await);
 
     let first = f.net.setup(&bot, &ns).await.unwrap();
@@ -317,7 +321,7 @@ async fn teardown_after_the_namespace_is_gone_releases_the_address() {
 
     // The task died and took the namespace with it (and the agent may have restarted: a new
     // Network over the same state dir).
-    assert!(sh("ip", &["netns", "delete", &format!("memoh-{bot}")])
+    assert!(sh("ip", &["netns", "delete", &f.net.netns_name(&bot)])
         .status
         .success());
     let veth = bn.host_veth.unwrap();
@@ -460,8 +464,8 @@ async fn bots_on_one_bridge_cannot_reach_each_other() {
     let net_a = open.setup(&a, &ns_a).await.unwrap();
     let net_b = open.setup(&b, &ns_b).await.unwrap();
     let gateway = net_a.gateway.unwrap();
-    let name_a = format!("memoh-{a}");
-    let name_b = format!("memoh-{b}");
+    let name_a = open.netns_name(&a);
+    let name_b = open.netns_name(&b);
 
     assert!(
         ping(&name_a, net_b.ip).await,

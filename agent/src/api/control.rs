@@ -389,6 +389,19 @@ impl AgentService for Control {
         }))
     }
 
+    #[instrument(skip_all)]
+    async fn net_cleanup(
+        &self,
+        _req: Request<pb::NetCleanupRequest>,
+    ) -> Result<Response<pb::NetCleanupResponse>, Status> {
+        let mgr = self.mgr.clone();
+        let live = || async move { Ok(mgr.list().await?.into_iter().map(|b| b.bot_id).collect()) };
+        let removed = self.mgr.network().cleanup(live).await?;
+        Ok(Response::new(pb::NetCleanupResponse {
+            removed: removed.iter().map(ToString::to_string).collect(),
+        }))
+    }
+
     async fn mcp_add(
         &self,
         req: Request<pb::McpAddRequest>,

@@ -184,6 +184,7 @@ impl Manager {
         let netns = self.net.netns_path(bot);
         let mut opts = SpecOptions::new(&cid, bot).with_host_files();
         opts.netns_path = Some(netns);
+        opts.cgroups_path = Some(ids::cgroup_path(&self.cfg.namespace, bot));
         // runc cannot raise a limit above the hard limit it inherits from containerd.
         opts.nofile = opts.nofile.min(host_nofile_limit());
         opts.extra_env

@@ -57,21 +57,40 @@ impl Manager {
         }
         // containerd has no task for it now: a bundle it left half-deleted is garbage.
         self.clear_stale_bundle(bot, cid).await?;
-        // A record an older agent wrote gets today's process privileges before its task runs,
-        // and every record its limits (and the server's OOM protection) from its labels.
+        // A record an older agent wrote gets today's process privileges and today's names
+        // (its namespace and cgroup carry the containerd namespace) before its task runs, and
+        // every record its limits (and the server's OOM protection) from its labels.
+        let mut renamed = None;
         if let Some(mut spec) = c.spec.clone() {
-            let privileged = apply_privileges(&mut spec)?;
-            let limited = self.apply_limits(bot, c, &mut spec).await?;
-            if privileged || limited {
+            let privileges = apply_privileges(&mut spec)?;
+            let names = ids::rename_in_spec(
+                &mut spec,
+                &self.net.netns_path(bot),
+                &ids::cgroup_path(&self.cfg.namespace, bot),
+            );
+            let limits = self.apply_limits(bot, c, &mut spec).await?;
+            if privileges || names || limits {
                 self.rt.update_container_spec(cid, &spec).await?;
             }
-            if privileged {
+            if privileges || names {
                 info!(
                     bot,
-                    "container spec brought up to today's process privileges"
+                    privileges, names, "container spec brought up to today's privileges and names"
                 );
             }
+            if names {
+                if let Some(old) = c.spec.as_ref().and_then(ids::recorded_netns) {
+                    self.net.retire_netns(bot, &old).await;
+                }
+            }
+            if names || limits {
+                renamed = Some(ContainerInfo {
+                    spec: Some(spec),
+                    ..c.clone()
+                });
+            }
         }
+        let c = renamed.as_ref().unwrap_or(c);
         let mounts = self.rt.snapshot_mounts(&c.snapshot_key).await?;
         self.net.create_netns(bot).await?;
         let log = ids::log_path(&self.cfg.state_dir, bot);
@@ -113,7 +132,13 @@ impl Manager {
         bot: &str,
         c: &ContainerInfo,
     ) -> Result<crate::network::BotNetwork, AgentError> {
-        let netns = self.net.netns_path(bot);
+        // The namespace the task runs in: the one its spec names (an older agent's name until
+        // the bot's next start), today's name when the spec names none.
+        let netns = c
+            .spec
+            .as_ref()
+            .and_then(ids::recorded_netns)
+            .unwrap_or_else(|| self.net.netns_path(bot));
         let bn = self.net.setup_without_host_rules(bot, &netns).await?;
         let token = tokio::fs::read_to_string(ids::token_path(&self.cfg.state_dir, bot))
             .await

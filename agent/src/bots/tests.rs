@@ -1008,7 +1008,7 @@ async fn limits_are_recorded_put_on_the_spec_and_updated_on_a_live_task() {
     let bot = "limited";
     running_bot(&h, bot).await;
     // A record from before limits: none recorded, nothing on its spec.
-    assert!(h.record(bot).labels.get(LABEL_MEMORY).is_none());
+    assert!(!h.record(bot).labels.contains_key(LABEL_MEMORY));
     let cid = ids::container_id(bot);
     let st = h.m.info(bot).await.expect("info");
     assert_eq!(st.limits, h.m.config().bot_defaults.limits());

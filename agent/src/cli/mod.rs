@@ -6,11 +6,13 @@
 //! - [`exec`]: the `exec` and `cp` verbs;
 //! - [`mcp`]: the `mcp` verb;
 //! - [`progress`]: progress bars of long jobs on a terminal.
+//! - [`net`]: the `net` verb.
 
 mod bot;
 mod exec;
 mod image;
 mod mcp;
+mod net;
 mod progress;
 mod versions;
 
@@ -18,6 +20,7 @@ pub use bot::{bot, logs, BotCmd};
 pub use exec::{cp, exec};
 pub use image::{image, ImageCmd};
 pub use mcp::{mcp, McpCmd};
+pub use net::{net, NetCmd};
 pub use versions::{migrate, snapshot, SnapshotCmd};
 
 use std::path::Path;

@@ -70,6 +70,9 @@ pub trait Firewall: Send + Sync {
     /// or [`super::containment::remove_script`]) in one transaction.
     fn apply_ruleset(&self, script: &str) -> impl Future<Output = Result<(), AgentError>> + Send;
 
+    /// The nftables tables on the host, as `(family, name)` pairs.
+    fn tables(&self) -> impl Future<Output = Result<Vec<(String, String)>, AgentError>> + Send;
+
     /// Turns bridge netfilter's `bridge-nf-call-iptables` and `-ip6tables` on (the iptables
     /// layer of isolation needs them); returns the settings it changed. Settings the kernel
     /// does not have are reported as an error naming them.
@@ -394,6 +397,26 @@ impl Firewall for Iptables {
         }
     }
 
+    async fn tables(&self) -> Result<Vec<(String, String)>, AgentError> {
+        let op = "list nftables tables";
+        let out = cmd::run(
+            op,
+            "nft".as_ref(),
+            ["list", "tables"],
+            &[],
+            None,
+            TOOL_TIMEOUT,
+        )
+        .await?;
+        if !out.success() {
+            return Err(AgentError::Network {
+                op: op.to_string(),
+                reason: format!("nft list tables: {}", out.stderr_text()),
+            });
+        }
+        Ok(parse_tables(&String::from_utf8_lossy(&out.stdout)))
+    }
+
     async fn ensure_bridge_netfilter(&self) -> Result<Vec<String>, AgentError> {
         tokio::task::spawn_blocking(|| {
             let mut changed = Vec::new();
@@ -472,6 +495,22 @@ impl Firewall for Iptables {
 }
 
 /// The comment the bridge plugin puts on its masquerade rules.
+/// The `(family, name)` pairs of an `nft list tables` listing.
+fn parse_tables(listing: &str) -> Vec<(String, String)> {
+    listing
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            match (w.next(), w.next(), w.next(), w.next()) {
+                (Some("table"), Some(family), Some(name), None) => {
+                    Some((family.to_string(), name.to_string()))
+                }
+                _ => None,
+            }
+        })
+        .collect()
+}
+
 fn cni_masq_comment(network: &str, container: &str) -> String {
     format!("name: \"{network}\" id: \"{container}\"")
 }
@@ -540,6 +579,17 @@ mod tests {
                 .collect();
             assert_eq!(got, want, "{net} {id}");
         }
+    }
+
+    #[test]
+    fn table_listing() {
+        assert_eq!(
+            parse_tables("table ip filter\ntable bridge memoh-a.b\n\njunk\n"),
+            vec![
+                ("ip".to_string(), "filter".to_string()),
+                ("bridge".to_string(), "memoh-a.b".to_string())
+            ]
+        );
     }
 
     #[test]

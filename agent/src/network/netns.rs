@@ -1,4 +1,5 @@
-//! Named network namespaces owned by the agent (`/run/netns/memoh-<bot>`).
+//! Named network namespaces owned by the agent (`/run/netns/memoh-<ns>.<bot>`, named by
+//! [`crate::ids::netns_name`]).
 //!
 //! The agent creates a bot's namespace before its task and hands the path to the OCI spec,
 //! so the namespace outlives the task: CNI DEL still finds the bot's interface after the
@@ -18,21 +19,16 @@ use super::cmd;
 /// Where iproute2 (and so the agent) keeps named namespaces.
 pub const NETNS_RUN_DIR: &str = "/run/netns";
 
-/// Prefix of the agent's namespace names.
-pub const NETNS_PREFIX: &str = "memoh-";
-
 /// How long one `ip`/`nsenter` call may take.
 const TOOL_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The namespace name of bot `bot`: `memoh-<bot>`.
-pub fn netns_name(bot: &str) -> String {
-    format!("{NETNS_PREFIX}{bot}")
-}
+/// Longest namespace name: a file name (`NAME_MAX`).
+pub const MAX_NETNS_NAME_LEN: usize = 255;
 
 /// Whether `name` is usable as a namespace name (a plain file name, no path tricks).
 pub fn valid_netns_name(name: &str) -> bool {
     !name.is_empty()
-        && name.len() <= 200
+        && name.len() <= MAX_NETNS_NAME_LEN
         && name != "."
         && name != ".."
         && name
@@ -52,6 +48,9 @@ pub trait Netns: Send + Sync {
     /// Deletes namespace `name`; a missing one is not an error.
     fn delete(&self, name: &str) -> impl Future<Output = Result<(), AgentError>> + Send;
 
+    /// The names of the namespaces that exist (sorted).
+    fn list(&self) -> impl Future<Output = Result<Vec<String>, AgentError>> + Send;
+
     /// Whether `path` is a live namespace (a mounted nsfs file).
     fn exists(&self, path: &Path) -> impl Future<Output = bool> + Send;
 
@@ -62,6 +61,10 @@ pub trait Netns: Send + Sync {
         path: &Path,
         ifname: &str,
     ) -> impl Future<Output = Result<Option<Vec<(IpAddr, u8)>>, AgentError>> + Send;
+
+    /// The names of the interfaces inside the namespace at `path` (`lo` included); empty when
+    /// the namespace does not exist.
+    fn links(&self, path: &Path) -> impl Future<Output = Result<Vec<String>, AgentError>> + Send;
 
     /// Gives an existing `bridge` an explicitly set MAC address (its current one, or a random
     /// locally administered one when it has none); returns whether it changed anything.
@@ -110,6 +113,15 @@ pub struct IpNetns;
 impl IpNetns {
     async fn ip(op: &str, args: &[&str]) -> Result<cmd::Finished, AgentError> {
         cmd::run(op, "ip".as_ref(), args, &[], None, TOOL_TIMEOUT).await
+    }
+
+    /// `ip ARGS` inside the namespace at `path` (through `nsenter`).
+    async fn ip_in(op: &str, path: &Path, args: &[&str]) -> Result<cmd::Finished, AgentError> {
+        let mut net = std::ffi::OsString::from("--net=");
+        net.push(path);
+        let mut all: Vec<&std::ffi::OsStr> = vec![&net, "ip".as_ref()];
+        all.extend(args.iter().map(|a| std::ffi::OsStr::new(*a)));
+        cmd::run(op, "nsenter".as_ref(), all, &[], None, TOOL_TIMEOUT).await
     }
 }
 
@@ -182,6 +194,28 @@ impl Netns for IpNetns {
         })
     }
 
+    async fn list(&self) -> Result<Vec<String>, AgentError> {
+        tokio::task::spawn_blocking(|| {
+            let dir = Path::new(NETNS_RUN_DIR);
+            let entries = match std::fs::read_dir(dir) {
+                Ok(e) => e,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+                Err(e) => return Err(AgentError::io(dir, e)),
+            };
+            let mut names: Vec<String> = entries
+                .filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .filter(|n| valid_netns_name(n))
+                .collect();
+            names.sort();
+            Ok(names)
+        })
+        .await
+        .map_err(|e| AgentError::Network {
+            op: "list network namespaces".into(),
+            reason: e.to_string(),
+        })?
+    }
+
     async fn exists(&self, path: &Path) -> bool {
         let path = path.to_path_buf();
         tokio::task::spawn_blocking(move || is_nsfs(&path))
@@ -198,19 +232,7 @@ impl Netns for IpNetns {
             return Ok(None);
         }
         let op = format!("inspect {ifname} in {}", path.display());
-        let mut net = std::ffi::OsString::from("--net=");
-        net.push(path);
-        let args: [&std::ffi::OsStr; 8] = [
-            &net,
-            "ip".as_ref(),
-            "-j".as_ref(),
-            "addr".as_ref(),
-            "show".as_ref(),
-            "dev".as_ref(),
-            ifname.as_ref(),
-            "up".as_ref(),
-        ];
-        let out = cmd::run(&op, "nsenter".as_ref(), args, &[], None, TOOL_TIMEOUT).await?;
+        let out = Self::ip_in(&op, path, &["-j", "addr", "show", "dev", ifname, "up"]).await?;
         if !out.success() {
             let err = out.stderr_text();
             if err.contains("does not exist") {
@@ -219,6 +241,21 @@ impl Netns for IpNetns {
             return Err(AgentError::Network { op, reason: err });
         }
         parse_ip_addr_json(&out.stdout).map_err(|reason| AgentError::Network { op, reason })
+    }
+
+    async fn links(&self, path: &Path) -> Result<Vec<String>, AgentError> {
+        if !self.exists(path).await {
+            return Ok(Vec::new());
+        }
+        let op = format!("list the links in {}", path.display());
+        let out = Self::ip_in(&op, path, &["-j", "link", "show"]).await?;
+        if !out.success() {
+            return Err(AgentError::Network {
+                op,
+                reason: out.stderr_text(),
+            });
+        }
+        parse_link_names(&out.stdout).map_err(|reason| AgentError::Network { op, reason })
     }
 
     async fn pin_bridge_mac(&self, bridge: &str) -> Result<bool, AgentError> {
@@ -355,18 +392,7 @@ impl Netns for IpNetns {
             return Ok(None);
         }
         let op = format!("read the mac of {ifname} in {}", path.display());
-        let mut net = std::ffi::OsString::from("--net=");
-        net.push(path);
-        let args: [&std::ffi::OsStr; 7] = [
-            &net,
-            "ip".as_ref(),
-            "-j".as_ref(),
-            "link".as_ref(),
-            "show".as_ref(),
-            "dev".as_ref(),
-            ifname.as_ref(),
-        ];
-        let out = cmd::run(&op, "nsenter".as_ref(), args, &[], None, TOOL_TIMEOUT).await?;
+        let out = Self::ip_in(&op, path, &["-j", "link", "show", "dev", ifname]).await?;
         if !out.success() {
             let err = out.stderr_text();
             if err.contains("does not exist") {
@@ -475,17 +501,42 @@ pub fn parse_ip_addr_json(stdout: &[u8]) -> Result<Option<Vec<(IpAddr, u8)>>, St
     Ok(Some(addrs))
 }
 
+/// The interface names of `ip -j link show` output.
+fn parse_link_names(json: &[u8]) -> Result<Vec<String>, String> {
+    let v: Value = serde_json::from_slice(json).map_err(|e| format!("ip -j link: {e}"))?;
+    Ok(v.as_array()
+        .ok_or("ip -j link: not an array")?
+        .iter()
+        .filter_map(|l| l["ifname"].as_str().map(str::to_string))
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
+    fn link_names() {
+        let out = br#"[{"ifindex":1,"ifname":"lo"},{"ifindex":2,"ifname":"eth0","link_index":7}]"#;
+        assert_eq!(parse_link_names(out).unwrap(), ["lo", "eth0"]);
+        assert_eq!(parse_link_names(b"[]").unwrap(), Vec::<String>::new());
+        assert!(parse_link_names(b"{").is_err());
+    }
+
+    #[test]
     fn names() {
-        assert_eq!(netns_name("a-1_b"), "memoh-a-1_b");
-        for ok in ["memoh-a", "x.y", "A_9"] {
+        let longest = "x".repeat(MAX_NETNS_NAME_LEN);
+        // The longest name a bot's namespace gets (the longest containerd namespace and bot).
+        let bot = "b".repeat(crate::ids::MAX_BOT_ID_LEN);
+        assert!(valid_netns_name(&crate::ids::netns_name(
+            &"n".repeat(76),
+            &bot
+        )));
+        for ok in ["memoh-a", "memoh-default.a", "x.y", "A_9", longest.as_str()] {
             assert!(valid_netns_name(ok), "{ok}");
         }
-        for bad in ["", ".", "..", "a/b", "a b", "../x"] {
+        let too_long = "x".repeat(MAX_NETNS_NAME_LEN + 1);
+        for bad in ["", ".", "..", "a/b", "a b", "../x", too_long.as_str()] {
             assert!(!valid_netns_name(bad), "{bad}");
         }
     }

@@ -51,9 +51,9 @@ impl Saved {
     }
 }
 
-/// `<state_dir>/cni/<bot>.json`.
+/// `<state_dir>/cni/<bot>.json` ([`crate::ids::cni_state_path`]).
 pub(crate) fn path(state_dir: &Path, bot: &str) -> PathBuf {
-    state_dir.join("cni").join(format!("{bot}.json"))
+    crate::ids::cni_state_path(state_dir, bot)
 }
 
 /// Reads a bot's saved attachment. `Ok(None)`: none. `Ok(Some(Err(reason)))`: a file that

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use serde_json::json;
+use serde_json::{json, Value};
 
 use super::cni::fake::FakeExec;
 use super::cni::CniCommand;
@@ -48,6 +48,24 @@ impl Netns for FakeNetns {
         self.live.lock().unwrap().remove(&self.path(name));
         self.deleted.lock().unwrap().push(name.to_string());
         Ok(())
+    }
+    async fn list(&self) -> Result<Vec<String>, AgentError> {
+        let mut names: Vec<String> = self
+            .live
+            .lock()
+            .unwrap()
+            .keys()
+            .filter_map(|p| p.file_name()?.to_str().map(str::to_string))
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+    async fn links(&self, path: &Path) -> Result<Vec<String>, AgentError> {
+        Ok(match self.live.lock().unwrap().get(path) {
+            None => vec![],
+            Some(addrs) if addrs.is_empty() => vec!["lo".into()],
+            Some(_) => vec!["lo".into(), "eth0".into()],
+        })
     }
     async fn exists(&self, path: &Path) -> bool {
         self.live.lock().unwrap().contains_key(path)
@@ -150,6 +168,16 @@ impl Firewall for FakeFirewall {
         *self.ruleset.lock().unwrap() = script.to_string();
         Ok(())
     }
+    async fn tables(&self) -> Result<Vec<(String, String)>, AgentError> {
+        let rs = self.ruleset.lock().unwrap().clone();
+        if rs.is_empty() || rs.contains("delete table") {
+            return Ok(Vec::new());
+        }
+        Ok(["bridge", "inet"]
+            .iter()
+            .map(|f| (f.to_string(), "memoh-test".to_string()))
+            .collect())
+    }
     async fn ensure_bridge_netfilter(&self) -> Result<Vec<String>, AgentError> {
         self.log("bridge-nf".into());
         Ok(vec![])
@@ -164,6 +192,7 @@ struct Env {
 fn env() -> Env {
     let dir = tempfile::tempdir().unwrap();
     let cfg = NetworkConfig {
+        namespace: "test".into(),
         conf_dir: dir.path().join("net.d"),
         bin_dirs: vec![],
         network: "memoh-cni".into(),
@@ -194,7 +223,7 @@ fn add_result(ip: &str) -> Value {
         "interfaces": [
             {"name": "br-test"},
             {"name": "veth0001"},
-            {"name": "eth0", "sandbox": "/run/netns/memoh-a"}
+            {"name": "eth0", "sandbox": "/run/netns/memoh-test.a"}
         ],
         "ips": [{"interface": 2, "address": format!("{ip}/24"), "gateway": "10.210.3.1"}]
     })
@@ -210,7 +239,7 @@ fn commands(e: &Env) -> Vec<CniCommand> {
         .collect()
 }
 
-const NS: &str = "/run/netns/memoh-a";
+const NS: &str = "/run/netns/memoh-test.a";
 
 #[tokio::test]
 async fn fresh_setup_adds_saves_and_sets_host_rules() {
@@ -460,7 +489,10 @@ async fn teardown_of_unknown_bot_succeeds() {
     let e = env();
     e.net.teardown("nobody").await.unwrap();
     assert!(commands(&e).is_empty());
-    assert_eq!(*e.net.netns().deleted.lock().unwrap(), ["memoh-nobody"]);
+    assert_eq!(
+        *e.net.netns().deleted.lock().unwrap(),
+        ["memoh-test.nobody"]
+    );
 }
 
 #[tokio::test]
@@ -541,4 +573,197 @@ fn retryable_classification() {
         };
         assert_eq!(is_retryable_add_error(&e), want, "{msg}");
     }
+}
+
+/// Where an older agent put bot `a`.
+const OLD_NS: &str = "/run/netns/memoh-a";
+
+#[tokio::test]
+async fn a_bot_moves_from_its_old_namespace_at_its_next_start() {
+    let e = env();
+    assert_eq!(e.net.netns_path("a"), Path::new(NS));
+    // Attached by an older agent, in the old namespace.
+    e.net.netns().set(OLD_NS, &[]);
+    let exec = e.net.cni().exec();
+    exec.answer(CniCommand::Add, Ok(Some(add_result("10.210.3.2"))));
+    e.net.setup("a", Path::new(OLD_NS)).await.unwrap();
+    // While its task runs there, the agent keeps it there (what the spec records).
+    e.net.netns().set(OLD_NS, &[("10.210.3.2", 24)]);
+    let kept = e.net.setup("a", Path::new(OLD_NS)).await.unwrap();
+    assert_eq!(kept.netns, Path::new(OLD_NS));
+    assert!(e.net.netns().deleted.lock().unwrap().is_empty());
+    // Its next start is in today's namespace: the old attachment goes (DEL), the address
+    // is asked for again, and the old namespace is deleted.
+    e.net.netns().set(NS, &[]);
+    exec.answer(CniCommand::Add, Ok(Some(add_result("10.210.3.2"))));
+    let moved = e.net.setup("a", Path::new(NS)).await.unwrap();
+    assert_eq!(moved.netns, Path::new(NS));
+    assert_eq!(moved.ip, kept.ip);
+    let calls = exec.calls();
+    let del = calls
+        .iter()
+        .rfind(|c| c.command == CniCommand::Del)
+        .unwrap();
+    assert_eq!(del.netns.as_deref(), Some(Path::new(OLD_NS)));
+    let add = calls.last().unwrap();
+    assert_eq!(add.command, CniCommand::Add);
+    assert_eq!(add.netns.as_deref(), Some(Path::new(NS)));
+    assert_eq!(*e.net.netns().deleted.lock().unwrap(), ["memoh-a"]);
+    assert!(!e.net.netns().exists(Path::new(OLD_NS)).await);
+}
+
+#[tokio::test]
+async fn teardown_of_a_bot_in_its_old_namespace_deletes_that_namespace() {
+    let e = env();
+    e.net.netns().set(OLD_NS, &[]);
+    let exec = e.net.cni().exec();
+    exec.answer(CniCommand::Add, Ok(Some(add_result("10.210.3.2"))));
+    e.net.setup("a", Path::new(OLD_NS)).await.unwrap();
+    e.net.teardown("a").await.unwrap();
+    let del = exec.calls().pop().unwrap();
+    assert_eq!(del.command, CniCommand::Del);
+    assert_eq!(del.netns.as_deref(), Some(Path::new(OLD_NS)));
+    assert_eq!(
+        *e.net.netns().deleted.lock().unwrap(),
+        ["memoh-test.a", "memoh-a"]
+    );
+    assert!(e.net.saved("a").await.unwrap().is_none());
+}
+
+fn live(bots: &[&str]) -> std::collections::HashSet<String> {
+    bots.iter().map(|b| b.to_string()).collect()
+}
+
+#[tokio::test]
+async fn cleanup_removes_leftovers_and_nothing_a_live_bot_uses() {
+    let e = env();
+    // A live bot, attached.
+    e.net.netns().set(NS, &[]);
+    let exec = e.net.cni().exec();
+    exec.answer(CniCommand::Add, Ok(Some(add_result("10.210.3.2"))));
+    e.net.setup("a", Path::new(NS)).await.unwrap();
+    e.net.netns().set(NS, &[("10.210.3.2", 24)]);
+    // A bot that is gone but left its attachment.
+    let gone_ns = "/run/netns/memoh-test.gone";
+    e.net.netns().set(gone_ns, &[]);
+    exec.answer(CniCommand::Add, Ok(Some(add_result("10.210.3.7"))));
+    e.net.setup("gone", Path::new(gone_ns)).await.unwrap();
+    // Namespaces: one of a gone bot of this agent, one of another agent, an old-style empty
+    // one, an old-style one holding an address (maybe another agent's live bot), and a
+    // live bot's old-style one.
+    for (ns, addrs) in [
+        ("/run/netns/memoh-test.b", vec![]),
+        ("/run/netns/memoh-other.b", vec![]),
+        ("/run/netns/memoh-test.x.b", vec![]),
+        ("/run/netns/memoh-c", vec![]),
+        ("/run/netns/memoh-d", vec![("10.210.3.9", 24)]),
+        ("/run/netns/memoh-a", vec![]),
+        ("/run/netns/cni-1234", vec![]),
+    ] {
+        e.net.netns().set(ns, &addrs);
+    }
+    // host-local reservations: the live bot's, a gone bot's, a gone bot's address another
+    // namespace holds, one of another owner.
+    let ipam = e
+        .net
+        .config()
+        .ipam_data_dir
+        .clone()
+        .unwrap()
+        .join("memoh-cni");
+    std::fs::create_dir_all(&ipam).unwrap();
+    for (ip, owner) in [
+        ("10.210.3.2", "mcp-a"),
+        ("10.210.3.5", "mcp-old"),
+        ("10.210.3.9", "mcp-d"),
+        ("10.210.3.10", "other-x"),
+    ] {
+        std::fs::write(ipam.join(ip), format!("{owner}\r\neth0")).unwrap();
+    }
+    std::fs::write(ipam.join("last_reserved_ip.0"), "10.210.3.10").unwrap();
+
+    let mut removed = e.net.cleanup(|| async { Ok(live(&["a"])) }).await.unwrap();
+    removed.sort();
+    let names: Vec<String> = removed.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        names,
+        [
+            "network attachment of bot gone",
+            "network namespace memoh-c",
+            "network namespace memoh-test.b",
+            "address reservation 10.210.3.5 (mcp-old)",
+        ]
+    );
+    // The live bot keeps everything: its attachment, namespace, reservation, the tables.
+    assert!(e.net.saved("a").await.unwrap().is_some());
+    assert!(e.net.saved("gone").await.unwrap().is_none());
+    for kept in [
+        NS,
+        "/run/netns/memoh-a",
+        "/run/netns/memoh-d",
+        "/run/netns/memoh-other.b",
+        "/run/netns/memoh-test.x.b",
+        "/run/netns/cni-1234",
+    ] {
+        assert!(e.net.netns().exists(Path::new(kept)).await, "{kept}");
+    }
+    assert!(!e.net.netns().exists(Path::new(gone_ns)).await);
+    for ip in [
+        "10.210.3.2",
+        "10.210.3.9",
+        "10.210.3.10",
+        "last_reserved_ip.0",
+    ] {
+        assert!(ipam.join(ip).exists(), "{ip}");
+    }
+    let rules = e.net.firewall().ruleset.lock().unwrap().clone();
+    assert!(rules.contains("veth0001"), "{rules}");
+    assert!(!e
+        .net
+        .firewall()
+        .calls()
+        .iter()
+        .any(|c| c.starts_with("unisolate")));
+
+    // Nothing left: a second run removes nothing.
+    let again = e.net.cleanup(|| async { Ok(live(&["a"])) }).await.unwrap();
+    assert!(again.is_empty(), "{again:?}");
+}
+
+#[tokio::test]
+async fn cleanup_with_no_bot_attached_removes_the_tables_and_rules() {
+    let e = env();
+    e.net.netns().set(NS, &[]);
+    e.net
+        .cni()
+        .exec()
+        .answer(CniCommand::Add, Ok(Some(add_result("10.210.3.2"))));
+    e.net.setup("a", Path::new(NS)).await.unwrap();
+    // The bot's container is gone (deleted behind the agent's back).
+    let mut removed = e.net.cleanup(|| async { Ok(live(&[])) }).await.unwrap();
+    removed.sort();
+    let kinds: Vec<LeftoverKind> = removed.iter().map(|l| l.kind).collect();
+    assert_eq!(kinds[0], LeftoverKind::Attachment);
+    assert!(e.net.saved("a").await.unwrap().is_none());
+    assert!(!e.net.netns().exists(Path::new(NS)).await);
+    assert!(e
+        .net
+        .firewall()
+        .ruleset
+        .lock()
+        .unwrap()
+        .contains("delete table inet memoh-test"));
+    // With the tables left behind by a crash, cleanup removes them and says so.
+    *e.net.firewall().ruleset.lock().unwrap() = "table inet memoh-test { chain x {} }".into();
+    let removed = e.net.cleanup(|| async { Ok(live(&[])) }).await.unwrap();
+    let names: Vec<String> = removed.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        names,
+        [
+            "nftables table bridge memoh-test",
+            "nftables table inet memoh-test",
+            "isolation rule of bridge br-test",
+            "masquerade rule of subnet 10.210.3.0/24",
+        ]
+    );
 }

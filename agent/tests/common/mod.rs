@@ -626,7 +626,7 @@ impl TestAgent {
             }
             left
         });
-        let netns = format!("memoh-{bot}");
+        let netns = memoh_agent::ids::netns_name(&self.namespace, bot);
         let listing = String::from_utf8_lossy(&sh("ip", &["netns", "list"]).stdout).into_owned();
         if listing
             .lines()
@@ -704,7 +704,7 @@ impl TestAgent {
             eprintln!("cleanup of containerd namespace {}: {e}", self.namespace);
         }
         for bot in &self.bots {
-            let ns = format!("memoh-{bot}");
+            let ns = memoh_agent::ids::netns_name(&self.namespace, bot);
             if Path::new("/run/netns").join(&ns).exists() {
                 let _ = sh("ip", &["netns", "delete", &ns]);
             }
@@ -719,7 +719,7 @@ impl TestAgent {
         self.remove_isolation();
         // The agent's containment tables (named after its namespace, so only this guard's).
         for family in ["bridge", "inet"] {
-            let table = format!("memoh-{}", self.namespace);
+            let table = memoh_agent::ids::table_name(&self.namespace);
             let _ = self.net_sh("nft", &["delete", "table", family, &table]);
         }
         SUBNETS.lock().unwrap().retain(|s| *s != self.subnet);

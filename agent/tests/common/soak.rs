@@ -716,6 +716,8 @@ struct Rig {
     ctrd: Mutex<Option<PrivateContainerd>>,
     netns: Option<NetnsGuard>,
     ns_name: String,
+    /// The agent's containerd namespace (part of its bots' namespace names).
+    agent_namespace: String,
     socket: PathBuf,
     masq_rule: Vec<String>,
     bot_prefix: String,
@@ -747,6 +749,7 @@ impl Rig {
         ctrd.import_image(&env, &a.namespace);
         a.serve();
         Self {
+            agent_namespace: a.namespace.clone(),
             socket: a.socket.clone(),
             masq_rule: a.masq_rule(),
             bot_prefix: format!("s{t}"),
@@ -914,7 +917,7 @@ impl Drop for Rig {
         }
         drop(lock(&self.agent).take());
         // Bot namespaces a failed delete may have left.
-        let prefix = format!("memoh-{}", self.bot_prefix);
+        let prefix = memoh_agent::ids::netns_name(&self.agent_namespace, &self.bot_prefix);
         if let Ok(entries) = std::fs::read_dir("/run/netns") {
             for e in entries.filter_map(Result::ok) {
                 let name = e.file_name().to_string_lossy().into_owned();
@@ -1851,21 +1854,21 @@ fn pick_running(ctx: &Shared<'_>, rng: &mut Rng) -> Result<(String, u32), String
 
 /// Whether process `pid` lives in bot `bot`'s network namespace (so it is that bot's
 /// server, not a recycled pid).
-fn in_bot_netns(pid: u32, bot: &str) -> bool {
+fn in_bot_netns(pid: u32, agent_namespace: &str, bot: &str) -> bool {
     let ns = std::fs::metadata(format!("/proc/{pid}/ns/net"));
-    let bot_ns = std::fs::metadata(format!("/run/netns/memoh-{bot}"));
+    let bot_ns = std::fs::metadata(
+        Path::new("/run/netns").join(memoh_agent::ids::netns_name(agent_namespace, bot)),
+    );
     match (ns, bot_ns) {
         (Ok(a), Ok(b)) => a.ino() == b.ino() && a.dev() == b.dev(),
         _ => false,
     }
 }
 
-/// The host-side veth of `bot`'s `eth0` in namespace `ns`.
-fn host_veth(ns: &str, bot: &str) -> Option<String> {
-    let out = sh(
-        "ip",
-        &["-n", &format!("memoh-{bot}"), "-o", "link", "show", "eth0"],
-    );
+/// The host-side veth of `bot` (of the agent in `agent_namespace`)'s `eth0` in namespace `ns`.
+fn host_veth(ns: &str, agent_namespace: &str, bot: &str) -> Option<String> {
+    let bot_ns = memoh_agent::ids::netns_name(agent_namespace, bot);
+    let out = sh("ip", &["-n", &bot_ns, "-o", "link", "show", "eth0"]);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     // "2: eth0@if7: <...>"
     let idx: String = text
@@ -1935,7 +1938,7 @@ fn inject(ctx: &Shared<'_>, rng: &mut Rng, kind: FaultKind) -> Result<(), String
         }
         FaultKind::BotServerKill => {
             let (bot, pid) = pick_running(ctx, rng)?;
-            if !in_bot_netns(pid, &bot) {
+            if !in_bot_netns(pid, &rig.agent_namespace, &bot) {
                 return Err(format!("pid {pid} is no longer {bot}'s server"));
             }
             let w = rec.open(kind, Some(bot.clone()));
@@ -1983,7 +1986,7 @@ fn inject(ctx: &Shared<'_>, rng: &mut Rng, kind: FaultKind) -> Result<(), String
         }
         FaultKind::VethDelete => {
             let (bot, _) = pick_running(ctx, rng)?;
-            let veth = host_veth(&rig.ns_name, &bot)
+            let veth = host_veth(&rig.ns_name, &rig.agent_namespace, &bot)
                 .ok_or_else(|| format!("no host veth found for {bot}"))?;
             let w = rec.open(kind, Some(bot.clone()));
             rec.log(&format!("fault: delete {bot}'s host veth {veth}"));

@@ -186,9 +186,9 @@ pub fn apply_resources(
     let r = linux
         .resources_mut()
         .get_or_insert_with(oci_spec::runtime::LinuxResources::default);
-    r.set_memory(resources.memory().clone());
+    r.set_memory(*resources.memory());
     r.set_cpu(resources.cpu().clone());
-    r.set_pids(resources.pids().clone());
+    r.set_pids(*resources.pids());
     Ok(*spec != before)
 }
 

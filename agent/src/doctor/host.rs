@@ -1,0 +1,196 @@
+//! Checks of the host itself (sysctls, the control socket's directory) and [`RealHost`],
+//! the production [`Host`].
+
+use std::path::{Path, PathBuf};
+
+use super::{can_write, Cgroups, Check, Host, Status, PROBE_LIMIT};
+use crate::config::Config;
+use crate::containerd::{Connection, Containerd, Images};
+
+pub(super) fn sysctl(
+    host: &dyn Host,
+    name: &'static str,
+    path: &str,
+    severity: Status,
+    why: &str,
+    fix: &str,
+) -> Check {
+    match host.read(Path::new(path)).as_deref() {
+        Some("1") => Check::ok(name, format!("{path} is 1")),
+        Some(v) => Check::bad(name, severity, format!("{path} is {v}: {why}"), fix),
+        None => Check::bad(name, severity, format!("{path} is missing: {why}"), fix),
+    }
+}
+
+pub(super) fn socket_dir(cfg: &Config, host: &dyn Host) -> Check {
+    let Some(dir) = cfg.control_socket.parent() else {
+        return Check::ok("socket dir", "/");
+    };
+    match can_write(host, dir) {
+        (true, true) => Check::ok("socket dir", format!("{} is writable", dir.display())),
+        (false, true) => Check::ok(
+            "socket dir",
+            format!("{} is created when the agent starts", dir.display()),
+        ),
+        (true, false) => Check::bad(
+            "socket dir",
+            Status::Problem,
+            format!("{} is not writable", dir.display()),
+            format!("chmod u+w {} (the agent runs as root)", dir.display()),
+        ),
+        (false, false) => Check::bad(
+            "socket dir",
+            Status::Problem,
+            format!("{} does not exist and cannot be created", dir.display()),
+            format!("mkdir -p {}", dir.display()),
+        ),
+    }
+}
+
+/// The real host.
+pub struct RealHost;
+
+#[async_trait::async_trait]
+impl Host for RealHost {
+    async fn containerd_version(&self, cfg: &Config) -> Result<String, String> {
+        let probe = async {
+            let c = Containerd::from_config(cfg).await?;
+            c.version().await
+        };
+        match tokio::time::timeout(PROBE_LIMIT, probe).await {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err("timed out".into()),
+        }
+    }
+
+    async fn image_present(&self, cfg: &Config) -> Result<bool, String> {
+        let probe = async {
+            let c = Containerd::from_config(cfg).await?;
+            c.resolve_image(&cfg.image).await
+        };
+        match tokio::time::timeout(PROBE_LIMIT, probe).await {
+            Ok(Ok(_)) => Ok(true),
+            Ok(Err(crate::AgentError::ImageNotFound(_))) => Ok(false),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("timed out".into()),
+        }
+    }
+
+    async fn agent_bots(&self, socket: &Path) -> Result<usize, String> {
+        use memoh_proto::pb::agent::{agent_service_client::AgentServiceClient, ListBotsRequest};
+        let mut c = AgentServiceClient::new(memoh_proto::client::unix_channel(socket));
+        match tokio::time::timeout(PROBE_LIMIT, c.list_bots(ListBotsRequest {})).await {
+            Ok(Ok(r)) => Ok(r.into_inner().bots.len()),
+            Ok(Err(s)) => Err(s.message().to_string()),
+            Err(_) => Err("timed out".into()),
+        }
+    }
+
+    fn which(&self, program: &str) -> Option<PathBuf> {
+        use std::os::unix::fs::PermissionsExt;
+        let path = std::env::var_os("PATH")?;
+        std::env::split_paths(&path)
+            .map(|d| d.join(program))
+            .find(|p| {
+                std::fs::metadata(p)
+                    .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            })
+    }
+
+    fn is_file(&self, path: &Path) -> bool {
+        path.is_file()
+    }
+
+    fn writable(&self, dir: &Path) -> Option<bool> {
+        if !dir.is_dir() {
+            return None;
+        }
+        Some(nix::unistd::access(dir, nix::unistd::AccessFlags::W_OK).is_ok())
+    }
+
+    fn subdirs(&self, dir: &Path) -> Option<Vec<String>> {
+        let entries = std::fs::read_dir(dir).ok()?;
+        Some(
+            entries
+                .filter_map(Result::ok)
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect(),
+        )
+    }
+
+    fn read(&self, path: &Path) -> Option<String> {
+        std::fs::read_to_string(path)
+            .ok()
+            .map(|s| s.trim().to_string())
+    }
+
+    fn run(&self, program: &str, args: &[&str]) -> Result<(), String> {
+        let out = std::process::Command::new(program)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .map_err(|e| e.to_string())?;
+        if out.status.success() {
+            return Ok(());
+        }
+        let err = String::from_utf8_lossy(&out.stderr);
+        Err(err
+            .lines()
+            .next()
+            .map(str::to_string)
+            .unwrap_or_else(|| out.status.to_string()))
+    }
+
+    fn is_root(&self) -> bool {
+        nix::unistd::geteuid().is_root()
+    }
+
+    fn cgroups(&self) -> Cgroups {
+        use nix::sys::statfs::{statfs, CGROUP2_SUPER_MAGIC, TMPFS_MAGIC};
+        match statfs("/sys/fs/cgroup") {
+            Ok(s) if s.filesystem_type() == CGROUP2_SUPER_MAGIC => Cgroups::V2,
+            Ok(s)
+                if s.filesystem_type() == TMPFS_MAGIC
+                    && Path::new("/sys/fs/cgroup/memory").is_dir() =>
+            {
+                Cgroups::V1
+            }
+            _ => Cgroups::Missing,
+        }
+    }
+
+    fn network_defined(&self, dir: &Path, name: &str) -> Result<bool, String> {
+        crate::network::conf::find_network(dir, name)
+            .map(|n| n.is_some())
+            .map_err(|e| e.to_string())
+    }
+
+    fn output(&self, program: &str, args: &[&str]) -> Result<String, String> {
+        let out = std::process::Command::new(program)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .map_err(|e| e.to_string())?;
+        if out.status.success() {
+            return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
+        }
+        let err = String::from_utf8_lossy(&out.stderr);
+        Err(err
+            .lines()
+            .next()
+            .map(str::to_string)
+            .unwrap_or_else(|| out.status.to_string()))
+    }
+
+    fn files(&self, dir: &Path) -> Option<Vec<String>> {
+        let entries = std::fs::read_dir(dir).ok()?;
+        Some(
+            entries
+                .filter_map(Result::ok)
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect(),
+        )
+    }
+}
