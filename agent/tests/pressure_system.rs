@@ -90,6 +90,15 @@ impl Cgroup {
         self.changed.push((file.to_string(), old));
     }
 
+    /// OOM kills in this memory cgroup so far.
+    fn oom_kills(&self) -> u64 {
+        if self.v2() {
+            self.key("memory.events", "oom_kill ")
+        } else {
+            self.key("memory.oom_control", "oom_kill ")
+        }
+    }
+
     /// The `key N` line of a flat-keyed file such as `memory.oom_control`.
     fn key(&self, file: &str, key: &str) -> u64 {
         self.read(file)
@@ -350,20 +359,35 @@ fn at_its_memory_limit_a_hog_is_oom_killed_and_the_server_is_not() {
     let command_adj = if server_adj < 0 { 0 } else { server_adj };
 
     let mut cg = Cgroup::of(pid, "memory");
-    let limit = (64u64 << 20).to_string();
-    let ooms_before;
+    // 64 MiB, or what the bot holds now plus 32 MiB where that is more (v1 refuses a limit below
+    // the usage it cannot reclaim, e.g. the mapped pages of a debug server); well below the hog.
+    let usage: u64 = cg
+        .read(if cg.v2() {
+            "memory.current"
+        } else {
+            "memory.usage_in_bytes"
+        })
+        .parse()
+        .unwrap();
+    let limit = (64u64 << 20).max(usage + (32 << 20));
+    println!(
+        "the bot holds {} MiB; its limit is {} MiB",
+        usage >> 20,
+        limit >> 20
+    );
+    assert!(limit <= 160 << 20, "the bot already holds {usage} bytes");
+    let limit = limit.to_string();
     if cg.v2() {
         cg.set("memory.max", &limit);
         cg.set("memory.swap.max", "0");
-        ooms_before = cg.key("memory.events", "oom_kill ");
     } else {
         // memsw (memory plus swap) must stay at or above the memory limit: lower that first.
         cg.set("memory.limit_in_bytes", &limit);
         if cg.dir.join("memory.memsw.limit_in_bytes").exists() {
             cg.set("memory.memsw.limit_in_bytes", &limit);
         }
-        ooms_before = cg.key("memory.oom_control", "oom_kill ");
     }
+    let ooms_before = cg.oom_kills();
 
     // The hog asks for 200 MiB (syscall-probe caps it at 256 MiB) and reports its own
     // oom_score_adj first.
@@ -397,11 +421,7 @@ fn at_its_memory_limit_a_hog_is_oom_killed_and_the_server_is_not() {
         Some(137),
         "the hog's exit: {stdout}{stderr}"
     );
-    let ooms = if cg.v2() {
-        cg.key("memory.events", "oom_kill ")
-    } else {
-        cg.key("memory.oom_control", "oom_kill ")
-    };
+    let ooms = cg.oom_kills();
     assert!(ooms > ooms_before, "oom_kill stayed at {ooms}");
 
     // The server is the same process and answers, still under the limit.

@@ -3,9 +3,10 @@
 //! start no process exists before the bot can use up its pids, and is kept.
 //!
 //! - [`build`]: the multi-thread runtime, its workers and [`KEPT_BLOCKING_THREADS`] blocking
-//!   threads started at boot and kept for the life of the server (tokio would otherwise let an
+//!   threads started at boot and, like any blocking thread made later (at most
+//!   [`MAX_BLOCKING_THREADS`]), kept for the life of the server (tokio would otherwise let an
 //!   idle blocking thread exit after ten seconds and make a new one on the next call, which
-//!   fails once the bot's processes fill `pids.max`).
+//!   fails once the bot's processes fill `pids.max`, and panics when the pool is empty).
 //! - [`spawn_blocking`]: tokio's `spawn_blocking` that answers [`ServerError::AtLimit`] where
 //!   tokio would panic because no thread could be made.
 
@@ -19,9 +20,15 @@ use tracing::warn;
 
 use crate::error::{BotLimit, ServerError};
 
-/// Blocking threads made at boot and kept. Beyond these tokio makes more when it can (up to
-/// its cap); at the bot's process limit, work waits for one of these instead.
+/// Blocking threads made at boot. Beyond these tokio makes more when it can, up to
+/// [`MAX_BLOCKING_THREADS`]; at the bot's process limit, work waits for a free one instead.
 pub const KEPT_BLOCKING_THREADS: usize = 8;
+
+/// The most blocking threads the server ever has. Every thread made is kept (an idle one never
+/// exits), so this bounds the pids the server itself takes from its bot's `pids.max`: at most
+/// this many plus the workers and the main thread. Long transfers (ReadRaw, WriteRaw) hold a
+/// thread each for their duration; past this many at once, blocking work queues.
+pub const MAX_BLOCKING_THREADS: usize = 32;
 
 /// How long an idle blocking thread lives: for the life of the server.
 const KEEP_ALIVE: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
@@ -36,6 +43,7 @@ pub fn build() -> std::io::Result<Runtime> {
         .enable_all()
         .thread_name("container-server")
         .thread_keep_alive(KEEP_ALIVE)
+        .max_blocking_threads(MAX_BLOCKING_THREADS)
         .build()?;
     let started = prestart(&rt, KEPT_BLOCKING_THREADS);
     if started < KEPT_BLOCKING_THREADS {
@@ -126,7 +134,7 @@ mod tests {
         let rt = build().unwrap();
         let at_boot = server_threads();
         assert!(
-            at_boot >= KEPT_BLOCKING_THREADS + 1,
+            at_boot > KEPT_BLOCKING_THREADS,
             "{at_boot} threads after boot"
         );
         // Work, also several at once, runs on the kept threads without making more.
