@@ -40,6 +40,15 @@ pub enum ServerError {
     /// The command could not be started.
     #[error("exec: {0}")]
     Spawn(std::io::Error),
+    /// A process or thread could not be made because the bot is at one of its limits
+    /// (`pids.max`, its memory limit): the call cannot run now, and may later.
+    #[error("cannot start {what}: the bot is at its {limit} limit")]
+    AtLimit {
+        /// What could not be started: "a process", "a worker thread".
+        what: &'static str,
+        /// The limit that stopped it.
+        limit: BotLimit,
+    },
     /// The server is shutting down.
     #[error("server is shutting down")]
     ShuttingDown,
@@ -48,7 +57,45 @@ pub enum ServerError {
     Aborted(String),
 }
 
+/// A bot limit that can stop the server from making a process or thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BotLimit {
+    /// `pids.max` of the bot's cgroup (or `RLIMIT_NPROC`): fork or clone failed with EAGAIN.
+    Process,
+    /// The bot's memory limit: fork, clone or the new stack failed with ENOMEM.
+    Memory,
+}
+
+impl std::fmt::Display for BotLimit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BotLimit::Process => "process",
+            BotLimit::Memory => "memory",
+        })
+    }
+}
+
+impl BotLimit {
+    /// The limit behind a failed fork, clone or thread creation, if the errno names one.
+    pub fn of(e: &std::io::Error) -> Option<Self> {
+        match e.raw_os_error() {
+            Some(libc::EAGAIN) => Some(BotLimit::Process),
+            Some(libc::ENOMEM) => Some(BotLimit::Memory),
+            _ => None,
+        }
+    }
+}
+
 impl ServerError {
+    /// Classifies a failure to start `what` (a process or thread): EAGAIN and ENOMEM are the
+    /// bot's limits ([`ServerError::AtLimit`]), anything else is [`ServerError::Spawn`].
+    pub fn spawn(what: &'static str, source: std::io::Error) -> Self {
+        match BotLimit::of(&source) {
+            Some(limit) => Self::AtLimit { what, limit },
+            None => Self::Spawn(source),
+        }
+    }
+
     /// Classifies an I/O error on `path`: a missing path is [`ServerError::NotFound`].
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         let path = path.into();
@@ -73,6 +120,7 @@ impl ServerError {
             ServerError::Unauthenticated => Code::Unauthenticated,
             ServerError::Io { .. } => Code::Internal,
             ServerError::Spawn(_) => Code::Internal,
+            ServerError::AtLimit { .. } => Code::ResourceExhausted,
             ServerError::ShuttingDown => Code::Unavailable,
             ServerError::Aborted(_) => Code::Aborted,
         }
@@ -139,6 +187,13 @@ mod tests {
                 ServerError::Spawn(Error::from(ErrorKind::Other)),
                 Code::Internal,
             ),
+            (
+                ServerError::AtLimit {
+                    what: "a process",
+                    limit: BotLimit::Process,
+                },
+                Code::ResourceExhausted,
+            ),
             (ServerError::ShuttingDown, Code::Unavailable),
             (
                 ServerError::Aborted("the client aborted the upload".into()),
@@ -149,6 +204,35 @@ mod tests {
             let s = Status::from(e);
             assert_eq!(s.code(), code, "{}", s.message());
             assert!(!s.message().is_empty());
+        }
+    }
+
+    #[test]
+    fn spawn_failures_name_the_limit() {
+        let cases = [
+            (
+                libc::EAGAIN,
+                Code::ResourceExhausted,
+                "cannot start a process: the bot is at its process limit",
+            ),
+            (
+                libc::ENOMEM,
+                Code::ResourceExhausted,
+                "cannot start a process: the bot is at its memory limit",
+            ),
+            (libc::ENOENT, Code::Internal, "exec: "),
+        ];
+        for (errno, code, msg) in cases {
+            let s = Status::from(ServerError::spawn(
+                "a process",
+                Error::from_raw_os_error(errno),
+            ));
+            assert_eq!(s.code(), code, "errno {errno}: {}", s.message());
+            assert!(
+                s.message().starts_with(msg),
+                "errno {errno}: {}",
+                s.message()
+            );
         }
     }
 

@@ -1,6 +1,8 @@
 //! Streaming exec: `/bin/sh -c COMMAND` in its own process group, stdin fed from the client,
 //! stdout and stderr streamed as they arrive by exactly one task, and the whole group killed on
-//! timeout, cancellation or shutdown.
+//! timeout, cancellation or shutdown. A command that cannot start because the bot is at its
+//! process or memory limit is [`ServerError::AtLimit`]; commands never inherit the server's
+//! protection from the OOM killer (a negative `oom_score_adj`).
 
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -126,8 +128,35 @@ pub struct Running {
     timeout: Duration,
 }
 
+/// What a command's `oom_score_adj` starts at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChildOom {
+    /// The server's own, as `fork` leaves it.
+    Inherit,
+    /// 0, set in the child before it runs the command.
+    Reset,
+}
+
+impl ChildOom {
+    /// The policy for a server whose own `oom_score_adj` is `own`: a server that protects
+    /// itself (a negative value, e.g. from the bot's spec) must not pass that on, or a memory
+    /// hog would be protected and the server killed instead. Other values are passed on:
+    /// lowering one needs a privilege the bot does not have.
+    pub fn for_server(own: Option<i32>) -> Self {
+        match own {
+            Some(adj) if adj < 0 => ChildOom::Reset,
+            _ => ChildOom::Inherit,
+        }
+    }
+}
+
 /// Starts the command. Errors here are the caller's to report as a status.
 pub fn start(spec: ExecSpec, reaper: &Reaper) -> Result<Running, ServerError> {
+    start_with(spec, reaper, ChildOom::for_server(own_oom_score_adj()))
+}
+
+/// [`start`] with the command's `oom_score_adj` chosen by the caller.
+pub fn start_with(spec: ExecSpec, reaper: &Reaper, oom: ChildOom) -> Result<Running, ServerError> {
     let mut cmd = std::process::Command::new("/bin/sh");
     cmd.arg("-c")
         .arg(&spec.command)
@@ -137,7 +166,19 @@ pub fn start(spec: ExecSpec, reaper: &Reaper) -> Result<Running, ServerError> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
-    let (mut child, exit) = reaper.spawn(&mut cmd).map_err(ServerError::Spawn)?;
+    if oom == ChildOom::Reset {
+        // SAFETY: the hook only makes raw system calls (open, write, close), which are
+        // async-signal-safe, on a static path and buffer.
+        unsafe {
+            cmd.pre_exec(|| {
+                reset_oom_score_adj();
+                Ok(())
+            });
+        }
+    }
+    let (mut child, exit) = reaper
+        .spawn(&mut cmd)
+        .map_err(|e| ServerError::spawn("a process", e))?;
     let pgid = Pid::from_raw(child.id() as i32);
     let conv = |e: std::io::Error| {
         let _ = killpg(pgid, Signal::SIGKILL);
@@ -164,6 +205,29 @@ pub fn start(spec: ExecSpec, reaper: &Reaper) -> Result<Running, ServerError> {
         initial_stdin: spec.stdin,
         timeout: spec.timeout,
     })
+}
+
+/// The server's own `oom_score_adj`, when it can be read.
+pub fn own_oom_score_adj() -> Option<i32> {
+    std::fs::read_to_string("/proc/self/oom_score_adj")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Sets the calling process's `oom_score_adj` to 0, best effort: a child about to exec. Raising
+/// it needs no privilege. Only async-signal-safe calls, for use between fork and exec.
+fn reset_oom_score_adj() {
+    const PATH: &[u8] = b"/proc/self/oom_score_adj\0";
+    // SAFETY: a NUL-terminated static path, a static one-byte buffer, and an fd we close.
+    unsafe {
+        let fd = libc::open(PATH.as_ptr().cast(), libc::O_WRONLY | libc::O_CLOEXEC);
+        if fd >= 0 {
+            let _ = libc::write(fd, b"0".as_ptr().cast(), 1);
+            libc::close(fd);
+        }
+    }
 }
 
 /// Bulk transfers through a command (a tar stream in, 50 MiB of output out) move in

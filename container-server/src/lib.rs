@@ -7,6 +7,8 @@
 //! - [`fs`]: file operations (atomic writes, listings, stat); [`window`]: `ReadFile`'s numbered
 //!   line window; [`mode`]: Go-style mode strings and times; [`paths`]: path cleaning.
 //! - [`exec`]: streaming commands in their own process groups; [`reaper`]: PID 1 duties.
+//! - [`runtime`]: the tokio runtime whose threads are made at boot and kept, so calls that start
+//!   no process keep working while the bot is at its process limit.
 //! - [`config`], [`error`]: settings and the one error type.
 //! - `fuzz_checks` (hidden): invariants of the pure functions, for `fuzz/` and corpus replay.
 
@@ -20,6 +22,7 @@ pub mod fuzz_checks;
 pub mod mode;
 pub mod paths;
 pub mod reaper;
+pub mod runtime;
 pub mod server;
 pub mod service;
 pub mod window;

@@ -64,9 +64,8 @@ fn real_main(args: Args) -> anyhow::Result<()> {
     config.shutdown_grace = std::time::Duration::from_secs(args.shutdown_grace);
     config.reap_all = std::process::id() == 1;
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    // Threads made now and kept: at the bot's process limit, no new one can be made.
+    let rt = container_server::runtime::build()?;
     rt.block_on(async move {
         let listener = bind(&listen).await?;
         container_server::run(listener, config, shutdown_signal()).await?;

@@ -87,7 +87,7 @@ pub async fn run(
 ) -> Result<(), ServerError> {
     let seeded = {
         let (d, t) = (config.data_dir.clone(), config.template_dir.clone());
-        tokio::task::spawn_blocking(move || fs::seed_data_dir(&d, &t))
+        crate::runtime::spawn_blocking(move || fs::seed_data_dir(&d, &t))?
             .await
             .map_err(|e| ServerError::Spawn(std::io::Error::other(e)))??
     };

@@ -1,5 +1,6 @@
 //! `mcpcontainer.ContainerService` handlers: span, validate, call one domain function, map the
-//! error. Blocking filesystem work runs on tokio's blocking pool.
+//! error. Blocking filesystem work runs on tokio's blocking pool, on threads kept from boot
+//! (see [`crate::runtime`]), so it goes on while the bot is at its process limit.
 
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -70,7 +71,7 @@ where
     F: FnOnce() -> Result<T, ServerError> + Send + 'static,
     T: Send + 'static,
 {
-    match tokio::task::spawn_blocking(f).await {
+    match crate::runtime::spawn_blocking(f)?.await {
         Ok(r) => r.map_err(Status::from),
         Err(e) => Err(Status::internal(format!("worker failed: {e}"))),
     }
@@ -247,7 +248,7 @@ impl ContainerService for Service {
         let p = path.clone();
         let file = blocking(move || fs::open_for_read(&p)).await?;
         let (tx, rx) = mpsc::channel::<Result<pb::DataChunk, Status>>(16);
-        tokio::task::spawn_blocking(move || {
+        crate::runtime::spawn_blocking(move || {
             use std::io::Read;
             let mut file = file;
             // Large reads, then zero-copy splits into messages of at most 64 KiB.
@@ -280,7 +281,7 @@ impl ContainerService for Service {
                     }
                 }
             }
-        });
+        })?;
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -307,39 +308,40 @@ impl ContainerService for Service {
         let p = path.clone();
         let file = blocking(move || fs::AtomicFile::create(&p)).await?;
         let (tx, mut rx) = mpsc::channel::<RawWrite>(16);
-        let writer = tokio::task::spawn_blocking(move || -> Result<Option<u64>, ServerError> {
-            let mut file = file;
-            let mut batch: Vec<u8> = Vec::with_capacity(1 << 20);
-            while let Some(m) = rx.blocking_recv() {
-                let mut next = Some(m);
-                // Take whatever else is already queued, so one write covers many chunks.
-                while let Some(m) = next.take() {
-                    match m {
-                        RawWrite::Data(d) => {
-                            if batch.is_empty() && d.len() >= (1 << 20) {
-                                file.write(&d)?;
-                            } else {
-                                batch.extend_from_slice(&d);
+        let writer =
+            crate::runtime::spawn_blocking(move || -> Result<Option<u64>, ServerError> {
+                let mut file = file;
+                let mut batch: Vec<u8> = Vec::with_capacity(1 << 20);
+                while let Some(m) = rx.blocking_recv() {
+                    let mut next = Some(m);
+                    // Take whatever else is already queued, so one write covers many chunks.
+                    while let Some(m) = next.take() {
+                        match m {
+                            RawWrite::Data(d) => {
+                                if batch.is_empty() && d.len() >= (1 << 20) {
+                                    file.write(&d)?;
+                                } else {
+                                    batch.extend_from_slice(&d);
+                                }
+                            }
+                            RawWrite::Commit => {
+                                file.write(&batch)?;
+                                return file.commit().map(Some);
                             }
                         }
-                        RawWrite::Commit => {
-                            file.write(&batch)?;
-                            return file.commit().map(Some);
+                        if batch.len() >= (1 << 20) {
+                            break;
                         }
+                        next = rx.try_recv().ok();
                     }
-                    if batch.len() >= (1 << 20) {
-                        break;
+                    if !batch.is_empty() {
+                        file.write(&batch)?;
+                        batch.clear();
                     }
-                    next = rx.try_recv().ok();
                 }
-                if !batch.is_empty() {
-                    file.write(&batch)?;
-                    batch.clear();
-                }
-            }
-            // The sender went away without Commit: the upload was aborted; the temp file goes.
-            Ok(None)
-        });
+                // The sender went away without Commit: the upload was aborted; the temp file goes.
+                Ok(None)
+            })?;
         // The commit decision. The upload replaces its target only when the stream ended
         // cleanly: `Ok(None)` from a stream behind `memoh_proto::clean_end`, which turns every
         // other ending (a reset of any code, a lost connection, a GOAWAY before the

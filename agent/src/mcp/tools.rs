@@ -641,6 +641,13 @@ mod tests {
     }
 
     #[test]
+    fn a_bot_at_its_limit_is_named_in_the_tool_error() {
+        let msg = "cannot start a process: the bot is at its process limit";
+        let e = call_err("exec", "make")(Status::resource_exhausted(msg));
+        assert_eq!(e.to_string(), format!("exec make: {msg}"));
+    }
+
+    #[test]
     fn short_output_is_kept() {
         assert_eq!(cut_output("a\nb\n"), "a\nb\n");
         assert_eq!(cut_output(""), "");

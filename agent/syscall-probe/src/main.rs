@@ -7,6 +7,8 @@
 //! so the kernel itself would answer something other than `EPERM` (an invalid command, a bad
 //! file descriptor, pid 0): an `EPERM` then means the seccomp filter refused the call, not a
 //! missing capability. The comment of each probe says what the kernel answers without a filter.
+//! Three helpers besides: `ping ADDR` (one ICMP echo), `hog BYTES` (holds up to 256 MiB) and
+//! `storm SECONDS` (a bounded fork storm), the last two for the resource-limit tests.
 //! Each probe runs in a child process of its own. The arguments are harmless also for a
 //! privileged caller (a mount goes to the probe's own directory and is undone, the reboot and
 //! kexec arguments are invalid), so a run on a host changes nothing there.
@@ -459,14 +461,89 @@ fn ping(addr: &str) -> i32 {
     }
 }
 
+/// The most `hog` takes, whatever it is asked: a test fixture must not endanger its host.
+const HOG_MAX: u64 = 256 << 20;
+
+/// `syscall-probe hog BYTES`: a memory hog for the resource-limit tests. Allocates and touches
+/// BYTES (at most 256 MiB) a MiB at a time, printing each 16 MiB held, then holds it for 10 s
+/// and exits 0. Under a smaller memory limit without swap, the OOM killer ends it first.
+fn hog(bytes: &str) -> i32 {
+    let Ok(n) = bytes.parse::<u64>() else {
+        eprintln!("syscall-probe: hog: {bytes:?} is not a byte count");
+        return 2;
+    };
+    let n = n.min(HOG_MAX);
+    let mut held: Vec<Vec<u8>> = Vec::new();
+    let mut total = 0u64;
+    while total < n {
+        let step = (n - total).min(1 << 20) as usize;
+        // Non-zero bytes: every page is really there, not the shared zero page.
+        held.push(vec![0x5a; step]);
+        total += step as u64;
+        if total % (16 << 20) == 0 {
+            println!("held {} MiB", total >> 20);
+        }
+    }
+    println!("held {total} bytes");
+    std::thread::sleep(std::time::Duration::from_secs(10));
+    std::hint::black_box(&held);
+    0
+}
+
+/// The longest `storm` runs, whatever it is asked.
+const STORM_MAX: u64 = 300;
+
+/// `syscall-probe storm SECONDS`: a fork storm for the process-limit tests. For SECONDS (at
+/// most 300) it forks children that each sleep SECONDS and exit, as fast as it can; a refused
+/// fork (EAGAIN at the bot's pids limit) is retried after 10 ms, so the storm holds the limit
+/// until it is killed or its time is up (a shell loop would stop at the first refusal). Prints
+/// the children made and the forks refused, then exits 0.
+fn storm(seconds: &str) -> i32 {
+    let Ok(secs) = seconds.parse::<u64>() else {
+        eprintln!("syscall-probe: storm: {seconds:?} is not a number of seconds");
+        return 2;
+    };
+    let secs = secs.min(STORM_MAX);
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    let (mut made, mut refused) = (0u64, 0u64);
+    while std::time::Instant::now() < end {
+        // SAFETY: this program is single-threaded; the child only sleeps and calls _exit.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            // SAFETY: sleep and _exit are async-signal-safe.
+            unsafe {
+                libc::sleep(secs as libc::c_uint);
+                libc::_exit(0);
+            }
+        }
+        if pid > 0 {
+            made += 1;
+        } else {
+            refused += 1;
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        // Reap the children that are done, so they free their pids.
+        // SAFETY: a non-blocking wait for any child of this process.
+        while unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) } > 0 {}
+    }
+    println!("made {made} children, {refused} forks refused");
+    0
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.len() == 2 && args[0] == "ping" {
         std::process::exit(ping(&args[1]));
     }
+    if args.len() == 2 && args[0] == "hog" {
+        std::process::exit(hog(&args[1]));
+    }
+    if args.len() == 2 && args[0] == "storm" {
+        std::process::exit(storm(&args[1]));
+    }
     if args.is_empty() {
         eprintln!(
-            "usage: syscall-probe all | NAME...   (names: {})",
+            "usage: syscall-probe all | NAME... | ping ADDR | hog BYTES | storm SECONDS   (names: {})",
             ALL.join(" ")
         );
         std::process::exit(2);
