@@ -128,24 +128,33 @@ pub struct Running {
     timeout: Duration,
 }
 
+/// The `oom_score_adj` commands start at when the server's own is not negative: the OOM
+/// killer then takes a command's memory hog long before the server, even where the host
+/// grants no privilege to lower the server's own value (no CAP_SYS_RESOURCE). A command may
+/// lower its own back to what it inherited, never below.
+pub const COMMAND_OOM_SCORE_ADJ: i32 = 500;
+
 /// What a command's `oom_score_adj` starts at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChildOom {
     /// The server's own, as `fork` leaves it.
     Inherit,
-    /// 0, set in the child before it runs the command.
-    Reset,
+    /// This value, set in the child before it runs the command.
+    Set(i32),
 }
 
 impl ChildOom {
     /// The policy for a server whose own `oom_score_adj` is `own`: a server that protects
-    /// itself (a negative value, e.g. from the bot's spec) must not pass that on, or a memory
-    /// hog would be protected and the server killed instead. Other values are passed on:
-    /// lowering one needs a privilege the bot does not have.
+    /// itself (a negative value, from the bot's spec) must not pass that on, or a memory hog
+    /// would be protected and the server killed instead, so commands start at 0; a server
+    /// that cannot protect itself makes its commands the OOM killer's first choice
+    /// ([`COMMAND_OOM_SCORE_ADJ`]); a higher value is passed on.
     pub fn for_server(own: Option<i32>) -> Self {
         match own {
-            Some(adj) if adj < 0 => ChildOom::Reset,
-            _ => ChildOom::Inherit,
+            Some(adj) if adj < 0 => ChildOom::Set(0),
+            Some(adj) if adj < COMMAND_OOM_SCORE_ADJ => ChildOom::Set(COMMAND_OOM_SCORE_ADJ),
+            Some(_) => ChildOom::Inherit,
+            None => ChildOom::Set(COMMAND_OOM_SCORE_ADJ),
         }
     }
 }
@@ -166,12 +175,14 @@ pub fn start_with(spec: ExecSpec, reaper: &Reaper, oom: ChildOom) -> Result<Runn
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
-    if oom == ChildOom::Reset {
+    if let ChildOom::Set(adj) = oom {
+        // Formatted before the fork: the child may only make async-signal-safe calls.
+        let value = adj.to_string().into_bytes();
         // SAFETY: the hook only makes raw system calls (open, write, close), which are
-        // async-signal-safe, on a static path and buffer.
+        // async-signal-safe, on a static path and a buffer made before the fork.
         unsafe {
-            cmd.pre_exec(|| {
-                reset_oom_score_adj();
+            cmd.pre_exec(move || {
+                set_oom_score_adj(&value);
                 Ok(())
             });
         }
@@ -216,15 +227,16 @@ pub fn own_oom_score_adj() -> Option<i32> {
         .ok()
 }
 
-/// Sets the calling process's `oom_score_adj` to 0, best effort: a child about to exec. Raising
-/// it needs no privilege. Only async-signal-safe calls, for use between fork and exec.
-fn reset_oom_score_adj() {
+/// Sets the calling process's `oom_score_adj` to `value` (ASCII), best effort: a child about
+/// to exec. Raising it needs no privilege. Only async-signal-safe calls, for use between fork
+/// and exec.
+fn set_oom_score_adj(value: &[u8]) {
     const PATH: &[u8] = b"/proc/self/oom_score_adj\0";
-    // SAFETY: a NUL-terminated static path, a static one-byte buffer, and an fd we close.
+    // SAFETY: a NUL-terminated static path, a buffer the caller owns, and an fd we close.
     unsafe {
         let fd = libc::open(PATH.as_ptr().cast(), libc::O_WRONLY | libc::O_CLOEXEC);
         if fd >= 0 {
-            let _ = libc::write(fd, b"0".as_ptr().cast(), 1);
+            let _ = libc::write(fd, value.as_ptr().cast(), value.len());
             libc::close(fd);
         }
     }

@@ -1,6 +1,7 @@
 //! Commands never inherit the server's protection from the OOM killer: with the server's own
-//! `oom_score_adj` negative (as the bot's spec sets it), a command reads 0 in its own
-//! `/proc/self/oom_score_adj`, so a memory hog is the OOM killer's choice and not the server.
+//! `oom_score_adj` negative (as the bot's spec sets it where the host allows), a command reads
+//! 0 in its own `/proc/self/oom_score_adj`; with the server unprotected (0), commands start at
+//! 500. Either way a memory hog is the OOM killer's choice, not the server.
 //!
 //! Lowering one's own `oom_score_adj` below 0 needs CAP_SYS_RESOURCE: the first test reports a
 //! skip where even root lacks it (some container hosts), and the reset itself is then tested
@@ -99,21 +100,43 @@ async fn a_reset_command_starts_at_zero() {
     let _restore = Restore(old.clone());
     std::fs::write(ADJ, "500").unwrap();
     let cat = "cat /proc/self/oom_score_adj";
-    assert_eq!(run(cat, Some(ChildOom::Reset)).await, ("0\n".into(), 0));
+    assert_eq!(run(cat, Some(ChildOom::Set(0))).await, ("0\n".into(), 0));
     assert_eq!(run(cat, Some(ChildOom::Inherit)).await, ("500\n".into(), 0));
-    // A server that does not protect itself passes its value on.
+    // A server at or above the commands' value passes its own on.
     assert_eq!(run(cat, None).await, ("500\n".into(), 0));
+    std::fs::write(ADJ, "700").unwrap();
+    assert_eq!(run(cat, None).await, ("700\n".into(), 0));
+}
+
+/// A server that cannot protect itself (0, as on hosts without CAP_SYS_RESOURCE) makes its
+/// commands the OOM killer's first choice instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unprotected_servers_commands_are_killed_first() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let old = std::fs::read_to_string(ADJ).unwrap();
+    let _restore = Restore(old.clone());
+    if old.trim().parse::<i32>().unwrap() > 0 {
+        // Lowering to 0 needs a privilege this host may not give: start from what there is.
+        println!("skipped: the test process starts at {}", old.trim());
+        return;
+    }
+    std::fs::write(ADJ, "0").unwrap();
+    let (out, code) = run("cat /proc/self/oom_score_adj", None).await;
+    assert_eq!((out.trim(), code), ("500", 0));
+    assert_eq!(exec::own_oom_score_adj(), Some(0));
 }
 
 #[test]
-fn only_a_protected_server_resets_its_commands() {
+fn commands_never_start_below_the_server() {
     let cases = [
-        (Some(-1000), ChildOom::Reset),
-        (Some(-998), ChildOom::Reset),
-        (Some(-1), ChildOom::Reset),
-        (Some(0), ChildOom::Inherit),
-        (Some(300), ChildOom::Inherit),
-        (None, ChildOom::Inherit),
+        (Some(-1000), ChildOom::Set(0)),
+        (Some(-998), ChildOom::Set(0)),
+        (Some(-1), ChildOom::Set(0)),
+        (Some(0), ChildOom::Set(500)),
+        (Some(300), ChildOom::Set(500)),
+        (Some(500), ChildOom::Inherit),
+        (Some(900), ChildOom::Inherit),
+        (None, ChildOom::Set(500)),
     ];
     for (own, want) in cases {
         assert_eq!(ChildOom::for_server(own), want, "{own:?}");

@@ -29,9 +29,10 @@ pub const LABEL_DISK: &str = "memoh.limits.disk";
 /// The CFS period the CPU quota is written against (100 ms, the kernel's default).
 pub const CPU_PERIOD_US: u64 = 100_000;
 /// The smallest memory limit accepted: below it the bot's server cannot start.
-pub const MIN_MEMORY: u64 = 16 << 20;
-/// The fewest processes accepted: the server and a shell need a few.
-pub const MIN_PIDS: u64 = 8;
+pub const MIN_MEMORY: u64 = 32 << 20;
+/// The fewest processes accepted: the server's threads (its workers and the blocking threads
+/// it keeps, up to 32) and a shell.
+pub const MIN_PIDS: u64 = 64;
 /// The smallest CPU limit accepted, in thousandths of a CPU.
 pub const MIN_MILLICPUS: u64 = 10;
 
@@ -444,7 +445,7 @@ mod tests {
         assert!(LimitsChange::parse("", "", "", "").unwrap().is_empty());
         let e = LimitsChange::parse("1MiB", "", "", "").unwrap_err();
         assert!(e.to_string().contains("memory limit below"), "{e}");
-        assert!(LimitsChange::parse("", "", "3", "").is_err());
+        assert!(LimitsChange::parse("", "", "32", "").is_err());
         assert!(LimitsChange::parse("lots", "", "", "").is_err());
     }
 

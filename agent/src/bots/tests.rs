@@ -1037,7 +1037,7 @@ async fn limits_are_recorded_put_on_the_spec_and_updated_on_a_live_task() {
     );
     assert_eq!(
         spec.process().as_ref().unwrap().oom_score_adj(),
-        Some(crate::containerd::spec::SERVER_OOM_SCORE_ADJ)
+        crate::containerd::spec::server_oom_score_adj()
     );
 
     // A limit no bot can run under changes nothing.

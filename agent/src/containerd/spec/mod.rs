@@ -168,6 +168,38 @@ fn merge_env(image_env: &[String], extra: &[(String, String)]) -> Vec<String> {
 /// it starts a score of 0 again, so a memory hog is the one chosen.
 pub const SERVER_OOM_SCORE_ADJ: i32 = -998;
 
+/// Linux's `CAP_SYS_RESOURCE`, which lowering an `oom_score_adj` needs.
+const CAP_SYS_RESOURCE: u32 = 24;
+
+/// [`SERVER_OOM_SCORE_ADJ`] where this host lets runc set it: a negative value needs
+/// `CAP_SYS_RESOURCE`, which some hosts withhold even from root (runc would then fail to start
+/// the bot). Without it the server stays at its default and protects itself by starting its
+/// commands at a higher score instead.
+pub fn server_oom_score_adj() -> Option<i32> {
+    static CAN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let can = *CAN.get_or_init(|| {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        let has = has_capability(&status, CAP_SYS_RESOURCE);
+        if !has {
+            tracing::info!(
+                "no CAP_SYS_RESOURCE here: bot servers run without a negative oom_score_adj \
+                 (their commands start at a higher one instead)"
+            );
+        }
+        has
+    });
+    can.then_some(SERVER_OOM_SCORE_ADJ)
+}
+
+/// Whether the `CapEff` line of a `/proc/PID/status` text holds capability `cap`.
+fn has_capability(status: &str, cap: u32) -> bool {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .is_some_and(|mask| mask & (1u64 << cap) != 0)
+}
+
 /// Puts resource limits on `spec`: memory, CPU and pids from `resources` (the device rules
 /// stay as they are), and the server's OOM score adjustment. Returns whether the spec changed.
 pub fn apply_resources(
@@ -178,7 +210,7 @@ pub fn apply_resources(
     spec.process_mut()
         .as_mut()
         .ok_or_else(|| AgentError::InvalidArgument("oci spec: no process".into()))?
-        .set_oom_score_adj(Some(SERVER_OOM_SCORE_ADJ));
+        .set_oom_score_adj(server_oom_score_adj());
     let linux = spec
         .linux_mut()
         .as_mut()
@@ -310,6 +342,15 @@ pub fn spec_from_any(any: &prost_types::Any) -> Result<Spec, AgentError> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn capabilities_are_read_from_cap_eff() {
+        let with = "Name:\tx\nCapPrm:\t0\nCapEff:\t000001ffffffffff\n";
+        let without = "CapEff:\t000001fffeffffff\n";
+        assert!(has_capability(with, CAP_SYS_RESOURCE));
+        assert!(!has_capability(without, CAP_SYS_RESOURCE));
+        assert!(!has_capability("nothing", CAP_SYS_RESOURCE));
+    }
+
     use oci_spec::runtime::Capability;
 
     use super::*;
