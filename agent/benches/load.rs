@@ -529,6 +529,7 @@ async fn create_bots(sock: &Path, bots: &[String], st: &mut Step) {
                     .create_bot(pb::CreateBotRequest {
                         bot_id: bot.clone(),
                         image: String::new(),
+                        limits: None,
                     })
                     .await;
                 (bot, r.map(|r| r.into_inner()), t.elapsed())

@@ -13,7 +13,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
-use super::convert::{bot_info, progress_msg, snapshot_info};
+use super::convert::{bot_info, limits_change, progress_msg, snapshot_info};
 use super::detached;
 use crate::bots::Manager;
 use crate::containerd::{Progress, PullOptions};
@@ -67,7 +67,8 @@ impl AgentService for Control {
         let mgr = self.mgr.clone();
         // Detached: the bot is created even if the caller goes away mid-way.
         let info = detached("create", async move {
-            mgr.create(&r.bot_id, Some(&r.image)).await
+            let limits = limits_change(r.limits.as_ref())?;
+            mgr.create(&r.bot_id, Some(&r.image), &limits).await
         })
         .await?;
         Ok(Response::new(bot_info(info)))
@@ -115,6 +116,43 @@ impl AgentService for Control {
 
     async fn inspect_bot(&self, req: Request<pb::BotRef>) -> Result<Response<pb::BotInfo>, Status> {
         let info = self.mgr.info(&req.into_inner().bot_id).await?;
+        Ok(Response::new(bot_info(info)))
+    }
+
+    #[instrument(skip_all, fields(bot = %req.get_ref().bot_id))]
+    async fn update_bot(
+        &self,
+        req: Request<pb::UpdateBotRequest>,
+    ) -> Result<Response<pb::BotInfo>, Status> {
+        let r = req.into_inner();
+        let change = limits_change(r.limits.as_ref())?;
+        if change.is_empty() {
+            return Err(Status::invalid_argument(
+                "nothing to update: give at least one limit",
+            ));
+        }
+        let mgr = self.mgr.clone();
+        let info = detached(
+            "update",
+            async move { mgr.update(&r.bot_id, &change).await },
+        )
+        .await?;
+        Ok(Response::new(bot_info(info)))
+    }
+
+    #[instrument(skip_all, fields(bot = %req.get_ref().bot_id))]
+    async fn pause_bot(&self, req: Request<pb::BotRef>) -> Result<Response<pb::BotInfo>, Status> {
+        let bot = req.into_inner().bot_id;
+        let mgr = self.mgr.clone();
+        let info = detached("pause", async move { mgr.pause(&bot).await }).await?;
+        Ok(Response::new(bot_info(info)))
+    }
+
+    #[instrument(skip_all, fields(bot = %req.get_ref().bot_id))]
+    async fn resume_bot(&self, req: Request<pb::BotRef>) -> Result<Response<pb::BotInfo>, Status> {
+        let bot = req.into_inner().bot_id;
+        let mgr = self.mgr.clone();
+        let info = detached("resume", async move { mgr.resume(&bot).await }).await?;
         Ok(Response::new(bot_info(info)))
     }
 

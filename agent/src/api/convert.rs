@@ -32,6 +32,30 @@ pub fn bot_info(b: BotInfo) -> pb::BotInfo {
         last_exit_code: b.last_exit_code.unwrap_or(-1),
         last_exit_at: rfc3339(b.last_exit_at),
         lost_state: b.lost_state.unwrap_or_default(),
+        limits: Some(pb::BotLimits {
+            memory_bytes: b.limits.memory.unwrap_or(0),
+            millicpus: b.limits.millicpus.unwrap_or(0),
+            pids: b.limits.pids.unwrap_or(0),
+            disk_bytes: b.limits.disk.unwrap_or(0),
+        }),
+        usage: Some(pb::BotUsage {
+            memory_bytes: b.usage.cgroup.memory,
+            memory_peak_bytes: b.usage.cgroup.memory_peak,
+            cpu_nanos: b.usage.cgroup.cpu_nanos,
+            pids: b.usage.cgroup.pids,
+            disk_bytes: b.usage.disk,
+            oom_kills: b.usage.cgroup.oom_kills,
+        }),
+    }
+}
+
+/// The wire's limits change as the domain's (parsed and checked); none is no change.
+pub fn limits_change(
+    l: Option<&pb::LimitsChange>,
+) -> Result<crate::bots::limits::LimitsChange, crate::error::AgentError> {
+    match l {
+        None => Ok(Default::default()),
+        Some(l) => crate::bots::limits::LimitsChange::parse(&l.memory, &l.cpus, &l.pids, &l.disk),
     }
 }
 

@@ -12,6 +12,7 @@ use crate::error::AgentError;
 use crate::ids::{self, LABEL_BOT_ID, LABEL_DESIRED, LABEL_IMAGE, LABEL_SNAPSHOT_PARENT};
 
 use super::fault::fault;
+use super::limits::LimitsChange;
 use super::{
     deleting, lock, BotInfo, Manager, DESIRED_DELETED, DESIRED_DELETED_KEEP_VERSIONS, TOKEN_MOUNT,
 };
@@ -31,8 +32,16 @@ impl Manager {
     /// it; returns once its server answers. A leftover container or snapshot of the bot is
     /// reused, never discarded: a stopped one is started, a running one with the same image is
     /// the answer (create is idempotent), one with another image is [`AgentError::BotConflict`].
-    pub async fn create(&self, bot: &str, image: Option<&str>) -> Result<BotInfo, AgentError> {
+    /// `limits` changes the configured defaults for this bot; asking an existing bot for other
+    /// limits than it has is refused (that is `bot update`).
+    pub async fn create(
+        &self,
+        bot: &str,
+        image: Option<&str>,
+        limits: &LimitsChange,
+    ) -> Result<BotInfo, AgentError> {
         ids::validate(bot)?;
+        let wanted = self.cfg.bot_defaults.limits().with(limits).check()?;
         let _g = self.lock_bot(bot).await;
         let cid = ids::container_id(bot);
         let mut existing = match self.container_locked(bot).await {
@@ -61,6 +70,12 @@ impl Manager {
                     have: have.clone(),
                     want,
                 });
+            }
+            let have = self.limits_of(&c);
+            if have.with(limits) != have {
+                return Err(AgentError::FailedPrecondition(format!(
+                    "bot {bot:?} already exists with limits {have}; change them with `bot update`"
+                )));
             }
             let st = self.rt.task_status(&cid).await?;
             if st.as_ref().is_some_and(|s| s.state == TaskState::Running) {
@@ -108,6 +123,7 @@ impl Manager {
                 &resolved.config,
                 &snapshot_key,
                 parent.as_deref(),
+                &wanted.labels(),
             )
             .await
         {
@@ -170,6 +186,7 @@ impl Manager {
         image_config: &crate::containerd::ImageConfig,
         snapshot_key: &str,
         parent: Option<&str>,
+        extra_labels: &HashMap<String, String>,
     ) -> Result<ContainerInfo, AgentError> {
         let cid = ids::container_id(bot);
         let dir = ids::bot_dir(&self.cfg.state_dir, bot);
@@ -203,6 +220,7 @@ impl Manager {
         if let Some(p) = parent {
             labels.insert(LABEL_SNAPSHOT_PARENT.to_string(), p.to_string());
         }
+        labels.extend(extra_labels.clone());
         self.rt
             .create_container(&NewContainer {
                 id: cid,

@@ -172,6 +172,7 @@ impl Manager {
             &resolved.config,
             &a.name,
             a.parent.as_deref(),
+            &carried_record(&a.labels),
         )
         .await?;
         // What the lost record carried (its desired state above all: a stopped bot stays

@@ -164,6 +164,7 @@ async fn running_bot(h: &Harness, bot: &str) {
         &h.image.config,
         &cid,
         Some(&h.image.chain_id),
+        &HashMap::new(),
     )
     .await
     .expect("container record");
@@ -630,13 +631,16 @@ async fn a_create_whose_record_fails_takes_its_snapshot_back() {
     let bot = "norecord";
     let before = h.rt.world();
     h.rt.fail("create_container", 1);
-    let e = h.m.create(bot, None).await.expect_err("the record failed");
+    let e =
+        h.m.create(bot, None, &Default::default())
+            .await
+            .expect_err("the record failed");
     assert!(e.to_string().contains("create_container"), "{e}");
     assert_eq!(h.rt.world(), before, "undone by the create itself");
     assert!(!h.bot_dir(bot).exists(), "its token goes too");
     // The id is free: a create now gets as far as the start.
     let e =
-        h.m.create(bot, None)
+        h.m.create(bot, None, &Default::default())
             .await
             .expect_err("no start in unit tests");
     assert!(e.to_string().contains("snapshot_mounts"), "{e}");
@@ -648,7 +652,7 @@ async fn a_create_whose_record_was_made_but_not_confirmed_keeps_the_bot() {
     let h = harness();
     let bot = "unconfirmed";
     h.rt.fail_after("create_container", 1);
-    h.m.create(bot, None)
+    h.m.create(bot, None, &Default::default())
         .await
         .expect_err("the answer was lost");
     // The bot exists (its record does): nothing of it is undone; reconcile starts it.
@@ -667,7 +671,10 @@ async fn a_failed_create_containerd_cannot_confirm_is_undone_by_recovery() {
     // The undo asks whether the record exists (the create's fourth look at it, after its
     // own, recovery's and the lookup that found no bot), and containerd does not answer.
     h.rt.fail("get_container", 4);
-    let e = h.m.create(bot, None).await.expect_err("the record failed");
+    let e =
+        h.m.create(bot, None, &Default::default())
+            .await
+            .expect_err("the record failed");
     assert!(e.to_string().contains("create_container"), "{e}");
     assert!(h.rt.pending_faults().is_empty(), "the undo never asked");
     assert!(
@@ -707,7 +714,7 @@ async fn versions_kept_by_bot_rm_stay_for_a_later_bot_of_that_id() {
     assert_eq!(h.rt.world(), world);
 
     // A new bot of that id starts empty, sees the kept version, and numbers go on from it.
-    h.m.create(bot, None)
+    h.m.create(bot, None, &Default::default())
         .await
         .expect_err("no start in unit tests");
     assert_eq!(h.bot_view(bot).get("/data/f"), None);

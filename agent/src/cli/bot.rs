@@ -1,13 +1,42 @@
-//! `bot` (create, start, stop, rm, ls, inspect) and `logs`.
+//! `bot` (create, update, pause, resume, stats, start, stop, rm, ls, inspect) and `logs`.
 
 use std::io::Write;
 use std::path::Path;
 
-use clap::Subcommand;
+use clap::{Args, Subcommand};
 use futures::StreamExt;
 use memoh_proto::pb::agent as pb;
 
 use super::{control, status_err, CliError};
+
+/// Resource limits on the command line; each may be `unlimited`.
+#[derive(Args, Debug, Default)]
+pub struct LimitArgs {
+    /// Memory (hard, no swap), e.g. `512MiB`, `2GiB`.
+    #[arg(long)]
+    memory: Option<String>,
+    /// CPUs, e.g. `0.5`, `1.5`.
+    #[arg(long)]
+    cpus: Option<String>,
+    /// Processes and threads, e.g. `256`.
+    #[arg(long)]
+    pids: Option<String>,
+    /// Writable layer bound (measured and reported), e.g. `10GiB`.
+    #[arg(long)]
+    disk: Option<String>,
+}
+
+impl LimitArgs {
+    fn to_pb(&self) -> pb::LimitsChange {
+        let s = |v: &Option<String>| v.clone().unwrap_or_default();
+        pb::LimitsChange {
+            memory: s(&self.memory),
+            cpus: s(&self.cpus),
+            pids: s(&self.pids),
+            disk: s(&self.disk),
+        }
+    }
+}
 
 /// Bot subcommands.
 #[derive(Subcommand, Debug)]
@@ -19,6 +48,38 @@ pub enum BotCmd {
         /// Image reference (default: the configured image).
         #[arg(long)]
         image: Option<String>,
+        /// Limits (default: the agent's `[bot_defaults]`).
+        #[command(flatten)]
+        limits: LimitArgs,
+    },
+    /// Change a bot's limits; a running bot gets them at once, without a restart.
+    Update {
+        /// Bot id.
+        bot: String,
+        /// The limits to change.
+        #[command(flatten)]
+        limits: LimitArgs,
+    },
+    /// Freeze every process of a running bot.
+    Pause {
+        /// Bot id.
+        bot: String,
+    },
+    /// Thaw a paused bot.
+    Resume {
+        /// Bot id.
+        bot: String,
+    },
+    /// Show what bots use against their limits (all bots, or one).
+    Stats {
+        /// Bot id (default: every bot).
+        bot: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// Refresh every two seconds until interrupted.
+        #[arg(long)]
+        watch: bool,
     },
     /// Start a stopped bot.
     Start {
@@ -51,7 +112,8 @@ pub enum BotCmd {
     },
 }
 
-fn bot_json(b: &pb::BotInfo) -> serde_json::Value {
+pub(super) fn bot_json(b: &pb::BotInfo) -> serde_json::Value {
+    let u = b.usage.as_ref();
     serde_json::json!({
         "bot_id": b.bot_id,
         "container_id": b.container_id,
@@ -66,6 +128,28 @@ fn bot_json(b: &pb::BotInfo) -> serde_json::Value {
         "last_exit_at": (!b.last_exit_at.is_empty()).then_some(&b.last_exit_at),
         // null unless containerd once lost the bot's state (see `memoh.lost-state`).
         "lost_state": (!b.lost_state.is_empty()).then_some(&b.lost_state),
+        // Sizes in bytes, CPUs as a number; null is unlimited.
+        "limits": limits_json(b.limits.as_ref()),
+        // null where the host gives no figure or the bot has no task.
+        "usage": {
+            "memory": u.and_then(|u| u.memory_bytes),
+            "memory_peak": u.and_then(|u| u.memory_peak_bytes),
+            "cpu_nanos": u.and_then(|u| u.cpu_nanos),
+            "pids": u.and_then(|u| u.pids),
+            "disk": u.and_then(|u| u.disk_bytes),
+        },
+        "oom_kills": u.and_then(|u| u.oom_kills),
+    })
+}
+
+fn limits_json(l: Option<&pb::BotLimits>) -> serde_json::Value {
+    let nz = |v: u64| (v != 0).then_some(v);
+    let l = l.copied().unwrap_or_default();
+    serde_json::json!({
+        "memory": nz(l.memory_bytes),
+        "cpus": nz(l.millicpus).map(|m| m as f64 / 1000.0),
+        "pids": nz(l.pids),
+        "disk": nz(l.disk_bytes),
     })
 }
 
@@ -74,16 +158,41 @@ pub async fn bot(socket: &Path, cmd: BotCmd) -> Result<u8, CliError> {
     let mut c = control(socket).await;
     let e = |s| status_err(socket, s);
     match cmd {
-        BotCmd::Create { bot, image } => {
+        BotCmd::Create { bot, image, limits } => {
             let r = c
                 .create_bot(pb::CreateBotRequest {
                     bot_id: bot,
                     image: image.unwrap_or_default(),
+                    limits: Some(limits.to_pb()),
                 })
                 .await
                 .map_err(e)?
                 .into_inner();
             println!("{} {} {}", r.bot_id, r.status, r.ip);
+        }
+        BotCmd::Update { bot, limits } => {
+            let r = c
+                .update_bot(pb::UpdateBotRequest {
+                    bot_id: bot,
+                    limits: Some(limits.to_pb()),
+                })
+                .await
+                .map_err(e)?
+                .into_inner();
+            println!("{} {}", r.bot_id, limits_line(r.limits.as_ref()));
+        }
+        BotCmd::Pause { bot } => {
+            let r = c.pause_bot(pb::BotRef { bot_id: bot }).await.map_err(e)?;
+            let r = r.into_inner();
+            println!("{} {}", r.bot_id, r.status);
+        }
+        BotCmd::Resume { bot } => {
+            let r = c.resume_bot(pb::BotRef { bot_id: bot }).await.map_err(e)?;
+            let r = r.into_inner();
+            println!("{} {} {}", r.bot_id, r.status, r.ip);
+        }
+        BotCmd::Stats { bot, json, watch } => {
+            return super::stats::stats(socket, &mut c, bot, json, watch).await;
         }
         BotCmd::Start { bot } => {
             let r = c.start_bot(pb::BotRef { bot_id: bot }).await.map_err(e)?;
@@ -140,6 +249,26 @@ pub async fn bot(socket: &Path, cmd: BotCmd) -> Result<u8, CliError> {
         }
     }
     Ok(0)
+}
+
+/// `memory 512MiB, cpus 0.5, pids 128, disk unlimited`.
+pub(super) fn limits_line(l: Option<&pb::BotLimits>) -> String {
+    use crate::bots::limits::{format_cpus, format_size};
+    let l = l.copied().unwrap_or_default();
+    let or = |v: u64, f: &dyn Fn(u64) -> String| {
+        if v == 0 {
+            "unlimited".to_string()
+        } else {
+            f(v)
+        }
+    };
+    format!(
+        "memory {}, cpus {}, pids {}, disk {}",
+        or(l.memory_bytes, &format_size),
+        or(l.millicpus, &format_cpus),
+        or(l.pids, &|p| p.to_string()),
+        or(l.disk_bytes, &format_size),
+    )
 }
 
 /// Prints the bot's server log.

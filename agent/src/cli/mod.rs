@@ -1,6 +1,6 @@
 //! The operator's CLI: a client of the agent's control socket, one file a verb.
 //!
-//! - [`bot`]: the `bot` and `logs` verbs;
+//! - [`bot`]: the `bot` and `logs` verbs; [`stats`]: `bot stats`;
 //! - [`versions`]: the `snapshot` and `migrate` verbs;
 //! - [`image`]: the `image` verb;
 //! - [`exec`]: the `exec` and `cp` verbs;
@@ -14,6 +14,7 @@ mod image;
 mod mcp;
 mod net;
 mod progress;
+mod stats;
 mod versions;
 
 pub use bot::{bot, logs, BotCmd};
