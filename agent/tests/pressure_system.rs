@@ -354,9 +354,14 @@ fn at_its_memory_limit_a_hog_is_oom_killed_and_the_server_is_not() {
         .trim()
         .parse()
         .unwrap();
-    // A command starts unprotected: at 0 under a protected server, else at the server's value
-    // (the runtime's, e.g. 1 under containerd's shim).
-    let command_adj = if server_adj < 0 { 0 } else { server_adj };
+    // A command starts below the server in the OOM killer's eyes: at 0 under a protected
+    // server, else at 500 (or the server's own value when that is higher), so the hog is
+    // chosen even where the host lets no one lower the server's value.
+    let command_adj = if server_adj < 0 {
+        0
+    } else {
+        server_adj.max(container_server::exec::COMMAND_OOM_SCORE_ADJ)
+    };
 
     let mut cg = Cgroup::of(pid, "memory");
     // 64 MiB, or what the bot holds now plus 32 MiB where that is more (v1 refuses a limit below
