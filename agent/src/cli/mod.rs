@@ -1,6 +1,6 @@
 //! The operator's CLI: a client of the agent's control socket, one file a verb.
 //!
-//! - [`bot`]: the `bot` and `logs` verbs; [`stats`]: `bot stats`;
+//! - [`bot`]: the `bot` and `logs` verbs; [`stats`]: `bot stats`; [`show`]: a bot as JSON;
 //! - [`versions`]: the `snapshot` and `migrate` verbs;
 //! - [`image`]: the `image` verb;
 //! - [`exec`]: the `exec` and `cp` verbs;
@@ -14,6 +14,7 @@ mod image;
 mod mcp;
 mod net;
 mod progress;
+mod show;
 mod stats;
 mod versions;
 

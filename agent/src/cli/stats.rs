@@ -125,7 +125,7 @@ fn json(bots: &[pb::BotInfo], cpu: &HashMap<String, f64>) -> String {
     let v: Vec<serde_json::Value> = bots
         .iter()
         .map(|b| {
-            let mut j = super::bot::bot_json(b);
+            let mut j = super::show::bot_json(b);
             j["cpu_percent"] = serde_json::json!(cpu.get(&b.bot_id));
             j
         })
