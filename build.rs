@@ -13,12 +13,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for (proto, descriptor) in [
         ("proto/mcpcontainer.proto", "mcpcontainer_descriptor.bin"),
         ("proto/agent.proto", "agent_descriptor.bin"),
+        ("proto/bridge.proto", "bridge_descriptor.bin"),
     ] {
         println!("cargo:rerun-if-changed={proto}");
         tonic_prost_build::configure()
             .file_descriptor_set_path(out.join(descriptor))
             // Payload fields decode as `bytes::Bytes`, sliced from the receive buffer.
             .bytes(".mcpcontainer")
+            .bytes(".bridgepb")
             .compile_protos(&[proto], &["proto"])?;
     }
     Ok(())

@@ -59,11 +59,14 @@ use tonic::body::Body;
 use tonic::{Code, Status};
 use tower::{Layer, Service};
 
-/// The methods of `mcpcontainer.ContainerService` whose request is a stream (Exec's stdin,
-/// WriteRaw's chunks): the calls whose handlers act on the stream's end.
+/// The methods of `mcpcontainer.ContainerService` and `bridgepb.ContainerService` whose
+/// request is a stream (Exec's stdin, WriteRaw's chunks): the calls whose handlers act on the
+/// stream's end.
 pub const CONTAINER_STREAMING_REQUESTS: &[&str] = &[
     "/mcpcontainer.ContainerService/Exec",
     "/mcpcontainer.ContainerService/WriteRaw",
+    "/bridgepb.ContainerService/Exec",
+    "/bridgepb.ContainerService/WriteRaw",
 ];
 
 /// Wraps a service so the handlers of the calls at the given paths see a request stream's end

@@ -1,7 +1,8 @@
 //! The wire contracts shared by `memoh-agent` and `container-server`.
 //!
-//! - [`pb`]: code generated from `proto/` (the container service of WIRE.md and the agent's
-//!   control API), plus [`FILE_DESCRIPTOR_SET`] for gRPC server reflection.
+//! - [`pb`]: code generated from `proto/` (the container service of WIRE.md, its successor
+//!   `bridgepb` of WIRE-BRIDGE.md, and the agent's control API), plus the descriptor sets
+//!   ([`FILE_DESCRIPTOR_SET`], [`BRIDGE_FILE_DESCRIPTOR_SET`]) for gRPC server reflection.
 //! - [`limits`]: sizes and defaults both sides must agree on.
 //! - [`auth`]: bearer tokens and their constant-time check.
 //! - [`clean_end`]: the layer that lets a handler see a request stream's end only when the
@@ -21,6 +22,12 @@ pub mod pb {
     pub mod mcpcontainer {
         tonic::include_proto!("mcpcontainer");
     }
+    /// `bridgepb`: today's Memoh protocol for the in-container server (WIRE-BRIDGE.md), a
+    /// superset of `mcpcontainer` under a new package name.
+    #[allow(missing_docs, clippy::all)]
+    pub mod bridgepb {
+        tonic::include_proto!("bridgepb");
+    }
     /// `memoh.agent.v1`: the host agent's control API.
     #[allow(missing_docs, clippy::all)]
     pub mod agent {
@@ -31,6 +38,9 @@ pub mod pb {
 /// Encoded `FileDescriptorSet` of `mcpcontainer.proto`, for the server's gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     tonic::include_file_descriptor_set!("mcpcontainer_descriptor");
+/// Encoded `FileDescriptorSet` of `bridge.proto`, for the server's gRPC reflection.
+pub const BRIDGE_FILE_DESCRIPTOR_SET: &[u8] =
+    tonic::include_file_descriptor_set!("bridge_descriptor");
 /// Encoded `FileDescriptorSet` of `agent.proto`, for the agent's gRPC reflection.
 pub const AGENT_FILE_DESCRIPTOR_SET: &[u8] =
     tonic::include_file_descriptor_set!("agent_descriptor");

@@ -49,6 +49,83 @@ impl std::str::FromStr for ListenAddr {
     }
 }
 
+/// The bridge's default socket (WIRE-BRIDGE.md section 2).
+pub const DEFAULT_BRIDGE_SOCKET: &str = "/run/memoh/bridge.sock";
+
+/// The environment variables of Memoh's bridge that choose its listener (WIRE-BRIDGE.md
+/// section 2). Unset and empty are the same.
+#[derive(Debug, Clone, Default)]
+pub struct BridgeEnv {
+    /// `BRIDGE_SOCKET_PATH`: the unix socket.
+    pub socket_path: Option<String>,
+    /// `BRIDGE_TCP_ADDR`: a loopback TCP address that replaces the socket.
+    pub tcp_addr: Option<String>,
+    /// `BRIDGE_TLS_MODE`: empty or `disabled`; `strict` (mTLS) is not built.
+    pub tls_mode: Option<String>,
+}
+
+impl BridgeEnv {
+    /// Reads the variables from the process environment.
+    pub fn from_env() -> Self {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        Self {
+            socket_path: var("BRIDGE_SOCKET_PATH"),
+            tcp_addr: var("BRIDGE_TCP_ADDR"),
+            tls_mode: var("BRIDGE_TLS_MODE"),
+        }
+    }
+}
+
+/// The bridge listener(s) to add to the `--listen` ones, each with whether binding it must
+/// succeed. `BRIDGE_TCP_ADDR` (loopback, `localhost` or an empty host only, as the bridge
+/// allows) replaces the socket; else `BRIDGE_SOCKET_PATH`; else, when no `--listen` was given,
+/// the default socket, skipped with a warning where it cannot be bound (an image run without
+/// the host's `/run/memoh`). An explicit `--listen` without bridge variables adds nothing, so
+/// servers started side by side never take each other's socket.
+pub fn bridge_listeners(
+    env: &BridgeEnv,
+    explicit_listen: bool,
+) -> Result<Vec<(ListenAddr, bool)>, String> {
+    match env.tls_mode.as_deref() {
+        None | Some("disabled") => {}
+        Some("strict") => {
+            return Err("BRIDGE_TLS_MODE=strict (mTLS) is not supported by this server".into())
+        }
+        Some(m) => {
+            return Err(format!(
+                "unknown BRIDGE_TLS_MODE {m:?}: use disabled or strict"
+            ))
+        }
+    }
+    if let Some(a) = &env.tcp_addr {
+        let (host, _) = a
+            .rsplit_once(':')
+            .ok_or_else(|| format!("invalid BRIDGE_TCP_ADDR {a:?}: use HOST:PORT"))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let loopback = host.is_empty()
+            || host == "localhost"
+            || host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        if !loopback {
+            return Err(format!(
+                "BRIDGE_TCP_ADDR {a:?} must be a loopback address, localhost or :PORT"
+            ));
+        }
+        return Ok(vec![(a.parse()?, true)]);
+    }
+    if let Some(p) = &env.socket_path {
+        return Ok(vec![(ListenAddr::Unix(PathBuf::from(p)), true)]);
+    }
+    if explicit_listen {
+        return Ok(Vec::new());
+    }
+    Ok(vec![(
+        ListenAddr::Unix(PathBuf::from(DEFAULT_BRIDGE_SOCKET)),
+        false,
+    )])
+}
+
 /// Everything the server needs to run.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -105,5 +182,48 @@ mod tests {
         for bad in ["", ":x", "unix:", "host", "example.com:80", ":99999"] {
             assert!(bad.parse::<ListenAddr>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn bridge_environment() {
+        let env = |sock: Option<&str>, tcp: Option<&str>, tls: Option<&str>| BridgeEnv {
+            socket_path: sock.map(String::from),
+            tcp_addr: tcp.map(String::from),
+            tls_mode: tls.map(String::from),
+        };
+        let def = ListenAddr::Unix(DEFAULT_BRIDGE_SOCKET.into());
+        assert_eq!(
+            bridge_listeners(&env(None, None, None), false).unwrap(),
+            vec![(def, false)]
+        );
+        assert!(bridge_listeners(&env(None, None, None), true)
+            .unwrap()
+            .is_empty());
+        assert_eq!(
+            bridge_listeners(&env(Some("/s"), None, Some("disabled")), true).unwrap(),
+            vec![(ListenAddr::Unix("/s".into()), true)]
+        );
+        for (tcp, want) in [
+            (":9090", "[::]:9090"),
+            ("127.0.0.1:1", "127.0.0.1:1"),
+            ("localhost:2", "127.0.0.1:2"),
+            ("[::1]:3", "[::1]:3"),
+        ] {
+            let got = bridge_listeners(&env(Some("/s"), Some(tcp), None), false).unwrap();
+            assert_eq!(
+                got,
+                vec![(ListenAddr::Tcp(want.parse().unwrap()), true)],
+                "{tcp}"
+            );
+        }
+        for bad in ["0.0.0.0:9090", "10.0.0.1:1", "example.com:1", "nope"] {
+            assert!(
+                bridge_listeners(&env(None, Some(bad), None), false).is_err(),
+                "{bad}"
+            );
+        }
+        let strict = bridge_listeners(&env(None, None, Some("strict")), false).unwrap_err();
+        assert!(strict.contains("strict"), "{strict}");
+        assert!(bridge_listeners(&env(None, None, Some("x")), false).is_err());
     }
 }

@@ -55,6 +55,12 @@ pub enum ServerError {
     /// The client called the operation off (an upload chunk with `abort` set).
     #[error("{0}")]
     Aborted(String),
+    /// A method or request field this server does not implement (yet): the message names it.
+    #[error("{0}")]
+    Unimplemented(String),
+    /// A listing past the caller's `max_entries`.
+    #[error("{0}")]
+    TooManyEntries(String),
 }
 
 /// A bot limit that can stop the server from making a process or thread.
@@ -123,6 +129,8 @@ impl ServerError {
             ServerError::AtLimit { .. } => Code::ResourceExhausted,
             ServerError::ShuttingDown => Code::Unavailable,
             ServerError::Aborted(_) => Code::Aborted,
+            ServerError::Unimplemented(_) => Code::Unimplemented,
+            ServerError::TooManyEntries(_) => Code::ResourceExhausted,
         }
     }
 }
@@ -198,6 +206,14 @@ mod tests {
             (
                 ServerError::Aborted("the client aborted the upload".into()),
                 Code::Aborted,
+            ),
+            (
+                ServerError::Unimplemented("bridgepb Tunnel is not implemented".into()),
+                Code::Unimplemented,
+            ),
+            (
+                ServerError::TooManyEntries("more than 3 entries".into()),
+                Code::ResourceExhausted,
             ),
         ];
         for (e, code) in cases {

@@ -1,9 +1,12 @@
 //! `container-server`: the gRPC server inside every bot container.
 //!
-//! It serves `mcpcontainer.ContainerService` (WIRE.md) plus gRPC health and reflection.
-//! Modules, from the wire inwards:
-//! - [`server`]: assembles the tonic server, the bearer-token check, size limits, shutdown.
-//! - [`service`]: thin handlers; [`convert`] maps wire types to domain types and back.
+//! It serves `mcpcontainer.ContainerService` (WIRE.md) and, from the same implementation,
+//! today's Memoh protocol `bridgepb.ContainerService` (WIRE-BRIDGE.md), plus gRPC health and
+//! reflection. Modules, from the wire inwards:
+//! - [`server`]: assembles the tonic server, the bearer-token check, size limits, listeners,
+//!   shutdown; [`authority`]: lets grpc C-core clients on a unix socket in (their `:authority`).
+//! - [`service`]: thin handlers; [`bridge`]: the `bridgepb` names mapped onto them;
+//!   [`convert`] maps wire types to domain types and back.
 //! - [`fs`]: file operations (atomic writes, listings, stat); [`window`]: `ReadFile`'s numbered
 //!   line window; [`mode`]: Go-style mode strings and times; [`paths`]: path cleaning.
 //! - [`exec`]: streaming commands in their own process groups; [`reaper`]: PID 1 duties.
@@ -12,6 +15,8 @@
 //! - [`config`], [`error`]: settings and the one error type.
 //! - `fuzz_checks` (hidden): invariants of the pure functions, for `fuzz/` and corpus replay.
 
+pub mod authority;
+pub mod bridge;
 pub mod config;
 pub mod convert;
 pub mod error;
@@ -29,4 +34,4 @@ pub mod window;
 
 pub use config::{Config, ListenAddr};
 pub use error::ServerError;
-pub use server::{run, Listener};
+pub use server::{run, run_all, Listener};

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use container_server::config::{bridge_listeners, BridgeEnv};
 use container_server::{Config, ListenAddr, Listener};
 use memoh_proto::limits;
 
@@ -11,9 +12,10 @@ use memoh_proto::limits;
 #[derive(Parser, Debug)]
 #[command(name = "container-server", version, about)]
 struct Args {
-    /// Listen address: `:PORT` (all interfaces), `IP:PORT`, or `unix:/path/to/socket`.
-    #[arg(long, env = "MCP_LISTEN_ADDR", default_value = limits::DEFAULT_LISTEN_ADDR)]
-    listen: String,
+    /// Listen address: `:PORT` (all interfaces), `IP:PORT`, or `unix:/path/to/socket`; may be
+    /// repeated. Without it: `:9090` plus the bridge's socket (see BRIDGE_SOCKET_PATH).
+    #[arg(long, env = "MCP_LISTEN_ADDR")]
+    listen: Vec<String>,
     /// Data directory: relative paths resolve here and commands run here by default.
     #[arg(long, env = "MCP_DATA_DIR", default_value = limits::DEFAULT_DATA_DIR)]
     data_dir: PathBuf,
@@ -47,7 +49,21 @@ fn main() -> ExitCode {
 }
 
 fn real_main(args: Args) -> anyhow::Result<()> {
-    let listen: ListenAddr = args.listen.parse().map_err(anyhow::Error::msg)?;
+    let mut listen = Vec::new();
+    for l in &args.listen {
+        listen.push((l.parse::<ListenAddr>().map_err(anyhow::Error::msg)?, true));
+    }
+    if listen.is_empty() {
+        listen.push((
+            limits::DEFAULT_LISTEN_ADDR
+                .parse()
+                .map_err(anyhow::Error::msg)?,
+            true,
+        ));
+    }
+    let bridge = bridge_listeners(&BridgeEnv::from_env(), !args.listen.is_empty())
+        .map_err(anyhow::Error::msg)?;
+    listen.extend(bridge);
     let token = match &args.auth_token_file {
         Some(p) => {
             let t = std::fs::read_to_string(p)
@@ -67,8 +83,15 @@ fn real_main(args: Args) -> anyhow::Result<()> {
     // Threads made now and kept: at the bot's process limit, no new one can be made.
     let rt = container_server::runtime::build()?;
     rt.block_on(async move {
-        let listener = bind(&listen).await?;
-        container_server::run(listener, config, shutdown_signal()).await?;
+        let mut listeners = Vec::new();
+        for (addr, required) in &listen {
+            match bind(addr).await {
+                Ok(l) => listeners.push(l),
+                Err(e) if !required => tracing::warn!(error = %e, "default bridge socket skipped"),
+                Err(e) => return Err(e),
+            }
+        }
+        container_server::run_all(listeners, config, shutdown_signal()).await?;
         Ok(())
     })
 }
@@ -88,12 +111,26 @@ async fn bind(addr: &ListenAddr) -> anyhow::Result<Listener> {
             Ok(Listener::Tcp(l))
         }
         ListenAddr::Unix(p) => {
+            // The bridge's socket directory: the host binds it (0750); make it when missing.
+            if let Some(dir) = p
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty() && !d.exists())
+            {
+                use std::os::unix::fs::DirBuilderExt;
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o750)
+                    .create(dir)
+                    .map_err(|e| anyhow::anyhow!("create {}: {e}", dir.display()))?;
+            }
             if let Ok(md) = std::fs::symlink_metadata(p) {
                 use std::os::unix::fs::FileTypeExt;
                 if md.file_type().is_socket() {
                     std::fs::remove_file(p)?;
                 }
             }
+            // No chmod, as the bridge does none: the socket's mode follows the umask, and the
+            // host's 0750 directory behind /run/memoh is what keeps other users out.
             let l = tokio::net::UnixListener::bind(p)
                 .map_err(|e| anyhow::anyhow!("listen on {}: {e}", p.display()))?;
             tracing::info!(path = %p.display(), "listening");

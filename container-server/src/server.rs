@@ -1,19 +1,24 @@
-//! Assembles and runs the gRPC server: the container service (behind the optional bearer-token
-//! check), health, reflection, message-size limits, and the one shutdown path.
+//! Assembles and runs the gRPC server: the container service under both of its names
+//! (`mcpcontainer` and `bridgepb`, one implementation, behind the optional bearer-token
+//! check), health, reflection, message-size limits, every listener, and the one shutdown path.
 
 use std::future::Future;
 use std::time::Duration;
 
 use memoh_proto::limits::MAX_MESSAGE_SIZE;
+use memoh_proto::pb::bridgepb::container_service_server::ContainerServiceServer as BridgeServer;
 use memoh_proto::pb::mcpcontainer::container_service_server::ContainerServiceServer;
-use tokio::net::{TcpListener, UnixListener};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio_stream::wrappers::UnixListenerStream;
+use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Status};
 use tracing::{info, warn};
 
+use crate::authority::AuthorityFix;
 use crate::config::Config;
 use crate::error::{rewrite_too_large, ServerError};
 use crate::fs;
@@ -27,6 +32,114 @@ pub enum Listener {
     Tcp(TcpListener),
     /// Unix socket.
     Unix(UnixListener),
+}
+
+/// One accepted connection, from any listener. Unix-socket connections go through
+/// [`AuthorityFix`], so grpc C-core clients with default settings work there.
+pub enum Conn {
+    /// From a TCP listener.
+    Tcp(TcpStream),
+    /// From a unix-socket listener.
+    Unix(AuthorityFix<UnixStream>),
+}
+
+/// Where a [`Conn`] came from, for tonic's request extensions.
+#[derive(Clone, Debug)]
+pub enum ConnInfo {
+    /// A TCP peer.
+    Tcp(tonic::transport::server::TcpConnectInfo),
+    /// A unix-socket peer.
+    Unix(tonic::transport::server::UdsConnectInfo),
+}
+
+impl tonic::transport::server::Connected for Conn {
+    type ConnectInfo = ConnInfo;
+
+    fn connect_info(&self) -> ConnInfo {
+        match self {
+            Conn::Tcp(s) => ConnInfo::Tcp(s.connect_info()),
+            Conn::Unix(s) => ConnInfo::Unix(s.get_ref().connect_info()),
+        }
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Tcp(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            Conn::Unix(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Tcp(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            Conn::Unix(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Tcp(s) => std::pin::Pin::new(s).poll_write_vectored(cx, bufs),
+            Conn::Unix(s) => std::pin::Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Conn::Tcp(s) => s.is_write_vectored(),
+            Conn::Unix(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Tcp(s) => std::pin::Pin::new(s).poll_flush(cx),
+            Conn::Unix(s) => std::pin::Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Tcp(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            Conn::Unix(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+type Incoming = std::pin::Pin<Box<dyn futures::Stream<Item = std::io::Result<Conn>> + Send>>;
+
+fn incoming(l: Listener) -> Incoming {
+    match l {
+        Listener::Tcp(l) => Box::pin(
+            TcpIncoming::from(l)
+                .with_nodelay(Some(true))
+                .map(|r| r.map(Conn::Tcp)),
+        ),
+        Listener::Unix(l) => Box::pin(
+            UnixListenerStream::new(l).map(|r| r.map(|s| Conn::Unix(AuthorityFix::new(s)))),
+        ),
+    }
 }
 
 /// Checks `authorization: Bearer TOKEN` when a token is configured.
@@ -78,10 +191,20 @@ fn rewrite_response<B>(mut resp: http::Response<B>) -> http::Response<B> {
     resp
 }
 
-/// Runs the server on `listener` until `shutdown` resolves, then stops accepting, gives running
-/// calls `config.shutdown_grace` to finish, kills the remaining exec process groups, and returns.
+/// Runs the server on `listener` until `shutdown` resolves: [`run_all`] with one listener.
 pub async fn run(
     listener: Listener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    run_all(vec![listener], config, shutdown).await
+}
+
+/// Runs the server on every listener (both services on each) until `shutdown` resolves, then
+/// stops accepting, gives running calls `config.shutdown_grace` to finish, kills the remaining
+/// exec process groups, and returns.
+pub async fn run_all(
+    listeners: Vec<Listener>,
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
@@ -102,19 +225,26 @@ pub async fn run(
         kill.clone(),
         config.default_exec_timeout,
     );
+    let auth = Auth::new(config.auth_token.as_deref());
+    let bridge = BridgeServer::new(service.clone())
+        .max_decoding_message_size(MAX_MESSAGE_SIZE)
+        .max_encoding_message_size(MAX_MESSAGE_SIZE);
+    let bridge = InterceptedService::new(bridge, auth.clone());
     let svc = ContainerServiceServer::new(service)
         .max_decoding_message_size(MAX_MESSAGE_SIZE)
         .max_encoding_message_size(MAX_MESSAGE_SIZE);
-    let svc = InterceptedService::new(svc, Auth::new(config.auth_token.as_deref()));
+    let svc = InterceptedService::new(svc, auth);
 
     let (health, health_svc) = tonic_health::server::health_reporter();
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(memoh_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(memoh_proto::BRIDGE_FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| ServerError::Spawn(std::io::Error::other(e)))?;
     let reflection_v1alpha = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(memoh_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(memoh_proto::BRIDGE_FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .map_err(|e| ServerError::Spawn(std::io::Error::other(e)))?;
@@ -135,11 +265,13 @@ pub async fn run(
         .add_service(health_svc)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(svc);
+        .add_service(svc)
+        .add_service(bridge);
 
     health
         .set_serving::<ContainerServiceServer<Service>>()
         .await;
+    health.set_serving::<BridgeServer<Service>>().await;
     health
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;
@@ -170,19 +302,8 @@ pub async fn run(
     };
 
     info!(data_dir = %config.data_dir.display(), auth = config.auth_token.is_some(), "serving");
-    let serve = async {
-        match listener {
-            Listener::Tcp(l) => {
-                let incoming = TcpIncoming::from(l).with_nodelay(Some(true));
-                router.serve_with_incoming_shutdown(incoming, signal).await
-            }
-            Listener::Unix(l) => {
-                router
-                    .serve_with_incoming_shutdown(UnixListenerStream::new(l), signal)
-                    .await
-            }
-        }
-    };
+    let all = futures::stream::select_all(listeners.into_iter().map(incoming));
+    let serve = router.serve_with_incoming_shutdown(all, signal);
     tokio::select! {
         r = serve => r.map_err(|e| ServerError::Spawn(std::io::Error::other(e)))?,
         _ = killer => warn!("calls still running after the grace period; exiting anyway"),

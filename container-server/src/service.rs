@@ -60,6 +60,184 @@ impl Service {
     fn resolve(&self, field: &str, path: &str) -> Result<PathBuf, ServerError> {
         self.inner.resolver.resolve(field, path)
     }
+
+    /// Exec over any request stream, the implementation behind both services: the first
+    /// message starts the command, later ones feed its stdin, the stream's clean end closes it.
+    pub(crate) async fn exec_stream(
+        &self,
+        mut inbound: BoxStream<pb::ExecInput>,
+    ) -> Result<BoxStream<pb::ExecOutput>, Status> {
+        let first = match inbound.next().await.transpose() {
+            Ok(Some(m)) => m,
+            Ok(None) => {
+                return Err(ServerError::InvalidArgument(
+                    "exec stream closed before its first message".into(),
+                )
+                .into())
+            }
+            Err(s) => return Err(inbound_error(s)),
+        };
+        let work_dir = if first.work_dir.is_empty() {
+            self.inner.resolver.data_dir().to_path_buf()
+        } else {
+            self.resolve("work_dir", &first.work_dir)?
+        };
+        let spec = ExecSpec::new(
+            first.command,
+            work_dir,
+            &first.env,
+            first.timeout_seconds,
+            self.inner.default_timeout,
+            first.stdin_data,
+        )?;
+        debug!(command = %spec.command, "exec");
+        let running = exec::start(spec, &self.inner.reaper)?;
+        let (stdin_tx, stdin_rx) = mpsc::channel::<Bytes>(16);
+        let aborted = CancellationToken::new();
+        let abort = aborted.clone();
+        tokio::spawn(async move {
+            // The client's clean half-close (`Ok(None)`, see `memoh_proto::clean_end`) closes
+            // the child's stdin. Any other ending (a reset, a lost connection) is not a closed
+            // stdin but a call that is over: the process group is killed, as on cancel.
+            loop {
+                match inbound.next().await.transpose() {
+                    Ok(Some(m)) => {
+                        // A child that closed its stdin drops the rest; the loop goes on to
+                        // see how the call ends.
+                        if !m.stdin_data.is_empty() {
+                            let _ = stdin_tx.send(m.stdin_data).await;
+                        }
+                    }
+                    Ok(None) => return,
+                    Err(s) => {
+                        debug!(status = %s.message(), "exec request stream ended badly");
+                        abort.cancel();
+                        // Holding the sender keeps the child's stdin open until the driver has
+                        // killed the group (it then drops the feeder, which closes this):
+                        // dropping it now would race the kill with an EOF the child could act
+                        // on.
+                        stdin_tx.closed().await;
+                        return;
+                    }
+                }
+            }
+        });
+        let (out_tx, out_rx) = mpsc::channel(32);
+        tokio::spawn(running.drive(stdin_rx, out_tx, self.inner.kill.clone(), aborted));
+        let stream = ReceiverStream::new(out_rx).map(|ev| Ok(convert::exec_output(ev)));
+        Ok(Box::pin(stream))
+    }
+
+    /// WriteRaw over any request stream, the implementation behind both services: the path in
+    /// the first chunk, the upload committed only at the stream's clean end.
+    pub(crate) async fn write_raw_stream(
+        &self,
+        mut inbound: BoxStream<pb::WriteRawChunk>,
+    ) -> Result<pb::WriteRawResponse, Status> {
+        let first = match inbound.next().await.transpose().map_err(inbound_error)? {
+            Some(m) => m,
+            None => {
+                return Err(ServerError::InvalidArgument(
+                    "write stream closed before its first chunk".into(),
+                )
+                .into())
+            }
+        };
+        if first.abort {
+            return Err(ServerError::Aborted("the client aborted the upload".into()).into());
+        }
+        let path = self.resolve("path", &first.path)?;
+        tracing::Span::current().record("path", tracing::field::display(path.display()));
+        let p = path.clone();
+        let file = blocking(move || fs::AtomicFile::create(&p)).await?;
+        let (tx, mut rx) = mpsc::channel::<RawWrite>(16);
+        let writer =
+            crate::runtime::spawn_blocking(move || -> Result<Option<u64>, ServerError> {
+                let mut file = file;
+                let mut batch: Vec<u8> = Vec::with_capacity(1 << 20);
+                while let Some(m) = rx.blocking_recv() {
+                    let mut next = Some(m);
+                    // Take whatever else is already queued, so one write covers many chunks.
+                    while let Some(m) = next.take() {
+                        match m {
+                            RawWrite::Data(d) => {
+                                if batch.is_empty() && d.len() >= (1 << 20) {
+                                    file.write(&d)?;
+                                } else {
+                                    batch.extend_from_slice(&d);
+                                }
+                            }
+                            RawWrite::Commit => {
+                                file.write(&batch)?;
+                                return file.commit().map(Some);
+                            }
+                        }
+                        if batch.len() >= (1 << 20) {
+                            break;
+                        }
+                        next = rx.try_recv().ok();
+                    }
+                    if !batch.is_empty() {
+                        file.write(&batch)?;
+                        batch.clear();
+                    }
+                }
+                // The sender went away without Commit: the upload was aborted; the temp file goes.
+                Ok(None)
+            })?;
+        // The commit decision. The upload replaces its target only when the stream ended
+        // cleanly: `Ok(None)` from a stream behind `memoh_proto::clean_end`, which turns every
+        // other ending (a reset of any code, a lost connection, a GOAWAY before the
+        // half-close; see that module for what each client stack sends and what hyper and
+        // tonic make of it) into an error, or has hyper drop this future. A chunk with
+        // `abort` set, an oversized chunk, the server's kill at the end of its shutdown grace
+        // and a deadline (tonic drops this future) discard the upload too. Dropping `tx`
+        // without `Commit` makes the writer discard the temp file.
+        let mut pending = Some(first.data);
+        let kill = self.inner.kill.clone();
+        let outcome: Result<(), Status> = loop {
+            let data = match pending.take() {
+                Some(d) => d,
+                None => {
+                    let next = tokio::select! {
+                        biased;
+                        _ = kill.cancelled() => break Err(ServerError::ShuttingDown.into()),
+                        m = inbound.next() => m.transpose(),
+                    };
+                    match next {
+                        Ok(Some(m)) if m.abort => {
+                            break Err(
+                                ServerError::Aborted("the client aborted the upload".into()).into()
+                            )
+                        }
+                        Ok(Some(m)) => m.data,
+                        Ok(None) => break Ok(()),
+                        Err(s) => break Err(inbound_error(s)),
+                    }
+                }
+            };
+            if !data.is_empty() && tx.send(RawWrite::Data(data)).await.is_err() {
+                // The writer stopped on an error; it is reported below.
+                break Ok(());
+            }
+        };
+        if outcome.is_ok() {
+            let _ = tx.send(RawWrite::Commit).await;
+        }
+        drop(tx);
+        let written = match writer.await {
+            Ok(r) => r?,
+            Err(e) => return Err(Status::internal(format!("writer failed: {e}"))),
+        };
+        if let Err(s) = outcome {
+            debug!(status = %s.message(), "upload discarded");
+            return Err(s);
+        }
+        let written = written.ok_or_else(|| Status::internal("upload was not committed"))?;
+        Ok(pb::WriteRawResponse {
+            bytes_written: written as i64,
+        })
+    }
 }
 
 /// Files up to this size are read on the async thread (see `read_file`).
@@ -82,7 +260,8 @@ fn inbound_error(s: Status) -> Status {
     crate::error::rewrite_too_large(&s).unwrap_or(s)
 }
 
-type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+/// A boxed stream of messages or a status, as both services' streaming calls use.
+pub(crate) type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 enum RawWrite {
     Data(Bytes),
@@ -175,66 +354,8 @@ impl ContainerService for Service {
         &self,
         req: Request<Streaming<pb::ExecInput>>,
     ) -> Result<Response<Self::ExecStream>, Status> {
-        let mut inbound = req.into_inner();
-        let first = match inbound.message().await {
-            Ok(Some(m)) => m,
-            Ok(None) => {
-                return Err(ServerError::InvalidArgument(
-                    "exec stream closed before its first message".into(),
-                )
-                .into())
-            }
-            Err(s) => return Err(inbound_error(s)),
-        };
-        let work_dir = if first.work_dir.is_empty() {
-            self.inner.resolver.data_dir().to_path_buf()
-        } else {
-            self.resolve("work_dir", &first.work_dir)?
-        };
-        let spec = ExecSpec::new(
-            first.command,
-            work_dir,
-            &first.env,
-            first.timeout_seconds,
-            self.inner.default_timeout,
-            first.stdin_data,
-        )?;
-        debug!(command = %spec.command, "exec");
-        let running = exec::start(spec, &self.inner.reaper)?;
-        let (stdin_tx, stdin_rx) = mpsc::channel::<Bytes>(16);
-        let aborted = CancellationToken::new();
-        let abort = aborted.clone();
-        tokio::spawn(async move {
-            // The client's clean half-close (`Ok(None)`, see `memoh_proto::clean_end`) closes
-            // the child's stdin. Any other ending (a reset, a lost connection) is not a closed
-            // stdin but a call that is over: the process group is killed, as on cancel.
-            loop {
-                match inbound.message().await {
-                    Ok(Some(m)) => {
-                        // A child that closed its stdin drops the rest; the loop goes on to
-                        // see how the call ends.
-                        if !m.stdin_data.is_empty() {
-                            let _ = stdin_tx.send(m.stdin_data).await;
-                        }
-                    }
-                    Ok(None) => return,
-                    Err(s) => {
-                        debug!(status = %s.message(), "exec request stream ended badly");
-                        abort.cancel();
-                        // Holding the sender keeps the child's stdin open until the driver has
-                        // killed the group (it then drops the feeder, which closes this):
-                        // dropping it now would race the kill with an EOF the child could act
-                        // on.
-                        stdin_tx.closed().await;
-                        return;
-                    }
-                }
-            }
-        });
-        let (out_tx, out_rx) = mpsc::channel(32);
-        tokio::spawn(running.drive(stdin_rx, out_tx, self.inner.kill.clone(), aborted));
-        let stream = ReceiverStream::new(out_rx).map(|ev| Ok(convert::exec_output(ev)));
-        Ok(Response::new(Box::pin(stream)))
+        let stream = self.exec_stream(Box::pin(req.into_inner())).await?;
+        Ok(Response::new(stream))
     }
 
     type ReadRawStream = BoxStream<pb::DataChunk>;
@@ -285,115 +406,13 @@ impl ContainerService for Service {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    #[instrument(level = "debug", skip_all)]
+    #[instrument(level = "debug", skip_all, fields(path))]
     async fn write_raw(
         &self,
         req: Request<Streaming<pb::WriteRawChunk>>,
     ) -> Result<Response<pb::WriteRawResponse>, Status> {
-        let mut inbound = req.into_inner();
-        let first = match inbound.message().await.map_err(inbound_error)? {
-            Some(m) => m,
-            None => {
-                return Err(ServerError::InvalidArgument(
-                    "write stream closed before its first chunk".into(),
-                )
-                .into())
-            }
-        };
-        if first.abort {
-            return Err(ServerError::Aborted("the client aborted the upload".into()).into());
-        }
-        let path = self.resolve("path", &first.path)?;
-        tracing::Span::current().record("path", tracing::field::display(path.display()));
-        let p = path.clone();
-        let file = blocking(move || fs::AtomicFile::create(&p)).await?;
-        let (tx, mut rx) = mpsc::channel::<RawWrite>(16);
-        let writer =
-            crate::runtime::spawn_blocking(move || -> Result<Option<u64>, ServerError> {
-                let mut file = file;
-                let mut batch: Vec<u8> = Vec::with_capacity(1 << 20);
-                while let Some(m) = rx.blocking_recv() {
-                    let mut next = Some(m);
-                    // Take whatever else is already queued, so one write covers many chunks.
-                    while let Some(m) = next.take() {
-                        match m {
-                            RawWrite::Data(d) => {
-                                if batch.is_empty() && d.len() >= (1 << 20) {
-                                    file.write(&d)?;
-                                } else {
-                                    batch.extend_from_slice(&d);
-                                }
-                            }
-                            RawWrite::Commit => {
-                                file.write(&batch)?;
-                                return file.commit().map(Some);
-                            }
-                        }
-                        if batch.len() >= (1 << 20) {
-                            break;
-                        }
-                        next = rx.try_recv().ok();
-                    }
-                    if !batch.is_empty() {
-                        file.write(&batch)?;
-                        batch.clear();
-                    }
-                }
-                // The sender went away without Commit: the upload was aborted; the temp file goes.
-                Ok(None)
-            })?;
-        // The commit decision. The upload replaces its target only when the stream ended
-        // cleanly: `Ok(None)` from a stream behind `memoh_proto::clean_end`, which turns every
-        // other ending (a reset of any code, a lost connection, a GOAWAY before the
-        // half-close; see that module for what each client stack sends and what hyper and
-        // tonic make of it) into an error, or has hyper drop this future. A chunk with
-        // `abort` set, an oversized chunk, the server's kill at the end of its shutdown grace
-        // and a deadline (tonic drops this future) discard the upload too. Dropping `tx`
-        // without `Commit` makes the writer discard the temp file.
-        let mut pending = Some(first.data);
-        let kill = self.inner.kill.clone();
-        let outcome: Result<(), Status> = loop {
-            let data = match pending.take() {
-                Some(d) => d,
-                None => {
-                    let next = tokio::select! {
-                        biased;
-                        _ = kill.cancelled() => break Err(ServerError::ShuttingDown.into()),
-                        m = inbound.message() => m,
-                    };
-                    match next {
-                        Ok(Some(m)) if m.abort => {
-                            break Err(
-                                ServerError::Aborted("the client aborted the upload".into()).into()
-                            )
-                        }
-                        Ok(Some(m)) => m.data,
-                        Ok(None) => break Ok(()),
-                        Err(s) => break Err(inbound_error(s)),
-                    }
-                }
-            };
-            if !data.is_empty() && tx.send(RawWrite::Data(data)).await.is_err() {
-                // The writer stopped on an error; it is reported below.
-                break Ok(());
-            }
-        };
-        if outcome.is_ok() {
-            let _ = tx.send(RawWrite::Commit).await;
-        }
-        drop(tx);
-        let written = match writer.await {
-            Ok(r) => r?,
-            Err(e) => return Err(Status::internal(format!("writer failed: {e}"))),
-        };
-        if let Err(s) = outcome {
-            debug!(status = %s.message(), "upload discarded");
-            return Err(s);
-        }
-        let written = written.ok_or_else(|| Status::internal("upload was not committed"))?;
-        Ok(Response::new(pb::WriteRawResponse {
-            bytes_written: written as i64,
-        }))
+        let r = self.write_raw_stream(Box::pin(req.into_inner())).await?;
+        Ok(Response::new(r))
     }
 
     #[instrument(level = "debug", skip_all, fields(path = %req.get_ref().path, recursive = req.get_ref().recursive))]

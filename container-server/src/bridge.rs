@@ -1,0 +1,385 @@
+//! `bridgepb.ContainerService` (WIRE-BRIDGE.md): today's Memoh protocol, served by the same
+//! [`Service`] as `mcpcontainer.ContainerService`.
+//!
+//! The `bridgepb` messages are a superset of the `mcpcontainer` ones under a new package name.
+//! Every method the two share runs the `mcpcontainer` handler: this module maps the shared
+//! fields across, gives the new fields their documented behaviour where it is small (ListDir
+//! paging and `max_entries`, WriteRaw `abort`), and answers UNIMPLEMENTED, naming the method or
+//! field, for what the server does not build yet (PTY exec, `clean_env`/`unset_env`, ListDir
+//! `collapse_threshold`, Tunnel, ReverseHTTP, the anchored NoFollow I/O, Terminal, WatchDir).
+//!
+//! Behaviour WIRE-BRIDGE.md section 3 changed without a new field (raw ReadFile lines, 0600
+//! uploads, 128+N exit codes) is not adopted here yet: a bridge caller sees what an
+//! `mcpcontainer` caller sees.
+
+use futures::StreamExt;
+use memoh_proto::pb::bridgepb as bp;
+use memoh_proto::pb::mcpcontainer as mp;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::error::ServerError;
+use crate::service::{BoxStream, Service};
+use bp::container_service_server::ContainerService as Bridge;
+use mp::container_service_server::ContainerService as Mcp;
+
+/// ListDir's page-size cap: a `limit` above it means this many (WIRE-BRIDGE.md section 3).
+pub const LIST_DIR_MAX_LIMIT: usize = 200;
+
+fn unimplemented(what: &str) -> Status {
+    ServerError::Unimplemented(format!(
+        "{what} is not implemented by this server (bridgepb.ContainerService)"
+    ))
+    .into()
+}
+
+fn file_entry(e: mp::FileEntry) -> bp::FileEntry {
+    bp::FileEntry {
+        path: e.path,
+        is_dir: e.is_dir,
+        size: e.size,
+        mode: e.mode,
+        mod_time: e.mod_time,
+        summary: String::new(),
+    }
+}
+
+/// The page of a listing a bridge caller asked for (WIRE-BRIDGE.md section 3, ListDir):
+/// `max_entries` > 0 refuses a listing above it; `total_count` counts every entry; `offset` < 0
+/// means 0; `limit` <= 0 means all, above [`LIST_DIR_MAX_LIMIT`] means that cap; `truncated`
+/// says entries remain past the page.
+pub fn list_dir_page(
+    mut entries: Vec<bp::FileEntry>,
+    offset: i32,
+    limit: i32,
+    max_entries: i32,
+) -> Result<bp::ListDirResponse, ServerError> {
+    if max_entries > 0 && entries.len() > max_entries as usize {
+        return Err(ServerError::TooManyEntries(format!(
+            "listing has more than max_entries ({max_entries}) entries"
+        )));
+    }
+    let total = entries.len();
+    let offset = usize::try_from(offset.max(0)).unwrap_or(0).min(total);
+    let limit = match usize::try_from(limit) {
+        Ok(0) | Err(_) => total,
+        Ok(l) => l.min(LIST_DIR_MAX_LIMIT),
+    };
+    entries.drain(..offset);
+    entries.truncate(limit);
+    let truncated = offset + entries.len() < total;
+    Ok(bp::ListDirResponse {
+        entries,
+        total_count: i32::try_from(total).unwrap_or(i32::MAX),
+        truncated,
+    })
+}
+
+/// Checks the first Exec message for fields this server does not implement.
+fn check_exec_first(m: &bp::ExecInput) -> Result<(), Status> {
+    if m.pty {
+        return Err(unimplemented("Exec with pty = true"));
+    }
+    if m.clean_env {
+        return Err(unimplemented("Exec field clean_env"));
+    }
+    if !m.unset_env.is_empty() {
+        return Err(unimplemented("Exec field unset_env"));
+    }
+    Ok(())
+}
+
+fn exec_input(m: bp::ExecInput) -> mp::ExecInput {
+    // `resize` only matters to PTY exec; in pipe mode it is ignored, as the bridge does.
+    mp::ExecInput {
+        command: m.command,
+        work_dir: m.work_dir,
+        env: m.env,
+        timeout_seconds: m.timeout_seconds,
+        stdin_data: m.stdin_data,
+    }
+}
+
+fn exec_output(m: mp::ExecOutput) -> bp::ExecOutput {
+    bp::ExecOutput {
+        stream: m.stream,
+        data: m.data,
+        exit_code: m.exit_code,
+    }
+}
+
+#[tonic::async_trait]
+impl Bridge for Service {
+    async fn read_file(
+        &self,
+        req: Request<bp::ReadFileRequest>,
+    ) -> Result<Response<bp::ReadFileResponse>, Status> {
+        let r = req.into_inner();
+        let m = mp::ReadFileRequest {
+            path: r.path,
+            line_offset: r.line_offset,
+            n_lines: r.n_lines,
+        };
+        let w = Mcp::read_file(self, Request::new(m)).await?.into_inner();
+        Ok(Response::new(bp::ReadFileResponse {
+            content: w.content,
+            total_lines: w.total_lines,
+            binary: w.binary,
+        }))
+    }
+
+    async fn write_file(
+        &self,
+        req: Request<bp::WriteFileRequest>,
+    ) -> Result<Response<bp::WriteFileResponse>, Status> {
+        let r = req.into_inner();
+        let m = mp::WriteFileRequest {
+            path: r.path,
+            content: r.content,
+        };
+        Mcp::write_file(self, Request::new(m)).await?;
+        Ok(Response::new(bp::WriteFileResponse {}))
+    }
+
+    async fn list_dir(
+        &self,
+        req: Request<bp::ListDirRequest>,
+    ) -> Result<Response<bp::ListDirResponse>, Status> {
+        let r = req.into_inner();
+        if r.collapse_threshold > 0 {
+            return Err(unimplemented("ListDir field collapse_threshold"));
+        }
+        let m = mp::ListDirRequest {
+            path: r.path,
+            recursive: r.recursive,
+        };
+        let l = Mcp::list_dir(self, Request::new(m)).await?.into_inner();
+        let mut entries: Vec<bp::FileEntry> = l.entries.into_iter().map(file_entry).collect();
+        if r.recursive {
+            // The bridge sorts a recursive listing by path, bytewise (`a`, `a.txt`, `a/b`).
+            entries.sort_by(|a, b| a.path.as_bytes().cmp(b.path.as_bytes()));
+        }
+        Ok(Response::new(list_dir_page(
+            entries,
+            r.offset,
+            r.limit,
+            r.max_entries,
+        )?))
+    }
+
+    async fn stat(
+        &self,
+        req: Request<bp::StatRequest>,
+    ) -> Result<Response<bp::StatResponse>, Status> {
+        let m = mp::StatRequest {
+            path: req.into_inner().path,
+        };
+        let s = Mcp::stat(self, Request::new(m)).await?.into_inner();
+        Ok(Response::new(bp::StatResponse {
+            entry: s.entry.map(file_entry),
+        }))
+    }
+
+    async fn mkdir(
+        &self,
+        req: Request<bp::MkdirRequest>,
+    ) -> Result<Response<bp::MkdirResponse>, Status> {
+        let m = mp::MkdirRequest {
+            path: req.into_inner().path,
+        };
+        Mcp::mkdir(self, Request::new(m)).await?;
+        Ok(Response::new(bp::MkdirResponse {}))
+    }
+
+    async fn rename(
+        &self,
+        req: Request<bp::RenameRequest>,
+    ) -> Result<Response<bp::RenameResponse>, Status> {
+        let r = req.into_inner();
+        let m = mp::RenameRequest {
+            old_path: r.old_path,
+            new_path: r.new_path,
+        };
+        Mcp::rename(self, Request::new(m)).await?;
+        Ok(Response::new(bp::RenameResponse {}))
+    }
+
+    type ExecStream = BoxStream<bp::ExecOutput>;
+
+    async fn exec(
+        &self,
+        req: Request<Streaming<bp::ExecInput>>,
+    ) -> Result<Response<Self::ExecStream>, Status> {
+        let mut inbound = req.into_inner();
+        // The first message decides what runs: refuse what is not built before anything starts.
+        let first = match inbound.next().await {
+            Some(Ok(m)) => {
+                check_exec_first(&m)?;
+                Some(Ok(m))
+            }
+            other => other,
+        };
+        let all = futures::stream::iter(first)
+            .chain(inbound)
+            .map(|m| m.map(exec_input));
+        let out = self.exec_stream(Box::pin(all)).await?;
+        Ok(Response::new(Box::pin(out.map(|r| r.map(exec_output)))))
+    }
+
+    type ReadRawStream = BoxStream<bp::DataChunk>;
+
+    async fn read_raw(
+        &self,
+        req: Request<bp::ReadRawRequest>,
+    ) -> Result<Response<Self::ReadRawStream>, Status> {
+        let m = mp::ReadRawRequest {
+            path: req.into_inner().path,
+        };
+        let s = Mcp::read_raw(self, Request::new(m)).await?.into_inner();
+        let s = s.map(|r| r.map(|c| bp::DataChunk { data: c.data }));
+        Ok(Response::new(Box::pin(s)))
+    }
+
+    async fn write_raw(
+        &self,
+        req: Request<Streaming<bp::WriteRawChunk>>,
+    ) -> Result<Response<bp::WriteRawResponse>, Status> {
+        let chunks = req.into_inner().map(|r| {
+            r.map(|c| mp::WriteRawChunk {
+                path: c.path,
+                data: c.data,
+                abort: c.abort,
+            })
+        });
+        let w = self.write_raw_stream(Box::pin(chunks)).await?;
+        Ok(Response::new(bp::WriteRawResponse {
+            bytes_written: w.bytes_written,
+        }))
+    }
+
+    async fn delete_file(
+        &self,
+        req: Request<bp::DeleteFileRequest>,
+    ) -> Result<Response<bp::DeleteFileResponse>, Status> {
+        let r = req.into_inner();
+        let m = mp::DeleteFileRequest {
+            path: r.path,
+            recursive: r.recursive,
+        };
+        Mcp::delete_file(self, Request::new(m)).await?;
+        Ok(Response::new(bp::DeleteFileResponse {}))
+    }
+
+    type TunnelStream = BoxStream<bp::TunnelFrame>;
+
+    async fn tunnel(
+        &self,
+        _req: Request<Streaming<bp::TunnelFrame>>,
+    ) -> Result<Response<Self::TunnelStream>, Status> {
+        Err(unimplemented("Tunnel"))
+    }
+
+    type ReverseHTTPStream = BoxStream<bp::ReverseHttpFrame>;
+
+    async fn reverse_http(
+        &self,
+        _req: Request<Streaming<bp::ReverseHttpFrame>>,
+    ) -> Result<Response<Self::ReverseHTTPStream>, Status> {
+        Err(unimplemented("ReverseHTTP"))
+    }
+
+    type ReadRawNoFollowStream = BoxStream<bp::DataChunk>;
+
+    async fn read_raw_no_follow(
+        &self,
+        _req: Request<bp::ReadRawNoFollowRequest>,
+    ) -> Result<Response<Self::ReadRawNoFollowStream>, Status> {
+        Err(unimplemented("ReadRawNoFollow"))
+    }
+
+    async fn write_raw_no_follow(
+        &self,
+        _req: Request<Streaming<bp::WriteRawNoFollowChunk>>,
+    ) -> Result<Response<bp::WriteRawResponse>, Status> {
+        Err(unimplemented("WriteRawNoFollow"))
+    }
+
+    type TerminalStream = BoxStream<bp::TerminalServer>;
+
+    async fn terminal(
+        &self,
+        _req: Request<Streaming<bp::TerminalClient>>,
+    ) -> Result<Response<Self::TerminalStream>, Status> {
+        Err(unimplemented("Terminal"))
+    }
+
+    type WatchDirStream = BoxStream<bp::WatchDirEvent>;
+
+    async fn watch_dir(
+        &self,
+        _req: Request<bp::WatchDirRequest>,
+    ) -> Result<Response<Self::WatchDirStream>, Status> {
+        Err(unimplemented("WatchDir"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entries(n: usize) -> Vec<bp::FileEntry> {
+        (0..n)
+            .map(|i| bp::FileEntry {
+                path: format!("f{i:03}"),
+                ..Default::default()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn list_dir_pages() {
+        // (count, offset, limit, max_entries) -> (first path, returned, total, truncated)
+        let cases = [
+            (5, 0, 0, 0, Some("f000"), 5, 5, false),
+            (5, -3, 2, 0, Some("f000"), 2, 5, true),
+            (5, 3, 2, 0, Some("f003"), 2, 5, false),
+            (5, 9, 2, 0, None, 0, 5, false),
+            (300, 0, 1000, 0, Some("f000"), 200, 300, true),
+            (5, 0, 0, 5, Some("f000"), 5, 5, false),
+        ];
+        for (n, off, lim, max, first, ret, total, trunc) in cases {
+            let r = list_dir_page(entries(n), off, lim, max).unwrap();
+            let case = (n, off, lim, max);
+            assert_eq!(
+                r.entries.first().map(|e| e.path.as_str()),
+                first,
+                "{case:?}"
+            );
+            assert_eq!(r.entries.len(), ret, "{case:?}");
+            assert_eq!(r.total_count, total, "{case:?}");
+            assert_eq!(r.truncated, trunc, "{case:?}");
+        }
+        let err = list_dir_page(entries(6), 0, 0, 5).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+        assert!(err.to_string().contains("max_entries"), "{err}");
+    }
+
+    #[test]
+    fn exec_fields_not_built_are_named() {
+        let pty = bp::ExecInput {
+            pty: true,
+            ..Default::default()
+        };
+        let s = check_exec_first(&pty).unwrap_err();
+        assert_eq!(s.code(), tonic::Code::Unimplemented);
+        assert!(s.message().contains("pty"), "{}", s.message());
+        let unset = bp::ExecInput {
+            unset_env: vec!["HOME".into()],
+            ..Default::default()
+        };
+        assert!(check_exec_first(&unset)
+            .unwrap_err()
+            .message()
+            .contains("unset_env"));
+        assert!(check_exec_first(&bp::ExecInput::default()).is_ok());
+    }
+}
