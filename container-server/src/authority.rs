@@ -321,7 +321,9 @@ mod tests {
         f
     }
 
-    fn run(input: &[u8]) -> (Vec<Vec<(Vec<u8>, Vec<u8>)>>, Vec<u8>) {
+    type Headers = Vec<(Vec<u8>, Vec<u8>)>;
+
+    fn run(input: &[u8]) -> (Vec<Headers>, Vec<u8>) {
         let mut fix = AuthorityFix::new(());
         fix.inbuf.extend_from_slice(input);
         fix.process();
@@ -348,7 +350,7 @@ mod tests {
     #[test]
     fn a_path_authority_becomes_localhost_and_the_table_is_kept() {
         let mut enc = hpack::Encoder::new();
-        let h1 = vec![
+        let h1 = [
             (b":authority".to_vec(), b"/run/memoh/bridge.sock".to_vec()),
             (
                 b":path".to_vec(),

@@ -40,7 +40,7 @@ pub enum Conn {
     /// From a TCP listener.
     Tcp(TcpStream),
     /// From a unix-socket listener.
-    Unix(AuthorityFix<UnixStream>),
+    Unix(Box<AuthorityFix<UnixStream>>),
 }
 
 /// Where a [`Conn`] came from, for tonic's request extensions.
@@ -71,7 +71,7 @@ impl AsyncRead for Conn {
     ) -> std::task::Poll<std::io::Result<()>> {
         match self.get_mut() {
             Conn::Tcp(s) => std::pin::Pin::new(s).poll_read(cx, buf),
-            Conn::Unix(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            Conn::Unix(s) => std::pin::Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -84,7 +84,7 @@ impl AsyncWrite for Conn {
     ) -> std::task::Poll<std::io::Result<usize>> {
         match self.get_mut() {
             Conn::Tcp(s) => std::pin::Pin::new(s).poll_write(cx, buf),
-            Conn::Unix(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            Conn::Unix(s) => std::pin::Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
 
@@ -95,7 +95,7 @@ impl AsyncWrite for Conn {
     ) -> std::task::Poll<std::io::Result<usize>> {
         match self.get_mut() {
             Conn::Tcp(s) => std::pin::Pin::new(s).poll_write_vectored(cx, bufs),
-            Conn::Unix(s) => std::pin::Pin::new(s).poll_write_vectored(cx, bufs),
+            Conn::Unix(s) => std::pin::Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
         }
     }
 
@@ -112,7 +112,7 @@ impl AsyncWrite for Conn {
     ) -> std::task::Poll<std::io::Result<()>> {
         match self.get_mut() {
             Conn::Tcp(s) => std::pin::Pin::new(s).poll_flush(cx),
-            Conn::Unix(s) => std::pin::Pin::new(s).poll_flush(cx),
+            Conn::Unix(s) => std::pin::Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
@@ -122,7 +122,7 @@ impl AsyncWrite for Conn {
     ) -> std::task::Poll<std::io::Result<()>> {
         match self.get_mut() {
             Conn::Tcp(s) => std::pin::Pin::new(s).poll_shutdown(cx),
-            Conn::Unix(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            Conn::Unix(s) => std::pin::Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 }
@@ -137,7 +137,8 @@ fn incoming(l: Listener) -> Incoming {
                 .map(|r| r.map(Conn::Tcp)),
         ),
         Listener::Unix(l) => Box::pin(
-            UnixListenerStream::new(l).map(|r| r.map(|s| Conn::Unix(AuthorityFix::new(s)))),
+            UnixListenerStream::new(l)
+                .map(|r| r.map(|s| Conn::Unix(Box::new(AuthorityFix::new(s))))),
         ),
     }
 }
