@@ -632,7 +632,7 @@ async fn a_create_whose_record_fails_takes_its_snapshot_back() {
     let before = h.rt.world();
     h.rt.fail("create_container", 1);
     let e =
-        h.m.create(bot, None, &Default::default())
+        h.m.create(bot, None, &Default::default(), &Default::default())
             .await
             .expect_err("the record failed");
     assert!(e.to_string().contains("create_container"), "{e}");
@@ -640,7 +640,7 @@ async fn a_create_whose_record_fails_takes_its_snapshot_back() {
     assert!(!h.bot_dir(bot).exists(), "its token goes too");
     // The id is free: a create now gets as far as the start.
     let e =
-        h.m.create(bot, None, &Default::default())
+        h.m.create(bot, None, &Default::default(), &Default::default())
             .await
             .expect_err("no start in unit tests");
     assert!(e.to_string().contains("snapshot_mounts"), "{e}");
@@ -652,7 +652,7 @@ async fn a_create_whose_record_was_made_but_not_confirmed_keeps_the_bot() {
     let h = harness();
     let bot = "unconfirmed";
     h.rt.fail_after("create_container", 1);
-    h.m.create(bot, None, &Default::default())
+    h.m.create(bot, None, &Default::default(), &Default::default())
         .await
         .expect_err("the answer was lost");
     // The bot exists (its record does): nothing of it is undone; reconcile starts it.
@@ -672,7 +672,7 @@ async fn a_failed_create_containerd_cannot_confirm_is_undone_by_recovery() {
     // own, recovery's and the lookup that found no bot), and containerd does not answer.
     h.rt.fail("get_container", 4);
     let e =
-        h.m.create(bot, None, &Default::default())
+        h.m.create(bot, None, &Default::default(), &Default::default())
             .await
             .expect_err("the record failed");
     assert!(e.to_string().contains("create_container"), "{e}");
@@ -714,7 +714,7 @@ async fn versions_kept_by_bot_rm_stay_for_a_later_bot_of_that_id() {
     assert_eq!(h.rt.world(), world);
 
     // A new bot of that id starts empty, sees the kept version, and numbers go on from it.
-    h.m.create(bot, None, &Default::default())
+    h.m.create(bot, None, &Default::default(), &Default::default())
         .await
         .expect_err("no start in unit tests");
     assert_eq!(h.bot_view(bot).get("/data/f"), None);
