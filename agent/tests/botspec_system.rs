@@ -63,12 +63,36 @@ fn server_env(a: &TestAgent, bot: &str) -> Vec<String> {
         .collect()
 }
 
+/// The process environment of the bot's container record (`ctr containers info`).
+fn spec_env(a: &TestAgent, bot: &str) -> Vec<String> {
+    let out = common::sh(
+        "ctr",
+        &[
+            "--address",
+            &a.env.sock.display().to_string(),
+            "-n",
+            &a.namespace,
+            "containers",
+            "info",
+            &format!("mcp-{bot}"),
+        ],
+    );
+    assert!(out.status.success(), "ctr containers info: {out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ctr prints JSON");
+    v["Spec"]["process"]["env"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no process env in {v}"))
+        .iter()
+        .map(|e| e.as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
 /// Everything the spec of the bot made by the main test puts in the bot, checked inside it.
 fn check_spec(a: &TestAgent, bot: &str, data: &Path, when: &str) {
-    let env = server_env(a, bot);
-    let ours: Vec<&str> = env
-        .iter()
-        .map(String::as_str)
+    // The record's process environment, in order: the image's PATH in its place with the
+    // bot's value, the bot's variables (a later one of a name wins), the agent's own last.
+    let ours: Vec<String> = spec_env(a, bot)
+        .into_iter()
         .filter(|l| {
             ["PATH=", "A=", "B=", "MCP_AUTH_TOKEN_FILE="]
                 .iter()
@@ -78,13 +102,20 @@ fn check_spec(a: &TestAgent, bot: &str, data: &Path, when: &str) {
     assert_eq!(
         ours,
         [
-            &format!("PATH={PATH}") as &str,
-            "A=3",
-            "B=two words",
-            "MCP_AUTH_TOKEN_FILE=/run/memoh/token"
+            format!("PATH={PATH}"),
+            "A=3".into(),
+            "B=two words".into(),
+            "MCP_AUTH_TOKEN_FILE=/run/memoh/token".into()
         ],
-        "{when}: the server's environment is {env:?}"
+        "{when}"
     );
+    // The server (its entrypoint's shell orders what it exports) has the same values.
+    let mut env = server_env(a, bot);
+    env.retain(|l| ours.contains(l));
+    env.sort();
+    let mut want = ours.clone();
+    want.sort();
+    assert_eq!(env, want, "{when}: the server's environment");
     // A command the bot runs sees it too.
     let out = a.ok(&["exec", bot, "--", "env"]);
     assert!(
