@@ -238,8 +238,12 @@ impl Manager {
         opts.cgroups_path = Some(ids::cgroup_path(&self.cfg.namespace, bot));
         // runc cannot raise a limit above the hard limit it inherits from containerd.
         opts.nofile = opts.nofile.min(host_nofile_limit());
-        // The bot's environment after the image's, the agent's own last.
+        // The bot's environment after the image's, the agent's own last; a TZ of the bot's
+        // own wins over the host's.
         opts.extra_env = bot_spec.env.clone();
+        if bot_spec.env.iter().any(|(k, _)| k == "TZ") {
+            opts.host_tz = None;
+        }
         opts.extra_env
             .push(("MCP_AUTH_TOKEN_FILE".into(), TOKEN_MOUNT.into()));
         opts.extra_mounts.push(BindMount {
@@ -258,6 +262,8 @@ impl Manager {
             labels.insert(LABEL_SNAPSHOT_PARENT.to_string(), p.to_string());
         }
         labels.extend(extra_labels.clone());
+        // The spec as applied (its mounts' host directories as resolved now).
+        labels.extend(bot_spec.labels());
         self.rt
             .create_container(&NewContainer {
                 id: cid,
