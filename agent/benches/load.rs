@@ -530,6 +530,7 @@ async fn create_bots(sock: &Path, bots: &[String], st: &mut Step) {
                         bot_id: bot.clone(),
                         image: String::new(),
                         limits: None,
+                        spec: None,
                     })
                     .await;
                 (bot, r.map(|r| r.into_inner()), t.elapsed())

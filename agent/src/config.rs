@@ -77,6 +77,13 @@ pub struct Config {
     /// `[bot_defaults]`: the resource limits of a bot created without its own (`memory`,
     /// `cpus`, `pids`, `disk`; each may be `"unlimited"`).
     pub bot_defaults: crate::bots::limits::BotDefaults,
+    /// Nameservers a bot gets when it sets none of its own and the host's `/etc/resolv.conf`
+    /// names only loopback resolvers (a local stub such as `127.0.0.53`, unreachable from a
+    /// bot) or none at all.
+    pub dns_fallback: Vec<std::net::IpAddr>,
+    /// Host directories under which a bot's read-only bind mounts (`bot create --mount`) may
+    /// lie, symlinks resolved. Empty (the default): no host directory may be mounted.
+    pub mount_allowed: Vec<PathBuf>,
 }
 
 /// Smallest accepted `server_log_max_bytes`.
@@ -113,6 +120,8 @@ impl Default for Config {
             server_log_max_bytes: 10 * 1024 * 1024,
             server_log_keep: 2,
             bot_defaults: crate::bots::limits::BotDefaults::default(),
+            dns_fallback: vec![[1, 1, 1, 1].into(), [8, 8, 8, 8].into()],
+            mount_allowed: Vec::new(),
         }
     }
 }
@@ -146,6 +155,21 @@ impl Config {
             .limits()
             .check()
             .map_err(|e| format!("[bot_defaults]: {e}"))?;
+        if let Some(a) = c.mount_allowed.iter().find(|a| !a.is_absolute()) {
+            return Err(format!(
+                "mount_allowed: {} is not an absolute path",
+                a.display()
+            ));
+        }
+        if let Some(a) = c
+            .dns_fallback
+            .iter()
+            .find(|a| a.is_loopback() || a.is_unspecified())
+        {
+            return Err(format!(
+                "dns_fallback: {a} is unreachable from a bot (loopback or unspecified)"
+            ));
+        }
         if c.server_log_max_bytes < MIN_SERVER_LOG_BYTES {
             return Err(format!(
                 "server_log_max_bytes is {}; it must be at least {MIN_SERVER_LOG_BYTES}",
@@ -249,6 +273,30 @@ mod tests {
         assert!(e.contains("server_log_max_bytes"), "{e}");
         let e = Config::parse("server_log_keep = 1000").unwrap_err();
         assert!(e.contains("server_log_keep"), "{e}");
+    }
+
+    #[test]
+    fn bot_spec_keys() {
+        let d = Config::default();
+        assert_eq!(
+            d.dns_fallback,
+            [
+                "1.1.1.1".parse::<std::net::IpAddr>().unwrap(),
+                "8.8.8.8".parse().unwrap()
+            ]
+        );
+        assert!(d.mount_allowed.is_empty());
+        let c = Config::parse(
+            "dns_fallback = [\"9.9.9.9\", \"2620:fe::fe\"]\nmount_allowed = [\"/srv/shared\"]",
+        )
+        .unwrap();
+        assert_eq!(c.dns_fallback.len(), 2);
+        assert_eq!(c.mount_allowed, [PathBuf::from("/srv/shared")]);
+        let e = Config::parse("mount_allowed = [\"srv\"]").unwrap_err();
+        assert!(e.contains("mount_allowed"), "{e}");
+        let e = Config::parse("dns_fallback = [\"127.0.0.53\"]").unwrap_err();
+        assert!(e.contains("dns_fallback"), "{e}");
+        assert!(Config::parse("dns_fallback = [\"nope\"]").is_err());
     }
 
     #[test]

@@ -13,7 +13,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
-use super::convert::{bot_info, limits_change, progress_msg, snapshot_info};
+use super::convert::{bot_info, bot_spec, limits_change, progress_msg, snapshot_info};
 use super::detached;
 use crate::bots::Manager;
 use crate::containerd::{Progress, PullOptions};
@@ -68,7 +68,8 @@ impl AgentService for Control {
         // Detached: the bot is created even if the caller goes away mid-way.
         let info = detached("create", async move {
             let limits = limits_change(r.limits.as_ref())?;
-            mgr.create(&r.bot_id, Some(&r.image), &limits).await
+            let spec = bot_spec(r.spec.as_ref())?;
+            mgr.create(&r.bot_id, Some(&r.image), &limits, &spec).await
         })
         .await?;
         Ok(Response::new(bot_info(info)))

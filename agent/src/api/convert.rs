@@ -20,6 +20,7 @@ pub fn rfc3339(t: Option<SystemTime>) -> String {
 
 /// A domain bot as the wire `BotInfo`.
 pub fn bot_info(b: BotInfo) -> pb::BotInfo {
+    let hostname = b.spec.hostname_of(&b.bot_id).to_string();
     pb::BotInfo {
         bot_id: b.bot_id,
         container_id: b.container_id,
@@ -46,7 +47,41 @@ pub fn bot_info(b: BotInfo) -> pb::BotInfo {
             disk_bytes: b.usage.disk,
             oom_kills: b.usage.cgroup.oom_kills,
         }),
+        spec: Some(pb::BotSpec {
+            env: b.spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+            dns: b.spec.dns.iter().map(ToString::to_string).collect(),
+            dns_search: b.spec.dns_search.clone(),
+            hostname,
+            mounts: b
+                .spec
+                .mounts
+                .iter()
+                .map(|m| pb::BotMount {
+                    host: m.host.display().to_string(),
+                    container: m.container.display().to_string(),
+                })
+                .collect(),
+        }),
     }
+}
+
+/// The wire's bot spec as the domain's (parsed and checked, the mounts' host side not yet);
+/// none is the default spec.
+pub fn bot_spec(
+    s: Option<&pb::BotSpec>,
+) -> Result<crate::bots::spec::BotSpec, crate::error::AgentError> {
+    let Some(s) = s else {
+        return Ok(Default::default());
+    };
+    let mounts = s
+        .mounts
+        .iter()
+        .map(|m| crate::bots::spec::SpecMount {
+            host: m.host.clone().into(),
+            container: m.container.clone().into(),
+        })
+        .collect();
+    crate::bots::spec::BotSpec::parse(&s.env, &s.dns, &s.dns_search, &s.hostname, mounts)
 }
 
 /// The wire's limits change as the domain's (parsed and checked); none is no change.

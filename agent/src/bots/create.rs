@@ -6,13 +6,14 @@ use std::time::Duration;
 
 use tracing::{info, warn};
 
-use crate::containerd::spec::{build_spec, BindMount, SpecOptions};
+use crate::containerd::spec::{build_spec, BindMount, SpecOptions, HOST_RESOLV_CONF};
 use crate::containerd::{label_filter, ContainerInfo, NewContainer, TaskState};
 use crate::error::AgentError;
 use crate::ids::{self, LABEL_BOT_ID, LABEL_DESIRED, LABEL_IMAGE, LABEL_SNAPSHOT_PARENT};
 
 use super::fault::fault;
 use super::limits::LimitsChange;
+use super::spec::{resolv_conf, BotSpec};
 use super::{
     deleting, lock, BotInfo, Manager, DESIRED_DELETED, DESIRED_DELETED_KEEP_VERSIONS, TOKEN_MOUNT,
 };
@@ -33,15 +34,26 @@ impl Manager {
     /// reused, never discarded: a stopped one is started, a running one with the same image is
     /// the answer (create is idempotent), one with another image is [`AgentError::BotConflict`].
     /// `limits` changes the configured defaults for this bot; asking an existing bot for other
-    /// limits than it has is refused (that is `bot update`).
+    /// limits than it has is refused (that is `bot update`). `spec` (environment, DNS,
+    /// hostname, mounts) is the bot's for good: its mounts' host directories must lie under
+    /// the configured `mount_allowed`, and asking an existing bot for another spec is a
+    /// conflict.
     pub async fn create(
         &self,
         bot: &str,
         image: Option<&str>,
         limits: &LimitsChange,
+        spec: &BotSpec,
     ) -> Result<BotInfo, AgentError> {
         ids::validate(bot)?;
         let wanted = self.cfg.bot_defaults.limits().with(limits).check()?;
+        spec.check()?;
+        let spec = {
+            let (s, allowed) = (spec.clone(), self.cfg.mount_allowed.clone());
+            tokio::task::spawn_blocking(move || s.resolve_mounts(&allowed))
+                .await
+                .map_err(|e| AgentError::io("mount check", std::io::Error::other(e)))??
+        };
         let _g = self.lock_bot(bot).await;
         let cid = ids::container_id(bot);
         let mut existing = match self.container_locked(bot).await {
@@ -70,6 +82,13 @@ impl Manager {
                     have: have.clone(),
                     want,
                 });
+            }
+            let have_spec = BotSpec::from_labels(&c.labels)?;
+            if have_spec != spec {
+                return Err(AgentError::FailedPrecondition(format!(
+                    "bot {bot:?} already exists with another spec (env, dns, hostname or \
+                     mounts); delete it to create it anew"
+                )));
             }
             let have = self.limits_of(&c);
             if have.with(limits) != have {
@@ -116,6 +135,8 @@ impl Manager {
             }
         };
         fault("create");
+        let mut record_labels = wanted.labels();
+        record_labels.extend(spec.labels());
         let c = match self
             .create_container_record(
                 bot,
@@ -123,7 +144,7 @@ impl Manager {
                 &resolved.config,
                 &snapshot_key,
                 parent.as_deref(),
-                &wanted.labels(),
+                &record_labels,
             )
             .await
         {
@@ -177,8 +198,10 @@ impl Manager {
         }
     }
 
-    /// Writes a fresh token and creates the container record (spec, labels) on `snapshot_key`,
-    /// whose parent is `parent`.
+    /// Writes a fresh token and the bot's resolv.conf and creates the container record
+    /// (runtime spec, labels) on `snapshot_key`, whose parent is `parent`. The bot spec
+    /// recorded in `extra_labels` ([`BotSpec::from_labels`]) goes on the runtime spec, its
+    /// mounts checked against `mount_allowed` again (a directory since disallowed is refused).
     pub(super) async fn create_container_record(
         &self,
         bot: &str,
@@ -189,6 +212,15 @@ impl Manager {
         extra_labels: &HashMap<String, String>,
     ) -> Result<ContainerInfo, AgentError> {
         let cid = ids::container_id(bot);
+        let bot_spec = {
+            let (s, allowed) = (
+                BotSpec::from_labels(extra_labels)?,
+                self.cfg.mount_allowed.clone(),
+            );
+            tokio::task::spawn_blocking(move || s.resolve_mounts(&allowed))
+                .await
+                .map_err(|e| AgentError::io("mount check", std::io::Error::other(e)))??
+        };
         let dir = ids::bot_dir(&self.cfg.state_dir, bot);
         let token = new_token()?;
         let token_path = ids::token_path(&self.cfg.state_dir, bot);
@@ -198,12 +230,20 @@ impl Manager {
                 .await
                 .map_err(|e| AgentError::io(&dir, std::io::Error::other(e)))??;
         }
+        let resolv = self.write_resolv_conf(bot, &bot_spec).await?;
         let netns = self.net.netns_path(bot);
-        let mut opts = SpecOptions::new(&cid, bot).with_host_files();
+        let mut opts = SpecOptions::new(&cid, bot_spec.hostname_of(bot)).with_host_files();
+        opts.resolv_conf = Some(resolv);
         opts.netns_path = Some(netns);
         opts.cgroups_path = Some(ids::cgroup_path(&self.cfg.namespace, bot));
         // runc cannot raise a limit above the hard limit it inherits from containerd.
         opts.nofile = opts.nofile.min(host_nofile_limit());
+        // The bot's environment after the image's, the agent's own last; a TZ of the bot's
+        // own wins over the host's.
+        opts.extra_env = bot_spec.env.clone();
+        if bot_spec.env.iter().any(|(k, _)| k == "TZ") {
+            opts.host_tz = None;
+        }
         opts.extra_env
             .push(("MCP_AUTH_TOKEN_FILE".into(), TOKEN_MOUNT.into()));
         opts.extra_mounts.push(BindMount {
@@ -211,6 +251,7 @@ impl Manager {
             destination: PathBuf::from(TOKEN_MOUNT),
             readonly: true,
         });
+        opts.extra_mounts.extend(bot_spec.bind_mounts());
         let spec = build_spec(image_config, &opts)?;
         let mut labels = HashMap::from([
             (LABEL_BOT_ID.to_string(), bot.to_string()),
@@ -221,6 +262,8 @@ impl Manager {
             labels.insert(LABEL_SNAPSHOT_PARENT.to_string(), p.to_string());
         }
         labels.extend(extra_labels.clone());
+        // The spec as applied (its mounts' host directories as resolved now).
+        labels.extend(bot_spec.labels());
         self.rt
             .create_container(&NewContainer {
                 id: cid,
@@ -230,6 +273,30 @@ impl Manager {
                 spec,
             })
             .await
+    }
+
+    /// Writes the bot's resolv.conf (`<state_dir>/bots/BOT/resolv.conf`, bound read-only at
+    /// `/etc/resolv.conf`) from its spec, or from the host's with loopback resolvers replaced
+    /// by `dns_fallback`; returns its path. Done at every record build and every start, so a
+    /// bot follows the host's resolvers.
+    pub(super) async fn write_resolv_conf(
+        &self,
+        bot: &str,
+        spec: &BotSpec,
+    ) -> Result<PathBuf, AgentError> {
+        let host = match tokio::fs::read_to_string(HOST_RESOLV_CONF).await {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(AgentError::io(HOST_RESOLV_CONF, e)),
+        };
+        let text = resolv_conf(spec, &host, &self.cfg.dns_fallback);
+        let dir = ids::bot_dir(&self.cfg.state_dir, bot);
+        let path = dir.join(RESOLV_CONF_FILE);
+        let p = path.clone();
+        tokio::task::spawn_blocking(move || write_readable(&dir, &p, &text))
+            .await
+            .map_err(|e| AgentError::io(&path, std::io::Error::other(e)))??;
+        Ok(path)
     }
 
     /// Deletes the bot: task entries first, then the network, the container, its snapshots
@@ -317,11 +384,34 @@ pub(super) fn host_nofile_limit() -> u64 {
         .unwrap_or(1024)
 }
 
+/// Name of a bot's resolv.conf in its state directory.
+pub const RESOLV_CONF_FILE: &str = "resolv.conf";
+
 /// Writes `content` to `path` (mode 0600) inside `dir` (created 0700).
 pub(crate) fn write_private(
     dir: &std::path::Path,
     path: &std::path::Path,
     content: &str,
+) -> Result<(), AgentError> {
+    write_file(dir, path, content, 0o600)
+}
+
+/// Writes `content` to `path` (mode 0644: a bot's processes of any user read it) inside `dir`
+/// (created 0700).
+fn write_readable(
+    dir: &std::path::Path,
+    path: &std::path::Path,
+    content: &str,
+) -> Result<(), AgentError> {
+    write_file(dir, path, content, 0o644)
+}
+
+/// Writes `content` to `path` with `mode` through a temporary file and a rename.
+fn write_file(
+    dir: &std::path::Path,
+    path: &std::path::Path,
+    content: &str,
+    mode: u32,
 ) -> Result<(), AgentError> {
     use std::io::Write;
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -335,7 +425,7 @@ pub(crate) fn write_private(
         .write(true)
         .create(true)
         .truncate(true)
-        .mode(0o600)
+        .mode(mode)
         .open(&tmp)
         .map_err(|e| AgentError::io(&tmp, e))?;
     f.write_all(content.as_bytes())

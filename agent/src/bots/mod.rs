@@ -13,6 +13,7 @@
 //! - [`create`]: create (and its undo) and delete;
 //! - [`bundles`]: task bundles a killed containerd left half-deleted, removed before a start;
 //! - [`run`]: start, stop, attaching the network, waiting for the server;
+//! - [`spec`]: the bot spec a platform sets (environment, DNS, hostname, mounts);
 //! - [`route`]: the pooled client of a bot and what a failed call triggers;
 //! - [`watch`]: reconcile, the task and link watchers, crash restarts with backoff;
 //! - [`versions`]: versions (snapshots) of a bot and the cycle that takes them;
@@ -33,6 +34,7 @@ pub mod recover;
 pub mod resources;
 pub mod route;
 pub mod run;
+pub mod spec;
 #[cfg(test)]
 mod tests;
 pub mod versions;
@@ -115,6 +117,8 @@ pub struct BotInfo {
     pub limits: limits::Limits,
     /// What it uses (cgroup figures are empty while it has no task).
     pub usage: resources::BotUsage,
+    /// Its environment, DNS, hostname and mounts as recorded ([`spec::LABEL_SPEC`]).
+    pub spec: spec::BotSpec,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -382,6 +386,8 @@ impl Manager {
             lost_state: c.labels.get(LABEL_LOST_STATE).cloned(),
             limits: self.limits_of(c),
             usage,
+            // A label that cannot be read shows as the default; create and rebuilds refuse it.
+            spec: spec::BotSpec::from_labels(&c.labels).unwrap_or_default(),
         })
     }
 }

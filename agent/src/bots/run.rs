@@ -69,7 +69,8 @@ impl Manager {
                 &ids::cgroup_path(&self.cfg.namespace, bot),
             );
             let limits = self.apply_limits(bot, c, &mut spec).await?;
-            if privileges || names || limits {
+            let dns = self.refresh_resolv_conf(bot, c, &mut spec).await?;
+            if privileges || names || limits || dns {
                 self.rt.update_container_spec(cid, &spec).await?;
             }
             if privileges || names {
@@ -83,7 +84,7 @@ impl Manager {
                     self.net.retire_netns(bot, &old).await;
                 }
             }
-            if names || limits {
+            if names || limits || dns {
                 renamed = Some(ContainerInfo {
                     spec: Some(spec),
                     ..c.clone()

@@ -632,7 +632,7 @@ async fn a_create_whose_record_fails_takes_its_snapshot_back() {
     let before = h.rt.world();
     h.rt.fail("create_container", 1);
     let e =
-        h.m.create(bot, None, &Default::default())
+        h.m.create(bot, None, &Default::default(), &Default::default())
             .await
             .expect_err("the record failed");
     assert!(e.to_string().contains("create_container"), "{e}");
@@ -640,7 +640,7 @@ async fn a_create_whose_record_fails_takes_its_snapshot_back() {
     assert!(!h.bot_dir(bot).exists(), "its token goes too");
     // The id is free: a create now gets as far as the start.
     let e =
-        h.m.create(bot, None, &Default::default())
+        h.m.create(bot, None, &Default::default(), &Default::default())
             .await
             .expect_err("no start in unit tests");
     assert!(e.to_string().contains("snapshot_mounts"), "{e}");
@@ -652,7 +652,7 @@ async fn a_create_whose_record_was_made_but_not_confirmed_keeps_the_bot() {
     let h = harness();
     let bot = "unconfirmed";
     h.rt.fail_after("create_container", 1);
-    h.m.create(bot, None, &Default::default())
+    h.m.create(bot, None, &Default::default(), &Default::default())
         .await
         .expect_err("the answer was lost");
     // The bot exists (its record does): nothing of it is undone; reconcile starts it.
@@ -672,7 +672,7 @@ async fn a_failed_create_containerd_cannot_confirm_is_undone_by_recovery() {
     // own, recovery's and the lookup that found no bot), and containerd does not answer.
     h.rt.fail("get_container", 4);
     let e =
-        h.m.create(bot, None, &Default::default())
+        h.m.create(bot, None, &Default::default(), &Default::default())
             .await
             .expect_err("the record failed");
     assert!(e.to_string().contains("create_container"), "{e}");
@@ -714,7 +714,7 @@ async fn versions_kept_by_bot_rm_stay_for_a_later_bot_of_that_id() {
     assert_eq!(h.rt.world(), world);
 
     // A new bot of that id starts empty, sees the kept version, and numbers go on from it.
-    h.m.create(bot, None, &Default::default())
+    h.m.create(bot, None, &Default::default(), &Default::default())
         .await
         .expect_err("no start in unit tests");
     assert_eq!(h.bot_view(bot).get("/data/f"), None);
@@ -1113,4 +1113,96 @@ async fn a_paused_bot_is_left_alone_and_says_so() {
         h.m.pause(bot).await.is_err(),
         "a stopped bot cannot be paused"
     );
+}
+
+/// A spec with environment, DNS and hostname (mounts need a directory `mount_allowed` names).
+fn some_spec() -> super::spec::BotSpec {
+    super::spec::BotSpec::parse(
+        &["A=1".into(), "A=2".into()],
+        &["10.9.8.7".into()],
+        &["corp.example".into()],
+        "spec-host",
+        vec![],
+    )
+    .expect("spec")
+}
+
+/// The checks of [`some_spec`] on the record of `bot` and its resolv.conf.
+fn assert_has_some_spec(h: &Harness, bot: &str, what: &str) {
+    let c = h.record(bot);
+    assert_eq!(
+        super::spec::BotSpec::from_labels(&c.labels).expect("label"),
+        some_spec(),
+        "{what}"
+    );
+    let spec = c.spec.expect("runtime spec");
+    assert_eq!(spec.hostname().as_deref(), Some("spec-host"), "{what}");
+    let env = spec.process().as_ref().unwrap().env().clone().unwrap();
+    assert!(env.contains(&"A=2".to_string()), "{what}: {env:?}");
+    assert!(!env.contains(&"A=1".to_string()), "{what}: {env:?}");
+    let resolv = h.bot_dir(bot).join("resolv.conf");
+    let mount = spec
+        .mounts()
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|m| m.destination() == std::path::Path::new("/etc/resolv.conf"))
+        .expect("resolv.conf mount");
+    assert_eq!(mount.source().as_deref(), Some(resolv.as_path()), "{what}");
+    let text = std::fs::read_to_string(&resolv).expect("resolv.conf written");
+    assert!(
+        text.contains("nameserver 10.9.8.7\nsearch corp.example\n"),
+        "{what}: {text}"
+    );
+}
+
+#[tokio::test]
+async fn a_lost_record_is_rebuilt_with_the_bots_spec() {
+    let h = harness();
+    let bot = "spec";
+    let cid = create_snapshot(&h, bot).await;
+    h.m.create_container_record(
+        bot,
+        &h.image.name,
+        &h.image.config,
+        &cid,
+        Some(&h.image.chain_id),
+        &some_spec().labels(),
+    )
+    .await
+    .expect("container record");
+    assert_has_some_spec(&h, bot, "created");
+    h.m.stop(bot).await.expect("stop");
+    cycle_failing_at(&h, bot, "create_container", false).await;
+    assert!(h.rt.container(&ids::container_id(bot)).is_none());
+    std::fs::remove_file(h.bot_dir(bot).join("resolv.conf")).expect("resolv.conf");
+    assert_eq!(h.recover_twice("record lost").await, vec![bot.to_string()]);
+    assert_has_some_spec(&h, bot, "rebuilt by recovery");
+}
+
+#[tokio::test]
+async fn a_create_of_an_existing_bot_with_another_spec_is_a_conflict() {
+    let h = harness();
+    let bot = "specconflict";
+    running_bot(&h, bot).await;
+    let e =
+        h.m.create(bot, None, &Default::default(), &some_spec())
+            .await
+            .expect_err("another spec");
+    assert!(
+        matches!(&e, AgentError::FailedPrecondition(m) if m.contains("another spec")),
+        "{e}"
+    );
+    // A mount outside `mount_allowed` (none here) is refused before anything is looked at.
+    let mut with_mount = some_spec();
+    with_mount.mounts.push(super::spec::SpecMount {
+        host: h.bot_dir(bot),
+        container: "/mnt/x".into(),
+    });
+    let e =
+        h.m.create("other", None, &Default::default(), &with_mount)
+            .await
+            .expect_err("no mount allowed");
+    assert!(e.to_string().contains("mount_allowed"), "{e}");
+    assert!(h.rt.container(&ids::container_id("other")).is_none());
 }

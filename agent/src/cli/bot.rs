@@ -39,6 +39,56 @@ impl LimitArgs {
     }
 }
 
+/// The bot spec on the command line: environment, DNS, hostname, mounts.
+#[derive(Args, Debug, Default)]
+pub struct SpecArgs {
+    /// Environment variable `NAME=VALUE`, added after the image's (repeatable; a later one
+    /// wins).
+    #[arg(long = "env", value_name = "NAME=VALUE")]
+    env: Vec<String>,
+    /// Nameserver address (repeatable, at most 3; default: the host's, loopback ones
+    /// replaced by the agent's `dns_fallback`).
+    #[arg(long = "dns", value_name = "IP")]
+    dns: Vec<String>,
+    /// DNS search domain (repeatable; default: the host's).
+    #[arg(long = "dns-search", value_name = "DOMAIN")]
+    dns_search: Vec<String>,
+    /// Hostname inside the bot (default: the bot id).
+    #[arg(long)]
+    hostname: Option<String>,
+    /// Read-only bind mount of a host directory under the agent's `mount_allowed`
+    /// (repeatable).
+    #[arg(long = "mount", value_name = "HOST:CONTAINER")]
+    mount: Vec<String>,
+}
+
+impl SpecArgs {
+    fn to_pb(&self) -> Result<pb::BotSpec, CliError> {
+        let mounts = self
+            .mount
+            .iter()
+            .map(|m| {
+                crate::bots::spec::parse_mount(m)
+                    .map(|m| pb::BotMount {
+                        host: m.host.display().to_string(),
+                        container: m.container.display().to_string(),
+                    })
+                    .map_err(|e| super::CliError {
+                        message: e.to_string(),
+                        code: 2,
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(pb::BotSpec {
+            env: self.env.clone(),
+            dns: self.dns.clone(),
+            dns_search: self.dns_search.clone(),
+            hostname: self.hostname.clone().unwrap_or_default(),
+            mounts,
+        })
+    }
+}
+
 /// Bot subcommands.
 #[derive(Subcommand, Debug)]
 pub enum BotCmd {
@@ -52,6 +102,9 @@ pub enum BotCmd {
         /// Limits (default: the agent's `[bot_defaults]`).
         #[command(flatten)]
         limits: LimitArgs,
+        /// Environment, DNS, hostname and mounts (fixed for the bot's life).
+        #[command(flatten)]
+        spec: SpecArgs,
     },
     /// Change a bot's limits; a running bot gets them at once, without a restart.
     Update {
@@ -118,12 +171,19 @@ pub async fn bot(socket: &Path, cmd: BotCmd) -> Result<u8, CliError> {
     let mut c = control(socket).await;
     let e = |s| status_err(socket, s);
     match cmd {
-        BotCmd::Create { bot, image, limits } => {
+        BotCmd::Create {
+            bot,
+            image,
+            limits,
+            spec,
+        } => {
+            let spec = spec.to_pb()?;
             let r = c
                 .create_bot(pb::CreateBotRequest {
                     bot_id: bot,
                     image: image.unwrap_or_default(),
                     limits: Some(limits.to_pb()),
+                    spec: Some(spec),
                 })
                 .await
                 .map_err(e)?

@@ -31,6 +31,24 @@ pub(super) fn bot_json(b: &pb::BotInfo) -> serde_json::Value {
             "disk": u.and_then(|u| u.disk_bytes),
         },
         "oom_kills": u.and_then(|u| u.oom_kills),
+        // What the bot was created with; the hostname in effect.
+        "spec": spec_json(b.spec.as_ref(), &b.bot_id),
+    })
+}
+
+fn spec_json(s: Option<&pb::BotSpec>, bot: &str) -> serde_json::Value {
+    let d = pb::BotSpec::default();
+    let s = s.unwrap_or(&d);
+    serde_json::json!({
+        "env": s.env,
+        "dns": s.dns,
+        "dns_search": s.dns_search,
+        "hostname": if s.hostname.is_empty() { bot } else { s.hostname.as_str() },
+        "mounts": s
+            .mounts
+            .iter()
+            .map(|m| serde_json::json!({"host": m.host, "container": m.container, "readonly": true}))
+            .collect::<Vec<_>>(),
     })
 }
 

@@ -97,6 +97,10 @@ impl<E: PluginExec, F: Firewall, N: Netns> Network<E, F, N> {
             }
             None => {}
         }
+        if previous_ip.is_none() {
+            // A bot that was stopped (or detached otherwise) asks for its address again.
+            previous_ip = state::remembered_address(&self.cfg.state_dir, bot).await;
+        }
 
         // Containment must work before the bot gets any network: a host where the ruleset
         // cannot be applied refuses the bot before ADD makes its interface.
@@ -190,8 +194,9 @@ impl<E: PluginExec, F: Firewall, N: Netns> Network<E, F, N> {
     }
 
     /// Detaches bot `bot`: CNI DEL with the saved config and result (the namespace may be
-    /// gone), then deletes the bot's namespace and its saved state. An unknown or already
-    /// torn-down bot succeeds. When DEL fails the state is kept so a later teardown can retry.
+    /// gone), then deletes the bot's namespace and its saved state; the address it had is
+    /// remembered in its state directory, and its next attach asks for it again. An unknown or
+    /// already torn-down bot succeeds. When DEL fails the state is kept so a later teardown can retry.
     pub async fn teardown(&self, bot: &str) -> Result<(), AgentError> {
         ids::validate(bot)?;
         let cid = ids::container_id(bot);
@@ -231,6 +236,9 @@ impl<E: PluginExec, F: Firewall, N: Netns> Network<E, F, N> {
             }
         }
         state::remove(&self.cfg.state_dir, bot).await?;
+        if let Some(bn) = &freed {
+            state::remember_address(&self.cfg.state_dir, bot, bn.ip).await;
+        }
         self.release(freed.as_ref()).await;
         tracing::info!(bot, "bot detached from the network");
         Ok(())

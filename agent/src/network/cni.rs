@@ -331,6 +331,8 @@ pub(crate) mod fake {
         pub plugin: String,
         pub netns: Option<PathBuf>,
         pub config: Value,
+        /// The address asked for (`CNI_ARGS` `IP=`).
+        pub ip: Option<std::net::IpAddr>,
     }
 
     type Answer = (CniCommand, Result<Option<Value>, String>);
@@ -363,6 +365,7 @@ pub(crate) mod fake {
                 plugin: inv.plugin.to_string(),
                 netns: inv.runtime.netns.clone(),
                 config: inv.config.clone(),
+                ip: inv.runtime.ip,
             });
             let mut q = self.answers.lock().unwrap();
             let pos = q.iter().position(|(c, _)| *c == inv.command);

@@ -10,11 +10,13 @@
 //!    IPv6 address, its bridge port isolated, the containment ruleset rebuilt), and makes sure
 //!    the MASQUERADE fallback and bot-to-bot isolation are in place. An attachment that cannot
 //!    be contained is removed again and setup fails: a bot never runs uncontained.
-//! 3. [`Network::teardown`] on delete: CNI DEL with the saved config and result (so it works
+//! 3. [`Network::teardown`] on stop and delete: CNI DEL with the saved config and result (so it works
 //!    after the task died and after an agent restart), then the namespace and the saved state
 //!    go, the ruleset is rebuilt without the bot, and with the last bot of a bridge, subnet or
 //!    the whole agent go its isolation rule, its MASQUERADE rule and the agent's tables.
-//!    Tearing down an unknown bot succeeds.
+//!    Tearing down an unknown bot succeeds. The address the bot had is remembered in its
+//!    state directory; its next setup asks IPAM for it again (`CNI_ARGS` `IP=`), and takes a
+//!    new one, with a warning, when another bot holds it meanwhile.
 //!
 //! 4. [`Network::cleanup`] (`memoh-agent net cleanup`): removes what the agent's namespace
 //!    left behind and no existing bot uses.

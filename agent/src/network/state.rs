@@ -1,5 +1,8 @@
 //! What the agent keeps per bot so DEL works after the task died or the agent restarted:
 //! `<state_dir>/cni/<bot>.json` with the exact network config and result of the last ADD.
+//! And the address a detached bot had (`<state_dir>/bots/<bot>/address`), which it asks for
+//! again at its next attach: a stopped bot keeps its address, so callers and the platform's
+//! view of it stay valid.
 
 use std::path::{Path, PathBuf};
 
@@ -154,8 +157,58 @@ pub(crate) async fn remove(state_dir: &Path, bot: &str) -> Result<(), AgentError
     }
 }
 
+/// The file in a bot's state directory holding the address it had when last detached.
+pub(crate) const ADDRESS_FILE: &str = "address";
+
+fn address_path(state_dir: &Path, bot: &str) -> PathBuf {
+    crate::ids::bot_dir(state_dir, bot).join(ADDRESS_FILE)
+}
+
+/// Remembers `ip` as the address of detached bot `bot`, when the bot's state directory exists
+/// (a bot the agent does not know gets none made); failures are only logged (the bot then
+/// takes whatever address is free next time).
+pub(crate) async fn remember_address(state_dir: &Path, bot: &str, ip: std::net::IpAddr) {
+    let p = address_path(state_dir, bot);
+    let tmp = p.with_extension("tmp");
+    let r = async {
+        tokio::fs::write(&tmp, format!("{ip}\n")).await?;
+        tokio::fs::rename(&tmp, &p).await
+    }
+    .await;
+    match r {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            tracing::warn!(bot, %ip, error = %e, "cannot remember the bot's address; it may get another")
+        }
+    }
+}
+
+/// The address detached bot `bot` had, when one was remembered.
+pub(crate) async fn remembered_address(state_dir: &Path, bot: &str) -> Option<std::net::IpAddr> {
+    tokio::fs::read_to_string(address_path(state_dir, bot))
+        .await
+        .ok()
+        .and_then(|t| t.trim().parse().ok())
+}
+
 #[cfg(test)]
 mod tests {
+    #[tokio::test]
+    async fn a_detached_bots_address_is_remembered_only_for_a_known_bot() {
+        let dir = tempfile::tempdir().unwrap();
+        let ip: std::net::IpAddr = "10.88.0.7".parse().unwrap();
+        // No state directory: an unknown bot, nothing is made.
+        remember_address(dir.path(), "ghost", ip).await;
+        assert!(!crate::ids::bot_dir(dir.path(), "ghost").exists());
+        assert_eq!(remembered_address(dir.path(), "ghost").await, None);
+        std::fs::create_dir_all(crate::ids::bot_dir(dir.path(), "a")).unwrap();
+        remember_address(dir.path(), "a", ip).await;
+        assert_eq!(remembered_address(dir.path(), "a").await, Some(ip));
+        std::fs::write(address_path(dir.path(), "a"), "junk").unwrap();
+        assert_eq!(remembered_address(dir.path(), "a").await, None);
+    }
+
     use super::*;
     use serde_json::json;
 

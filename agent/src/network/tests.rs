@@ -575,6 +575,66 @@ fn retryable_classification() {
     }
 }
 
+#[tokio::test]
+async fn a_stopped_bot_asks_for_its_address_again_and_takes_another_when_it_is_gone() {
+    let e = env();
+    // The bot's state directory exists (a bot the agent created).
+    std::fs::create_dir_all(crate::ids::bot_dir(&e.net.config().state_dir, "a")).unwrap();
+    let exec = e.net.cni().exec();
+    e.net.netns().set(NS, &[]);
+    exec.answer(CniCommand::Add, Ok(Some(add_result("10.210.3.2"))));
+    let first = e.net.setup("a", Path::new(NS)).await.unwrap();
+    assert_eq!(exec.calls().last().unwrap().ip, None);
+    // Stopped: detached, its namespace gone.
+    e.net.teardown("a").await.unwrap();
+    assert!(e.net.saved("a").await.unwrap().is_none());
+    // Started again: the old address is asked for.
+    e.net.netns().set(NS, &[]);
+    exec.answer(CniCommand::Add, Ok(Some(add_result("10.210.3.2"))));
+    let again = e.net.setup("a", Path::new(NS)).await.unwrap();
+    assert_eq!(again.ip, first.ip);
+    let add = exec
+        .calls()
+        .into_iter()
+        .rfind(|c| c.command == CniCommand::Add)
+        .unwrap();
+    assert_eq!(add.ip, Some(first.ip));
+    // Stopped again, and another bot took the address meanwhile: IPAM refuses it, the bot
+    // takes a new one.
+    e.net.teardown("a").await.unwrap();
+    e.net.netns().set(NS, &[]);
+    exec.answer(
+        CniCommand::Add,
+        Err("requested IP address 10.210.3.2 is not available in range set"),
+    );
+    exec.answer(CniCommand::Add, Ok(Some(add_result("10.210.3.9"))));
+    let moved = e.net.setup("a", Path::new(NS)).await.unwrap();
+    assert_eq!(moved.ip, "10.210.3.9".parse::<IpAddr>().unwrap());
+    let adds: Vec<_> = exec
+        .calls()
+        .into_iter()
+        .filter(|c| c.command == CniCommand::Add)
+        .map(|c| c.ip)
+        .collect();
+    assert_eq!(adds[adds.len() - 2..], [Some(first.ip), None]);
+}
+
+#[tokio::test]
+async fn an_unknown_bot_gets_no_remembered_address() {
+    let e = env();
+    let exec = e.net.cni().exec();
+    e.net.netns().set(NS, &[]);
+    exec.answer(CniCommand::Add, Ok(Some(add_result("10.210.3.2"))));
+    e.net.setup("a", Path::new(NS)).await.unwrap();
+    e.net.teardown("a").await.unwrap();
+    // No state directory of the bot: nothing was written, nothing made.
+    assert!(!crate::ids::bot_dir(&e.net.config().state_dir, "a").exists());
+    e.net.netns().set(NS, &[]);
+    exec.answer(CniCommand::Add, Ok(Some(add_result("10.210.3.3"))));
+    e.net.setup("a", Path::new(NS)).await.unwrap();
+    assert_eq!(exec.calls().last().unwrap().ip, None);
+}
+
 /// Where an older agent put bot `a`.
 const OLD_NS: &str = "/run/netns/memoh-a";
 

@@ -113,8 +113,13 @@ pub(super) fn bot_mounts(opts: &SpecOptions) -> Result<Vec<Mount>, AgentError> {
                 b.destination.display()
             )));
         }
-        let mut options = vec!["rbind", "rprivate"];
-        options.push(if b.readonly { "ro" } else { "rw" });
+        // A read-only bind is not recursive: the kernel would leave the mounts below its
+        // source writable.
+        let options: &[&str] = if b.readonly {
+            &["bind", "rprivate", "ro", "nosuid", "nodev"]
+        } else {
+            &["rbind", "rprivate", "rw"]
+        };
         mounts.push(
             MountBuilder::default()
                 .destination(&b.destination)
