@@ -106,8 +106,17 @@ fn main() {
     let quiet = a.bot_id("quiet");
     a.ok(&["bot", "create", &quiet]);
     let execs = Execs::new(&a, &quiet);
-    execs.times(10);
-    let idle = execs.times(idle_execs);
+    // Warm-up calls, not counted.
+    for _ in 0..10 {
+        let _ = execs.once();
+    }
+    let (mut idle, mut idle_failed) = (Vec::new(), Vec::new());
+    for _ in 0..idle_execs {
+        match execs.once() {
+            Ok(d) => idle.push(d),
+            Err(e) => idle_failed.push(e),
+        }
+    }
     let noisy_pid = a.inspect(&noisy)["pid"].as_u64().unwrap();
     let cg = BotCgroup::of(noisy_pid);
     let ooms_before = cg.oom_kills();
@@ -128,6 +137,9 @@ fn main() {
         .map(|p| format!("{:?}", p.1))
         .unwrap_or_default();
     drop(a);
+    let mut errors: Vec<&String> = idle_failed.iter().chain(&failed).collect();
+    errors.sort();
+    errors.dedup();
 
     let (lmin, lmed, lmax) = spread(&limited);
     let (umin, umed, umax) = spread(&unlimited);
@@ -175,9 +187,11 @@ fn main() {
     s.push_str(&row("idle", &idle));
     s.push_str(&row("next to the load", &busy));
     s.push_str(&format!(
-        "\nDuring the load: {} of the neighbour's execs failed; the hog exited with {hog} \
-         (137: killed), the noisy bot's cgroup counted {ooms} OOM kill(s) and `bot inspect` \
-         shows restart_count {} for it; the storm's CLI said {storm:?}.\n",
+        "\nFailed execs of the neighbour (not in the figures): {} idle, {} next to the load; \
+         what they said: {errors:?}. The hog exited with {hog} (137: killed), the noisy bot's \
+         cgroup counted {ooms} OOM kill(s) and `bot inspect` shows restart_count {} for it; \
+         the storm's CLI said {storm:?}.\n",
+        idle_failed.len(),
         failed.len(),
         noisy_info["restart_count"],
     ));
