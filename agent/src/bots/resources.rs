@@ -56,6 +56,9 @@ impl Manager {
                 .await?;
             info!(bot, %limits, "the bot had no recorded limits; the defaults are now its own");
         }
+        // The task about to start gets a new cgroup, which counts its OOM kills from zero: a
+        // kill before the usage watcher's first look at it is still a new one.
+        lock(&self.oom_seen).insert(bot.to_string(), 0);
         apply_resources(spec, &limits.resources()?)
     }
 

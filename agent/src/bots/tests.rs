@@ -1087,6 +1087,20 @@ async fn a_start_records_the_defaults_on_a_bot_from_before_limits() {
 }
 
 #[tokio::test]
+async fn an_oom_kill_before_the_watchers_first_look_at_a_new_task_is_a_new_one() {
+    let h = harness();
+    let bot = "hungry";
+    running_bot(&h, bot).await;
+    h.m.stop(bot).await.expect("stop");
+    // The start ends at the harness's failing mounts call, after the limits went on.
+    let _ = h.m.start(bot).await.unwrap_err();
+    // The new task's cgroup counts from zero: its first kill is reported at the first look.
+    assert_eq!(h.m.note_oom_kills(bot, 1), Some(1));
+    assert_eq!(h.m.note_oom_kills(bot, 1), None);
+    assert_eq!(h.m.note_oom_kills(bot, 3), Some(2));
+}
+
+#[tokio::test]
 async fn a_paused_bot_is_left_alone_and_says_so() {
     let h = harness();
     let bot = "frozen";

@@ -11,6 +11,7 @@
 #![allow(dead_code)]
 
 pub mod ctrd;
+pub mod limits;
 pub mod soak;
 
 use std::collections::HashSet;
