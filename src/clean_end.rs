@@ -244,8 +244,15 @@ impl HttpBody for GatedRequest {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
-        if !self.ended {
+        while !self.ended {
             match Pin::new(&mut self.inner).poll_frame(cx) {
+                // An empty DATA frame carries nothing, and the end it may have come with is
+                // held here: passed on, it would leave a proxy as an empty DATA frame without
+                // END_STREAM, and h2 answers the 101st such frame on a connection with GOAWAY
+                // ENHANCE_YOUR_CALM (every 101st exec through the agent failed).
+                Poll::Ready(Some(Ok(frame))) if frame.data_ref().is_some_and(|d| d.is_empty()) => {
+                    continue
+                }
                 Poll::Ready(Some(Ok(frame))) => return Poll::Ready(Some(Ok(frame))),
                 Poll::Ready(Some(Err(s))) => {
                     self.ended = true;
@@ -455,5 +462,25 @@ mod tests {
             }
             other => panic!("expected an error, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn empty_data_frames_are_not_passed_on() {
+        let inner = http_body_util::StreamBody::new(futures::stream::iter(vec![
+            Ok::<_, Status>(Frame::data(Bytes::new())),
+            Ok(Frame::data(Bytes::from_static(b"abc"))),
+            Ok(Frame::data(Bytes::new())),
+        ]));
+        let (mut b, w) = gated(Body::new(inner));
+        match poll(&mut b) {
+            Poll::Ready(Some(Ok(f))) => assert_eq!(f.data_ref().map(|d| &d[..]), Some(&b"abc"[..])),
+            other => panic!("expected the data, got {other:?}"),
+        }
+        // The trailing empty frame is skipped: the next thing is the held end.
+        assert!(poll(&mut b).is_pending());
+        let cx = Context::from_waker(noop_waker_ref());
+        w.arm(&cx);
+        w.confirm(&cx);
+        assert!(matches!(poll(&mut b), Poll::Ready(None)));
     }
 }

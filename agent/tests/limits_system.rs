@@ -125,21 +125,10 @@ fn a_bounded_bot_under_load_leaves_its_neighbour_alone_and_its_oom_kill_is_repor
     for (what, code, out) in &parts {
         println!("{what}: exit {code:?}: {}", out.trim());
     }
-    // About one exec in a hundred through the proxy fails with a dropped connection to the
-    // bot, idle or not (a fault of the proxy path, not of the limits): only that failure, and
-    // no more often than 1 in 20, is the neighbour's lot.
-    let other: Vec<_> = calm_failed
-        .iter()
-        .chain(&failed)
-        .filter(|e| !e.ends_with("is unreachable: transport error"))
-        .collect();
-    assert!(other.is_empty(), "{quiet}'s execs failed: {other:?}");
-    assert!(
-        failed.len() * 20 <= busy.len() + failed.len(),
-        "{} of {quiet}'s {} execs failed next to the load",
-        failed.len(),
-        busy.len() + failed.len()
-    );
+    // Not one of the neighbour's execs may fail (every 101st exec through the agent once did:
+    // empty DATA frames the proxy passed on exhausted h2's budget of them per connection).
+    let all: Vec<_> = calm_failed.iter().chain(&failed).collect();
+    assert!(all.is_empty(), "{quiet}'s execs failed: {all:?}");
     assert!(
         loaded <= idle * 3,
         "{quiet}'s exec p50 went from {idle:?} to {loaded:?} next to the load"

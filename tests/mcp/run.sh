@@ -141,6 +141,7 @@ cleanup() {
     for d in $("${c[@]}" content ls -q 2>/dev/null); do "${c[@]}" content rm "$d" >/dev/null 2>&1; done
     ctr -a "$MEMOH_TEST_CONTAINERD_SOCK" namespaces rm "$NS" >/dev/null 2>&1
     [ -e "/run/netns/memoh-$BOT" ] && ip netns delete "memoh-$BOT" 2>/dev/null
+    [ -e "/run/netns/memoh-$NS.$BOT" ] && ip netns delete "memoh-$NS.$BOT" 2>/dev/null
     [ -e "/sys/class/net/$BRIDGE" ] && ip link delete "$BRIDGE" 2>/dev/null
     while iptables -w 5 -t nat -D POSTROUTING -s "$SUBNET" ! -d "$SUBNET" -m comment --comment memoh-masq -j MASQUERADE 2>/dev/null; do :; done
     # The bridge plugin's per-container nat rules and chains of this network.
