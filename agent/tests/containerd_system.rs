@@ -440,7 +440,17 @@ async fn snapshot_versions_and_labels() {
             .unwrap();
         let img = c.resolve_image(IMAGE).await.unwrap();
         let bot = "b2";
-        let labels: HashMap<String, String> = [(LABEL_BOT_ID.to_string(), bot.to_string())].into();
+        // Like the agent's own, the active snapshot is a collector root from its first moment:
+        // without one, a collection started by any other deletion on the host (other tests run
+        // beside this one) removes it before anything references it.
+        let labels: HashMap<String, String> = [
+            (LABEL_BOT_ID.to_string(), bot.to_string()),
+            (
+                LABEL_GC_ROOT.to_string(),
+                "2024-01-01T00:00:00Z".to_string(),
+            ),
+        ]
+        .into();
         c.prepare_snapshot("mcp-b2", Some(&img.chain_id), &labels)
             .await
             .unwrap();
