@@ -309,7 +309,7 @@ async fn pty_timeout_kills_the_group_and_half_close_is_ignored() {
     let m = unique_sleep(70);
     let first = bp::ExecInput {
         timeout_seconds: 1,
-        ..pty(&format!("sleep {m} & sleep {m}; echo never"))
+        ..pty(&format!("trap '' HUP; sleep {m} & sleep {m}; echo never"))
     };
     let t = Instant::now();
     let mut x = Session::start(&mut c, first).await.unwrap();
@@ -345,9 +345,9 @@ async fn pty_client_leaving_kills_the_group() {
     let s = TestServer::start().await;
     let mut c = bridge(&s);
     let m = unique_sleep(71);
-    let x = Session::start(&mut c, pty(&format!("sleep {m} & sleep {m}")))
-        .await
-        .unwrap();
+    // Deaf to the hangup of the terminal's close: only the group kill ends them.
+    let cmd = format!("trap '' HUP; sleep {m} & sleep {m}");
+    let x = Session::start(&mut c, pty(&cmd)).await.unwrap();
     // The shell and both sleeps.
     assert!(wait_count(&m, 3).await, "{:?}", pids_matching(&m));
     drop(x);
