@@ -461,3 +461,24 @@ impl Drop for KillOnDrop {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes_per_dialect() {
+        let cases = [
+            (Exit::Code(0), 0, 0),
+            (Exit::Code(3), 3, 3),
+            (Exit::Signal(9), -1, 137),
+            (Exit::Signal(15), -1, 143),
+            // The reaper lost the child: no signal to report.
+            (Exit::Signal(0), -1, -1),
+        ];
+        for (exit, mcp, bridge) in cases {
+            assert_eq!(Dialect::Mcp.exit_code(exit), mcp, "{exit:?}");
+            assert_eq!(Dialect::Bridge.exit_code(exit), bridge, "{exit:?}");
+        }
+    }
+}

@@ -108,7 +108,8 @@ mod tests {
         };
         let unset = |v: &[&str]| -> Vec<String> { v.iter().map(|s| s.to_string()).collect() };
         // (clean, unset, env) -> the child's environment
-        let cases: Vec<(bool, Vec<String>, Vec<(String, String)>, Vec<&str>)> = vec![
+        type Case = (bool, Vec<String>, Vec<(String, String)>, Vec<&'static str>);
+        let cases: Vec<Case> = vec![
             (
                 false,
                 unset(&[]),
