@@ -1,5 +1,5 @@
 //! In-process tests of `bridgepb` Exec's own behaviour (WIRE-BRIDGE.md section 3): PTY mode
-//! (terminal, sizes, typing, exit codes, timeout and disconnect kills), the `clean_env` /
+//! (terminal, sizes, typing, exit codes, timeout and disconnect kills, oom score), the `clean_env` /
 //! `unset_env` rule, and the pipe-mode conventions that differ from `mcpcontainer` (128+N,
 //! negative timeout, a command with a timeout outliving its client).
 
@@ -590,4 +590,21 @@ async fn pipe_mode_with_a_timeout_outlives_the_client() {
         wait_gone(&m, Duration::from_secs(3)).await,
         Vec::<i32>::new()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pty_commands_get_the_exec_oom_score() {
+    use container_server::exec::{own_oom_score_adj, ChildOom};
+    let own = own_oom_score_adj();
+    let want = match ChildOom::for_server(own) {
+        ChildOom::Set(v) => v,
+        ChildOom::Inherit => own.expect("own oom_score_adj"),
+    };
+    let s = TestServer::start().await;
+    let mut c = bridge(&s);
+    let mut x = Session::start(&mut c, pty("cat /proc/self/oom_score_adj"))
+        .await
+        .unwrap();
+    assert_eq!(x.finish().await, 0);
+    assert_eq!(x.text().trim(), want.to_string());
 }
