@@ -1,7 +1,7 @@
 //! In-process tests of `bridgepb` Exec's own behaviour (WIRE-BRIDGE.md section 3): PTY mode
-//! (terminal, sizes, typing, exit codes, timeout and disconnect kills, oom score), the `clean_env` /
-//! `unset_env` rule, and the pipe-mode conventions that differ from `mcpcontainer` (128+N,
-//! negative timeout, a command with a timeout outliving its client).
+//! (terminal, sizes, typing, exit codes, timeout and disconnect kills, oom score), the
+//! `clean_env` / `unset_env` rule, and the pipe-mode conventions that differ from
+//! `mcpcontainer` (128+N, negative timeout, a command with a timeout outliving its client).
 
 mod common;
 
