@@ -334,34 +334,6 @@ async fn what_is_not_built_answers_unimplemented_by_name() {
         b.watch_dir(bp::WatchDirRequest { path: "/".into() }).await,
         "WatchDir",
     );
-    for (first, name) in [
-        (
-            bp::ExecInput {
-                command: "true".into(),
-                pty: true,
-                ..Default::default()
-            },
-            "pty",
-        ),
-        (
-            bp::ExecInput {
-                command: "true".into(),
-                clean_env: true,
-                ..Default::default()
-            },
-            "clean_env",
-        ),
-        (
-            bp::ExecInput {
-                command: "true".into(),
-                unset_env: vec!["HOME".into()],
-                ..Default::default()
-            },
-            "unset_env",
-        ),
-    ] {
-        unimplemented_naming(exec(b, first, vec![]).await, name);
-    }
     unimplemented_naming(
         b.list_dir(bp::ListDirRequest {
             recursive: true,

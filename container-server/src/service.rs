@@ -61,11 +61,39 @@ impl Service {
         self.inner.resolver.resolve(field, path)
     }
 
+    /// An exec's work dir: the data directory if empty, a relative one joined to it.
+    pub(crate) fn exec_work_dir(&self, work_dir: &str) -> Result<PathBuf, ServerError> {
+        if work_dir.is_empty() {
+            return Ok(self.inner.resolver.data_dir().to_path_buf());
+        }
+        self.resolve("work_dir", work_dir)
+    }
+
+    /// The reaper commands are spawned through.
+    pub(crate) fn reaper(&self) -> &Reaper {
+        &self.inner.reaper
+    }
+
+    /// Fires when running commands must die (the end of the shutdown grace).
+    pub(crate) fn kill_token(&self) -> CancellationToken {
+        self.inner.kill.clone()
+    }
+
     /// Exec over any request stream, the implementation behind both services: the first
     /// message starts the command, later ones feed its stdin, the stream's clean end closes it.
     pub(crate) async fn exec_stream(
         &self,
+        inbound: BoxStream<pb::ExecInput>,
+    ) -> Result<BoxStream<pb::ExecOutput>, Status> {
+        self.exec_stream_with(inbound, |_| {}).await
+    }
+
+    /// [`Service::exec_stream`] with `adjust` applied to the validated request before the
+    /// command starts (the bridge's conventions).
+    pub(crate) async fn exec_stream_with(
+        &self,
         mut inbound: BoxStream<pb::ExecInput>,
+        adjust: impl FnOnce(&mut ExecSpec) + Send,
     ) -> Result<BoxStream<pb::ExecOutput>, Status> {
         let first = match inbound.next().await.transpose() {
             Ok(Some(m)) => m,
@@ -77,12 +105,8 @@ impl Service {
             }
             Err(s) => return Err(inbound_error(s)),
         };
-        let work_dir = if first.work_dir.is_empty() {
-            self.inner.resolver.data_dir().to_path_buf()
-        } else {
-            self.resolve("work_dir", &first.work_dir)?
-        };
-        let spec = ExecSpec::new(
+        let work_dir = self.exec_work_dir(&first.work_dir)?;
+        let mut spec = ExecSpec::new(
             first.command,
             work_dir,
             &first.env,
@@ -90,6 +114,7 @@ impl Service {
             self.inner.default_timeout,
             first.stdin_data,
         )?;
+        adjust(&mut spec);
         debug!(command = %spec.command, "exec");
         let running = exec::start(spec, &self.inner.reaper)?;
         let (stdin_tx, stdin_rx) = mpsc::channel::<Bytes>(16);
