@@ -6,7 +6,9 @@
 //! fields across, gives the new fields their documented behaviour where it is small (ListDir
 //! paging and `max_entries`, WriteRaw `abort`), and answers UNIMPLEMENTED, naming the method or
 //! field, for what the server does not build yet (PTY exec, `clean_env`/`unset_env`, ListDir
-//! `collapse_threshold`, Tunnel, ReverseHTTP, the anchored NoFollow I/O, Terminal, WatchDir).
+//! `collapse_threshold`, the anchored NoFollow I/O, Terminal, WatchDir). Tunnel and
+//! ReverseHTTP, which have no `mcpcontainer` counterpart, live in [`crate::tunnel`] and
+//! [`crate::reverse_http`].
 //!
 //! Behaviour WIRE-BRIDGE.md section 3 changed without a new field (raw ReadFile lines, 0600
 //! uploads, 128+N exit codes) is not adopted here yet: a bridge caller sees what an
@@ -273,18 +275,22 @@ impl Bridge for Service {
 
     async fn tunnel(
         &self,
-        _req: Request<Streaming<bp::TunnelFrame>>,
+        req: Request<Streaming<bp::TunnelFrame>>,
     ) -> Result<Response<Self::TunnelStream>, Status> {
-        Err(unimplemented("Tunnel"))
+        crate::tunnel::open(Box::pin(req.into_inner()))
+            .await
+            .map(Response::new)
     }
 
     type ReverseHTTPStream = BoxStream<bp::ReverseHttpFrame>;
 
     async fn reverse_http(
         &self,
-        _req: Request<Streaming<bp::ReverseHttpFrame>>,
+        req: Request<Streaming<bp::ReverseHttpFrame>>,
     ) -> Result<Response<Self::ReverseHTTPStream>, Status> {
-        Err(unimplemented("ReverseHTTP"))
+        let route = crate::reverse_http::route_of(req.metadata())?;
+        let inbound = Box::pin(req.into_inner());
+        Ok(Response::new(self.reverse_http().attach(route, inbound)))
     }
 
     type ReadRawNoFollowStream = BoxStream<bp::DataChunk>;

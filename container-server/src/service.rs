@@ -37,15 +37,18 @@ struct Inner {
     reaper: Reaper,
     kill: CancellationToken,
     default_timeout: Duration,
+    reverse_http: crate::reverse_http::Hub,
 }
 
 impl Service {
-    /// Builds the service. `kill` fires when running exec groups must die (shutdown).
+    /// Builds the service. `kill` fires when running exec groups must die (shutdown);
+    /// `reverse_http` routes the bridge's ReverseHTTP streams.
     pub fn new(
         resolver: Resolver,
         reaper: Reaper,
         kill: CancellationToken,
         default_timeout: Duration,
+        reverse_http: crate::reverse_http::Hub,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -53,8 +56,14 @@ impl Service {
                 reaper,
                 kill,
                 default_timeout,
+                reverse_http,
             }),
         }
+    }
+
+    /// The ReverseHTTP routing hub.
+    pub(crate) fn reverse_http(&self) -> &crate::reverse_http::Hub {
+        &self.inner.reverse_http
     }
 
     fn resolve(&self, field: &str, path: &str) -> Result<PathBuf, ServerError> {
