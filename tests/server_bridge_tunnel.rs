@@ -280,7 +280,10 @@ async fn bad_frames_are_invalid_argument() {
     for second in [open(&addr.to_string()), empty] {
         let (tx, mut out) = tunnel(&s, &addr.to_string()).await.unwrap();
         tx.send(second.clone()).await.unwrap();
-        let st = expect_code(out.message().await, Code::InvalidArgument);
+        let end = tokio::time::timeout(Duration::from_secs(10), out.message())
+            .await
+            .expect("an answer in time");
+        let st = expect_code(end, Code::InvalidArgument);
         assert!(!st.message().is_empty());
     }
 }
@@ -445,7 +448,10 @@ fn http(addr: SocketAddr, head: &str, body: &[u8]) -> tokio::task::JoinHandle<Ht
         let mut c = TcpStream::connect(addr).await.unwrap();
         c.write_all(&raw).await.unwrap();
         let mut buf = Vec::new();
-        c.read_to_end(&mut buf).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(20), c.read_to_end(&mut buf))
+            .await
+            .expect("an http answer in time")
+            .unwrap();
         let split = buf
             .windows(4)
             .position(|w| w == b"\r\n\r\n")
