@@ -51,7 +51,11 @@ type Tunnel = (mpsc::Sender<bp::TunnelFrame>, Streaming<bp::TunnelFrame>);
 async fn tunnel(s: &TestServer, address: &str) -> Result<Tunnel, tonic::Status> {
     let (tx, rx) = mpsc::channel(8);
     tx.send(open(address)).await.unwrap();
-    let mut out = s.bridge().tunnel(ReceiverStream::new(rx)).await?.into_inner();
+    let mut out = s
+        .bridge()
+        .tunnel(ReceiverStream::new(rx))
+        .await?
+        .into_inner();
     let first = out.message().await?.expect("opened frame");
     assert!(
         matches!(&first.frame, Some(Frame::Data(d)) if d.data.is_empty()),
@@ -206,7 +210,10 @@ async fn tunnels_reach_loopback_only() {
     denied.push(format!("[::ffff:{own}]:{port}"));
     for a in &denied {
         let st = expect_code(tunnel(&s, a).await, Code::PermissionDenied);
-        assert!(st.message().contains("not a loopback address"), "{a}: {st:?}");
+        assert!(
+            st.message().contains("not a loopback address"),
+            "{a}: {st:?}"
+        );
     }
     // Numeric shorthands that resolvers read as 127.0.0.1 (or elsewhere) are not accepted.
     for a in [
@@ -223,7 +230,11 @@ async fn tunnels_reach_loopback_only() {
         let st = expect_code(tunnel(&s, &a).await, Code::InvalidArgument);
         assert!(st.message().contains("tunnel address"), "{a}: {st:?}");
     }
-    assert_eq!(accepted.load(Ordering::SeqCst), 0, "a refused tunnel connected");
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        0,
+        "a refused tunnel connected"
+    );
     // The loopback forms work: a name, an IPv4-mapped address, another 127/8 address.
     for a in [
         format!("localhost:{port}"),
@@ -231,10 +242,15 @@ async fn tunnels_reach_loopback_only() {
         format!("127.0.0.1:{port}"),
         format!("127.0.0.2:{port}"),
     ] {
-        let (tx, mut out) = tunnel(&s, &a).await.unwrap_or_else(|e| panic!("{a}: {e:?}"));
+        let (tx, mut out) = tunnel(&s, &a)
+            .await
+            .unwrap_or_else(|e| panic!("{a}: {e:?}"));
         tx.send(data(b"ping")).await.unwrap();
         drop(tx);
-        assert_eq!(read_to_close(&mut out).await, (b"ping".to_vec(), String::new()));
+        assert_eq!(
+            read_to_close(&mut out).await,
+            (b"ping".to_vec(), String::new())
+        );
     }
     assert_eq!(accepted.load(Ordering::SeqCst), 4);
 }
@@ -272,7 +288,12 @@ async fn bad_frames_are_invalid_argument() {
     let s = TestServer::start().await;
     let mut b = s.bridge();
     let empty = bp::TunnelFrame { frame: None };
-    for first in [vec![], vec![data(b"x")], vec![close("")], vec![empty.clone()]] {
+    for first in [
+        vec![],
+        vec![data(b"x")],
+        vec![close("")],
+        vec![empty.clone()],
+    ] {
         let r = b.tunnel(futures::stream::iter(first)).await;
         expect_code(r, Code::InvalidArgument);
     }
@@ -410,7 +431,12 @@ fn header(name: &str, values: &[&str]) -> bp::HttpHeader {
     }
 }
 
-fn respond(id: &str, status: i32, headers: Vec<bp::HttpHeader>, body: &str) -> bp::ReverseHttpFrame {
+fn respond(
+    id: &str,
+    status: i32,
+    headers: Vec<bp::HttpHeader>,
+    body: &str,
+) -> bp::ReverseHttpFrame {
     bp::ReverseHttpFrame {
         frame: Some(RFrame::Response(bp::ReverseHttpResponse {
             id: id.into(),
@@ -458,7 +484,14 @@ fn http(addr: SocketAddr, head: &str, body: &[u8]) -> tokio::task::JoinHandle<Ht
             .expect("end of head");
         let head = String::from_utf8_lossy(&buf[..split]).into_owned();
         let mut lines = head.split("\r\n");
-        let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
+        let status = lines
+            .next()
+            .unwrap()
+            .split(' ')
+            .nth(1)
+            .unwrap()
+            .parse()
+            .unwrap();
         let headers = lines
             .filter_map(|l| l.split_once(':'))
             .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
@@ -492,7 +525,10 @@ async fn reverse_http_round_trip_drops_hop_by_hop_headers() {
     );
     let r = next_request(&mut out).await;
     assert!(r.id.starts_with("reverse-http-"), "{}", r.id);
-    assert_eq!((r.method.as_str(), r.url.as_str()), ("POST", "/mcp/x?a=1&b=2"));
+    assert_eq!(
+        (r.method.as_str(), r.url.as_str()),
+        ("POST", "/mcp/x?a=1&b=2")
+    );
     assert_eq!(&r.body[..], b"hello");
     assert_eq!(names(&r), ["Host", "Content-Type", "Accept"]);
     assert_eq!(r.headers[2].values, ["a/b", "c/d"]);
@@ -529,7 +565,13 @@ async fn reverse_http_errors_no_stream_and_any_order() {
         .await;
     let addr = s.reverse_http_addr().await;
     // No stream at all: 503.
-    assert_eq!(http(addr, "GET / HTTP/1.1\r\nHost: b", b"").await.unwrap().status, 503);
+    assert_eq!(
+        http(addr, "GET / HTTP/1.1\r\nHost: b", b"")
+            .await
+            .unwrap()
+            .status,
+        503
+    );
     let (tx, mut out) = host(&s, None).await;
     let first = http(addr, "GET /one HTTP/1.1\r\nHost: b", b"");
     let r1 = next_request(&mut out).await;
@@ -567,7 +609,13 @@ async fn reverse_http_errors_no_stream_and_any_order() {
     drop(tx);
     assert_eq!(waiting.await.unwrap().status, 502);
     assert!(out.message().await.unwrap().is_none());
-    assert_eq!(http(addr, "GET / HTTP/1.1\r\nHost: b", b"").await.unwrap().status, 503);
+    assert_eq!(
+        http(addr, "GET / HTTP/1.1\r\nHost: b", b"")
+            .await
+            .unwrap()
+            .status,
+        503
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -579,7 +627,13 @@ async fn reverse_http_routes_and_replacement() {
     let addr = s.reverse_http_addr().await;
     let (tx_a, mut out_a) = host(&s, Some("/mcp/a")).await;
     // Only the routed stream: other paths have none.
-    assert_eq!(http(addr, "GET /mcp/b HTTP/1.1\r\nHost: b", b"").await.unwrap().status, 503);
+    assert_eq!(
+        http(addr, "GET /mcp/b HTTP/1.1\r\nHost: b", b"")
+            .await
+            .unwrap()
+            .status,
+        503
+    );
     let (tx_d, mut out_d) = host(&s, None).await;
     for (path, routed) in [("/mcp/a", true), ("/mcp/b", false), ("/mcp/a/more", false)] {
         let (tx, out) = if routed {

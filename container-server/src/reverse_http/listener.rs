@@ -157,19 +157,18 @@ async fn answer(
     if declared.is_some_and(|n| n > MAX_BODY as u64) {
         return too_large();
     }
-    let body = match tokio::time::timeout(hub.timeout(), Limited::new(body, MAX_BODY).collect())
-        .await
-    {
-        Ok(Ok(b)) => b.to_bytes(),
-        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => return too_large(),
-        Ok(Err(e)) => {
-            return text(
-                StatusCode::BAD_REQUEST,
-                format!("reading request body: {e}\n"),
-            )
-        }
-        Err(_) => return text(StatusCode::REQUEST_TIMEOUT, "request body too slow\n"),
-    };
+    let body =
+        match tokio::time::timeout(hub.timeout(), Limited::new(body, MAX_BODY).collect()).await {
+            Ok(Ok(b)) => b.to_bytes(),
+            Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => return too_large(),
+            Ok(Err(e)) => {
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    format!("reading request body: {e}\n"),
+                )
+            }
+            Err(_) => return text(StatusCode::REQUEST_TIMEOUT, "request body too slow\n"),
+        };
     let pairs = parts.headers.iter().map(|(n, v)| {
         (
             n.as_str(),
@@ -244,10 +243,20 @@ mod tests {
             parse_addr("127.0.0.1:18732").unwrap(),
             "127.0.0.1:18732".parse::<SocketAddr>().unwrap()
         );
-        assert_eq!(parse_addr("localhost:1").unwrap().to_string(), "127.0.0.1:1");
+        assert_eq!(
+            parse_addr("localhost:1").unwrap().to_string(),
+            "127.0.0.1:1"
+        );
         assert!(parse_addr("[::1]:5").is_ok());
         assert!(parse_addr("127.0.0.2:0").is_ok());
-        for bad in ["0.0.0.0:18732", "[::]:1", "192.0.2.2:1", ":18732", "x:1", ""] {
+        for bad in [
+            "0.0.0.0:18732",
+            "[::]:1",
+            "192.0.2.2:1",
+            ":18732",
+            "x:1",
+            "",
+        ] {
             let e = parse_addr(bad).unwrap_err();
             assert!(e.contains("reverse http address"), "{bad}: {e}");
         }
@@ -260,7 +269,14 @@ mod tests {
             name: n.into(),
             values: v.iter().map(|s| s.to_string()).collect(),
         };
-        for (code, want) in [(201, 201), (0, 200), (-5, 200), (99, 200), (1000, 200), (999, 999)] {
+        for (code, want) in [
+            (201, 201),
+            (0, 200),
+            (-5, 200),
+            (99, 200),
+            (1000, 200),
+            (999, 999),
+        ] {
             let r = response(bp::ReverseHttpResponse {
                 status_code: code,
                 ..Default::default()
@@ -284,7 +300,13 @@ mod tests {
         let h = r.headers();
         let a: Vec<_> = h.get_all("x-a").iter().collect();
         assert_eq!(a, ["1", "2"]);
-        for gone in ["transfer-encoding", "content-length", "connection", "x-gone", "x-bad-value"] {
+        for gone in [
+            "transfer-encoding",
+            "content-length",
+            "connection",
+            "x-gone",
+            "x-bad-value",
+        ] {
             assert!(h.get(gone).is_none(), "{gone}");
         }
     }

@@ -65,10 +65,9 @@ pub async fn open(
             frame: Some(Frame::Open(o)),
         }) => o.address,
         Some(_) => {
-            return Err(ServerError::InvalidArgument(
-                "the first tunnel frame must be open".into(),
+            return Err(
+                ServerError::InvalidArgument("the first tunnel frame must be open".into()).into(),
             )
-            .into())
         }
         None => {
             return Err(ServerError::InvalidArgument(
