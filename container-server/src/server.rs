@@ -226,8 +226,8 @@ pub async fn run_all(
         reaper,
         kill.clone(),
         config.default_exec_timeout,
-        hub.clone(),
-    );
+    )
+    .with_reverse_http(hub.clone());
     // The bot's loopback HTTP listener for ReverseHTTP; it stops when `kill` fires.
     let reverse_http = match &config.reverse_http_addr {
         Some(a) => crate::reverse_http::listener::start(a, hub, kill.clone()).await,

@@ -41,14 +41,12 @@ struct Inner {
 }
 
 impl Service {
-    /// Builds the service. `kill` fires when running exec groups must die (shutdown);
-    /// `reverse_http` routes the bridge's ReverseHTTP streams.
+    /// Builds the service. `kill` fires when running exec groups must die (shutdown).
     pub fn new(
         resolver: Resolver,
         reaper: Reaper,
         kill: CancellationToken,
         default_timeout: Duration,
-        reverse_http: crate::reverse_http::Hub,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -56,9 +54,20 @@ impl Service {
                 reaper,
                 kill,
                 default_timeout,
-                reverse_http,
+                reverse_http: crate::reverse_http::Hub::new(crate::reverse_http::DEFAULT_TIMEOUT),
             }),
         }
+    }
+
+    /// Routes the bridge's ReverseHTTP streams through `hub` (the one the HTTP listener
+    /// uses) instead of a hub of the service's own. Only before the service is first cloned;
+    /// later it changes nothing and says so in the log.
+    pub fn with_reverse_http(mut self, hub: crate::reverse_http::Hub) -> Self {
+        match Arc::get_mut(&mut self.inner) {
+            Some(inner) => inner.reverse_http = hub,
+            None => tracing::warn!("reverse http hub not replaced: the service is shared"),
+        }
+        self
     }
 
     /// The ReverseHTTP routing hub.
