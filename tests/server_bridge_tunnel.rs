@@ -619,6 +619,48 @@ async fn reverse_http_errors_no_stream_and_any_order() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reverse_http_bounds_the_bodies_it_holds() {
+    let s = TestServer::builder()
+        .reverse_http(Duration::from_secs(30))
+        .start()
+        .await;
+    let addr = s.reverse_http_addr().await;
+    let (tx, mut out) = host(&s, None).await;
+    // Four clients announce 16 MiB bodies and send none: together they hold the whole budget
+    // (64 MiB) while the server waits for their bytes.
+    let mut holders = Vec::new();
+    for _ in 0..4 {
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"POST /big HTTP/1.1\r\nHost: b\r\nContent-Length: 16777216\r\n\r\nx")
+            .await
+            .unwrap();
+        holders.push(c);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let a = http(
+        addr,
+        "POST /small HTTP/1.1\r\nHost: b\r\nContent-Length: 2",
+        b"hi",
+    )
+    .await
+    .unwrap();
+    assert_eq!(a.status, 503, "{a:?}");
+    assert!(String::from_utf8_lossy(&a.body).contains("bytes in flight"));
+    // Once they leave, the budget is back.
+    drop(holders);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let c = http(
+        addr,
+        "POST /small HTTP/1.1\r\nHost: b\r\nContent-Length: 2",
+        b"hi",
+    );
+    let r = next_request(&mut out).await;
+    assert_eq!((r.url.as_str(), &r.body[..]), ("/small", &b"hi"[..]));
+    tx.send(respond(&r.id, 200, vec![], "ok")).await.unwrap();
+    assert_eq!(c.await.unwrap().status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reverse_http_routes_and_replacement() {
     let s = TestServer::builder()
         .reverse_http(Duration::from_secs(30))

@@ -1,7 +1,8 @@
 //! The HTTP/1.1 side of ReverseHTTP: a loopback listener inside the bot
 //! (`MEMOH_ACP_TOOLS_PROXY_ADDR`, default [`DEFAULT_ADDR`]) whose requests the [`Hub`] carries
 //! to the host. The bot's code is hostile: bodies are capped ([`MAX_BODY`], 413), as are
-//! requests in flight, connections, and the time to send headers and body.
+//! the body bytes held at once ([`BODY_BUDGET`], 503), requests in flight, connections, and
+//! the time to send headers and body.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -11,7 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use memoh_proto::pb::bridgepb as bp;
 use tokio::net::TcpListener;
@@ -30,6 +31,18 @@ pub const MAX_BODY: usize = 16 * 1024 * 1024;
 
 /// Requests read or waiting for the host at once; more get 503.
 const MAX_IN_FLIGHT: usize = 64;
+
+/// Bytes of request bodies held at once, counted from the declared length before the body is
+/// read (16 MiB for a chunked one); a request whose body does not fit gets 503, so hostile
+/// clients cannot make the server hold more than this.
+pub const BODY_BUDGET: usize = 64 * 1024 * 1024;
+
+/// The listener's shared limits.
+#[derive(Clone)]
+struct Budget {
+    requests: Arc<Semaphore>,
+    body_bytes: Arc<Semaphore>,
+}
 
 /// Open HTTP connections at once; more are closed on accept.
 const MAX_CONNECTIONS: usize = 256;
@@ -81,7 +94,10 @@ pub async fn start(addr: &str, hub: Hub, stop: CancellationToken) -> Option<Join
 
 async fn accept_loop(listener: TcpListener, hub: Hub, stop: CancellationToken) {
     let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let budget = Budget {
+        requests: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+        body_bytes: Arc::new(Semaphore::new(BODY_BUDGET)),
+    };
     loop {
         let sock = tokio::select! {
             _ = stop.cancelled() => break,
@@ -98,11 +114,11 @@ async fn accept_loop(listener: TcpListener, hub: Hub, stop: CancellationToken) {
             debug!("reverse http: too many connections, one closed");
             continue;
         };
-        let (hub, stop, in_flight) = (hub.clone(), stop.clone(), in_flight.clone());
+        let (hub, stop, budget) = (hub.clone(), stop.clone(), budget.clone());
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
-                let (hub, in_flight) = (hub.clone(), in_flight.clone());
-                async move { Ok::<_, Infallible>(answer(hub, in_flight, req).await) }
+                let (hub, budget) = (hub.clone(), budget.clone());
+                async move { Ok::<_, Infallible>(answer(hub, budget, req).await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -131,12 +147,8 @@ fn text(status: StatusCode, body: impl Into<String>) -> Response<Full<Bytes>> {
 }
 
 /// Reads one request, forwards it through the hub and turns the outcome into a response.
-async fn answer(
-    hub: Hub,
-    in_flight: Arc<Semaphore>,
-    req: Request<Incoming>,
-) -> Response<Full<Bytes>> {
-    let Ok(_permit) = in_flight.try_acquire_owned() else {
+async fn answer(hub: Hub, budget: Budget, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let Ok(_permit) = budget.requests.try_acquire_owned() else {
         return text(
             StatusCode::SERVICE_UNAVAILABLE,
             "too many reverse http requests in flight\n",
@@ -157,6 +169,14 @@ async fn answer(
     if declared.is_some_and(|n| n > MAX_BODY as u64) {
         return too_large();
     }
+    let need = body.size_hint().exact().unwrap_or(MAX_BODY as u64);
+    let need = u32::try_from(need.min(MAX_BODY as u64)).unwrap_or(u32::MAX);
+    let Ok(_bytes) = budget.body_bytes.try_acquire_many_owned(need) else {
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many reverse http request bytes in flight\n",
+        );
+    };
     let body =
         match tokio::time::timeout(hub.timeout(), Limited::new(body, MAX_BODY).collect()).await {
             Ok(Ok(b)) => b.to_bytes(),

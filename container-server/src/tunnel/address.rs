@@ -7,6 +7,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
 
 use crate::error::ServerError;
 
+/// How long a name's lookup may take (the blocking thread finishes it on its own).
+const LOOKUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The longest `address` accepted (a DNS name is at most 253 bytes).
 const MAX_ADDRESS_LEN: usize = 300;
 
@@ -146,10 +149,12 @@ pub async fn resolve(address: &str) -> Result<Vec<SocketAddr>, ServerError> {
     let resolved = match host {
         Host::Ip(ip) => vec![SocketAddr::new(ip, port)],
         Host::Name(name) => {
-            let looked_up =
-                crate::runtime::spawn_blocking(move || (name.as_str(), port).to_socket_addrs())?
-                    .await
-                    .map_err(|e| ServerError::Spawn(std::io::Error::other(e)))?;
+            let lookup =
+                crate::runtime::spawn_blocking(move || (name.as_str(), port).to_socket_addrs())?;
+            let looked_up = tokio::time::timeout(LOOKUP_TIMEOUT, lookup)
+                .await
+                .map_err(|_| invalid(address, "lookup timed out"))?
+                .map_err(|e| ServerError::Spawn(std::io::Error::other(e)))?;
             looked_up
                 .map_err(|e| invalid(address, &format!("lookup failed: {e}")))?
                 .collect()
