@@ -722,3 +722,25 @@ async fn reverse_http_times_out_with_504() {
     tx.send(respond(&r.id, 200, vec![], "fast")).await.unwrap();
     assert_eq!(c.await.unwrap().body, b"fast");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_loopback_listener_address_is_refused_and_the_server_runs() {
+    let probe = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let port = probe.local_addr().unwrap().port();
+    drop(probe);
+    let s = TestServer::builder()
+        .reverse_http_at(&format!("0.0.0.0:{port}"), Duration::from_secs(5))
+        .start()
+        .await;
+    let st = s
+        .bridge()
+        .stat(bp::StatRequest { path: "/".into() })
+        .await
+        .expect("the server serves without its listener");
+    assert!(st.into_inner().entry.is_some_and(|e| e.is_dir));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        TcpStream::connect(("127.0.0.1", port)).await.is_err(),
+        "something listens on the refused address"
+    );
+}

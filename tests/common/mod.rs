@@ -68,10 +68,15 @@ impl Builder {
 
     /// Starts the ReverseHTTP listener on a free loopback port (see
     /// [`TestServer::reverse_http_addr`]); requests wait `timeout` for the host's answer.
-    pub fn reverse_http(mut self, timeout: Duration) -> Self {
+    pub fn reverse_http(self, timeout: Duration) -> Self {
         let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
         let addr = probe.local_addr().expect("local addr");
         drop(probe);
+        self.reverse_http_at(&addr.to_string(), timeout)
+    }
+
+    /// Asks for the ReverseHTTP listener on `addr` exactly (a refused one included).
+    pub fn reverse_http_at(mut self, addr: &str, timeout: Duration) -> Self {
         self.config.reverse_http_addr = Some(addr.to_string());
         self.config.reverse_http_timeout = timeout;
         self
