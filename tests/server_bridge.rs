@@ -297,17 +297,6 @@ fn unimplemented_naming(r: Result<impl std::fmt::Debug, tonic::Status>, name: &s
 async fn what_is_not_built_answers_unimplemented_by_name() {
     let mut s = start().await;
     let b = &mut s.bridge;
-    let open = bp::TunnelFrame {
-        frame: Some(bp::tunnel_frame::Frame::Open(bp::TunnelOpen {
-            address: "127.0.0.1:1".into(),
-        })),
-    };
-    unimplemented_naming(b.tunnel(futures::stream::iter([open])).await, "Tunnel");
-    unimplemented_naming(
-        b.reverse_http(futures::stream::iter(Vec::<bp::ReverseHttpFrame>::new()))
-            .await,
-        "ReverseHTTP",
-    );
     unimplemented_naming(
         b.read_raw_no_follow(bp::ReadRawNoFollowRequest {
             root: "/".into(),

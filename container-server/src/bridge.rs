@@ -6,8 +6,9 @@
 //! fields across, gives the new fields their documented behaviour where it is small (ListDir
 //! paging and `max_entries`, WriteRaw `abort`; Exec's PTY mode, `clean_env`/`unset_env` and
 //! its section 3 conventions in [`crate::bridge_exec`]), and answers UNIMPLEMENTED, naming the
-//! method or field, for what the server does not build yet (ListDir `collapse_threshold`,
-//! Tunnel, ReverseHTTP, the anchored NoFollow I/O, Terminal, WatchDir).
+//! method or field, for what the server does not build yet (ListDir `collapse_threshold`, the
+//! anchored NoFollow I/O, Terminal, WatchDir). Tunnel and ReverseHTTP, which have no
+//! `mcpcontainer` counterpart, live in [`crate::tunnel`] and [`crate::reverse_http`].
 //!
 //! Other behaviour WIRE-BRIDGE.md section 3 changed without a new field (raw ReadFile lines,
 //! 0600 uploads) is not adopted here yet: a bridge caller sees what an `mcpcontainer` caller
@@ -263,18 +264,22 @@ impl Bridge for Service {
 
     async fn tunnel(
         &self,
-        _req: Request<Streaming<bp::TunnelFrame>>,
+        req: Request<Streaming<bp::TunnelFrame>>,
     ) -> Result<Response<Self::TunnelStream>, Status> {
-        Err(unimplemented("Tunnel"))
+        crate::tunnel::open(Box::pin(req.into_inner()))
+            .await
+            .map(Response::new)
     }
 
     type ReverseHTTPStream = BoxStream<bp::ReverseHttpFrame>;
 
     async fn reverse_http(
         &self,
-        _req: Request<Streaming<bp::ReverseHttpFrame>>,
+        req: Request<Streaming<bp::ReverseHttpFrame>>,
     ) -> Result<Response<Self::ReverseHTTPStream>, Status> {
-        Err(unimplemented("ReverseHTTP"))
+        let route = crate::reverse_http::route_of(req.metadata())?;
+        let inbound = Box::pin(req.into_inner());
+        Ok(Response::new(self.reverse_http().attach(route, inbound)))
     }
 
     type ReadRawNoFollowStream = BoxStream<bp::DataChunk>;

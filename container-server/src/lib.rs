@@ -7,6 +7,8 @@
 //!   shutdown; [`authority`]: lets grpc C-core clients on a unix socket in (their `:authority`).
 //! - [`service`]: thin handlers; [`bridge`]: the `bridgepb` names mapped onto them;
 //!   [`convert`] maps wire types to domain types and back.
+//! - [`tunnel`]: bridge Tunnel, TCP to the bot's loopback services; [`reverse_http`]: bridge
+//!   ReverseHTTP, the bot's loopback HTTP listener answered by the host.
 //! - [`fs`]: file operations (atomic writes, listings, stat); [`window`]: `ReadFile`'s numbered
 //!   line window; [`mode`]: Go-style mode strings and times; [`paths`]: path cleaning.
 //! - [`exec`]: streaming commands in their own process groups; [`pty`]: the same on a
@@ -33,10 +35,12 @@ pub mod mode;
 pub mod paths;
 pub mod pty;
 pub mod reaper;
+pub mod reverse_http;
 pub mod runtime;
 pub mod server;
 pub mod service;
 pub mod tls;
+pub mod tunnel;
 pub mod window;
 
 pub use config::{Config, ListenAddr};

@@ -37,6 +37,7 @@ struct Inner {
     reaper: Reaper,
     kill: CancellationToken,
     default_timeout: Duration,
+    reverse_http: crate::reverse_http::Hub,
 }
 
 impl Service {
@@ -53,8 +54,25 @@ impl Service {
                 reaper,
                 kill,
                 default_timeout,
+                reverse_http: crate::reverse_http::Hub::new(crate::reverse_http::DEFAULT_TIMEOUT),
             }),
         }
+    }
+
+    /// Routes the bridge's ReverseHTTP streams through `hub` (the one the HTTP listener
+    /// uses) instead of a hub of the service's own. Only before the service is first cloned;
+    /// later it changes nothing and says so in the log.
+    pub fn with_reverse_http(mut self, hub: crate::reverse_http::Hub) -> Self {
+        match Arc::get_mut(&mut self.inner) {
+            Some(inner) => inner.reverse_http = hub,
+            None => tracing::warn!("reverse http hub not replaced: the service is shared"),
+        }
+        self
+    }
+
+    /// The ReverseHTTP routing hub.
+    pub(crate) fn reverse_http(&self) -> &crate::reverse_http::Hub {
+        &self.inner.reverse_http
     }
 
     fn resolve(&self, field: &str, path: &str) -> Result<PathBuf, ServerError> {
