@@ -61,6 +61,18 @@ pub enum ServerError {
     /// A listing past the caller's `max_entries`.
     #[error("{0}")]
     TooManyEntries(String),
+    /// An exclusive create found the path taken (WriteRawNoFollow).
+    #[error("{}: already exists", .0.display())]
+    AlreadyExists(PathBuf),
+    /// An anchored (NoFollow) lookup refused the path: a symlink on it, a path leaving its
+    /// root, a target that is not a regular file.
+    #[error("{}: refused: {reason}", path.display())]
+    Refused {
+        /// The path involved.
+        path: PathBuf,
+        /// Why, lowercase.
+        reason: String,
+    },
 }
 
 /// A bot limit that can stop the server from making a process or thread.
@@ -131,6 +143,8 @@ impl ServerError {
             ServerError::Aborted(_) => Code::Aborted,
             ServerError::Unimplemented(_) => Code::Unimplemented,
             ServerError::TooManyEntries(_) => Code::ResourceExhausted,
+            ServerError::AlreadyExists(_) => Code::AlreadyExists,
+            ServerError::Refused { .. } => Code::FailedPrecondition,
         }
     }
 }
@@ -214,6 +228,14 @@ mod tests {
             (
                 ServerError::TooManyEntries("more than 3 entries".into()),
                 Code::ResourceExhausted,
+            ),
+            (ServerError::AlreadyExists(p()), Code::AlreadyExists),
+            (
+                ServerError::Refused {
+                    path: p(),
+                    reason: "a symlink is on the path".into(),
+                },
+                Code::FailedPrecondition,
             ),
         ];
         for (e, code) in cases {

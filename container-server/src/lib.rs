@@ -9,12 +9,15 @@
 //!   [`convert`] maps wire types to domain types and back.
 //! - [`fs`]: file operations (atomic writes, listings, stat); [`window`]: `ReadFile`'s numbered
 //!   line window; [`mode`]: Go-style mode strings and times; [`paths`]: path cleaning.
+//! - [`transfer`]: raw downloads and uploads shared by the streaming calls; [`anchored`]: the
+//!   bridge's NoFollow I/O beneath a root (`openat2`); [`listing`]: the bridge's ListDir.
 //! - [`exec`]: streaming commands in their own process groups; [`reaper`]: PID 1 duties.
 //! - [`runtime`]: the tokio runtime whose threads are made at boot and kept, so calls that start
 //!   no process keep working while the bot is at its process limit.
 //! - [`config`], [`error`]: settings and the one error type.
 //! - `fuzz_checks` (hidden): invariants of the pure functions, for `fuzz/` and corpus replay.
 
+pub mod anchored;
 pub mod authority;
 pub mod bridge;
 pub mod config;
@@ -24,12 +27,14 @@ pub mod exec;
 pub mod fs;
 #[doc(hidden)]
 pub mod fuzz_checks;
+pub mod listing;
 pub mod mode;
 pub mod paths;
 pub mod reaper;
 pub mod runtime;
 pub mod server;
 pub mod service;
+pub mod transfer;
 pub mod window;
 
 pub use config::{Config, ListenAddr};
