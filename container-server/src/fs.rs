@@ -443,6 +443,49 @@ mod tests {
     }
 
     #[test]
+    fn bridge_writes_replace_with_0600_and_never_follow() {
+        let d = tempfile::tempdir().unwrap();
+        let real = d.path().join("real");
+        write_file(&real, b"1").unwrap();
+        fs::set_permissions(&real, fs::Permissions::from_mode(0o755)).unwrap();
+        let link = d.path().join("link");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        write_file_as(&link, b"2", Caller::Bridge).unwrap();
+        let md = fs::symlink_metadata(&link).unwrap();
+        assert!(md.is_file(), "the link itself was replaced");
+        assert_eq!(md.mode() & 0o7777, 0o600);
+        assert_eq!(fs::read(&real).unwrap(), b"1", "the target is untouched");
+        write_file_as(&real, b"3", Caller::Bridge).unwrap();
+        assert_eq!(
+            fs::metadata(&real).unwrap().mode() & 0o7777,
+            0o600,
+            "old mode lost"
+        );
+        write_file_as(&d.path().join("n/m/f"), b"4", Caller::Bridge).unwrap();
+        assert_eq!(
+            fs::metadata(d.path().join("n/m")).unwrap().mode() & 0o7777,
+            0o750
+        );
+        let mut w = AtomicFile::create_as(&d.path().join("n/m/f"), Caller::Bridge).unwrap();
+        w.write(b"partial").unwrap();
+        let names: Vec<String> = fs::read_dir(d.path().join("n/m"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(names.iter().any(|n| n.starts_with(".f.tmp-")), "{names:?}");
+        drop(w);
+        assert_eq!(fs::read_dir(d.path().join("n/m")).unwrap().count(), 1);
+        assert_eq!(fs::read(d.path().join("n/m/f")).unwrap(), b"4");
+        rename_as(&real, &d.path().join("r/s/real"), Caller::Bridge).unwrap();
+        assert_eq!(
+            fs::metadata(d.path().join("r")).unwrap().mode() & 0o7777,
+            0o750
+        );
+        let e = rename_as(&real, &d.path().join("x"), Caller::Bridge).unwrap_err();
+        assert!(matches!(e, ServerError::NotFound(_)), "{e}");
+    }
+
+    #[test]
     fn delete_rules() {
         let d = tempfile::tempdir().unwrap();
         let dir = d.path().join("x");
