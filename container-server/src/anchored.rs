@@ -168,13 +168,19 @@ fn beneath(
     let flags = flags | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
     if how == Lookup::Openat2 {
         let open_how = OpenHow::new().flags(flags).mode(mode).resolve(RESOLVE);
-        match openat2(dir, rel, open_how) {
-            Err(Errno::ENOSYS) => {
-                if !NO_OPENAT2.swap(true, Ordering::Relaxed) {
-                    warn!("openat2 is not available: NoFollow lookups walk the path instead");
+        // EAGAIN: a rename or mount raced the lookup; the kernel asks for a retry.
+        let mut tries = 0;
+        loop {
+            match openat2(dir, rel, open_how) {
+                Err(Errno::EAGAIN) if tries < 8 => tries += 1,
+                Err(Errno::ENOSYS) => {
+                    if !NO_OPENAT2.swap(true, Ordering::Relaxed) {
+                        warn!("openat2 is not available: NoFollow lookups walk the path instead");
+                    }
+                    break;
                 }
+                r => return r,
             }
-            r => return r,
         }
     }
     walk(dir, rel, flags, mode)
@@ -241,10 +247,11 @@ fn open_root(how: Lookup, t: &Target) -> Result<OwnedFd, Errno> {
 }
 
 /// Opens the target for ReadRawNoFollow: `O_RDONLY|O_NOFOLLOW|O_NONBLOCK` (a FIFO does not
-/// block the open), then refuses anything but a regular file.
+/// block the open; `O_NOCTTY` too, so a terminal never becomes the server's), then refuses
+/// anything but a regular file.
 pub fn open_read(how: Lookup, t: &Target) -> Result<File, ServerError> {
     let root = open_root(how, t).map_err(|e| t.error(e))?;
-    let flags = OFlag::O_RDONLY | OFlag::O_NONBLOCK;
+    let flags = OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOCTTY;
     let fd = beneath(how, root.as_fd(), &t.rel, flags, Mode::empty()).map_err(|e| t.error(e))?;
     let st = fstat(&fd).map_err(|e| t.error(e))?;
     if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFREG {

@@ -21,10 +21,10 @@ use crate::fs::Entry;
 pub struct ListSpec {
     /// Every descendant, not only the children.
     pub recursive: bool,
-    /// > 0, recursive only: a top-level subdirectory with more descendants than this is
+    /// Above 0, recursive only: a top-level subdirectory with more descendants than this is
     /// folded into one summary entry.
     pub collapse_threshold: i32,
-    /// > 0: a listing of more entries than this (before folding) is RESOURCE_EXHAUSTED.
+    /// Above 0: a listing of more entries than this (before folding) is RESOURCE_EXHAUSTED.
     pub max_entries: i32,
 }
 
