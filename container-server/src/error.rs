@@ -71,6 +71,18 @@ pub enum ServerError {
     /// The client called the operation off with a reason (a tunnel `close` with text).
     #[error("{0}")]
     Cancelled(String),
+    /// An exclusive create found the path taken (WriteRawNoFollow).
+    #[error("{}: already exists", .0.display())]
+    AlreadyExists(PathBuf),
+    /// An anchored (NoFollow) lookup refused the path: a symlink on it, a path leaving its
+    /// root, a target that is not a regular file.
+    #[error("{}: refused: {reason}", path.display())]
+    Refused {
+        /// The path involved.
+        path: PathBuf,
+        /// Why, lowercase.
+        reason: String,
+    },
 }
 
 /// A bot limit that can stop the server from making a process or thread.
@@ -144,6 +156,8 @@ impl ServerError {
             ServerError::PermissionDenied(_) => Code::PermissionDenied,
             ServerError::Unavailable(_) => Code::Unavailable,
             ServerError::Cancelled(_) => Code::Cancelled,
+            ServerError::AlreadyExists(_) => Code::AlreadyExists,
+            ServerError::Refused { .. } => Code::FailedPrecondition,
         }
     }
 }
@@ -239,6 +253,14 @@ mod tests {
             (
                 ServerError::Cancelled("closed by the client".into()),
                 Code::Cancelled,
+            ),
+            (ServerError::AlreadyExists(p()), Code::AlreadyExists),
+            (
+                ServerError::Refused {
+                    path: p(),
+                    reason: "a symlink is on the path".into(),
+                },
+                Code::FailedPrecondition,
             ),
         ];
         for (e, code) in cases {

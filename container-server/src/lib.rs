@@ -11,6 +11,8 @@
 //!   ReverseHTTP, the bot's loopback HTTP listener answered by the host.
 //! - [`fs`]: file operations (atomic writes, listings, stat); [`window`]: `ReadFile`'s numbered
 //!   line window; [`mode`]: Go-style mode strings and times; [`paths`]: path cleaning.
+//! - [`transfer`]: raw downloads and uploads shared by the streaming calls; [`anchored`]: the
+//!   bridge's NoFollow I/O beneath a root (`openat2`); [`listing`]: the bridge's ListDir.
 //! - [`exec`]: streaming commands in their own process groups; [`pty`]: the same on a
 //!   pseudo-terminal; [`exec_env`]: the bridge's environment rule; [`bridge_exec`]: the
 //!   bridge's exec conventions; [`reaper`]: PID 1 duties.
@@ -20,6 +22,7 @@
 //! - [`config`], [`error`]: settings and the one error type.
 //! - `fuzz_checks` (hidden): invariants of the pure functions, for `fuzz/` and corpus replay.
 
+pub mod anchored;
 pub mod authority;
 pub mod bridge;
 pub mod bridge_exec;
@@ -31,6 +34,7 @@ pub mod exec_env;
 pub mod fs;
 #[doc(hidden)]
 pub mod fuzz_checks;
+pub mod listing;
 pub mod mode;
 pub mod paths;
 pub mod pty;
@@ -40,6 +44,7 @@ pub mod runtime;
 pub mod server;
 pub mod service;
 pub mod tls;
+pub mod transfer;
 pub mod tunnel;
 pub mod window;
 
