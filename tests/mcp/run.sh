@@ -209,4 +209,4 @@ PYTHONDONTWRITEBYTECODE=1 WIRE_AGENT_SOCKET="$SOCK" WIRE_AGENT_BOT="$BOT" WIRE_F
 echo "mcp: grpcio defaults on the agent's socket (tests/wire/test_agent_socket.py)" >&2
 PYTHONDONTWRITEBYTECODE=1 WIRE_AGENT_SOCKET="$SOCK" WIRE_AGENT_BOT="$BOT" WIRE_FAIL_ON_SKIP=1 \
     WIRE_SERVER_BIN="${WIRE_SERVER_BIN:-$ROOT/target/debug/container-server}" \
-    "$ROOT/tests/wire/run.sh" "$ROOT/tests/wire/test_agent_socket.py"
+    "$ROOT/tests/wire/run.sh" -k test_agent_socket "$ROOT/tests/wire/test_agent_socket.py"
