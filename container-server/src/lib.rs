@@ -13,6 +13,7 @@
 //! - [`exec`]: streaming commands in their own process groups; [`reaper`]: PID 1 duties.
 //! - [`runtime`]: the tokio runtime whose threads are made at boot and kept, so calls that start
 //!   no process keep working while the bot is at its process limit.
+//! - [`tls`]: strict mutual TLS for the bridge's TCP listener.
 //! - [`config`], [`error`]: settings and the one error type.
 //! - `fuzz_checks` (hidden): invariants of the pure functions, for `fuzz/` and corpus replay.
 
@@ -31,6 +32,7 @@ pub mod reaper;
 pub mod runtime;
 pub mod server;
 pub mod service;
+pub mod tls;
 pub mod window;
 
 pub use config::{Config, ListenAddr};

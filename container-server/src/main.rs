@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use container_server::config::{bridge_listeners, BridgeEnv};
+use container_server::config::{bridge_listeners, Bind, BridgeEnv};
 use container_server::{Config, ListenAddr, Listener};
 use memoh_proto::limits;
 
@@ -51,10 +51,13 @@ fn main() -> ExitCode {
 fn real_main(args: Args) -> anyhow::Result<()> {
     let mut listen = Vec::new();
     for l in &args.listen {
-        listen.push((l.parse::<ListenAddr>().map_err(anyhow::Error::msg)?, true));
+        listen.push(Bind::plain(
+            l.parse::<ListenAddr>().map_err(anyhow::Error::msg)?,
+            true,
+        ));
     }
     if listen.is_empty() {
-        listen.push((
+        listen.push(Bind::plain(
             limits::DEFAULT_LISTEN_ADDR
                 .parse()
                 .map_err(anyhow::Error::msg)?,
@@ -84,10 +87,12 @@ fn real_main(args: Args) -> anyhow::Result<()> {
     let rt = container_server::runtime::build()?;
     rt.block_on(async move {
         let mut listeners = Vec::new();
-        for (addr, required) in &listen {
-            match bind(addr).await {
+        for b in &listen {
+            match bind(b).await {
                 Ok(l) => listeners.push(l),
-                Err(e) if !required => tracing::warn!(error = %e, "default bridge socket skipped"),
+                Err(e) if !b.required => {
+                    tracing::warn!(error = %e, "default bridge socket skipped")
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -96,8 +101,13 @@ fn real_main(args: Args) -> anyhow::Result<()> {
     })
 }
 
-async fn bind(addr: &ListenAddr) -> anyhow::Result<Listener> {
-    match addr {
+async fn bind(b: &Bind) -> anyhow::Result<Listener> {
+    // Every TLS file is read before anything is bound: a bad one stops the server at start.
+    let tls = match &b.tls {
+        Some(t) => Some(t.server_config().map_err(anyhow::Error::msg)?),
+        None => None,
+    };
+    match &b.addr {
         ListenAddr::Tcp(a) => {
             let l = match tokio::net::TcpListener::bind(a).await {
                 Ok(l) => l,
@@ -107,8 +117,11 @@ async fn bind(addr: &ListenAddr) -> anyhow::Result<Listener> {
                 }
                 Err(e) => return Err(anyhow::anyhow!("listen on {a}: {e}")),
             };
-            tracing::info!(addr = %l.local_addr()?, "listening");
-            Ok(Listener::Tcp(l))
+            tracing::info!(addr = %l.local_addr()?, tls = tls.is_some(), "listening");
+            Ok(match tls {
+                Some(config) => Listener::Tls(l, config),
+                None => Listener::Tcp(l),
+            })
         }
         ListenAddr::Unix(p) => {
             // The bridge's socket directory: the host binds it (0750); make it when missing.
