@@ -43,7 +43,11 @@ impl Pty {
             check(libc::grantpt(fd), "grantpt");
             check(libc::unlockpt(fd), "unlockpt");
             let mut buf = [0 as libc::c_char; 128];
-            assert_eq!(libc::ptsname_r(fd, buf.as_mut_ptr(), buf.len()), 0, "ptsname_r");
+            assert_eq!(
+                libc::ptsname_r(fd, buf.as_mut_ptr(), buf.len()),
+                0,
+                "ptsname_r"
+            );
             let slave_path = std::ffi::CStr::from_ptr(buf.as_ptr())
                 .to_string_lossy()
                 .into_owned();
@@ -153,7 +157,10 @@ fn exec_t_runs_an_interactive_shell_on_a_terminal() {
 
     // Without a terminal: one line, saying what to do.
     let line = a.fails(&["exec", "-t", &bot, "--", "sh"]);
-    assert!(line.contains("not a terminal") && line.contains("drop -t"), "{line}");
+    assert!(
+        line.contains("not a terminal") && line.contains("drop -t"),
+        "{line}"
+    );
 
     let pty = Pty::open(31, 101);
     let screen = Screen::start(&pty.master);
@@ -182,7 +189,10 @@ fn exec_t_runs_an_interactive_shell_on_a_terminal() {
     // Raw mode while the session runs.
     let deadline = Instant::now() + Duration::from_secs(30);
     while lflags(watch.as_raw_fd()) & libc::ICANON != 0 {
-        assert!(Instant::now() < deadline, "the CLI never put the terminal in raw mode");
+        assert!(
+            Instant::now() < deadline,
+            "the CLI never put the terminal in raw mode"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     keys.write_all(b"stty size; echo $((6*7))\n").unwrap();
@@ -323,7 +333,12 @@ fn port_forward_carries_several_connections_both_ways() {
     let st = wait_exit(&mut fwd, Duration::from_secs(10));
     wait_exit(&mut refused, Duration::from_secs(10));
     let mut err = String::new();
-    refused.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    refused
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
     assert!(err.contains("connection from"), "stderr: {err:?}");
     assert!(failed.is_empty(), "{} connections failed", failed.len());
     assert!(st.success(), "port-forward ended with {st}");

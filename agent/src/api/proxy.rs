@@ -294,8 +294,8 @@ mod tests {
             for f in set.file {
                 for s in &f.service {
                     for m in &s.method {
-                        let streaming =
-                            m.client_streaming.unwrap_or(false) || m.server_streaming.unwrap_or(false);
+                        let streaming = m.client_streaming.unwrap_or(false)
+                            || m.server_streaming.unwrap_or(false);
                         v.push((
                             format!("{}.{}", f.package(), s.name()),
                             m.name().to_string(),
@@ -332,7 +332,15 @@ mod tests {
         ] {
             assert!(is_streaming(m), "{m}");
         }
-        for m in ["ReadFile", "WriteFile", "ListDir", "Stat", "Mkdir", "Rename", "DeleteFile"] {
+        for m in [
+            "ReadFile",
+            "WriteFile",
+            "ListDir",
+            "Stat",
+            "Mkdir",
+            "Rename",
+            "DeleteFile",
+        ] {
             assert!(!is_streaming(m), "{m}");
         }
     }
@@ -348,6 +356,9 @@ mod tests {
             "bridgepb.ContainerService"
         );
         let names: std::collections::BTreeSet<_> = methods().into_iter().map(|m| m.0).collect();
-        assert!(names.contains(Mcp::NAME) && names.contains(Bridge::NAME), "{names:?}");
+        assert!(
+            names.contains(Mcp::NAME) && names.contains(Bridge::NAME),
+            "{names:?}"
+        );
     }
 }

@@ -123,7 +123,10 @@ pub async fn port_forward(
         let port = spec.remote;
         tokio::spawn(async move {
             if let Err(e) = forward(&socket, client, conn, port).await {
-                eprintln!("memoh-agent: port-forward: connection from {peer}: {}", e.message);
+                eprintln!(
+                    "memoh-agent: port-forward: connection from {peer}: {}",
+                    e.message
+                );
             }
         });
     }
@@ -165,7 +168,11 @@ async fn forward(
         .await
         .map_err(|s| status_err(socket, s))?
         .into_inner();
-    match from_bot.message().await.map_err(|s| status_err(socket, s))? {
+    match from_bot
+        .message()
+        .await
+        .map_err(|s| status_err(socket, s))?
+    {
         Some(TunnelFrame {
             frame: Some(Frame::Data(d)),
         }) if d.data.is_empty() => {}
@@ -236,7 +243,11 @@ async fn from_bot_to_local(
 ) -> Result<(), CliError> {
     let mut failure = None;
     let mut open = true;
-    while let Some(f) = from_bot.message().await.map_err(|s| status_err(socket, s))? {
+    while let Some(f) = from_bot
+        .message()
+        .await
+        .map_err(|s| status_err(socket, s))?
+    {
         match f.frame {
             Some(Frame::Data(d)) if open => {
                 if let Err(e) = wr.write_all(&d.data).await {
@@ -247,7 +258,10 @@ async fn from_bot_to_local(
                 open = false;
                 let _ = wr.shutdown().await;
                 if !c.error.is_empty() {
-                    failure = Some(format!("the bot's end of the connection failed: {}", c.error));
+                    failure = Some(format!(
+                        "the bot's end of the connection failed: {}",
+                        c.error
+                    ));
                 }
             }
             _ => {}
@@ -272,8 +286,8 @@ mod tests {
         ok(":3000", 0, 3000);
         ok("0:3000", 0, 3000);
         for bad in [
-            "", ":", "80:", "0", "65536", "1:65536", "-1", "+80", "a:80", "80:b", "1:2:3",
-            " 80", "80 ", "0x50", "8080:0",
+            "", ":", "80:", "0", "65536", "1:65536", "-1", "+80", "a:80", "80:b", "1:2:3", " 80",
+            "80 ", "0x50", "8080:0",
         ] {
             assert!(parse_ports(bad).is_err(), "{bad:?} was accepted");
         }

@@ -35,8 +35,8 @@ use std::path::Path;
 
 use memoh_proto::client::{unix_channel, CallMetadata};
 use memoh_proto::limits::MAX_MESSAGE_SIZE;
-use memoh_proto::pb::bridgepb::container_service_client::ContainerServiceClient as BridgeServiceClient;
 use memoh_proto::pb::agent::agent_service_client::AgentServiceClient;
+use memoh_proto::pb::bridgepb::container_service_client::ContainerServiceClient as BridgeServiceClient;
 use memoh_proto::ContainerClient;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
