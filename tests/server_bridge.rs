@@ -297,17 +297,6 @@ fn unimplemented_naming(r: Result<impl std::fmt::Debug, tonic::Status>, name: &s
 async fn what_is_not_built_answers_unimplemented_by_name() {
     let mut s = start().await;
     let b = &mut s.bridge;
-    let open = bp::TunnelFrame {
-        frame: Some(bp::tunnel_frame::Frame::Open(bp::TunnelOpen {
-            address: "127.0.0.1:1".into(),
-        })),
-    };
-    unimplemented_naming(b.tunnel(futures::stream::iter([open])).await, "Tunnel");
-    unimplemented_naming(
-        b.reverse_http(futures::stream::iter(Vec::<bp::ReverseHttpFrame>::new()))
-            .await,
-        "ReverseHTTP",
-    );
     unimplemented_naming(
         b.read_raw_no_follow(bp::ReadRawNoFollowRequest {
             root: "/".into(),
@@ -334,34 +323,6 @@ async fn what_is_not_built_answers_unimplemented_by_name() {
         b.watch_dir(bp::WatchDirRequest { path: "/".into() }).await,
         "WatchDir",
     );
-    for (first, name) in [
-        (
-            bp::ExecInput {
-                command: "true".into(),
-                pty: true,
-                ..Default::default()
-            },
-            "pty",
-        ),
-        (
-            bp::ExecInput {
-                command: "true".into(),
-                clean_env: true,
-                ..Default::default()
-            },
-            "clean_env",
-        ),
-        (
-            bp::ExecInput {
-                command: "true".into(),
-                unset_env: vec!["HOME".into()],
-                ..Default::default()
-            },
-            "unset_env",
-        ),
-    ] {
-        unimplemented_naming(exec(b, first, vec![]).await, name);
-    }
     unimplemented_naming(
         b.list_dir(bp::ListDirRequest {
             recursive: true,

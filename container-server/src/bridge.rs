@@ -4,13 +4,15 @@
 //! The `bridgepb` messages are a superset of the `mcpcontainer` ones under a new package name.
 //! Every method the two share runs the `mcpcontainer` handler: this module maps the shared
 //! fields across, gives the new fields their documented behaviour where it is small (ListDir
-//! paging and `max_entries`, WriteRaw `abort`), and answers UNIMPLEMENTED, naming the method or
-//! field, for what the server does not build yet (PTY exec, `clean_env`/`unset_env`, ListDir
-//! `collapse_threshold`, Tunnel, ReverseHTTP, the anchored NoFollow I/O, Terminal, WatchDir).
+//! paging and `max_entries`, WriteRaw `abort`; Exec's PTY mode, `clean_env`/`unset_env` and
+//! its section 3 conventions in [`crate::bridge_exec`]), and answers UNIMPLEMENTED, naming the
+//! method or field, for what the server does not build yet (ListDir `collapse_threshold`, the
+//! anchored NoFollow I/O, Terminal, WatchDir). Tunnel and ReverseHTTP, which have no
+//! `mcpcontainer` counterpart, live in [`crate::tunnel`] and [`crate::reverse_http`].
 //!
-//! Behaviour WIRE-BRIDGE.md section 3 changed without a new field (raw ReadFile lines, 0600
-//! uploads, 128+N exit codes) is not adopted here yet: a bridge caller sees what an
-//! `mcpcontainer` caller sees.
+//! Other behaviour WIRE-BRIDGE.md section 3 changed without a new field (raw ReadFile lines,
+//! 0600 uploads) is not adopted here yet: a bridge caller sees what an `mcpcontainer` caller
+//! sees.
 
 use futures::StreamExt;
 use memoh_proto::pb::bridgepb as bp;
@@ -72,20 +74,6 @@ pub fn list_dir_page(
         total_count: i32::try_from(total).unwrap_or(i32::MAX),
         truncated,
     })
-}
-
-/// Checks the first Exec message for fields this server does not implement.
-fn check_exec_first(m: &bp::ExecInput) -> Result<(), Status> {
-    if m.pty {
-        return Err(unimplemented("Exec with pty = true"));
-    }
-    if m.clean_env {
-        return Err(unimplemented("Exec field clean_env"));
-    }
-    if !m.unset_env.is_empty() {
-        return Err(unimplemented("Exec field unset_env"));
-    }
-    Ok(())
 }
 
 fn exec_input(m: bp::ExecInput) -> mp::ExecInput {
@@ -210,18 +198,21 @@ impl Bridge for Service {
         req: Request<Streaming<bp::ExecInput>>,
     ) -> Result<Response<Self::ExecStream>, Status> {
         let mut inbound = req.into_inner();
-        // The first message decides what runs: refuse what is not built before anything starts.
+        // The first message decides what runs: a terminal, or pipes with the bridge's
+        // conventions (see `bridge_exec`).
         let first = match inbound.next().await {
-            Some(Ok(m)) => {
-                check_exec_first(&m)?;
-                Some(Ok(m))
+            Some(Ok(m)) if m.pty => {
+                let out = crate::bridge_exec::pty(self, m, inbound).await?;
+                return Ok(Response::new(Box::pin(out.map(|r| r.map(exec_output)))));
             }
             other => other,
         };
+        let adjust =
+            crate::bridge_exec::pipe_conventions(first.as_ref().and_then(|r| r.as_ref().ok()));
         let all = futures::stream::iter(first)
             .chain(inbound)
             .map(|m| m.map(exec_input));
-        let out = self.exec_stream(Box::pin(all)).await?;
+        let out = self.exec_stream_with(Box::pin(all), adjust).await?;
         Ok(Response::new(Box::pin(out.map(|r| r.map(exec_output)))))
     }
 
@@ -273,18 +264,22 @@ impl Bridge for Service {
 
     async fn tunnel(
         &self,
-        _req: Request<Streaming<bp::TunnelFrame>>,
+        req: Request<Streaming<bp::TunnelFrame>>,
     ) -> Result<Response<Self::TunnelStream>, Status> {
-        Err(unimplemented("Tunnel"))
+        crate::tunnel::open(Box::pin(req.into_inner()))
+            .await
+            .map(Response::new)
     }
 
     type ReverseHTTPStream = BoxStream<bp::ReverseHttpFrame>;
 
     async fn reverse_http(
         &self,
-        _req: Request<Streaming<bp::ReverseHttpFrame>>,
+        req: Request<Streaming<bp::ReverseHttpFrame>>,
     ) -> Result<Response<Self::ReverseHTTPStream>, Status> {
-        Err(unimplemented("ReverseHTTP"))
+        let route = crate::reverse_http::route_of(req.metadata())?;
+        let inbound = Box::pin(req.into_inner());
+        Ok(Response::new(self.reverse_http().attach(route, inbound)))
     }
 
     type ReadRawNoFollowStream = BoxStream<bp::DataChunk>;
@@ -361,25 +356,5 @@ mod tests {
         let err = list_dir_page(entries(6), 0, 0, 5).unwrap_err();
         assert_eq!(err.code(), tonic::Code::ResourceExhausted);
         assert!(err.to_string().contains("max_entries"), "{err}");
-    }
-
-    #[test]
-    fn exec_fields_not_built_are_named() {
-        let pty = bp::ExecInput {
-            pty: true,
-            ..Default::default()
-        };
-        let s = check_exec_first(&pty).unwrap_err();
-        assert_eq!(s.code(), tonic::Code::Unimplemented);
-        assert!(s.message().contains("pty"), "{}", s.message());
-        let unset = bp::ExecInput {
-            unset_env: vec!["HOME".into()],
-            ..Default::default()
-        };
-        assert!(check_exec_first(&unset)
-            .unwrap_err()
-            .message()
-            .contains("unset_env"));
-        assert!(check_exec_first(&bp::ExecInput::default()).is_ok());
     }
 }

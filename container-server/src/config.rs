@@ -197,10 +197,16 @@ pub struct Config {
     pub reap_all: bool,
     /// Exec timeout when a request gives none.
     pub default_exec_timeout: Duration,
+    /// The ReverseHTTP listener's address (loopback only, `MEMOH_ACP_TOOLS_PROXY_ADDR`);
+    /// `None`: no listener.
+    pub reverse_http_addr: Option<String>,
+    /// How long a ReverseHTTP request waits for the host's answer (then 504).
+    pub reverse_http_timeout: Duration,
 }
 
 impl Config {
-    /// Defaults for a data directory: no template, no token, 10 s grace.
+    /// Defaults for a data directory: no template, no token, 10 s grace, no ReverseHTTP
+    /// listener.
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         Self {
             data_dir: data_dir.into(),
@@ -209,6 +215,8 @@ impl Config {
             shutdown_grace: Duration::from_secs(10),
             reap_all: false,
             default_exec_timeout: limits::DEFAULT_EXEC_TIMEOUT,
+            reverse_http_addr: None,
+            reverse_http_timeout: crate::reverse_http::DEFAULT_TIMEOUT,
         }
     }
 }

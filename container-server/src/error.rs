@@ -61,6 +61,16 @@ pub enum ServerError {
     /// A listing past the caller's `max_entries`.
     #[error("{0}")]
     TooManyEntries(String),
+    /// The request asks for something the server refuses on principle (a tunnel to a
+    /// non-loopback address).
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// Something the call needs cannot be reached now (a tunnel's target).
+    #[error("{0}")]
+    Unavailable(String),
+    /// The client called the operation off with a reason (a tunnel `close` with text).
+    #[error("{0}")]
+    Cancelled(String),
 }
 
 /// A bot limit that can stop the server from making a process or thread.
@@ -131,6 +141,9 @@ impl ServerError {
             ServerError::Aborted(_) => Code::Aborted,
             ServerError::Unimplemented(_) => Code::Unimplemented,
             ServerError::TooManyEntries(_) => Code::ResourceExhausted,
+            ServerError::PermissionDenied(_) => Code::PermissionDenied,
+            ServerError::Unavailable(_) => Code::Unavailable,
+            ServerError::Cancelled(_) => Code::Cancelled,
         }
     }
 }
@@ -214,6 +227,18 @@ mod tests {
             (
                 ServerError::TooManyEntries("more than 3 entries".into()),
                 Code::ResourceExhausted,
+            ),
+            (
+                ServerError::PermissionDenied("not a loopback address".into()),
+                Code::PermissionDenied,
+            ),
+            (
+                ServerError::Unavailable("connection refused".into()),
+                Code::Unavailable,
+            ),
+            (
+                ServerError::Cancelled("closed by the client".into()),
+                Code::Cancelled,
             ),
         ];
         for (e, code) in cases {

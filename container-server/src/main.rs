@@ -28,6 +28,10 @@ struct Args {
     /// Seconds running calls may take to finish after SIGTERM before commands are killed.
     #[arg(long, env = "MCP_SHUTDOWN_GRACE", default_value_t = 10)]
     shutdown_grace: u64,
+    /// The bot's loopback HTTP listener for bridge ReverseHTTP (`IP:PORT`, loopback only; a
+    /// non-loopback address is refused in the log and the server runs without it).
+    #[arg(long, env = "MEMOH_ACP_TOOLS_PROXY_ADDR", default_value = container_server::reverse_http::listener::DEFAULT_ADDR)]
+    reverse_http_addr: String,
 }
 
 fn main() -> ExitCode {
@@ -82,6 +86,11 @@ fn real_main(args: Args) -> anyhow::Result<()> {
     config.auth_token = token;
     config.shutdown_grace = std::time::Duration::from_secs(args.shutdown_grace);
     config.reap_all = std::process::id() == 1;
+    // Empty means the default, as for the bridge.
+    config.reverse_http_addr = Some(match args.reverse_http_addr.as_str() {
+        "" => container_server::reverse_http::listener::DEFAULT_ADDR.to_string(),
+        a => a.to_string(),
+    });
 
     // Threads made now and kept: at the bot's process limit, no new one can be made.
     let rt = container_server::runtime::build()?;

@@ -275,12 +275,19 @@ pub async fn run_all(
     }
     let reaper = Reaper::start(config.reap_all).map_err(ServerError::Spawn)?;
     let kill = CancellationToken::new();
+    let hub = crate::reverse_http::Hub::new(config.reverse_http_timeout);
     let service = Service::new(
         Resolver::new(&config.data_dir),
         reaper,
         kill.clone(),
         config.default_exec_timeout,
-    );
+    )
+    .with_reverse_http(hub.clone());
+    // The bot's loopback HTTP listener for ReverseHTTP; it stops when `kill` fires.
+    let reverse_http = match &config.reverse_http_addr {
+        Some(a) => crate::reverse_http::listener::start(a, hub, kill.clone()).await,
+        None => None,
+    };
     let auth = Auth::new(config.auth_token.as_deref());
     let bridge = BridgeServer::new(service.clone())
         .max_decoding_message_size(MAX_MESSAGE_SIZE)
@@ -365,6 +372,9 @@ pub async fn run_all(
         _ = killer => warn!("calls still running after the grace period; exiting anyway"),
     }
     kill.cancel();
+    if let Some(h) = reverse_http {
+        let _ = h.await;
+    }
     info!("stopped");
     Ok(())
 }

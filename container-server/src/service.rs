@@ -37,6 +37,7 @@ struct Inner {
     reaper: Reaper,
     kill: CancellationToken,
     default_timeout: Duration,
+    reverse_http: crate::reverse_http::Hub,
 }
 
 impl Service {
@@ -53,19 +54,64 @@ impl Service {
                 reaper,
                 kill,
                 default_timeout,
+                reverse_http: crate::reverse_http::Hub::new(crate::reverse_http::DEFAULT_TIMEOUT),
             }),
         }
+    }
+
+    /// Routes the bridge's ReverseHTTP streams through `hub` (the one the HTTP listener
+    /// uses) instead of a hub of the service's own. Only before the service is first cloned;
+    /// later it changes nothing and says so in the log.
+    pub fn with_reverse_http(mut self, hub: crate::reverse_http::Hub) -> Self {
+        match Arc::get_mut(&mut self.inner) {
+            Some(inner) => inner.reverse_http = hub,
+            None => tracing::warn!("reverse http hub not replaced: the service is shared"),
+        }
+        self
+    }
+
+    /// The ReverseHTTP routing hub.
+    pub(crate) fn reverse_http(&self) -> &crate::reverse_http::Hub {
+        &self.inner.reverse_http
     }
 
     fn resolve(&self, field: &str, path: &str) -> Result<PathBuf, ServerError> {
         self.inner.resolver.resolve(field, path)
     }
 
+    /// An exec's work dir: the data directory if empty, a relative one joined to it.
+    pub(crate) fn exec_work_dir(&self, work_dir: &str) -> Result<PathBuf, ServerError> {
+        if work_dir.is_empty() {
+            return Ok(self.inner.resolver.data_dir().to_path_buf());
+        }
+        self.resolve("work_dir", work_dir)
+    }
+
+    /// The reaper commands are spawned through.
+    pub(crate) fn reaper(&self) -> &Reaper {
+        &self.inner.reaper
+    }
+
+    /// Fires when running commands must die (the end of the shutdown grace).
+    pub(crate) fn kill_token(&self) -> CancellationToken {
+        self.inner.kill.clone()
+    }
+
     /// Exec over any request stream, the implementation behind both services: the first
     /// message starts the command, later ones feed its stdin, the stream's clean end closes it.
     pub(crate) async fn exec_stream(
         &self,
+        inbound: BoxStream<pb::ExecInput>,
+    ) -> Result<BoxStream<pb::ExecOutput>, Status> {
+        self.exec_stream_with(inbound, |_| {}).await
+    }
+
+    /// [`Service::exec_stream`] with `adjust` applied to the validated request before the
+    /// command starts (the bridge's conventions).
+    pub(crate) async fn exec_stream_with(
+        &self,
         mut inbound: BoxStream<pb::ExecInput>,
+        adjust: impl FnOnce(&mut ExecSpec) + Send,
     ) -> Result<BoxStream<pb::ExecOutput>, Status> {
         let first = match inbound.next().await.transpose() {
             Ok(Some(m)) => m,
@@ -77,12 +123,8 @@ impl Service {
             }
             Err(s) => return Err(inbound_error(s)),
         };
-        let work_dir = if first.work_dir.is_empty() {
-            self.inner.resolver.data_dir().to_path_buf()
-        } else {
-            self.resolve("work_dir", &first.work_dir)?
-        };
-        let spec = ExecSpec::new(
+        let work_dir = self.exec_work_dir(&first.work_dir)?;
+        let mut spec = ExecSpec::new(
             first.command,
             work_dir,
             &first.env,
@@ -90,6 +132,7 @@ impl Service {
             self.inner.default_timeout,
             first.stdin_data,
         )?;
+        adjust(&mut spec);
         debug!(command = %spec.command, "exec");
         let running = exec::start(spec, &self.inner.reaper)?;
         let (stdin_tx, stdin_rx) = mpsc::channel::<Bytes>(16);
