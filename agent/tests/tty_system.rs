@@ -189,9 +189,13 @@ fn exec_t_runs_an_interactive_shell_on_a_terminal() {
     // Raw mode while the session runs.
     let deadline = Instant::now() + Duration::from_secs(30);
     while lflags(watch.as_raw_fd()) & libc::ICANON != 0 {
+        if let Some(st) = child.try_wait().unwrap() {
+            panic!("the CLI ended ({st}) before raw mode: {:?}", screen.text());
+        }
         assert!(
             Instant::now() < deadline,
-            "the CLI never put the terminal in raw mode"
+            "the CLI never put the terminal in raw mode: {:?}",
+            screen.text()
         );
         std::thread::sleep(Duration::from_millis(50));
     }
