@@ -7,10 +7,13 @@
 //! - [`auth`]: bearer tokens and their constant-time check.
 //! - [`clean_end`]: the layer that lets a handler see a request stream's end only when the
 //!   client half-closed it (a reset or cancelled call is an error, whatever the client stack).
+//! - [`authority`]: the unix-socket connection wrapper that lets grpc C-core clients (grpcio,
+//!   grpc++) with default settings in, for every server of ours on a unix socket.
 //! - [`client`]: the typed client of `mcpcontainer.ContainerService`, with per-call deadlines on
 //!   unary calls, none on streams, and optional bearer-token / bot-routing metadata.
 
 pub mod auth;
+pub mod authority;
 pub mod clean_end;
 pub mod client;
 pub mod limits;

@@ -7,11 +7,10 @@ use std::time::Duration;
 
 use memoh_proto::pb::agent::agent_service_server::AgentServiceServer;
 use tokio::net::UnixListener;
-use tokio_stream::wrappers::UnixListenerStream;
 use tracing::{info, warn};
 
 use crate::api::control::Control;
-use crate::api::proxy::Proxy;
+use crate::api::proxy::{BridgeProxy, McpProxy};
 use crate::bots::Manager;
 use crate::config::Config;
 use crate::containerd::{Connection, Containerd, Runtime};
@@ -152,11 +151,14 @@ pub async fn run(
                 mcp.as_ref().map(|(hub, _)| hub.clone()),
             )),
         ))
-        .add_service(Timed::new("proxy", Proxy::new(mgr.clone())));
+        .add_service(Timed::new("proxy", McpProxy::new(mgr.clone())))
+        .add_service(Timed::new("bridge_proxy", BridgeProxy::new(mgr.clone())));
     notify_ready();
     info!("agent ready");
+    // grpc C-core clients (grpcio, grpc++) send the socket path as `:authority`, which h2
+    // refuses: every connection goes through the fix that replaces it.
     let r = router
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(memoh_proto::authority::incoming(listener), shutdown)
         .await;
     // The one shutdown path: the stop token ends the watchers, restarts, checks, migrations
     // and the MCP server; each is waited for, up to a deadline.

@@ -41,7 +41,8 @@ enum Cmd {
     /// Manage bots.
     #[command(subcommand)]
     Bot(BotCmd),
-    /// Run a command in a bot: `exec BOT -- CMD ARGS...`.
+    /// Run a command in a bot: `exec BOT -- CMD ARGS...`; `exec -t BOT -- sh` for an
+    /// interactive terminal.
     Exec {
         /// Bot id.
         bot: String,
@@ -49,13 +50,30 @@ enum Cmd {
         #[arg(long, short = 'w')]
         workdir: Option<String>,
         /// Seconds before the command's process group is killed (0: the server's default,
-        /// 30 s). A command that timed out or was killed by a signal exits 137, with one line
-        /// on stderr saying which.
+        /// 30 s, or 300 s with --tty). A command that timed out or was killed by a signal exits
+        /// 137, with one line on stderr saying which.
         #[arg(long, default_value_t = 0)]
         timeout: i32,
+        /// Run the command on a terminal of its own, wired to this one (raw mode, window size
+        /// and resizes passed on, stdout and stderr merged); stdin must be a terminal.
+        #[arg(long, short = 't')]
+        tty: bool,
         /// The command and its arguments.
         #[arg(last = true, required = true)]
         argv: Vec<String>,
+    },
+    /// Forward a local TCP port to a port inside a bot until Ctrl-C: `port-forward BOT
+    /// LOCAL_PORT:BOT_PORT` (or `BOT_PORT` for the same port, `:BOT_PORT` for any free local
+    /// one). Each connection is tunnelled to 127.0.0.1:BOT_PORT inside the bot.
+    PortForward {
+        /// Bot id.
+        bot: String,
+        /// `LOCAL_PORT:BOT_PORT`, `BOT_PORT` or `:BOT_PORT`.
+        ports: String,
+        /// Local address to listen on (default 127.0.0.1; another than loopback only when
+        /// named here, and anyone who reaches it then reaches the bot's port).
+        #[arg(long)]
+        address: Option<String>,
     },
     /// Copy a file into or out of a bot: one side is `BOT:PATH`.
     Cp {
@@ -159,8 +177,21 @@ async fn dispatch(args: Args) -> Result<u8, cli::CliError> {
             bot,
             workdir,
             timeout,
+            tty: false,
             argv,
         } => cli::exec(&socket, &bot, &argv, workdir, timeout).await,
+        Cmd::Exec {
+            bot,
+            workdir,
+            timeout,
+            tty: true,
+            argv,
+        } => cli::exec_tty(&socket, &bot, &argv, workdir, timeout).await,
+        Cmd::PortForward {
+            bot,
+            ports,
+            address,
+        } => cli::port_forward(&socket, &bot, &ports, address.as_deref()).await,
         Cmd::Cp { src, dst } => cli::cp(&socket, &src, &dst).await,
         Cmd::Logs { bot, follow, tail } => cli::logs(&socket, bot, follow, tail).await,
         Cmd::Image(c) => cli::image(&socket, c).await,

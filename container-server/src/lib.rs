@@ -4,7 +4,8 @@
 //! today's Memoh protocol `bridgepb.ContainerService` (WIRE-BRIDGE.md), plus gRPC health and
 //! reflection. Modules, from the wire inwards:
 //! - [`server`]: assembles the tonic server, the bearer-token check, size limits, listeners,
-//!   shutdown; [`authority`]: lets grpc C-core clients on a unix socket in (their `:authority`).
+//!   shutdown; [`authority`] (from `memoh-proto`, shared with the agent): lets grpc C-core
+//!   clients on a unix socket in (their `:authority`).
 //! - [`service`]: thin handlers; [`bridge`]: the `bridgepb` names mapped onto them;
 //!   [`convert`] maps wire types to domain types and back.
 //! - [`tunnel`]: bridge Tunnel, TCP to the bot's loopback services; [`reverse_http`]: bridge
@@ -23,7 +24,7 @@
 //! - `fuzz_checks` (hidden): invariants of the pure functions, for `fuzz/` and corpus replay.
 
 pub mod anchored;
-pub mod authority;
+pub use memoh_proto::authority;
 pub mod bridge;
 pub mod bridge_exec;
 pub mod config;

@@ -6,8 +6,9 @@
 # Starts its own memoh-agent on a unique configuration (containerd namespace, CNI network,
 # bridge, a free 10.2xx.y.0/24 subnet, temp dirs, MCP on a free loopback port), imports the
 # test image, creates a bot, and runs tests/mcp/test_mcp_system.py against it, then the "agent"
-# cases of tests/wire/test_aborts.py (foreign clients ending calls badly) through the agent's
-# socket (tests/wire/run.sh sets up its own venv, target/wire-venv). On exit, also
+# cases of tests/wire/test_aborts.py (foreign clients ending calls badly) and
+# tests/wire/test_agent_socket.py (grpcio with default options, both container services)
+# through the agent's socket (tests/wire/run.sh sets up its own venv, target/wire-venv). On exit, also
 # after a failure, it deletes the bot, stops the agent and removes what it made: the
 # containerd namespace, the bridge, the MASQUERADE and CNI nat rules and the isolation rule.
 #
@@ -202,3 +203,10 @@ echo "mcp: abort tests through the agent (tests/wire/test_aborts.py -k agent)" >
 PYTHONDONTWRITEBYTECODE=1 WIRE_AGENT_SOCKET="$SOCK" WIRE_AGENT_BOT="$BOT" WIRE_FAIL_ON_SKIP=1 \
     WIRE_SERVER_BIN="${WIRE_SERVER_BIN:-$ROOT/target/debug/container-server}" \
     "$ROOT/tests/wire/run.sh" -k "test_aborts and agent" "$ROOT/tests/wire/test_aborts.py"
+
+# grpcio with its default channel options on the agent's socket (the socket path as
+# :authority), bridgepb and mcpcontainer routed to the bot.
+echo "mcp: grpcio defaults on the agent's socket (tests/wire/test_agent_socket.py)" >&2
+PYTHONDONTWRITEBYTECODE=1 WIRE_AGENT_SOCKET="$SOCK" WIRE_AGENT_BOT="$BOT" WIRE_FAIL_ON_SKIP=1 \
+    WIRE_SERVER_BIN="${WIRE_SERVER_BIN:-$ROOT/target/debug/container-server}" \
+    "$ROOT/tests/wire/run.sh" -k test_agent_socket "$ROOT/tests/wire/test_agent_socket.py"

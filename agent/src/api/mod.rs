@@ -1,12 +1,12 @@
 //! The agent's surface on its control socket: the control API, its MCP calls, and the
-//! ContainerService router. Handlers are a few lines: validate, call the lifecycle
+//! ContainerService routers. Handlers are a few lines: validate, call the lifecycle
 //! ([`crate::bots::Manager`]) or the MCP hub, map the error; nothing here reaches containerd
 //! but through the lifecycle.
 //!
 //! - [`control`]: the control API, `memoh.agent.v1.AgentService`;
 //! - [`control_mcp`]: its MCP calls (stdio server registrations);
-//! - [`proxy`]: the container service, `mcpcontainer.ContainerService`, routed to a bot by
-//!   `x-memoh-bot`;
+//! - [`proxy`]: the container service, `mcpcontainer.ContainerService` and its successor
+//!   `bridgepb.ContainerService`, routed to a bot by `x-memoh-bot`;
 //! - [`convert`]: wire messages to and from domain types.
 
 use std::future::Future;

@@ -1,5 +1,7 @@
-//! `mcpcontainer.ContainerService` on the agent's socket, routed to a bot by the
-//! `x-memoh-bot` request metadata. Callers use the same client they use against a bot's
+//! `mcpcontainer.ContainerService` and `bridgepb.ContainerService` on the agent's socket,
+//! routed to a bot by the `x-memoh-bot` request metadata. One forwarding code serves both
+//! names ([`Proxy`] is generic over the [`Routed`] service name): a bot's server answers both
+//! on the same port, so a call goes to it under the name it came with. Callers use the same client they use against a bot's
 //! server and never learn bot addresses or tokens. Unknown bot: NOT_FOUND; a bot that is
 //! down: UNAVAILABLE with the reason.
 //!
@@ -14,6 +16,7 @@
 //! came.
 
 use std::convert::Infallible;
+use std::marker::PhantomData;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -30,29 +33,77 @@ use tower::{Service, ServiceExt};
 
 use crate::bots::Manager;
 
-/// The routing service.
-#[derive(Clone)]
-pub struct Proxy {
-    mgr: Arc<Manager>,
+/// The name of a container service the proxy routes (`package.Service`).
+pub trait Routed: Send + Sync + 'static {
+    /// The gRPC service name, the first part of every path routed.
+    const NAME: &'static str;
 }
 
-impl Proxy {
-    /// Routes through `mgr`.
-    pub fn new(mgr: Arc<Manager>) -> Self {
-        Self { mgr }
-    }
-}
+/// `mcpcontainer.ContainerService` (WIRE.md).
+#[derive(Debug)]
+pub enum Mcp {}
 
-impl NamedService for Proxy {
+impl Routed for Mcp {
     const NAME: &'static str = "mcpcontainer.ContainerService";
 }
 
-/// The methods whose calls may run for as long as they like (no deadline of ours).
-fn is_streaming(method: &str) -> bool {
-    matches!(method, "Exec" | "ReadRaw" | "WriteRaw")
+/// `bridgepb.ContainerService` (WIRE-BRIDGE.md).
+#[derive(Debug)]
+pub enum Bridge {}
+
+impl Routed for Bridge {
+    const NAME: &'static str = "bridgepb.ContainerService";
 }
 
-impl Service<http::Request<Body>> for Proxy {
+/// The routing service for the container service named by `S`.
+pub struct Proxy<S> {
+    mgr: Arc<Manager>,
+    service: PhantomData<fn() -> S>,
+}
+
+/// The router of `mcpcontainer.ContainerService`.
+pub type McpProxy = Proxy<Mcp>;
+/// The router of `bridgepb.ContainerService`.
+pub type BridgeProxy = Proxy<Bridge>;
+
+impl<S> Proxy<S> {
+    /// Routes through `mgr`.
+    pub fn new(mgr: Arc<Manager>) -> Self {
+        Self {
+            mgr,
+            service: PhantomData,
+        }
+    }
+}
+
+impl<S> Clone for Proxy<S> {
+    fn clone(&self) -> Self {
+        Self::new(self.mgr.clone())
+    }
+}
+
+impl<S: Routed> NamedService for Proxy<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+/// The methods whose calls may run for as long as they like (no deadline of ours): every
+/// method with a request or a response stream, of either service.
+fn is_streaming(method: &str) -> bool {
+    matches!(
+        method,
+        "Exec"
+            | "ReadRaw"
+            | "WriteRaw"
+            | "Tunnel"
+            | "ReverseHTTP"
+            | "ReadRawNoFollow"
+            | "WriteRawNoFollow"
+            | "Terminal"
+            | "WatchDir"
+    )
+}
+
+impl<S> Service<http::Request<Body>> for Proxy<S> {
     type Response = http::Response<Body>;
     type Error = Infallible;
     type Future = BoxFuture<'static, Result<http::Response<Body>, Infallible>>;
@@ -230,10 +281,56 @@ mod tests {
         assert_eq!(p(""), None);
     }
 
+    /// Every method of both services, with whether it has a stream (either direction), read
+    /// from the descriptor sets the servers are built from.
+    fn methods() -> Vec<(String, String, bool)> {
+        use prost::Message;
+        let mut v = Vec::new();
+        for set in [
+            memoh_proto::FILE_DESCRIPTOR_SET,
+            memoh_proto::BRIDGE_FILE_DESCRIPTOR_SET,
+        ] {
+            let set = prost_types::FileDescriptorSet::decode(set).unwrap();
+            for f in set.file {
+                for s in &f.service {
+                    for m in &s.method {
+                        let streaming = m.client_streaming.unwrap_or(false)
+                            || m.server_streaming.unwrap_or(false);
+                        v.push((
+                            format!("{}.{}", f.package(), s.name()),
+                            m.name().to_string(),
+                            streaming,
+                        ));
+                    }
+                }
+            }
+        }
+        v
+    }
+
     #[test]
     fn only_the_streaming_methods_run_without_a_deadline() {
-        for m in ["Exec", "ReadRaw", "WriteRaw"] {
-            assert!(is_streaming(m));
+        let all = methods();
+        assert!(all.len() > 20, "{all:?}");
+        for (service, method, streaming) in &all {
+            assert_eq!(
+                is_streaming(method),
+                *streaming,
+                "{service}/{method}: streaming {streaming}"
+            );
+        }
+        for m in [
+            "Exec",
+            "ReadRaw",
+            "WriteRaw",
+            "Tunnel",
+            "ReverseHTTP",
+            "ReadRawNoFollow",
+            "WriteRawNoFollow",
+            "Terminal",
+            "WatchDir",
+        ] {
+            assert!(is_streaming(m), "{m}");
         }
         for m in [
             "ReadFile",
@@ -244,7 +341,24 @@ mod tests {
             "Rename",
             "DeleteFile",
         ] {
-            assert!(!is_streaming(m));
+            assert!(!is_streaming(m), "{m}");
         }
+    }
+
+    #[test]
+    fn both_services_are_routed_under_their_own_names() {
+        assert_eq!(
+            <McpProxy as NamedService>::NAME,
+            "mcpcontainer.ContainerService"
+        );
+        assert_eq!(
+            <BridgeProxy as NamedService>::NAME,
+            "bridgepb.ContainerService"
+        );
+        let names: std::collections::BTreeSet<_> = methods().into_iter().map(|m| m.0).collect();
+        assert!(
+            names.contains(Mcp::NAME) && names.contains(Bridge::NAME),
+            "{names:?}"
+        );
     }
 }

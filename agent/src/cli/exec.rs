@@ -23,14 +23,7 @@ pub async fn exec(
         return Err(CliError::new("exec needs a command after --"));
     }
     let client = bot_client(socket, bot)?;
-    let command = if argv.len() == 1 {
-        argv[0].clone()
-    } else {
-        argv.iter()
-            .map(|a| shell_quote(a))
-            .collect::<Vec<_>>()
-            .join(" ")
-    };
+    let command = command_line(argv);
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(8);
     let (stdin_failed, mut stdin_error) = tokio::sync::oneshot::channel::<String>();
     // stdin goes through as it comes; EOF closes the command's stdin. A read error is not an
@@ -122,6 +115,19 @@ pub async fn exec(
     Err(CliError::new(
         "the bot's server ended the command without an exit status",
     ))
+}
+
+/// The command line of `argv`: one word as it is (the server runs it through the shell, or
+/// directly), several quoted for `/bin/sh`.
+pub(super) fn command_line(argv: &[String]) -> String {
+    if argv.len() == 1 {
+        argv[0].clone()
+    } else {
+        argv.iter()
+            .map(|a| shell_quote(a))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
 }
 
 /// `cp SRC DST`: exactly one side is `BOT:PATH`. Streams any size; downloads land atomically.

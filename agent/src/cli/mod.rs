@@ -3,33 +3,42 @@
 //! - [`bot`]: the `bot` and `logs` verbs; [`stats`]: `bot stats`; [`show`]: a bot as JSON;
 //! - [`versions`]: the `snapshot` and `migrate` verbs;
 //! - [`image`]: the `image` verb;
-//! - [`exec`]: the `exec` and `cp` verbs;
+//! - [`exec`]: the `exec` and `cp` verbs; [`tty`]: `exec -t`, a terminal through
+//!   `bridgepb` Exec; [`forward`]: `port-forward`, local TCP to a bot's port over `bridgepb`
+//!   Tunnel;
 //! - [`mcp`]: the `mcp` verb;
 //! - [`progress`]: progress bars of long jobs on a terminal.
 //! - [`net`]: the `net` verb.
 
 mod bot;
 mod exec;
+mod forward;
 mod image;
 mod mcp;
 mod net;
 mod progress;
 mod show;
 mod stats;
+mod tty;
 mod versions;
 
 pub use bot::{bot, logs, BotCmd};
 pub use exec::{cp, exec};
+pub use forward::port_forward;
 pub use image::{image, ImageCmd};
 pub use mcp::{mcp, McpCmd};
 pub use net::{net, NetCmd};
+pub use tty::exec_tty;
 pub use versions::{migrate, snapshot, SnapshotCmd};
 
 use std::path::Path;
 
-use memoh_proto::client::unix_channel;
+use memoh_proto::client::{unix_channel, CallMetadata};
+use memoh_proto::limits::MAX_MESSAGE_SIZE;
 use memoh_proto::pb::agent::agent_service_client::AgentServiceClient;
+use memoh_proto::pb::bridgepb::container_service_client::ContainerServiceClient as BridgeServiceClient;
 use memoh_proto::ContainerClient;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 /// A CLI failure: one line for stderr and the exit code.
@@ -97,6 +106,17 @@ fn bot_client(socket: &Path, bot: &str) -> Result<ContainerClient, CliError> {
     crate::ids::validate(bot).map_err(|e| CliError::new(e.to_string()))?;
     ContainerClient::with_auth(unix_channel(socket), None, Some(bot))
         .map_err(|s| CliError::new(s.message().to_string()))
+}
+
+/// The generated `bridgepb.ContainerService` client, routed to one bot by the agent.
+type BridgeClient = BridgeServiceClient<InterceptedService<Channel, CallMetadata>>;
+
+/// A `bridgepb` client of `bot` through the agent's socket (same metadata as [`bot_client`]).
+fn bridge_client(socket: &Path, bot: &str) -> Result<BridgeClient, CliError> {
+    let c = bot_client(socket, bot)?;
+    Ok(BridgeServiceClient::new(c.http())
+        .max_decoding_message_size(MAX_MESSAGE_SIZE)
+        .max_encoding_message_size(MAX_MESSAGE_SIZE))
 }
 
 /// Quotes `s` for `/bin/sh` when it needs it.

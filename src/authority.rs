@@ -12,13 +12,20 @@
 //! re-encoded as literals that never touch the server's dynamic table. Every other frame, and
 //! everything the server writes, passes through untouched. A peer that breaks the framing
 //! switches the connection to plain pass-through, so h2 reports the error itself.
+//!
+//! Both servers on a unix socket use it: container-server's unix listener and the agent's
+//! control socket (whose proxy forwards such clients' calls to the bots). [`incoming`] turns a
+//! listener into the connection stream tonic serves.
 
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::{Buf, BufMut, BytesMut};
+use futures::{Stream, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{UnixListener, UnixStream};
+use tokio_stream::wrappers::UnixListenerStream;
 
 const PREFACE_LEN: usize = 24;
 const FRAME_HEADER_LEN: usize = 9;
@@ -221,6 +228,22 @@ impl<S> AuthorityFix<S> {
             }
         }
     }
+}
+
+impl tonic::transport::server::Connected for AuthorityFix<UnixStream> {
+    type ConnectInfo = tonic::transport::server::UdsConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.io.connect_info()
+    }
+}
+
+/// The connections of `listener`, each wrapped in [`AuthorityFix`]; for
+/// `serve_with_incoming(_shutdown)`.
+pub fn incoming(
+    listener: UnixListener,
+) -> impl Stream<Item = io::Result<AuthorityFix<UnixStream>>> {
+    UnixListenerStream::new(listener).map(|r| r.map(AuthorityFix::new))
 }
 
 /// An HPACK string literal without Huffman coding: a 7-bit-prefix length, then the octets.
