@@ -60,13 +60,18 @@ use tonic::{Code, Status};
 use tower::{Layer, Service};
 
 /// The methods of `mcpcontainer.ContainerService` and `bridgepb.ContainerService` whose
-/// request is a stream (Exec's stdin, WriteRaw's chunks): the calls whose handlers act on the
-/// stream's end.
+/// request is a stream (Exec's stdin, the uploads' chunks, a tunnel's or terminal's input, a
+/// host's ReverseHTTP answers): the calls whose handlers act on the stream's end (a tunnel's
+/// half-close shuts its socket's write side; a reset must close it instead).
 pub const CONTAINER_STREAMING_REQUESTS: &[&str] = &[
     "/mcpcontainer.ContainerService/Exec",
     "/mcpcontainer.ContainerService/WriteRaw",
     "/bridgepb.ContainerService/Exec",
     "/bridgepb.ContainerService/WriteRaw",
+    "/bridgepb.ContainerService/WriteRawNoFollow",
+    "/bridgepb.ContainerService/Tunnel",
+    "/bridgepb.ContainerService/ReverseHTTP",
+    "/bridgepb.ContainerService/Terminal",
 ];
 
 /// Wraps a service so the handlers of the calls at the given paths see a request stream's end
