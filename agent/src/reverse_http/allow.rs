@@ -39,7 +39,7 @@ impl AllowEntry {
     /// Parses `http://HOST[:PORT]/PATH`. https, credentials, a query or a fragment are
     /// refused with a message naming the entry.
     pub fn parse(text: &str) -> Result<Self, String> {
-        let bad = |why: &str| format!("allow entry {text:?}: {why}");
+        let bad = |why: &str| format!("[reverse_http] allow entry {text:?}: {why}");
         let lower = text.to_ascii_lowercase();
         if lower.starts_with("https://") {
             return Err(bad(

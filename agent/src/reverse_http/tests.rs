@@ -513,7 +513,7 @@ async fn a_relay_answers_a_bots_requests_concurrently_and_reopens_a_stream_that_
                 );
                 ids.push(e.id.clone());
             }
-            None => panic!("empty frame"),
+            other => panic!("not an answer: {other:?}"),
         }
     }
     assert_eq!(ids.last().map(String::as_str), Some("slow"), "{ids:?}");
