@@ -2,7 +2,8 @@
 //! `server_binary`, bound read-only at `/opt/memoh/bridge`, with a host directory at
 //! `/run/memoh`. Checked as an attacker inside a real bot: the binary cannot be written,
 //! replaced, removed or renamed; a bot that rewrites the image's copy (`/app/mcp`, `/opt/mcp`
-//! and the stamp) still runs the host's binary after a restart; a new host binary reaches the
+//! and the stamp), or moves `/opt/memoh` away and puts its own `bridge` there, still runs the
+//! host's binary, and after a restart too; a new host binary reaches the
 //! bot at its next start; a bot of an older agent (the image's entrypoint on its record) moves
 //! to the host's binary at its next start; a missing binary fails the start naming it.
 //!
@@ -94,7 +95,6 @@ fn a_bot_cannot_replace_the_hosts_server_and_a_host_upgrade_reaches_it() {
         "cp /bin/busybox /opt/memoh/evil && mv -f /opt/memoh/evil /opt/memoh/bridge",
         "chmod 0777 /opt/memoh/bridge",
         "rm -rf /opt/memoh",
-        "mv /opt/memoh /opt/memoh2",
         "umount /opt/memoh/bridge",
         "mount -o remount,rw /opt/memoh/bridge",
     ];
@@ -120,6 +120,16 @@ fn a_bot_cannot_replace_the_hosts_server_and_a_host_upgrade_reaches_it() {
     );
     assert!(!out.contains("RAN"), "{out}");
 
+    // The directory holding the mount can be renamed (the kernel moves the mount with it),
+    // and a file of the bot's put in its place: the running server is untouched.
+    a.sh_in(
+        &bot,
+        "mv /opt/memoh /opt/memoh2 && mkdir /opt/memoh \
+         && printf '#!/bin/sh\\nexec sleep 100000\\n' > /opt/memoh/bridge \
+         && chmod 755 /opt/memoh/bridge",
+    );
+    let running = a.sh_in(&bot, "sha256sum /proc/1/exe | cut -d' ' -f1");
+    assert_eq!(running.trim(), want, "the running server changed");
     // The image's copy rewritten, stamp and all: the bot still runs the host's binary.
     a.sh_in(
         &bot,
