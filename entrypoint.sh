@@ -4,7 +4,8 @@
 # Under memoh-agent this script does not run: the agent binds its own server binary read-only
 # at /opt/memoh/bridge and makes it the bot's process (PID 1), so a bot can never replace its
 # server (it could rewrite /app/mcp below) and a host upgrade reaches every bot at its next
-# start. Should this script run with that mount present, it execs the host's binary too.
+# start. Should this script run with that mount present, it execs the host's binary too (an
+# empty /opt/memoh/bridge is the mount point runc left in the writable layer, not a server).
 #
 # Without the agent: the server ships at /opt/mcp (image layer) and runs from /app/mcp, which
 # lives in the container's writable layer: the copy travels with the container's snapshots, and
@@ -20,7 +21,7 @@
 set -eu
 
 HOST_BRIDGE=/opt/memoh/bridge
-if [ -f "$HOST_BRIDGE" ] && [ -x "$HOST_BRIDGE" ]; then
+if [ -f "$HOST_BRIDGE" ] && [ -s "$HOST_BRIDGE" ] && [ -x "$HOST_BRIDGE" ]; then
     exec "$HOST_BRIDGE" "$@"
 fi
 
