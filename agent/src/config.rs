@@ -334,9 +334,12 @@ mod tests {
         assert_eq!(c.server_binary, PathBuf::from("/opt/x/server"));
         assert_eq!(c.reverse_http.allow.len(), 1);
         let e = Config::parse("server_binary = \"bin/server\"").unwrap_err();
-        assert!(e.contains("server_binary: bin/server is not an absolute path"), "{e}");
-        let e = Config::parse("[reverse_http]\nallow = [\"https://127.0.0.1:9000/x\"]")
-            .unwrap_err();
+        assert!(
+            e.contains("server_binary: bin/server is not an absolute path"),
+            "{e}"
+        );
+        let e =
+            Config::parse("[reverse_http]\nallow = [\"https://127.0.0.1:9000/x\"]").unwrap_err();
         assert!(e.contains("[reverse_http]") && e.contains("https"), "{e}");
         assert!(Config::parse("[reverse_http]\nnope = 1").is_err());
     }

@@ -429,8 +429,7 @@ fn a_server_that_exits_at_start_fails_the_start_at_once() {
     let (bot, _) = a.create_bot("broken");
     let broken = dir.path().join("broken");
     std::fs::write(&broken, "#!/bin/sh\necho broken >&2\nexit 3\n").unwrap();
-    std::fs::set_permissions(&broken, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-        .unwrap();
+    std::fs::set_permissions(&broken, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     std::fs::rename(&broken, &server).unwrap();
     a.ok(&["bot", "stop", &bot]);
     let t = Instant::now();

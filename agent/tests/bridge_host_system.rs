@@ -110,7 +110,10 @@ fn a_bot_cannot_replace_the_hosts_server_and_a_host_upgrade_reaches_it() {
     let run_dir = a.state_dir.join("run").join(&a.namespace).join(&bot);
     let mode = std::fs::metadata(&run_dir).unwrap().permissions().mode() & 0o7777;
     assert_eq!(mode, 0o750, "{}", run_dir.display());
-    a.sh_in(&bot, "test -S /run/memoh/bridge.sock && touch /run/memoh/written-by-bot");
+    a.sh_in(
+        &bot,
+        "test -S /run/memoh/bridge.sock && touch /run/memoh/written-by-bot",
+    );
     assert!(run_dir.join("bridge.sock").exists());
     assert!(run_dir.join("written-by-bot").exists());
     // The run directory is noexec.

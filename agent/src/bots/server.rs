@@ -84,4 +84,3 @@ fn make_run_dir(dir: &Path, owner: (u32, u32)) -> Result<(), AgentError> {
     }
     Ok(())
 }
-

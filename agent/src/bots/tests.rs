@@ -1286,12 +1286,18 @@ async fn a_record_of_an_older_agent_runs_the_hosts_server_from_its_next_start() 
     let (args, mounts) = args_and_mounts(&h, bot);
     assert_eq!(args, [BRIDGE_PATH, "--flag"]);
     let cfg = h.m.config();
-    let bridge = mounts.iter().find(|m| m.0 == BRIDGE_PATH).expect("bridge mount");
+    let bridge = mounts
+        .iter()
+        .find(|m| m.0 == BRIDGE_PATH)
+        .expect("bridge mount");
     assert_eq!(bridge.1, cfg.server_binary.display().to_string());
     for o in ["bind", "ro", "nosuid", "nodev"] {
         assert!(bridge.2.iter().any(|x| x == o), "{o} missing: {bridge:?}");
     }
-    assert!(!bridge.2.iter().any(|x| x == "rw" || x == "rbind"), "{bridge:?}");
+    assert!(
+        !bridge.2.iter().any(|x| x == "rw" || x == "rbind"),
+        "{bridge:?}"
+    );
     let run_dir = ids::run_dir(&cfg.state_dir, &cfg.namespace, bot);
     let at = |d: &str| mounts.iter().position(|m| m.0 == d).expect(d);
     let run = &mounts[at(RUN_DIR)];
@@ -1325,5 +1331,8 @@ async fn a_missing_or_non_executable_server_binary_fails_the_start_naming_it() {
     );
     std::fs::remove_file(&bin).unwrap();
     let e = h.m.start(bot).await.unwrap_err().to_string();
-    assert!(e.contains(&format!("server binary {}: does not exist", bin.display())), "{e}");
+    assert!(
+        e.contains(&format!("server binary {}: does not exist", bin.display())),
+        "{e}"
+    );
 }

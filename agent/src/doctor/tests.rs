@@ -174,8 +174,7 @@ fn a_healthy_host_passes() {
     assert_eq!(checks.len(), 15);
     assert!(checks.iter().all(|c| c.status == Status::Ok), "{text}");
     assert_eq!(text.lines().count(), 16);
-    assert!(line(&text, "server")
-        .contains("/usr/local/lib/memoh/container-server is executable"));
+    assert!(line(&text, "server").contains("/usr/local/lib/memoh/container-server is executable"));
     assert!(text.ends_with("all checks passed\n"));
     assert!(line(&text, "containerd").starts_with("ok      containerd   v2.0.0 at "));
     assert!(line(&text, "cni config").contains("/etc/cni/net.d is writable"));

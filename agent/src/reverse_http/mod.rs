@@ -94,16 +94,7 @@ pub async fn answer(
         Ok(v) => v,
         Err(e) => return error(format!("reverse http: {e}"), Outcome::Refused),
     };
-    match forward::send(
-        &entry.authority,
-        method,
-        &path,
-        headers,
-        req.body,
-        timeout,
-    )
-    .await
-    {
+    match forward::send(&entry.authority, method, &path, headers, req.body, timeout).await {
         Ok(a) => (
             bp::ReverseHttpFrame {
                 frame: Some(bp::reverse_http_frame::Frame::Response(

@@ -123,13 +123,20 @@ where
                 frame: Some(bp::reverse_http_frame::Frame::Request(r)),
             })) => r,
             Some(Ok(_)) => {
-                debug!(bot = ctx.bot, "reverse http: ignoring a frame that is no request");
+                debug!(
+                    bot = ctx.bot,
+                    "reverse http: ignoring a frame that is no request"
+                );
                 continue;
             }
         };
         if tasks.len() >= MAX_IN_FLIGHT {
             let n = ctx.counters.count(Outcome::Refused);
-            warn!(bot = ctx.bot, refused = n, "reverse http: too many requests in flight");
+            warn!(
+                bot = ctx.bot,
+                refused = n,
+                "reverse http: too many requests in flight"
+            );
             let f = error_frame(
                 &req.id,
                 format!("reverse http: too many requests in flight (at most {MAX_IN_FLIGHT})"),
@@ -211,7 +218,9 @@ where
                 backoff = (backoff * 2).min(MAX_BACKOFF);
                 match r {
                     Ok(()) => debug!(bot = ctx.bot, ?p, "reverse http stream ended; reopening"),
-                    Err(s) => debug!(bot = ctx.bot, ?p, error = %s, "reverse http stream failed; reopening"),
+                    Err(s) => {
+                        debug!(bot = ctx.bot, ?p, error = %s, "reverse http stream failed; reopening")
+                    }
                 }
                 p
             }

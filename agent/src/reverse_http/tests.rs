@@ -95,7 +95,10 @@ fn allow_list_matches_on_segments_and_no_trick_leaves_a_prefix() {
 #[test]
 fn allow_entries_parse_and_bad_ones_are_named() {
     let e = AllowEntry::parse("http://localhost:9000").unwrap();
-    assert_eq!((e.authority.as_str(), e.segments.len()), ("localhost:9000", 0));
+    assert_eq!(
+        (e.authority.as_str(), e.segments.len()),
+        ("localhost:9000", 0)
+    );
     assert!(e.covers(&["anything".into()]));
     let e = AllowEntry::parse("HTTP://10.0.0.1/x/").unwrap();
     assert_eq!(e.authority, "10.0.0.1:80");
@@ -264,15 +267,23 @@ async fn one_request_is_relayed_refused_or_failed_with_a_clear_text() {
     let r = as_response(&f);
     assert_eq!((r.id.as_str(), r.status_code), ("r1", 201));
     assert_eq!(&r.body[..], b"made");
-    assert!(r.headers.iter().any(|h| h.name == "x-up" && h.values == ["yes"]));
+    assert!(r
+        .headers
+        .iter()
+        .any(|h| h.name == "x-up" && h.values == ["yes"]));
     assert!(!r.headers.iter().any(|h| h.name == "connection"));
     let s = seen.lock().unwrap()[0].clone();
-    assert_eq!((s.method.as_str(), s.uri.as_str()), ("POST", "/hooks/b?q=1"));
+    assert_eq!(
+        (s.method.as_str(), s.uri.as_str()),
+        ("POST", "/hooks/b?q=1")
+    );
     assert_eq!(s.host, addr, "the upstream's Host, not the bot's");
     assert_eq!(s.body, b"payload");
     assert!(s.headers.iter().any(|(k, v)| k == "x-bot" && v == "1"));
     assert!(
-        !s.headers.iter().any(|(k, v)| k == "connection" && v == "close"),
+        !s.headers
+            .iter()
+            .any(|(k, v)| k == "connection" && v == "close"),
         "{s:?}"
     );
 
@@ -288,7 +299,11 @@ async fn one_request_is_relayed_refused_or_failed_with_a_clear_text() {
     assert!(as_error(&f).error.contains("not allowed"), "{f:?}");
     let (f, o) = answer(request("r4", "CONNECT", "/hooks/a"), &allow, t).await;
     assert_eq!(o, Outcome::Refused, "{f:?}");
-    assert_eq!(seen.lock().unwrap().len(), 1, "refused requests never leave");
+    assert_eq!(
+        seen.lock().unwrap().len(),
+        1,
+        "refused requests never leave"
+    );
 
     let (f, o) = answer(request("r5", "GET", "/hooks/big"), &allow, t).await;
     assert_eq!(o, Outcome::Failed);
@@ -300,7 +315,10 @@ async fn one_request_is_relayed_refused_or_failed_with_a_clear_text() {
     )
     .await;
     assert_eq!(o, Outcome::Failed);
-    assert!(as_error(&f).error.contains("did not answer within"), "{f:?}");
+    assert!(
+        as_error(&f).error.contains("did not answer within"),
+        "{f:?}"
+    );
     // Nothing listens there.
     let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let dead_addr = dead.local_addr().unwrap();
@@ -351,7 +369,10 @@ impl bp::container_service_server::ContainerService for FakeBot {
     ) -> Result<Response<bp::ListDirResponse>, Status> {
         no()
     }
-    async fn stat(&self, _: Request<bp::StatRequest>) -> Result<Response<bp::StatResponse>, Status> {
+    async fn stat(
+        &self,
+        _: Request<bp::StatRequest>,
+    ) -> Result<Response<bp::StatResponse>, Status> {
         no()
     }
     async fn mkdir(

@@ -275,7 +275,10 @@ impl TestAgent {
             server = if extra.contains("server_binary") {
                 String::new()
             } else {
-                format!("server_binary = {:?}\n", server_binary().display().to_string())
+                format!(
+                    "server_binary = {:?}\n",
+                    server_binary().display().to_string()
+                )
             },
             // MCP off unless the test asks: agents of parallel tests must not race for 8091.
             mcp = if extra.contains("mcp_listen") {

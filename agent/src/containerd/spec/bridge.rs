@@ -144,10 +144,19 @@ mod tests {
     fn args_are_the_bridge_and_what_the_entrypoint_passed() {
         let cases: &[(&[&str], &[&str])] = &[
             (&["/entrypoint.sh"], &[BRIDGE_PATH]),
-            (&["/entrypoint.sh", "--listen", ":9090"], &[BRIDGE_PATH, "--listen", ":9090"]),
+            (
+                &["/entrypoint.sh", "--listen", ":9090"],
+                &[BRIDGE_PATH, "--listen", ":9090"],
+            ),
             (&["/app/mcp", "--x"], &[BRIDGE_PATH, "--x"]),
-            (&["/usr/bin/tini", "-g", "--", "/opt/memoh/bridge"], &[BRIDGE_PATH]),
-            (&["tini", "--", "/entrypoint.sh", "--y"], &[BRIDGE_PATH, "--y"]),
+            (
+                &["/usr/bin/tini", "-g", "--", "/opt/memoh/bridge"],
+                &[BRIDGE_PATH],
+            ),
+            (
+                &["tini", "--", "/entrypoint.sh", "--y"],
+                &[BRIDGE_PATH, "--y"],
+            ),
             (&[BRIDGE_PATH, "--z"], &[BRIDGE_PATH, "--z"]),
             (&[], &[BRIDGE_PATH]),
         ];
