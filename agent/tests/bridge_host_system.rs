@@ -218,3 +218,64 @@ fn a_missing_server_binary_fails_the_start_naming_it() {
     a.ok(&["bot", "start", &bot]);
     assert_eq!(bot_server(&a, &bot).1, BRIDGE);
 }
+
+/// A plain HTTP/1.1 upstream on the host's loopback: answers every request with its request
+/// line as the body, and records it.
+fn upstream() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use std::io::{BufRead, BufReader, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let s = seen.clone();
+    std::thread::spawn(move || {
+        for conn in l.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let mut r = BufReader::new(conn.try_clone().unwrap());
+            let mut first = String::new();
+            let _ = r.read_line(&mut first);
+            loop {
+                let mut h = String::new();
+                if r.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                    break;
+                }
+            }
+            let first = first.trim().to_string();
+            s.lock().unwrap().push(first.clone());
+            let _ = write!(
+                conn,
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{first}",
+                first.len()
+            );
+        }
+    });
+    (port, seen)
+}
+
+#[test]
+#[ignore = "needs the bot side of ReverseHTTP (container-server's 127.0.0.1:18732 listener)"]
+fn a_bots_http_request_reaches_an_allowed_host_service_and_nothing_else() {
+    let Some(env) = Env::get(false) else { return };
+    let (port, seen) = upstream();
+    let mut a = TestAgent::new(
+        &env,
+        &format!("[reverse_http]\nallow = [\"http://127.0.0.1:{port}/hooks/\"]\n"),
+    );
+    a.serve();
+    a.ok(&["image", "import", &env.tar.display().to_string()]);
+    let (bot, _) = a.create_bot("rh");
+    // The stream opens after the start: the first request may come before it.
+    let first = a.sh_in(
+        &bot,
+        "for i in $(seq 50); do wget -q -O - 'http://127.0.0.1:18732/hooks/a?x=1' 2>/dev/null \
+         && exit 0; sleep 0.2; done; exit 1",
+    );
+    assert_eq!(first, "GET /hooks/a?x=1 HTTP/1.1");
+    for refused in ["/etc/passwd", "/hooks/%2e%2e/admin", "/hooksx"] {
+        let out = a.sh_in(
+            &bot,
+            &format!("wget -S -O - 'http://127.0.0.1:18732{refused}' 2>&1; true"),
+        );
+        assert!(out.contains("502"), "{refused}: {out}");
+    }
+    assert_eq!(*seen.lock().unwrap(), ["GET /hooks/a?x=1 HTTP/1.1"]);
+}

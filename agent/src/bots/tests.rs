@@ -1229,9 +1229,11 @@ async fn a_create_of_an_existing_bot_with_another_spec_is_a_conflict() {
     assert!(h.rt.container(&ids::container_id("other")).is_none());
 }
 
-/// The spec of `bot`'s record: its process args and its mounts as (destination, source,
-/// options).
-fn args_and_mounts(h: &Harness, bot: &str) -> (Vec<String>, Vec<(String, String, Vec<String>)>) {
+/// A mount as (destination, source, options).
+type MountView = (String, String, Vec<String>);
+
+/// The spec of `bot`'s record: its process args and its mounts.
+fn args_and_mounts(h: &Harness, bot: &str) -> (Vec<String>, Vec<MountView>) {
     let c = h.record(bot);
     let spec = c.spec.expect("spec");
     let args = spec.process().as_ref().unwrap().args().clone().unwrap();
