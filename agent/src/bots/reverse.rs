@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{lock, Manager};
 use crate::reverse_http::forward::REQUEST_TIMEOUT;
-use crate::reverse_http::relay::{keep_open, Counters, RelayContext};
+use crate::reverse_http::relay::{keep_open, Counters, RelayContext, MAX_BYTES_IN_FLIGHT};
 
 /// A bot's running relay.
 pub(super) struct Relay {
@@ -41,6 +41,7 @@ impl Manager {
             counters: Arc::new(Counters::default()),
             stop: self.stop.child_token(),
             nudge: Arc::new(Notify::new()),
+            max_bytes: MAX_BYTES_IN_FLIGHT,
         };
         relays.insert(
             bot.to_string(),

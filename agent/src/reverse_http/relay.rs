@@ -19,6 +19,9 @@ use super::{answer, AllowList, Outcome};
 
 /// Most requests of one bot answered at once; more get an error at once.
 pub const MAX_IN_FLIGHT: usize = 64;
+/// Most request body bytes of one bot held at once (a body is at most 16 MiB); more get an
+/// error at once, so a bot cannot make the agent hold 64 bodies of 16 MiB.
+pub const MAX_BYTES_IN_FLIGHT: usize = 64 << 20;
 /// First pause before reopening a broken stream; doubles up to [`MAX_BACKOFF`].
 pub const FIRST_BACKOFF: Duration = Duration::from_millis(250);
 /// Longest pause between two attempts.
@@ -74,6 +77,8 @@ pub struct RelayContext {
     pub stop: CancellationToken,
     /// Notified when the bot (re)started: the stream is reopened at once.
     pub nudge: Arc<Notify>,
+    /// Request body bytes held at once ([`MAX_BYTES_IN_FLIGHT`]).
+    pub max_bytes: usize,
 }
 
 /// Opens the ReverseHTTP stream on `client`'s channel (its token goes with it): the sender of
@@ -109,6 +114,9 @@ where
     S: Stream<Item = Result<bp::ReverseHttpFrame, Status>> + Unpin,
 {
     let mut tasks: JoinSet<()> = JoinSet::new();
+    // In KiB, so 64 MiB fits the semaphore's u32 permits.
+    let kib = |n: usize| u32::try_from(n.div_ceil(1024) + 1).unwrap_or(u32::MAX);
+    let budget = Arc::new(tokio::sync::Semaphore::new(kib(ctx.max_bytes) as usize));
     loop {
         let frame = tokio::select! {
             _ = ctx.stop.cancelled() => return Ok(()),
@@ -130,24 +138,39 @@ where
                 continue;
             }
         };
-        if tasks.len() >= MAX_IN_FLIGHT {
+        let permit = budget.clone().try_acquire_many_owned(kib(req.body.len()));
+        let busy = if tasks.len() >= MAX_IN_FLIGHT {
+            Some(format!(
+                "too many requests in flight (at most {MAX_IN_FLIGHT})"
+            ))
+        } else if permit.is_err() {
+            Some(format!(
+                "too many request bytes in flight (at most {} MiB)",
+                ctx.max_bytes >> 20
+            ))
+        } else {
+            None
+        };
+        if let Some(why) = busy {
             let n = ctx.counters.count(Outcome::Refused);
             warn!(
                 bot = ctx.bot,
                 refused = n,
-                "reverse http: too many requests in flight"
+                why,
+                "reverse http: request refused"
             );
-            let f = error_frame(
-                &req.id,
-                format!("reverse http: too many requests in flight (at most {MAX_IN_FLIGHT})"),
-            );
-            if tx.send(f).await.is_err() {
+            if tx
+                .send(error_frame(&req.id, format!("reverse http: {why}")))
+                .await
+                .is_err()
+            {
                 return Ok(());
             }
             continue;
         }
         let (ctx2, tx2) = (ctx.clone(), tx.clone());
         tasks.spawn(async move {
+            let _permit = permit;
             let (method, url) = (req.method.clone(), req.url.clone());
             let (frame, outcome) = answer(req, &ctx2.allow, ctx2.timeout).await;
             let n = ctx2.counters.count(outcome);

@@ -514,6 +514,7 @@ async fn a_relay_answers_a_bots_requests_concurrently_and_reopens_a_stream_that_
         counters: Arc::new(Counters::default()),
         stop: CancellationToken::new(),
         nudge: Arc::new(Notify::new()),
+        max_bytes: super::relay::MAX_BYTES_IN_FLIGHT,
     };
     let relay = tokio::spawn(keep_open(ctx.clone(), move || {
         let c = client.clone();
@@ -552,4 +553,53 @@ async fn a_relay_answers_a_bots_requests_concurrently_and_reopens_a_stream_that_
         .await
         .expect("the relay ends when stopped")
         .unwrap();
+}
+
+#[tokio::test]
+async fn a_bot_cannot_make_the_agent_hold_more_request_bytes_than_its_budget() {
+    let (addr, seen) = upstream().await;
+    let ctx = RelayContext {
+        bot: "b1".into(),
+        allow: Arc::new(list(&[&format!("http://{addr}/hooks/")])),
+        timeout: Duration::from_secs(5),
+        counters: Arc::new(Counters::default()),
+        stop: CancellationToken::new(),
+        nudge: Arc::new(Notify::new()),
+        max_bytes: 3 << 20,
+    };
+    // Two 1 MiB bodies to a hanging upstream hold 2 MiB; a third of 1.5 MiB is over 3 MiB.
+    let big = |id: &str, n: usize| {
+        let mut r = request(id, "POST", "/hooks/hang");
+        r.body = bytes::Bytes::from(vec![b'x'; n]);
+        Ok(bp::ReverseHttpFrame {
+            frame: Some(bp::reverse_http_frame::Frame::Request(r)),
+        })
+    };
+    let (in_tx, in_rx) = mpsc::channel(8);
+    let (tx, mut out) = mpsc::channel(8);
+    let serving = {
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            super::relay::serve_frames(&ctx, tokio_stream::wrappers::ReceiverStream::new(in_rx), tx)
+                .await
+        })
+    };
+    for (id, n) in [("a", 1 << 20), ("b", 1 << 20), ("c", 3 << 19)] {
+        in_tx.send(big(id, n)).await.unwrap();
+    }
+    let f = tokio::time::timeout(Duration::from_secs(5), out.recv())
+        .await
+        .expect("an answer")
+        .unwrap();
+    let e = as_error(&f);
+    assert_eq!(e.id, "c");
+    assert_eq!(
+        e.error,
+        "reverse http: too many request bytes in flight (at most 3 MiB)"
+    );
+    // Both held requests did reach the upstream.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(seen.lock().unwrap().len(), 2);
+    ctx.stop.cancel();
+    serving.await.unwrap().unwrap();
 }
