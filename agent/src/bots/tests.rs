@@ -1338,3 +1338,32 @@ async fn a_missing_or_non_executable_server_binary_fails_the_start_naming_it() {
         "{e}"
     );
 }
+
+#[tokio::test]
+async fn a_bot_gets_a_relay_only_with_an_allow_list_and_loses_it_with_its_route() {
+    let h = harness();
+    h.m.attach_self();
+    h.m.ensure_relay("b1", true);
+    assert!(
+        super::lock(&h.m.relays).is_empty(),
+        "no allow-list, no relay"
+    );
+    let mut cfg = h.m.config().clone();
+    cfg.reverse_http =
+        crate::config::Config::parse("[reverse_http]\nallow = [\"http://127.0.0.1:9/hooks/\"]")
+            .unwrap()
+            .reverse_http;
+    let rt: Arc<dyn crate::containerd::Runtime> = h.rt.clone();
+    let m = Arc::new(Manager::new(cfg, rt, h.m.network().clone()));
+    m.attach_self();
+    m.ensure_relay("b1", false);
+    m.ensure_relay("b1", true);
+    assert_eq!(super::lock(&m.relays).len(), 1, "one relay a bot");
+    // Stop, delete and a crash all forget the route: the relay ends with it.
+    m.forget_route("b1");
+    assert!(super::lock(&m.relays).is_empty());
+    assert!(
+        m.shutdown(Duration::from_secs(5)).await,
+        "the relay's task ended"
+    );
+}
