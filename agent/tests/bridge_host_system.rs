@@ -5,7 +5,8 @@
 //! and the stamp), or moves `/opt/memoh` away and puts its own `bridge` there, still runs the
 //! host's binary, and after a restart too; a new host binary reaches the
 //! bot at its next start; a bot of an older agent (the image's entrypoint on its record) moves
-//! to the host's binary at its next start; a missing binary fails the start naming it.
+//! to the host's binary at its next start; a missing binary fails the start naming it; a bot
+//! that blocks its own mount point only stops itself.
 //!
 //! Needs root and `eval "$(scripts/test-env.sh env)"`; without it the test prints "skipped"
 //! and passes, except under `CI`, where it fails.
@@ -280,4 +281,25 @@ fn a_bots_http_request_reaches_an_allowed_host_service_and_nothing_else() {
         assert!(out.contains("502"), "{refused}: {out}");
     }
     assert_eq!(*seen.lock().unwrap(), ["GET /hooks/a?x=1 HTTP/1.1"]);
+}
+
+/// A known limit: the mount point lives in the bot's writable layer, so a bot can put a
+/// directory in its place; that stops only itself (its start fails naming the mount point),
+/// never reaches the host's file.
+#[test]
+fn a_bot_that_blocks_the_mount_point_only_stops_itself() {
+    let Some(env) = Env::get(false) else { return };
+    let bin_dir = tempfile::tempdir().unwrap();
+    let server = server_copy(bin_dir.path());
+    let want = host_sha(&server);
+    let mut a = agent_with(&env, &server);
+    let (bot, _) = a.create_bot("blk");
+    a.sh_in(
+        &bot,
+        "mv /opt/memoh /opt/moved && mkdir -p /opt/memoh/bridge/x",
+    );
+    a.ok(&["bot", "stop", &bot]);
+    let line = a.fails(&["bot", "start", &bot]);
+    assert!(line.contains("/opt/memoh/bridge"), "{line}");
+    assert_eq!(host_sha(&server), want, "the host's binary changed");
 }
