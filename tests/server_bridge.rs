@@ -1,6 +1,7 @@
 //! In-process tests of `bridgepb.ContainerService` (WIRE-BRIDGE.md) served beside
 //! `mcpcontainer.ContainerService` by one server on two listeners (TCP and a unix socket):
-//! every served RPC, every RPC and field answered UNIMPLEMENTED, health and reflection.
+//! every served RPC, every RPC and field answered UNIMPLEMENTED, health and reflection. The
+//! bridge's own file behaviour is in `server_bridge_files.rs`.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -106,8 +107,9 @@ async fn every_served_bridge_rpc_beside_mcpcontainer() {
         .unwrap()
         .into_inner();
     assert_eq!(r.total_lines, 2);
-    assert!(r.content.contains("one"), "{}", r.content);
-    // The same file through the old name, on the other listener: byte for byte what it was.
+    // Bridge callers get raw lines (tests/server_bridge_files.rs has the details).
+    assert_eq!(r.content, "one\ntwo\n");
+    // The same file through the old name, on the other listener: numbered as it was.
     let m = s
         .mcp
         .read_file(mp::ReadFileRequest {
@@ -118,7 +120,6 @@ async fn every_served_bridge_rpc_beside_mcpcontainer() {
         .unwrap()
         .into_inner();
     assert_eq!(m.content, "     1\tone\n     2\ttwo\n");
-    assert_eq!(m.content, r.content);
 
     let st = b
         .stat(bp::StatRequest {
@@ -297,34 +298,6 @@ fn unimplemented_naming(r: Result<impl std::fmt::Debug, tonic::Status>, name: &s
 async fn what_is_not_built_answers_unimplemented_by_name() {
     let mut s = start().await;
     let b = &mut s.bridge;
-    let open = bp::TunnelFrame {
-        frame: Some(bp::tunnel_frame::Frame::Open(bp::TunnelOpen {
-            address: "127.0.0.1:1".into(),
-        })),
-    };
-    unimplemented_naming(b.tunnel(futures::stream::iter([open])).await, "Tunnel");
-    unimplemented_naming(
-        b.reverse_http(futures::stream::iter(Vec::<bp::ReverseHttpFrame>::new()))
-            .await,
-        "ReverseHTTP",
-    );
-    unimplemented_naming(
-        b.read_raw_no_follow(bp::ReadRawNoFollowRequest {
-            root: "/".into(),
-            relative_path: "etc/hostname".into(),
-        })
-        .await,
-        "ReadRawNoFollow",
-    );
-    unimplemented_naming(
-        b.write_raw_no_follow(futures::stream::iter([bp::WriteRawNoFollowChunk {
-            root: "/tmp".into(),
-            relative_path: "x".into(),
-            ..Default::default()
-        }]))
-        .await,
-        "WriteRawNoFollow",
-    );
     unimplemented_naming(
         b.terminal(futures::stream::iter(Vec::<bp::TerminalClient>::new()))
             .await,
@@ -333,43 +306,6 @@ async fn what_is_not_built_answers_unimplemented_by_name() {
     unimplemented_naming(
         b.watch_dir(bp::WatchDirRequest { path: "/".into() }).await,
         "WatchDir",
-    );
-    for (first, name) in [
-        (
-            bp::ExecInput {
-                command: "true".into(),
-                pty: true,
-                ..Default::default()
-            },
-            "pty",
-        ),
-        (
-            bp::ExecInput {
-                command: "true".into(),
-                clean_env: true,
-                ..Default::default()
-            },
-            "clean_env",
-        ),
-        (
-            bp::ExecInput {
-                command: "true".into(),
-                unset_env: vec!["HOME".into()],
-                ..Default::default()
-            },
-            "unset_env",
-        ),
-    ] {
-        unimplemented_naming(exec(b, first, vec![]).await, name);
-    }
-    unimplemented_naming(
-        b.list_dir(bp::ListDirRequest {
-            recursive: true,
-            collapse_threshold: 5,
-            ..Default::default()
-        })
-        .await,
-        "collapse_threshold",
     );
 }
 

@@ -6,7 +6,8 @@
 //! host's binary, and after a restart too; a new host binary reaches the
 //! bot at its next start; a bot of an older agent (the image's entrypoint on its record) moves
 //! to the host's binary at its next start; a missing binary fails the start naming it; a bot
-//! that blocks its own mount point only stops itself.
+//! that blocks its own mount point only stops itself. ReverseHTTP end to end: a bot's request
+//! to its `127.0.0.1:18732` reaches an allowed host service; others never leave the agent.
 //!
 //! Needs root and `eval "$(scripts/test-env.sh env)"`; without it the test prints "skipped"
 //! and passes, except under `CI`, where it fails.
@@ -253,9 +254,6 @@ fn upstream() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
 }
 
 #[test]
-/// Passed against the tunnel branch's server (`MEMOH_TEST_SERVER_BIN=.../container-server
-/// cargo test ... -- --ignored`); to be un-ignored once that bot side is in main.
-#[ignore = "needs the bot side of ReverseHTTP (container-server's 127.0.0.1:18732 listener)"]
 fn a_bots_http_request_reaches_an_allowed_host_service_and_nothing_else() {
     let Some(env) = Env::get(false) else { return };
     let (port, seen) = upstream();

@@ -2,15 +2,19 @@
 //! [`Service`] as `mcpcontainer.ContainerService`.
 //!
 //! The `bridgepb` messages are a superset of the `mcpcontainer` ones under a new package name.
-//! Every method the two share runs the `mcpcontainer` handler: this module maps the shared
-//! fields across, gives the new fields their documented behaviour where it is small (ListDir
-//! paging and `max_entries`, WriteRaw `abort`), and answers UNIMPLEMENTED, naming the method or
-//! field, for what the server does not build yet (PTY exec, `clean_env`/`unset_env`, ListDir
-//! `collapse_threshold`, Tunnel, ReverseHTTP, the anchored NoFollow I/O, Terminal, WatchDir).
+//! Every method the two share runs the `mcpcontainer` handler's code: this module maps the
+//! shared fields across, gives the new fields their documented behaviour, and answers
+//! UNIMPLEMENTED, naming the method, for what the server does not build yet (Terminal,
+//! WatchDir). Exec's PTY mode, `clean_env`/`unset_env` and its section 3 conventions are in
+//! [`crate::bridge_exec`]; Tunnel and ReverseHTTP, which have no `mcpcontainer` counterpart,
+//! live in [`crate::tunnel`] and [`crate::reverse_http`].
 //!
-//! Behaviour WIRE-BRIDGE.md section 3 changed without a new field (raw ReadFile lines, 0600
-//! uploads, 128+N exit codes) is not adopted here yet: a bridge caller sees what an
-//! `mcpcontainer` caller sees.
+//! Files: what WIRE-BRIDGE.md section 3 changed for bridge callers without a new field runs the
+//! shared code with [`Caller::Bridge`]: ReadFile gives raw lines (no numbers, no cut, up to
+//! 2000), WriteFile and WriteRaw replace the target (symlink included, not followed) with a
+//! 0600 file from a `.<name>.tmp-*` temp beside it, new directories 0750; ListDir runs
+//! [`crate::listing`] (`max_entries`, `collapse_threshold` and `summary`, bytewise order),
+//! then [`list_dir_page`]; ReadRawNoFollow and WriteRawNoFollow are [`crate::anchored`].
 
 use futures::StreamExt;
 use memoh_proto::pb::bridgepb as bp;
@@ -18,7 +22,11 @@ use memoh_proto::pb::mcpcontainer as mp;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::ServerError;
-use crate::service::{BoxStream, Service};
+use crate::fs::Caller;
+use crate::listing::{ListSpec, Listed};
+use crate::service::{blocking, BoxStream, Service};
+use crate::transfer::Piece;
+use crate::window::WindowSpec;
 use bp::container_service_server::ContainerService as Bridge;
 use mp::container_service_server::ContainerService as Mcp;
 
@@ -43,21 +51,26 @@ fn file_entry(e: mp::FileEntry) -> bp::FileEntry {
     }
 }
 
-/// The page of a listing a bridge caller asked for (WIRE-BRIDGE.md section 3, ListDir):
-/// `max_entries` > 0 refuses a listing above it; `total_count` counts every entry; `offset` < 0
-/// means 0; `limit` <= 0 means all, above [`LIST_DIR_MAX_LIMIT`] means that cap; `truncated`
-/// says entries remain past the page.
+fn listed_entry(l: Listed) -> bp::FileEntry {
+    bp::FileEntry {
+        path: l.entry.path,
+        is_dir: l.entry.is_dir,
+        size: l.entry.size,
+        mode: l.entry.mode,
+        mod_time: l.entry.mod_time,
+        summary: l.summary,
+    }
+}
+
+/// The page of a listing a bridge caller asked for (WIRE-BRIDGE.md section 3, ListDir), after
+/// `max_entries` and the collapse ([`crate::listing`]): `total_count` counts every entry;
+/// `offset` < 0 means 0; `limit` <= 0 means all, above [`LIST_DIR_MAX_LIMIT`] means that cap;
+/// `truncated` says entries remain past the page.
 pub fn list_dir_page(
     mut entries: Vec<bp::FileEntry>,
     offset: i32,
     limit: i32,
-    max_entries: i32,
-) -> Result<bp::ListDirResponse, ServerError> {
-    if max_entries > 0 && entries.len() > max_entries as usize {
-        return Err(ServerError::TooManyEntries(format!(
-            "listing has more than max_entries ({max_entries}) entries"
-        )));
-    }
+) -> bp::ListDirResponse {
     let total = entries.len();
     let offset = usize::try_from(offset.max(0)).unwrap_or(0).min(total);
     let limit = match usize::try_from(limit) {
@@ -67,25 +80,11 @@ pub fn list_dir_page(
     entries.drain(..offset);
     entries.truncate(limit);
     let truncated = offset + entries.len() < total;
-    Ok(bp::ListDirResponse {
+    bp::ListDirResponse {
         entries,
         total_count: i32::try_from(total).unwrap_or(i32::MAX),
         truncated,
-    })
-}
-
-/// Checks the first Exec message for fields this server does not implement.
-fn check_exec_first(m: &bp::ExecInput) -> Result<(), Status> {
-    if m.pty {
-        return Err(unimplemented("Exec with pty = true"));
     }
-    if m.clean_env {
-        return Err(unimplemented("Exec field clean_env"));
-    }
-    if !m.unset_env.is_empty() {
-        return Err(unimplemented("Exec field unset_env"));
-    }
-    Ok(())
 }
 
 fn exec_input(m: bp::ExecInput) -> mp::ExecInput {
@@ -114,12 +113,8 @@ impl Bridge for Service {
         req: Request<bp::ReadFileRequest>,
     ) -> Result<Response<bp::ReadFileResponse>, Status> {
         let r = req.into_inner();
-        let m = mp::ReadFileRequest {
-            path: r.path,
-            line_offset: r.line_offset,
-            n_lines: r.n_lines,
-        };
-        let w = Mcp::read_file(self, Request::new(m)).await?.into_inner();
+        let spec = WindowSpec::raw_from_request(r.line_offset, r.n_lines);
+        let w = crate::convert::read_file_response(self.read_file_window(&r.path, spec).await?);
         Ok(Response::new(bp::ReadFileResponse {
             content: w.content,
             total_lines: w.total_lines,
@@ -132,11 +127,8 @@ impl Bridge for Service {
         req: Request<bp::WriteFileRequest>,
     ) -> Result<Response<bp::WriteFileResponse>, Status> {
         let r = req.into_inner();
-        let m = mp::WriteFileRequest {
-            path: r.path,
-            content: r.content,
-        };
-        Mcp::write_file(self, Request::new(m)).await?;
+        self.write_file_as(&r.path, r.content, Caller::Bridge)
+            .await?;
         Ok(Response::new(bp::WriteFileResponse {}))
     }
 
@@ -145,25 +137,15 @@ impl Bridge for Service {
         req: Request<bp::ListDirRequest>,
     ) -> Result<Response<bp::ListDirResponse>, Status> {
         let r = req.into_inner();
-        if r.collapse_threshold > 0 {
-            return Err(unimplemented("ListDir field collapse_threshold"));
-        }
-        let m = mp::ListDirRequest {
-            path: r.path,
+        let path = self.resolver().resolve_or_data_dir("path", &r.path)?;
+        let spec = ListSpec {
             recursive: r.recursive,
+            collapse_threshold: r.collapse_threshold,
+            max_entries: r.max_entries,
         };
-        let l = Mcp::list_dir(self, Request::new(m)).await?.into_inner();
-        let mut entries: Vec<bp::FileEntry> = l.entries.into_iter().map(file_entry).collect();
-        if r.recursive {
-            // The bridge sorts a recursive listing by path, bytewise (`a`, `a.txt`, `a/b`).
-            entries.sort_by(|a, b| a.path.as_bytes().cmp(b.path.as_bytes()));
-        }
-        Ok(Response::new(list_dir_page(
-            entries,
-            r.offset,
-            r.limit,
-            r.max_entries,
-        )?))
+        let listed = blocking(move || crate::listing::list(&path, spec)).await?;
+        let entries = listed.into_iter().map(listed_entry).collect();
+        Ok(Response::new(list_dir_page(entries, r.offset, r.limit)))
     }
 
     async fn stat(
@@ -195,11 +177,8 @@ impl Bridge for Service {
         req: Request<bp::RenameRequest>,
     ) -> Result<Response<bp::RenameResponse>, Status> {
         let r = req.into_inner();
-        let m = mp::RenameRequest {
-            old_path: r.old_path,
-            new_path: r.new_path,
-        };
-        Mcp::rename(self, Request::new(m)).await?;
+        self.rename_as(&r.old_path, &r.new_path, Caller::Bridge)
+            .await?;
         Ok(Response::new(bp::RenameResponse {}))
     }
 
@@ -210,18 +189,21 @@ impl Bridge for Service {
         req: Request<Streaming<bp::ExecInput>>,
     ) -> Result<Response<Self::ExecStream>, Status> {
         let mut inbound = req.into_inner();
-        // The first message decides what runs: refuse what is not built before anything starts.
+        // The first message decides what runs: a terminal, or pipes with the bridge's
+        // conventions (see `bridge_exec`).
         let first = match inbound.next().await {
-            Some(Ok(m)) => {
-                check_exec_first(&m)?;
-                Some(Ok(m))
+            Some(Ok(m)) if m.pty => {
+                let out = crate::bridge_exec::pty(self, m, inbound).await?;
+                return Ok(Response::new(Box::pin(out.map(|r| r.map(exec_output)))));
             }
             other => other,
         };
+        let adjust =
+            crate::bridge_exec::pipe_conventions(first.as_ref().and_then(|r| r.as_ref().ok()));
         let all = futures::stream::iter(first)
             .chain(inbound)
             .map(|m| m.map(exec_input));
-        let out = self.exec_stream(Box::pin(all)).await?;
+        let out = self.exec_stream_with(Box::pin(all), adjust).await?;
         Ok(Response::new(Box::pin(out.map(|r| r.map(exec_output)))))
     }
 
@@ -250,7 +232,9 @@ impl Bridge for Service {
                 abort: c.abort,
             })
         });
-        let w = self.write_raw_stream(Box::pin(chunks)).await?;
+        let w = self
+            .write_raw_stream(Box::pin(chunks), Caller::Bridge)
+            .await?;
         Ok(Response::new(bp::WriteRawResponse {
             bytes_written: w.bytes_written,
         }))
@@ -273,34 +257,54 @@ impl Bridge for Service {
 
     async fn tunnel(
         &self,
-        _req: Request<Streaming<bp::TunnelFrame>>,
+        req: Request<Streaming<bp::TunnelFrame>>,
     ) -> Result<Response<Self::TunnelStream>, Status> {
-        Err(unimplemented("Tunnel"))
+        crate::tunnel::open(Box::pin(req.into_inner()))
+            .await
+            .map(Response::new)
     }
 
     type ReverseHTTPStream = BoxStream<bp::ReverseHttpFrame>;
 
     async fn reverse_http(
         &self,
-        _req: Request<Streaming<bp::ReverseHttpFrame>>,
+        req: Request<Streaming<bp::ReverseHttpFrame>>,
     ) -> Result<Response<Self::ReverseHTTPStream>, Status> {
-        Err(unimplemented("ReverseHTTP"))
+        let route = crate::reverse_http::route_of(req.metadata())?;
+        let inbound = Box::pin(req.into_inner());
+        Ok(Response::new(self.reverse_http().attach(route, inbound)))
     }
 
     type ReadRawNoFollowStream = BoxStream<bp::DataChunk>;
 
     async fn read_raw_no_follow(
         &self,
-        _req: Request<bp::ReadRawNoFollowRequest>,
+        req: Request<bp::ReadRawNoFollowRequest>,
     ) -> Result<Response<Self::ReadRawNoFollowStream>, Status> {
-        Err(unimplemented("ReadRawNoFollow"))
+        let r = req.into_inner();
+        let s = crate::anchored::read(&r.root, &r.relative_path).await?;
+        let s = s.map(|r| r.map(|c| bp::DataChunk { data: c.data }));
+        Ok(Response::new(Box::pin(s)))
     }
 
     async fn write_raw_no_follow(
         &self,
-        _req: Request<Streaming<bp::WriteRawNoFollowChunk>>,
+        req: Request<Streaming<bp::WriteRawNoFollowChunk>>,
     ) -> Result<Response<bp::WriteRawResponse>, Status> {
-        Err(unimplemented("WriteRawNoFollow"))
+        let chunks = req.into_inner().map(|r| {
+            r.map(|c| crate::anchored::Chunk {
+                root: c.root,
+                relative_path: c.relative_path,
+                piece: Piece {
+                    data: c.data,
+                    abort: c.abort,
+                },
+            })
+        });
+        let written = crate::anchored::write(Box::pin(chunks), self.kill()).await?;
+        Ok(Response::new(bp::WriteRawResponse {
+            bytes_written: i64::try_from(written).unwrap_or(i64::MAX),
+        }))
     }
 
     type TerminalStream = BoxStream<bp::TerminalServer>;
@@ -337,18 +341,19 @@ mod tests {
 
     #[test]
     fn list_dir_pages() {
-        // (count, offset, limit, max_entries) -> (first path, returned, total, truncated)
+        // (count, offset, limit) -> (first path, returned, total, truncated)
         let cases = [
-            (5, 0, 0, 0, Some("f000"), 5, 5, false),
-            (5, -3, 2, 0, Some("f000"), 2, 5, true),
-            (5, 3, 2, 0, Some("f003"), 2, 5, false),
-            (5, 9, 2, 0, None, 0, 5, false),
-            (300, 0, 1000, 0, Some("f000"), 200, 300, true),
-            (5, 0, 0, 5, Some("f000"), 5, 5, false),
+            (5, 0, 0, Some("f000"), 5, 5, false),
+            (5, -3, 2, Some("f000"), 2, 5, true),
+            (5, 3, 2, Some("f003"), 2, 5, false),
+            (5, 9, 2, None, 0, 5, false),
+            (300, 0, 1000, Some("f000"), 200, 300, true),
+            (300, 150, i32::MAX, Some("f150"), 150, 300, false),
+            (5, i32::MAX, 1, None, 0, 5, false),
         ];
-        for (n, off, lim, max, first, ret, total, trunc) in cases {
-            let r = list_dir_page(entries(n), off, lim, max).unwrap();
-            let case = (n, off, lim, max);
+        for (n, off, lim, first, ret, total, trunc) in cases {
+            let r = list_dir_page(entries(n), off, lim);
+            let case = (n, off, lim);
             assert_eq!(
                 r.entries.first().map(|e| e.path.as_str()),
                 first,
@@ -358,28 +363,5 @@ mod tests {
             assert_eq!(r.total_count, total, "{case:?}");
             assert_eq!(r.truncated, trunc, "{case:?}");
         }
-        let err = list_dir_page(entries(6), 0, 0, 5).unwrap_err();
-        assert_eq!(err.code(), tonic::Code::ResourceExhausted);
-        assert!(err.to_string().contains("max_entries"), "{err}");
-    }
-
-    #[test]
-    fn exec_fields_not_built_are_named() {
-        let pty = bp::ExecInput {
-            pty: true,
-            ..Default::default()
-        };
-        let s = check_exec_first(&pty).unwrap_err();
-        assert_eq!(s.code(), tonic::Code::Unimplemented);
-        assert!(s.message().contains("pty"), "{}", s.message());
-        let unset = bp::ExecInput {
-            unset_env: vec!["HOME".into()],
-            ..Default::default()
-        };
-        assert!(check_exec_first(&unset)
-            .unwrap_err()
-            .message()
-            .contains("unset_env"));
-        assert!(check_exec_first(&bp::ExecInput::default()).is_ok());
     }
 }

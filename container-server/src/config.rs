@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use memoh_proto::limits;
 
+pub use crate::tls::StrictTls;
+
 /// Where the server listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ListenAddr {
@@ -60,8 +62,16 @@ pub struct BridgeEnv {
     pub socket_path: Option<String>,
     /// `BRIDGE_TCP_ADDR`: a loopback TCP address that replaces the socket.
     pub tcp_addr: Option<String>,
-    /// `BRIDGE_TLS_MODE`: empty or `disabled`; `strict` (mTLS) is not built.
+    /// `BRIDGE_TLS_MODE`: empty or `disabled`, or `strict` (mutual TLS on the TCP listener).
     pub tls_mode: Option<String>,
+    /// `BRIDGE_TLS_CERT_FILE`: the server's certificate chain (strict mode).
+    pub tls_cert_file: Option<String>,
+    /// `BRIDGE_TLS_KEY_FILE`: the server's key (strict mode).
+    pub tls_key_file: Option<String>,
+    /// `BRIDGE_TLS_CLIENT_CA_FILE`: the CA of client certificates (strict mode).
+    pub tls_client_ca_file: Option<String>,
+    /// `BRIDGE_TLS_EXPECTED_CLIENT_URI`: the URI SAN a client must carry (strict mode).
+    pub tls_expected_client_uri: Option<String>,
 }
 
 impl BridgeEnv {
@@ -72,31 +82,73 @@ impl BridgeEnv {
             socket_path: var("BRIDGE_SOCKET_PATH"),
             tcp_addr: var("BRIDGE_TCP_ADDR"),
             tls_mode: var("BRIDGE_TLS_MODE"),
+            tls_cert_file: var("BRIDGE_TLS_CERT_FILE"),
+            tls_key_file: var("BRIDGE_TLS_KEY_FILE"),
+            tls_client_ca_file: var("BRIDGE_TLS_CLIENT_CA_FILE"),
+            tls_expected_client_uri: var("BRIDGE_TLS_EXPECTED_CLIENT_URI"),
+        }
+    }
+
+    /// Strict mode's settings, `None` when TLS is off; an unknown mode or a missing setting is
+    /// an error naming it (the bridge exits 1 then).
+    pub fn strict_tls(&self) -> Result<Option<StrictTls>, String> {
+        match self.tls_mode.as_deref() {
+            None | Some("disabled") => Ok(None),
+            Some("strict") => {
+                let need = |v: &Option<String>, name: &str| {
+                    v.clone()
+                        .ok_or_else(|| format!("BRIDGE_TLS_MODE=strict needs {name}"))
+                };
+                Ok(Some(StrictTls {
+                    cert_file: need(&self.tls_cert_file, "BRIDGE_TLS_CERT_FILE")?.into(),
+                    key_file: need(&self.tls_key_file, "BRIDGE_TLS_KEY_FILE")?.into(),
+                    client_ca_file: need(&self.tls_client_ca_file, "BRIDGE_TLS_CLIENT_CA_FILE")?
+                        .into(),
+                    expected_client_uri: need(
+                        &self.tls_expected_client_uri,
+                        "BRIDGE_TLS_EXPECTED_CLIENT_URI",
+                    )?,
+                }))
+            }
+            Some(m) => Err(format!(
+                "unknown BRIDGE_TLS_MODE {m:?}: use disabled or strict"
+            )),
         }
     }
 }
 
-/// The bridge listener(s) to add to the `--listen` ones, each with whether binding it must
-/// succeed. `BRIDGE_TCP_ADDR` (loopback, `localhost` or an empty host only, as the bridge
-/// allows) replaces the socket; else `BRIDGE_SOCKET_PATH`; else, when no `--listen` was given,
-/// the default socket, skipped with a warning where it cannot be bound (an image run without
-/// the host's `/run/memoh`). An explicit `--listen` without bridge variables adds nothing, so
-/// servers started side by side never take each other's socket.
-pub fn bridge_listeners(
-    env: &BridgeEnv,
-    explicit_listen: bool,
-) -> Result<Vec<(ListenAddr, bool)>, String> {
-    match env.tls_mode.as_deref() {
-        None | Some("disabled") => {}
-        Some("strict") => {
-            return Err("BRIDGE_TLS_MODE=strict (mTLS) is not supported by this server".into())
-        }
-        Some(m) => {
-            return Err(format!(
-                "unknown BRIDGE_TLS_MODE {m:?}: use disabled or strict"
-            ))
+/// One listener to bind: where, whether failing to bind stops the server, and TLS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bind {
+    /// The address.
+    pub addr: ListenAddr,
+    /// Whether a failure to bind it stops the server (else: a warning, the others serve).
+    pub required: bool,
+    /// Strict mutual TLS (TCP only).
+    pub tls: Option<StrictTls>,
+}
+
+impl Bind {
+    /// A plain listener.
+    pub fn plain(addr: ListenAddr, required: bool) -> Self {
+        Self {
+            addr,
+            required,
+            tls: None,
         }
     }
+}
+
+/// The bridge listener(s) to add to the `--listen` ones. `BRIDGE_TCP_ADDR` (loopback,
+/// `localhost` or an empty host only, as the bridge allows, TLS or not: TLS unlocks nothing)
+/// replaces the socket and carries strict TLS when `BRIDGE_TLS_MODE=strict`; else
+/// `BRIDGE_SOCKET_PATH`; else, when no `--listen` was given, the default socket, skipped with a
+/// warning where it cannot be bound (an image run without the host's `/run/memoh`). An explicit
+/// `--listen` without bridge variables adds nothing, so servers started side by side never take
+/// each other's socket. TLS is for TCP only: on a socket, strict mode's files are still
+/// checked, but the socket stays plain.
+pub fn bridge_listeners(env: &BridgeEnv, explicit_listen: bool) -> Result<Vec<Bind>, String> {
+    let tls = env.strict_tls()?;
     if let Some(a) = &env.tcp_addr {
         let (host, _) = a
             .rsplit_once(':')
@@ -112,15 +164,19 @@ pub fn bridge_listeners(
                 "BRIDGE_TCP_ADDR {a:?} must be a loopback address, localhost or :PORT"
             ));
         }
-        return Ok(vec![(a.parse()?, true)]);
+        return Ok(vec![Bind {
+            addr: a.parse()?,
+            required: true,
+            tls,
+        }]);
     }
     if let Some(p) = &env.socket_path {
-        return Ok(vec![(ListenAddr::Unix(PathBuf::from(p)), true)]);
+        return Ok(vec![Bind::plain(ListenAddr::Unix(PathBuf::from(p)), true)]);
     }
     if explicit_listen {
         return Ok(Vec::new());
     }
-    Ok(vec![(
+    Ok(vec![Bind::plain(
         ListenAddr::Unix(PathBuf::from(DEFAULT_BRIDGE_SOCKET)),
         false,
     )])
@@ -141,10 +197,16 @@ pub struct Config {
     pub reap_all: bool,
     /// Exec timeout when a request gives none.
     pub default_exec_timeout: Duration,
+    /// The ReverseHTTP listener's address (loopback only, `MEMOH_ACP_TOOLS_PROXY_ADDR`);
+    /// `None`: no listener.
+    pub reverse_http_addr: Option<String>,
+    /// How long a ReverseHTTP request waits for the host's answer (then 504).
+    pub reverse_http_timeout: Duration,
 }
 
 impl Config {
-    /// Defaults for a data directory: no template, no token, 10 s grace.
+    /// Defaults for a data directory: no template, no token, 10 s grace, no ReverseHTTP
+    /// listener.
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         Self {
             data_dir: data_dir.into(),
@@ -153,6 +215,8 @@ impl Config {
             shutdown_grace: Duration::from_secs(10),
             reap_all: false,
             default_exec_timeout: limits::DEFAULT_EXEC_TIMEOUT,
+            reverse_http_addr: None,
+            reverse_http_timeout: crate::reverse_http::DEFAULT_TIMEOUT,
         }
     }
 }
@@ -190,18 +254,19 @@ mod tests {
             socket_path: sock.map(String::from),
             tcp_addr: tcp.map(String::from),
             tls_mode: tls.map(String::from),
+            ..BridgeEnv::default()
         };
         let def = ListenAddr::Unix(DEFAULT_BRIDGE_SOCKET.into());
         assert_eq!(
             bridge_listeners(&env(None, None, None), false).unwrap(),
-            vec![(def, false)]
+            vec![Bind::plain(def, false)]
         );
         assert!(bridge_listeners(&env(None, None, None), true)
             .unwrap()
             .is_empty());
         assert_eq!(
             bridge_listeners(&env(Some("/s"), None, Some("disabled")), true).unwrap(),
-            vec![(ListenAddr::Unix("/s".into()), true)]
+            vec![Bind::plain(ListenAddr::Unix("/s".into()), true)]
         );
         for (tcp, want) in [
             (":9090", "[::]:9090"),
@@ -212,7 +277,7 @@ mod tests {
             let got = bridge_listeners(&env(Some("/s"), Some(tcp), None), false).unwrap();
             assert_eq!(
                 got,
-                vec![(ListenAddr::Tcp(want.parse().unwrap()), true)],
+                vec![Bind::plain(ListenAddr::Tcp(want.parse().unwrap()), true)],
                 "{tcp}"
             );
         }
@@ -221,9 +286,52 @@ mod tests {
                 bridge_listeners(&env(None, Some(bad), None), false).is_err(),
                 "{bad}"
             );
+            // mTLS unlocks nothing.
+            let mut e = env(None, Some(bad), Some("strict"));
+            e.tls_cert_file = Some("/c".into());
+            e.tls_key_file = Some("/k".into());
+            e.tls_client_ca_file = Some("/ca".into());
+            e.tls_expected_client_uri = Some("spiffe://memoh/instance/i/server".into());
+            assert!(bridge_listeners(&e, false).is_err(), "strict {bad}");
         }
         let strict = bridge_listeners(&env(None, None, Some("strict")), false).unwrap_err();
-        assert!(strict.contains("strict"), "{strict}");
+        assert!(strict.contains("BRIDGE_TLS_CERT_FILE"), "{strict}");
         assert!(bridge_listeners(&env(None, None, Some("x")), false).is_err());
+    }
+
+    #[test]
+    fn strict_tls_needs_every_setting_and_goes_on_the_tcp_listener() {
+        let full = BridgeEnv {
+            tcp_addr: Some("127.0.0.1:9443".into()),
+            tls_mode: Some("strict".into()),
+            tls_cert_file: Some("/m/cert.pem".into()),
+            tls_key_file: Some("/m/key.pem".into()),
+            tls_client_ca_file: Some("/m/ca.pem".into()),
+            tls_expected_client_uri: Some("spiffe://memoh/instance/i/server".into()),
+            ..BridgeEnv::default()
+        };
+        let got = bridge_listeners(&full, false).unwrap();
+        assert_eq!(got.len(), 1);
+        let tls = got[0].tls.as_ref().expect("tls on the tcp listener");
+        assert_eq!(tls.client_ca_file, PathBuf::from("/m/ca.pem"));
+        assert_eq!(tls.expected_client_uri, "spiffe://memoh/instance/i/server");
+        for missing in 0..4 {
+            let mut e = full.clone();
+            let (field, name) = match missing {
+                0 => (&mut e.tls_cert_file, "BRIDGE_TLS_CERT_FILE"),
+                1 => (&mut e.tls_key_file, "BRIDGE_TLS_KEY_FILE"),
+                2 => (&mut e.tls_client_ca_file, "BRIDGE_TLS_CLIENT_CA_FILE"),
+                _ => (
+                    &mut e.tls_expected_client_uri,
+                    "BRIDGE_TLS_EXPECTED_CLIENT_URI",
+                ),
+            };
+            *field = None;
+            let err = bridge_listeners(&e, false).unwrap_err();
+            assert!(err.contains(name), "{err}");
+        }
+        let mut off = full.clone();
+        off.tls_mode = Some("disabled".into());
+        assert_eq!(bridge_listeners(&off, false).unwrap()[0].tls, None);
     }
 }

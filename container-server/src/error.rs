@@ -61,6 +61,28 @@ pub enum ServerError {
     /// A listing past the caller's `max_entries`.
     #[error("{0}")]
     TooManyEntries(String),
+    /// The request asks for something the server refuses on principle (a tunnel to a
+    /// non-loopback address).
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// Something the call needs cannot be reached now (a tunnel's target).
+    #[error("{0}")]
+    Unavailable(String),
+    /// The client called the operation off with a reason (a tunnel `close` with text).
+    #[error("{0}")]
+    Cancelled(String),
+    /// An exclusive create found the path taken (WriteRawNoFollow).
+    #[error("{}: already exists", .0.display())]
+    AlreadyExists(PathBuf),
+    /// An anchored (NoFollow) lookup refused the path: a symlink on it, a path leaving its
+    /// root, a target that is not a regular file.
+    #[error("{}: refused: {reason}", path.display())]
+    Refused {
+        /// The path involved.
+        path: PathBuf,
+        /// Why, lowercase.
+        reason: String,
+    },
 }
 
 /// A bot limit that can stop the server from making a process or thread.
@@ -131,6 +153,11 @@ impl ServerError {
             ServerError::Aborted(_) => Code::Aborted,
             ServerError::Unimplemented(_) => Code::Unimplemented,
             ServerError::TooManyEntries(_) => Code::ResourceExhausted,
+            ServerError::PermissionDenied(_) => Code::PermissionDenied,
+            ServerError::Unavailable(_) => Code::Unavailable,
+            ServerError::Cancelled(_) => Code::Cancelled,
+            ServerError::AlreadyExists(_) => Code::AlreadyExists,
+            ServerError::Refused { .. } => Code::FailedPrecondition,
         }
     }
 }
@@ -214,6 +241,26 @@ mod tests {
             (
                 ServerError::TooManyEntries("more than 3 entries".into()),
                 Code::ResourceExhausted,
+            ),
+            (
+                ServerError::PermissionDenied("not a loopback address".into()),
+                Code::PermissionDenied,
+            ),
+            (
+                ServerError::Unavailable("connection refused".into()),
+                Code::Unavailable,
+            ),
+            (
+                ServerError::Cancelled("closed by the client".into()),
+                Code::Cancelled,
+            ),
+            (ServerError::AlreadyExists(p()), Code::AlreadyExists),
+            (
+                ServerError::Refused {
+                    path: p(),
+                    reason: "a symlink is on the path".into(),
+                },
+                Code::FailedPrecondition,
             ),
         ];
         for (e, code) in cases {

@@ -3,7 +3,11 @@
 //! timeout, cancellation or shutdown. A command that cannot start because the bot is at its
 //! process or memory limit is [`ServerError::AtLimit`]; commands never inherit the server's
 //! protection from the OOM killer (a negative `oom_score_adj`).
+//!
+//! The child setup (work dir, environment, `oom_score_adj`), the group kill and the exit-code
+//! conventions ([`Dialect`]) are shared with PTY exec ([`crate::pty`]).
 
+use std::ffi::OsString;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -37,12 +41,17 @@ pub struct ExecSpec {
     pub command: String,
     /// Existing directory to run in.
     pub work_dir: PathBuf,
-    /// Added to the server's own environment.
+    /// Added to the server's own environment (or to `exact_env`).
     pub env: Vec<(String, String)>,
-    /// Kill the process group after this long.
-    pub timeout: Duration,
+    /// When set, the child's environment starts from exactly these variables instead of the
+    /// server's own (the bridge's `clean_env` / `unset_env`, see [`crate::exec_env`]).
+    pub exact_env: Option<Vec<(OsString, OsString)>>,
+    /// Kill the process group after this long; `None`: no timeout.
+    pub timeout: Option<Duration>,
     /// Delivered to stdin before anything else.
     pub stdin: Bytes,
+    /// The conventions of the protocol that asked: exit codes, the client leaving.
+    pub dialect: Dialect,
 }
 
 impl ExecSpec {
@@ -100,9 +109,36 @@ impl ExecSpec {
             command,
             work_dir,
             env: vars,
-            timeout,
+            exact_env: None,
+            timeout: Some(timeout),
             stdin,
+            dialect: Dialect::Mcp,
         })
+    }
+}
+
+/// Which protocol's exec conventions apply (WIRE.md or WIRE-BRIDGE.md section 3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Dialect {
+    /// `mcpcontainer`: a signal is exit code -1; the client leaving kills the group.
+    #[default]
+    Mcp,
+    /// `bridgepb`: signal N is exit code 128+N (the timeout's kill 137); with a timeout the
+    /// command outlives the client (its output is read and dropped), without one the client
+    /// leaving kills the group.
+    Bridge,
+}
+
+impl Dialect {
+    /// The exit code reported for `exit`.
+    pub fn exit_code(self, exit: Exit) -> i32 {
+        match (self, exit) {
+            (Dialect::Mcp, e) => e.wire_code(),
+            (Dialect::Bridge, Exit::Code(c)) => c,
+            // Signal 0 is the reaper's "lost" status: there is no signal to report.
+            (Dialect::Bridge, Exit::Signal(0)) => -1,
+            (Dialect::Bridge, Exit::Signal(n)) => 128 + n,
+        }
     }
 }
 
@@ -125,7 +161,8 @@ pub struct Running {
     stderr: pipe::Receiver,
     stdin: Option<pipe::Sender>,
     initial_stdin: Bytes,
-    timeout: Duration,
+    timeout: Option<Duration>,
+    dialect: Dialect,
 }
 
 /// The `oom_score_adj` commands start at when the server's own is not negative: the OOM
@@ -169,24 +206,11 @@ pub fn start_with(spec: ExecSpec, reaper: &Reaper, oom: ChildOom) -> Result<Runn
     let mut cmd = std::process::Command::new("/bin/sh");
     cmd.arg("-c")
         .arg(&spec.command)
-        .current_dir(&spec.work_dir)
-        .envs(spec.env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
-    if let ChildOom::Set(adj) = oom {
-        // Formatted before the fork: the child may only make async-signal-safe calls.
-        let value = adj.to_string().into_bytes();
-        // SAFETY: the hook only makes raw system calls (open, write, close), which are
-        // async-signal-safe, on a static path and a buffer made before the fork.
-        unsafe {
-            cmd.pre_exec(move || {
-                set_oom_score_adj(&value);
-                Ok(())
-            });
-        }
-    }
+    prepare_child(&mut cmd, &spec, oom);
     let (mut child, exit) = reaper
         .spawn(&mut cmd)
         .map_err(|e| ServerError::spawn("a process", e))?;
@@ -215,7 +239,30 @@ pub fn start_with(spec: ExecSpec, reaper: &Reaper, oom: ChildOom) -> Result<Runn
         stdin: Some(stdin),
         initial_stdin: spec.stdin,
         timeout: spec.timeout,
+        dialect: spec.dialect,
     })
+}
+
+/// What every command gets, piped or on a terminal: its work dir, its environment and its
+/// `oom_score_adj`.
+pub(crate) fn prepare_child(cmd: &mut std::process::Command, spec: &ExecSpec, oom: ChildOom) {
+    cmd.current_dir(&spec.work_dir);
+    if let Some(base) = &spec.exact_env {
+        cmd.env_clear().envs(base.iter().map(|(k, v)| (k, v)));
+    }
+    cmd.envs(spec.env.iter().map(|(k, v)| (k, v)));
+    if let ChildOom::Set(adj) = oom {
+        // Formatted before the fork: the child may only make async-signal-safe calls.
+        let value = adj.to_string().into_bytes();
+        // SAFETY: the hook only makes raw system calls (open, write, close), which are
+        // async-signal-safe, on a static path and a buffer made before the fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                set_oom_score_adj(&value);
+                Ok(())
+            });
+        }
+    }
 }
 
 /// The server's own `oom_score_adj`, when it can be read.
@@ -254,7 +301,8 @@ fn grow_pipe(fd: &std::os::fd::OwnedFd) {
 /// Capacity asked for the stdin and stdout pipes of a command.
 const PIPE_SIZE: libc::c_int = 1 << 20;
 
-fn kill_group(pgid: Pid) {
+/// SIGKILL to the whole process group `pgid`; a group already gone is fine.
+pub(crate) fn kill_group(pgid: Pid) {
     match killpg(pgid, Signal::SIGKILL) {
         Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
         Err(e) => warn!(pgid = pgid.as_raw(), error = %e, "killing process group failed"),
@@ -277,11 +325,13 @@ async fn feed_stdin(mut pipe: pipe::Sender, first: Bytes, mut rx: mpsc::Receiver
 
 impl Running {
     /// Streams the command to its end into `out`, then sends exactly one [`ExecEvent::Exit`].
-    /// Kills the whole process group when the timeout passes, when `out` closes (the client
-    /// went away), when `aborted` fires (the client's request stream ended other than by a
-    /// clean half-close) or when `shutdown` fires. Output is read until both pipes close, but
-    /// for at most [`EXIT_DRAIN_GRACE`] after the command exited or was killed. Returns the exit
-    /// code sent (None if the client left).
+    /// Kills the whole process group when the timeout passes, when `shutdown` fires, and when
+    /// the client leaves: `out` closes or `aborted` fires (the client's request stream ended
+    /// other than by a clean half-close). A [`Dialect::Bridge`] command with a timeout
+    /// outlives its client instead: its stdin closes, its output is read and dropped until it
+    /// ends or its timeout kills it. Output is read until both pipes close, but for at most
+    /// [`EXIT_DRAIN_GRACE`] after the command exited or was killed. Returns the exit code sent
+    /// (None if the client left).
     pub async fn drive(
         mut self,
         stdin_rx: mpsc::Receiver<Bytes>,
@@ -297,10 +347,11 @@ impl Running {
             std::mem::take(&mut self.initial_stdin),
             stdin_rx,
         ));
-        let deadline = Instant::now()
-            .checked_add(self.timeout)
-            .unwrap_or_else(|| Instant::now() + Duration::from_secs(86400 * 365 * 10));
-        let sleep = tokio::time::sleep_until(deadline);
+        let outlives_client = self.dialect == Dialect::Bridge && self.timeout.is_some();
+        let deadline = self.timeout.and_then(|t| Instant::now().checked_add(t));
+        let sleep = tokio::time::sleep_until(
+            deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(86400 * 365 * 10)),
+        );
         tokio::pin!(sleep);
         let mut out_buf = BytesMut::with_capacity(READ_CHUNK);
         let mut err_buf = BytesMut::with_capacity(READ_CHUNK);
@@ -310,6 +361,8 @@ impl Running {
         let drain = tokio::time::sleep(Duration::ZERO);
         tokio::pin!(drain);
         let mut draining = false;
+        // The client left and the command outlives it: output is dropped, no EXIT is sent.
+        let mut gone = false;
         loop {
             if exit.is_some() && !out_open && !err_open {
                 break;
@@ -318,24 +371,15 @@ impl Running {
                 draining = true;
                 drain.as_mut().reset(Instant::now() + EXIT_DRAIN_GRACE);
             }
+            let mut left = false;
             tokio::select! {
-                _ = out.closed() => {
-                    debug!(pgid = pgid.as_raw(), "client left; killing process group");
-                    kill_group(pgid);
-                    feeder.abort();
-                    return None;
-                }
-                _ = aborted.cancelled() => {
-                    debug!(pgid = pgid.as_raw(), "client reset the call; killing process group");
-                    kill_group(pgid);
-                    feeder.abort();
-                    return None;
-                }
+                _ = out.closed(), if !gone => left = true,
+                _ = aborted.cancelled(), if !gone => left = true,
                 _ = shutdown.cancelled(), if !killed => {
                     kill_group(pgid);
                     killed = true;
                 }
-                _ = &mut sleep, if !killed => {
+                _ = &mut sleep, if !killed && deadline.is_some() => {
                     debug!(pgid = pgid.as_raw(), "timeout; killing process group");
                     kill_group(pgid);
                     killed = true;
@@ -355,11 +399,7 @@ impl Running {
                     Ok(_) => {
                         let chunk = out_buf.split().freeze();
                         out_buf.reserve(READ_CHUNK);
-                        if out.send(ExecEvent::Stdout(chunk)).await.is_err() {
-                            kill_group(pgid);
-                            feeder.abort();
-                            return None;
-                        }
+                        left = !gone && out.send(ExecEvent::Stdout(chunk)).await.is_err();
                     }
                 },
                 r = self.stderr.read_buf(&mut err_buf), if err_open => match r {
@@ -367,16 +407,25 @@ impl Running {
                     Ok(_) => {
                         let chunk = err_buf.split().freeze();
                         err_buf.reserve(READ_CHUNK);
-                        if out.send(ExecEvent::Stderr(chunk)).await.is_err() {
-                            kill_group(pgid);
-                            feeder.abort();
-                            return None;
-                        }
+                        left = !gone && out.send(ExecEvent::Stderr(chunk)).await.is_err();
                     }
                 },
                 st = &mut self.exit, if exit.is_none() => {
                     exit = Some(st.unwrap_or(Exit::Signal(0)));
                 }
+            }
+            if left {
+                feeder.abort();
+                if !outlives_client {
+                    debug!(pgid = pgid.as_raw(), "client left; killing process group");
+                    kill_group(pgid);
+                    return None;
+                }
+                debug!(
+                    pgid = pgid.as_raw(),
+                    "client left; the command runs on until its end or timeout"
+                );
+                gone = true;
             }
         }
         feeder.abort();
@@ -385,16 +434,21 @@ impl Running {
             kill_group(pgid);
         }
         drop(guard.disarm());
-        let code = exit.map(Exit::wire_code).unwrap_or(-1);
+        if gone {
+            return None;
+        }
+        let code = exit.map(|e| self.dialect.exit_code(e)).unwrap_or(-1);
         let _ = out.send(ExecEvent::Exit(code)).await;
         Some(code)
     }
 }
 
-struct KillOnDrop(Option<Pid>);
+/// Kills a process group when dropped, unless disarmed first.
+pub(crate) struct KillOnDrop(pub(crate) Option<Pid>);
 
 impl KillOnDrop {
-    fn disarm(mut self) -> Self {
+    /// Leaves the group alone on drop.
+    pub(crate) fn disarm(mut self) -> Self {
         self.0 = None;
         self
     }
@@ -404,6 +458,27 @@ impl Drop for KillOnDrop {
     fn drop(&mut self) {
         if let Some(pgid) = self.0 {
             kill_group(pgid);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes_per_dialect() {
+        let cases = [
+            (Exit::Code(0), 0, 0),
+            (Exit::Code(3), 3, 3),
+            (Exit::Signal(9), -1, 137),
+            (Exit::Signal(15), -1, 143),
+            // The reaper lost the child: no signal to report.
+            (Exit::Signal(0), -1, -1),
+        ];
+        for (exit, mcp, bridge) in cases {
+            assert_eq!(Dialect::Mcp.exit_code(exit), mcp, "{exit:?}");
+            assert_eq!(Dialect::Bridge.exit_code(exit), bridge, "{exit:?}");
         }
     }
 }

@@ -17,6 +17,30 @@ use crate::window::{read_window, Window, WindowSpec};
 pub const NEW_FILE_MODE: u32 = 0o644;
 /// Mode of directories the server creates.
 pub const NEW_DIR_MODE: u32 = 0o755;
+/// Mode of files a `bridgepb` write creates (WIRE-BRIDGE.md section 3).
+pub const BRIDGE_FILE_MODE: u32 = 0o600;
+/// Mode of directories a `bridgepb` call creates (WIRE-BRIDGE.md section 3).
+pub const BRIDGE_DIR_MODE: u32 = 0o750;
+
+/// Which protocol called: the two share every handler, but WIRE-BRIDGE.md section 3 changed
+/// some behaviour of `bridgepb` callers without a new field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Caller {
+    /// `mcpcontainer.ContainerService` (WIRE.md).
+    Mcp,
+    /// `bridgepb.ContainerService` (WIRE-BRIDGE.md).
+    Bridge,
+}
+
+impl Caller {
+    /// Mode of the directories this caller's writes create.
+    pub fn dir_mode(self) -> u32 {
+        match self {
+            Caller::Mcp => NEW_DIR_MODE,
+            Caller::Bridge => BRIDGE_DIR_MODE,
+        }
+    }
+}
 
 /// One entry of a listing or a stat, in domain form.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,7 +58,8 @@ pub struct Entry {
 }
 
 impl Entry {
-    fn from_metadata(path: String, md: &Metadata) -> Self {
+    /// The entry of `md`, named `path`.
+    pub(crate) fn from_metadata(path: String, md: &Metadata) -> Self {
         Self {
             path,
             is_dir: md.is_dir(),
@@ -45,14 +70,24 @@ impl Entry {
     }
 }
 
-/// `ReadFile`: the numbered window of a regular file.
+/// `ReadFile`: the window of a regular file (numbered or raw lines, by `spec`).
 pub fn read_file(path: &Path, spec: WindowSpec) -> Result<Window, ServerError> {
     let f = File::open(path).map_err(|e| ServerError::io(path, e))?;
     let md = f.metadata().map_err(|e| ServerError::io(path, e))?;
     if md.is_dir() {
         return Err(ServerError::IsDirectory(path.to_path_buf()));
     }
-    read_window(BufReader::with_capacity(64 * 1024, f), spec).map_err(|e| ServerError::io(path, e))
+    let w = read_window(BufReader::with_capacity(64 * 1024, f), spec)
+        .map_err(|e| ServerError::io(path, e))?;
+    if w.too_large {
+        return Err(ServerError::TooLarge(format!(
+            "{}: the lines asked for exceed the {}-byte message limit; ask for fewer lines or \
+             use ReadRaw",
+            path.display(),
+            memoh_proto::limits::MAX_MESSAGE_SIZE
+        )));
+    }
+    Ok(w)
 }
 
 /// Opens a file for `ReadRaw`, refusing directories.
@@ -67,9 +102,14 @@ pub fn open_for_read(path: &Path) -> Result<File, ServerError> {
 
 /// Creates `dir` and its missing parents with mode 0755.
 pub fn create_dirs(dir: &Path) -> Result<(), ServerError> {
+    create_dirs_mode(dir, NEW_DIR_MODE)
+}
+
+/// Creates `dir` and its missing parents with `mode`.
+fn create_dirs_mode(dir: &Path, mode: u32) -> Result<(), ServerError> {
     fs::DirBuilder::new()
         .recursive(true)
-        .mode(NEW_DIR_MODE)
+        .mode(mode)
         .create(dir)
         .map_err(|e| ServerError::io(dir, e))
 }
@@ -85,13 +125,33 @@ pub struct AtomicFile {
 }
 
 impl AtomicFile {
-    /// Prepares to replace `path`: creates missing parents (0755), keeps an existing file's
-    /// permission bits and owner (new files get 0644), follows a symlink to its target.
+    /// Prepares to replace `path` for an `mcpcontainer` caller: creates missing parents
+    /// (0755), keeps an existing file's permission bits and owner (new files get 0644), follows
+    /// a symlink to its target.
     pub fn create(path: &Path) -> Result<Self, ServerError> {
+        Self::create_as(path, Caller::Mcp)
+    }
+
+    /// Prepares to replace `path` by `caller`'s rules: [`AtomicFile::create`] for
+    /// [`Caller::Mcp`]; for [`Caller::Bridge`] missing parents get 0750, the temp file is
+    /// `.<name>.tmp-*` beside `path`, and the result is a new 0600 file owned by the server
+    /// that replaces whatever was at `path`: the old mode and owner are lost and a symlink is
+    /// replaced, not followed.
+    pub fn create_as(path: &Path, caller: Caller) -> Result<Self, ServerError> {
+        let existing = fs::symlink_metadata(path);
+        if caller == Caller::Bridge {
+            match existing {
+                Ok(md) if md.is_dir() => return Err(ServerError::IsDirectory(path.to_path_buf())),
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(ServerError::io(path, e)),
+            }
+            return Self::in_parent(path.to_path_buf(), BRIDGE_FILE_MODE, None, caller);
+        }
         let mut target = path.to_path_buf();
         let mut mode = NEW_FILE_MODE;
         let mut owner = None;
-        match fs::symlink_metadata(path) {
+        match existing {
             Ok(md) if md.file_type().is_symlink() => {
                 // Write through the link as the Go server does, keeping the link itself.
                 if let Ok(real) = fs::canonicalize(path) {
@@ -110,19 +170,33 @@ impl AtomicFile {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(ServerError::io(path, e)),
         }
+        Self::in_parent(target, mode, owner, caller)
+    }
+
+    /// Makes the temp file in `target`'s directory (created first when missing).
+    fn in_parent(
+        target: PathBuf,
+        mode: u32,
+        owner: Option<(u32, u32)>,
+        caller: Caller,
+    ) -> Result<Self, ServerError> {
         let parent = target
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or_else(|| Path::new("/"))
             .to_path_buf();
-        create_dirs(&parent)?;
+        create_dirs_mode(&parent, caller.dir_mode())?;
         let name = target
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
+        let (prefix, suffix) = match caller {
+            Caller::Mcp => (format!(".{name}."), ".tmp"),
+            Caller::Bridge => (format!(".{name}.tmp-"), ""),
+        };
         let tmp = tempfile::Builder::new()
-            .prefix(&format!(".{name}."))
-            .suffix(".tmp")
+            .prefix(&prefix)
+            .suffix(suffix)
             .tempfile_in(&parent)
             .map_err(|e| ServerError::io(&parent, e))?;
         Ok(Self {
@@ -172,7 +246,12 @@ impl AtomicFile {
 
 /// `WriteFile`: replaces the file with `content` atomically.
 pub fn write_file(path: &Path, content: &[u8]) -> Result<(), ServerError> {
-    let mut f = AtomicFile::create(path)?;
+    write_file_as(path, content, Caller::Mcp)
+}
+
+/// `WriteFile` by `caller`'s rules (see [`AtomicFile::create_as`]).
+pub fn write_file_as(path: &Path, content: &[u8], caller: Caller) -> Result<(), ServerError> {
+    let mut f = AtomicFile::create_as(path, caller)?;
     f.write(content)?;
     f.commit().map(|_| ())
 }
@@ -248,9 +327,15 @@ pub fn mkdir(path: &Path) -> Result<(), ServerError> {
 
 /// `Rename`: creates the new path's parent first.
 pub fn rename(old: &Path, new: &Path) -> Result<(), ServerError> {
+    rename_as(old, new, Caller::Mcp)
+}
+
+/// `Rename` by `caller`'s rules: a missing `old` is NOT_FOUND for both; the new path's missing
+/// parents get [`Caller::dir_mode`].
+pub fn rename_as(old: &Path, new: &Path, caller: Caller) -> Result<(), ServerError> {
     fs::symlink_metadata(old).map_err(|e| ServerError::io(old, e))?;
     if let Some(parent) = new.parent().filter(|p| !p.as_os_str().is_empty()) {
-        create_dirs(parent)?;
+        create_dirs_mode(parent, caller.dir_mode())?;
     }
     fs::rename(old, new).map_err(|e| ServerError::io(new, e))
 }
@@ -355,6 +440,49 @@ mod tests {
             .file_type()
             .is_symlink());
         assert_eq!(fs::read(&real).unwrap(), b"2");
+    }
+
+    #[test]
+    fn bridge_writes_replace_with_0600_and_never_follow() {
+        let d = tempfile::tempdir().unwrap();
+        let real = d.path().join("real");
+        write_file(&real, b"1").unwrap();
+        fs::set_permissions(&real, fs::Permissions::from_mode(0o755)).unwrap();
+        let link = d.path().join("link");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        write_file_as(&link, b"2", Caller::Bridge).unwrap();
+        let md = fs::symlink_metadata(&link).unwrap();
+        assert!(md.is_file(), "the link itself was replaced");
+        assert_eq!(md.mode() & 0o7777, 0o600);
+        assert_eq!(fs::read(&real).unwrap(), b"1", "the target is untouched");
+        write_file_as(&real, b"3", Caller::Bridge).unwrap();
+        assert_eq!(
+            fs::metadata(&real).unwrap().mode() & 0o7777,
+            0o600,
+            "old mode lost"
+        );
+        write_file_as(&d.path().join("n/m/f"), b"4", Caller::Bridge).unwrap();
+        assert_eq!(
+            fs::metadata(d.path().join("n/m")).unwrap().mode() & 0o7777,
+            0o750
+        );
+        let mut w = AtomicFile::create_as(&d.path().join("n/m/f"), Caller::Bridge).unwrap();
+        w.write(b"partial").unwrap();
+        let names: Vec<String> = fs::read_dir(d.path().join("n/m"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(names.iter().any(|n| n.starts_with(".f.tmp-")), "{names:?}");
+        drop(w);
+        assert_eq!(fs::read_dir(d.path().join("n/m")).unwrap().count(), 1);
+        assert_eq!(fs::read(d.path().join("n/m/f")).unwrap(), b"4");
+        rename_as(&real, &d.path().join("r/s/real"), Caller::Bridge).unwrap();
+        assert_eq!(
+            fs::metadata(d.path().join("r")).unwrap().mode() & 0o7777,
+            0o750
+        );
+        let e = rename_as(&real, &d.path().join("x"), Caller::Bridge).unwrap_err();
+        assert!(matches!(e, ServerError::NotFound(_)), "{e}");
     }
 
     #[test]

@@ -7,29 +7,45 @@
 //!   shutdown; [`authority`]: lets grpc C-core clients on a unix socket in (their `:authority`).
 //! - [`service`]: thin handlers; [`bridge`]: the `bridgepb` names mapped onto them;
 //!   [`convert`] maps wire types to domain types and back.
+//! - [`tunnel`]: bridge Tunnel, TCP to the bot's loopback services; [`reverse_http`]: bridge
+//!   ReverseHTTP, the bot's loopback HTTP listener answered by the host.
 //! - [`fs`]: file operations (atomic writes, listings, stat); [`window`]: `ReadFile`'s numbered
 //!   line window; [`mode`]: Go-style mode strings and times; [`paths`]: path cleaning.
-//! - [`exec`]: streaming commands in their own process groups; [`reaper`]: PID 1 duties.
+//! - [`transfer`]: raw downloads and uploads shared by the streaming calls; [`anchored`]: the
+//!   bridge's NoFollow I/O beneath a root (`openat2`); [`listing`]: the bridge's ListDir.
+//! - [`exec`]: streaming commands in their own process groups; [`pty`]: the same on a
+//!   pseudo-terminal; [`exec_env`]: the bridge's environment rule; [`bridge_exec`]: the
+//!   bridge's exec conventions; [`reaper`]: PID 1 duties.
 //! - [`runtime`]: the tokio runtime whose threads are made at boot and kept, so calls that start
 //!   no process keep working while the bot is at its process limit.
+//! - [`tls`]: strict mutual TLS for the bridge's TCP listener.
 //! - [`config`], [`error`]: settings and the one error type.
 //! - `fuzz_checks` (hidden): invariants of the pure functions, for `fuzz/` and corpus replay.
 
+pub mod anchored;
 pub mod authority;
 pub mod bridge;
+pub mod bridge_exec;
 pub mod config;
 pub mod convert;
 pub mod error;
 pub mod exec;
+pub mod exec_env;
 pub mod fs;
 #[doc(hidden)]
 pub mod fuzz_checks;
+pub mod listing;
 pub mod mode;
 pub mod paths;
+pub mod pty;
 pub mod reaper;
+pub mod reverse_http;
 pub mod runtime;
 pub mod server;
 pub mod service;
+pub mod tls;
+pub mod transfer;
+pub mod tunnel;
 pub mod window;
 
 pub use config::{Config, ListenAddr};

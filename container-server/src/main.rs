@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use container_server::config::{bridge_listeners, BridgeEnv};
+use container_server::config::{bridge_listeners, Bind, BridgeEnv};
 use container_server::{Config, ListenAddr, Listener};
 use memoh_proto::limits;
 
@@ -28,6 +28,10 @@ struct Args {
     /// Seconds running calls may take to finish after SIGTERM before commands are killed.
     #[arg(long, env = "MCP_SHUTDOWN_GRACE", default_value_t = 10)]
     shutdown_grace: u64,
+    /// The bot's loopback HTTP listener for bridge ReverseHTTP (`IP:PORT`, loopback only; a
+    /// non-loopback address is refused in the log and the server runs without it).
+    #[arg(long, env = "MEMOH_ACP_TOOLS_PROXY_ADDR", default_value = container_server::reverse_http::listener::DEFAULT_ADDR)]
+    reverse_http_addr: String,
 }
 
 fn main() -> ExitCode {
@@ -51,10 +55,13 @@ fn main() -> ExitCode {
 fn real_main(args: Args) -> anyhow::Result<()> {
     let mut listen = Vec::new();
     for l in &args.listen {
-        listen.push((l.parse::<ListenAddr>().map_err(anyhow::Error::msg)?, true));
+        listen.push(Bind::plain(
+            l.parse::<ListenAddr>().map_err(anyhow::Error::msg)?,
+            true,
+        ));
     }
     if listen.is_empty() {
-        listen.push((
+        listen.push(Bind::plain(
             limits::DEFAULT_LISTEN_ADDR
                 .parse()
                 .map_err(anyhow::Error::msg)?,
@@ -79,15 +86,22 @@ fn real_main(args: Args) -> anyhow::Result<()> {
     config.auth_token = token;
     config.shutdown_grace = std::time::Duration::from_secs(args.shutdown_grace);
     config.reap_all = std::process::id() == 1;
+    // Empty means the default, as for the bridge.
+    config.reverse_http_addr = Some(match args.reverse_http_addr.as_str() {
+        "" => container_server::reverse_http::listener::DEFAULT_ADDR.to_string(),
+        a => a.to_string(),
+    });
 
     // Threads made now and kept: at the bot's process limit, no new one can be made.
     let rt = container_server::runtime::build()?;
     rt.block_on(async move {
         let mut listeners = Vec::new();
-        for (addr, required) in &listen {
-            match bind(addr).await {
+        for b in &listen {
+            match bind(b).await {
                 Ok(l) => listeners.push(l),
-                Err(e) if !required => tracing::warn!(error = %e, "default bridge socket skipped"),
+                Err(e) if !b.required => {
+                    tracing::warn!(error = %e, "default bridge socket skipped")
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -96,8 +110,13 @@ fn real_main(args: Args) -> anyhow::Result<()> {
     })
 }
 
-async fn bind(addr: &ListenAddr) -> anyhow::Result<Listener> {
-    match addr {
+async fn bind(b: &Bind) -> anyhow::Result<Listener> {
+    // Every TLS file is read before anything is bound: a bad one stops the server at start.
+    let tls = match &b.tls {
+        Some(t) => Some(t.server_config().map_err(anyhow::Error::msg)?),
+        None => None,
+    };
+    match &b.addr {
         ListenAddr::Tcp(a) => {
             let l = match tokio::net::TcpListener::bind(a).await {
                 Ok(l) => l,
@@ -107,8 +126,11 @@ async fn bind(addr: &ListenAddr) -> anyhow::Result<Listener> {
                 }
                 Err(e) => return Err(anyhow::anyhow!("listen on {a}: {e}")),
             };
-            tracing::info!(addr = %l.local_addr()?, "listening");
-            Ok(Listener::Tcp(l))
+            tracing::info!(addr = %l.local_addr()?, tls = tls.is_some(), "listening");
+            Ok(match tls {
+                Some(config) => Listener::Tls(l, config),
+                None => Listener::Tcp(l),
+            })
         }
         ListenAddr::Unix(p) => {
             // The bridge's socket directory: the host binds it (0750); make it when missing.

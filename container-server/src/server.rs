@@ -3,6 +3,7 @@
 //! check), health, reflection, message-size limits, every listener, and the one shutdown path.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use memoh_proto::limits::MAX_MESSAGE_SIZE;
@@ -32,6 +33,8 @@ pub enum Listener {
     Tcp(TcpListener),
     /// Unix socket.
     Unix(UnixListener),
+    /// TCP with strict mutual TLS ([`crate::tls`]).
+    Tls(TcpListener, Arc<rustls::ServerConfig>),
 }
 
 /// One accepted connection, from any listener. Unix-socket connections go through
@@ -41,6 +44,8 @@ pub enum Conn {
     Tcp(TcpStream),
     /// From a unix-socket listener.
     Unix(Box<AuthorityFix<UnixStream>>),
+    /// From a TLS listener, handshake done.
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
 }
 
 /// Where a [`Conn`] came from, for tonic's request extensions.
@@ -59,6 +64,7 @@ impl tonic::transport::server::Connected for Conn {
         match self {
             Conn::Tcp(s) => ConnInfo::Tcp(s.connect_info()),
             Conn::Unix(s) => ConnInfo::Unix(s.get_ref().connect_info()),
+            Conn::Tls(s) => ConnInfo::Tcp(s.get_ref().0.connect_info()),
         }
     }
 }
@@ -72,6 +78,7 @@ impl AsyncRead for Conn {
         match self.get_mut() {
             Conn::Tcp(s) => std::pin::Pin::new(s).poll_read(cx, buf),
             Conn::Unix(s) => std::pin::Pin::new(s.as_mut()).poll_read(cx, buf),
+            Conn::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -85,6 +92,7 @@ impl AsyncWrite for Conn {
         match self.get_mut() {
             Conn::Tcp(s) => std::pin::Pin::new(s).poll_write(cx, buf),
             Conn::Unix(s) => std::pin::Pin::new(s.as_mut()).poll_write(cx, buf),
+            Conn::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
 
@@ -96,6 +104,7 @@ impl AsyncWrite for Conn {
         match self.get_mut() {
             Conn::Tcp(s) => std::pin::Pin::new(s).poll_write_vectored(cx, bufs),
             Conn::Unix(s) => std::pin::Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+            Conn::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
         }
     }
 
@@ -103,6 +112,7 @@ impl AsyncWrite for Conn {
         match self {
             Conn::Tcp(s) => s.is_write_vectored(),
             Conn::Unix(s) => s.is_write_vectored(),
+            Conn::Tls(s) => s.is_write_vectored(),
         }
     }
 
@@ -113,6 +123,7 @@ impl AsyncWrite for Conn {
         match self.get_mut() {
             Conn::Tcp(s) => std::pin::Pin::new(s).poll_flush(cx),
             Conn::Unix(s) => std::pin::Pin::new(s.as_mut()).poll_flush(cx),
+            Conn::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
@@ -123,6 +134,7 @@ impl AsyncWrite for Conn {
         match self.get_mut() {
             Conn::Tcp(s) => std::pin::Pin::new(s).poll_shutdown(cx),
             Conn::Unix(s) => std::pin::Pin::new(s.as_mut()).poll_shutdown(cx),
+            Conn::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 }
@@ -140,7 +152,50 @@ fn incoming(l: Listener) -> Incoming {
             UnixListenerStream::new(l)
                 .map(|r| r.map(|s| Conn::Unix(Box::new(AuthorityFix::new(s))))),
         ),
+        Listener::Tls(l, config) => tls_incoming(l, config),
     }
+}
+
+/// Accepted TLS connections, each handshake in a task of its own (a slow or silent client
+/// holds up no one) and bounded by [`crate::tls::HANDSHAKE_TIMEOUT`]. A failed handshake (a
+/// refused certificate, plain TCP) closes that connection only. The accept loop ends with
+/// the server (the stream dropped), which closes the listener.
+fn tls_incoming(l: TcpListener, config: Arc<rustls::ServerConfig>) -> Incoming {
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Conn>>(16);
+    tokio::spawn(async move {
+        let mut tcp = TcpIncoming::from(l).with_nodelay(Some(true));
+        loop {
+            let accepted = tokio::select! {
+                r = tcp.next() => r,
+                _ = tx.closed() => return,
+            };
+            let stream = match accepted {
+                Some(Ok(s)) => s,
+                Some(Err(e)) => {
+                    if tx.send(Err(e)).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+                None => return,
+            };
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                let peer = stream.peer_addr().ok();
+                match tokio::time::timeout(crate::tls::HANDSHAKE_TIMEOUT, acceptor.accept(stream))
+                    .await
+                {
+                    Ok(Ok(s)) => {
+                        let _ = tx.send(Ok(Conn::Tls(Box::new(s)))).await;
+                    }
+                    Ok(Err(e)) => warn!(?peer, error = %e, "tls handshake failed"),
+                    Err(_) => warn!(?peer, "tls handshake timed out"),
+                }
+            });
+        }
+    });
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
 }
 
 /// Checks `authorization: Bearer TOKEN` when a token is configured.
@@ -220,12 +275,19 @@ pub async fn run_all(
     }
     let reaper = Reaper::start(config.reap_all).map_err(ServerError::Spawn)?;
     let kill = CancellationToken::new();
+    let hub = crate::reverse_http::Hub::new(config.reverse_http_timeout);
     let service = Service::new(
         Resolver::new(&config.data_dir),
         reaper,
         kill.clone(),
         config.default_exec_timeout,
-    );
+    )
+    .with_reverse_http(hub.clone());
+    // The bot's loopback HTTP listener for ReverseHTTP; it stops when `kill` fires.
+    let reverse_http = match &config.reverse_http_addr {
+        Some(a) => crate::reverse_http::listener::start(a, hub, kill.clone()).await,
+        None => None,
+    };
     let auth = Auth::new(config.auth_token.as_deref());
     let bridge = BridgeServer::new(service.clone())
         .max_decoding_message_size(MAX_MESSAGE_SIZE)
@@ -310,6 +372,9 @@ pub async fn run_all(
         _ = killer => warn!("calls still running after the grace period; exiting anyway"),
     }
     kill.cancel();
+    if let Some(h) = reverse_http {
+        let _ = h.await;
+    }
     info!("stopped");
     Ok(())
 }

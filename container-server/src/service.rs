@@ -7,9 +7,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::{Stream, StreamExt};
-use memoh_proto::limits::RAW_CHUNK_SIZE;
 use memoh_proto::pb::mcpcontainer as pb;
 use pb::container_service_server::ContainerService;
 use tokio::sync::mpsc;
@@ -21,9 +20,10 @@ use tracing::{debug, instrument};
 use crate::convert;
 use crate::error::ServerError;
 use crate::exec::{self, ExecSpec};
-use crate::fs;
+use crate::fs::{self, Caller};
 use crate::paths::Resolver;
 use crate::reaper::Reaper;
+use crate::transfer::{self, inbound_error};
 use crate::window::WindowSpec;
 
 /// Shared state of the service.
@@ -37,6 +37,7 @@ struct Inner {
     reaper: Reaper,
     kill: CancellationToken,
     default_timeout: Duration,
+    reverse_http: crate::reverse_http::Hub,
 }
 
 impl Service {
@@ -53,19 +54,64 @@ impl Service {
                 reaper,
                 kill,
                 default_timeout,
+                reverse_http: crate::reverse_http::Hub::new(crate::reverse_http::DEFAULT_TIMEOUT),
             }),
         }
+    }
+
+    /// Routes the bridge's ReverseHTTP streams through `hub` (the one the HTTP listener
+    /// uses) instead of a hub of the service's own. Only before the service is first cloned;
+    /// later it changes nothing and says so in the log.
+    pub fn with_reverse_http(mut self, hub: crate::reverse_http::Hub) -> Self {
+        match Arc::get_mut(&mut self.inner) {
+            Some(inner) => inner.reverse_http = hub,
+            None => tracing::warn!("reverse http hub not replaced: the service is shared"),
+        }
+        self
+    }
+
+    /// The ReverseHTTP routing hub.
+    pub(crate) fn reverse_http(&self) -> &crate::reverse_http::Hub {
+        &self.inner.reverse_http
     }
 
     fn resolve(&self, field: &str, path: &str) -> Result<PathBuf, ServerError> {
         self.inner.resolver.resolve(field, path)
     }
 
+    /// An exec's work dir: the data directory if empty, a relative one joined to it.
+    pub(crate) fn exec_work_dir(&self, work_dir: &str) -> Result<PathBuf, ServerError> {
+        if work_dir.is_empty() {
+            return Ok(self.inner.resolver.data_dir().to_path_buf());
+        }
+        self.resolve("work_dir", work_dir)
+    }
+
+    /// The reaper commands are spawned through.
+    pub(crate) fn reaper(&self) -> &Reaper {
+        &self.inner.reaper
+    }
+
+    /// Fires when running commands must die (the end of the shutdown grace).
+    pub(crate) fn kill_token(&self) -> CancellationToken {
+        self.inner.kill.clone()
+    }
+
     /// Exec over any request stream, the implementation behind both services: the first
     /// message starts the command, later ones feed its stdin, the stream's clean end closes it.
     pub(crate) async fn exec_stream(
         &self,
+        inbound: BoxStream<pb::ExecInput>,
+    ) -> Result<BoxStream<pb::ExecOutput>, Status> {
+        self.exec_stream_with(inbound, |_| {}).await
+    }
+
+    /// [`Service::exec_stream`] with `adjust` applied to the validated request before the
+    /// command starts (the bridge's conventions).
+    pub(crate) async fn exec_stream_with(
+        &self,
         mut inbound: BoxStream<pb::ExecInput>,
+        adjust: impl FnOnce(&mut ExecSpec) + Send,
     ) -> Result<BoxStream<pb::ExecOutput>, Status> {
         let first = match inbound.next().await.transpose() {
             Ok(Some(m)) => m,
@@ -77,12 +123,8 @@ impl Service {
             }
             Err(s) => return Err(inbound_error(s)),
         };
-        let work_dir = if first.work_dir.is_empty() {
-            self.inner.resolver.data_dir().to_path_buf()
-        } else {
-            self.resolve("work_dir", &first.work_dir)?
-        };
-        let spec = ExecSpec::new(
+        let work_dir = self.exec_work_dir(&first.work_dir)?;
+        let mut spec = ExecSpec::new(
             first.command,
             work_dir,
             &first.env,
@@ -90,6 +132,7 @@ impl Service {
             self.inner.default_timeout,
             first.stdin_data,
         )?;
+        adjust(&mut spec);
         debug!(command = %spec.command, "exec");
         let running = exec::start(spec, &self.inner.reaper)?;
         let (stdin_tx, stdin_rx) = mpsc::channel::<Bytes>(16);
@@ -129,10 +172,12 @@ impl Service {
     }
 
     /// WriteRaw over any request stream, the implementation behind both services: the path in
-    /// the first chunk, the upload committed only at the stream's clean end.
+    /// the first chunk, the upload committed only at the stream's clean end (see
+    /// [`transfer::upload`]); `caller` picks the write rules ([`Caller`]).
     pub(crate) async fn write_raw_stream(
         &self,
         mut inbound: BoxStream<pb::WriteRawChunk>,
+        caller: Caller,
     ) -> Result<pb::WriteRawResponse, Status> {
         let first = match inbound.next().await.transpose().map_err(inbound_error)? {
             Some(m) => m,
@@ -148,95 +193,67 @@ impl Service {
         }
         let path = self.resolve("path", &first.path)?;
         tracing::Span::current().record("path", tracing::field::display(path.display()));
-        let p = path.clone();
-        let file = blocking(move || fs::AtomicFile::create(&p)).await?;
-        let (tx, mut rx) = mpsc::channel::<RawWrite>(16);
-        let writer =
-            crate::runtime::spawn_blocking(move || -> Result<Option<u64>, ServerError> {
-                let mut file = file;
-                let mut batch: Vec<u8> = Vec::with_capacity(1 << 20);
-                while let Some(m) = rx.blocking_recv() {
-                    let mut next = Some(m);
-                    // Take whatever else is already queued, so one write covers many chunks.
-                    while let Some(m) = next.take() {
-                        match m {
-                            RawWrite::Data(d) => {
-                                if batch.is_empty() && d.len() >= (1 << 20) {
-                                    file.write(&d)?;
-                                } else {
-                                    batch.extend_from_slice(&d);
-                                }
-                            }
-                            RawWrite::Commit => {
-                                file.write(&batch)?;
-                                return file.commit().map(Some);
-                            }
-                        }
-                        if batch.len() >= (1 << 20) {
-                            break;
-                        }
-                        next = rx.try_recv().ok();
-                    }
-                    if !batch.is_empty() {
-                        file.write(&batch)?;
-                        batch.clear();
-                    }
-                }
-                // The sender went away without Commit: the upload was aborted; the temp file goes.
-                Ok(None)
-            })?;
-        // The commit decision. The upload replaces its target only when the stream ended
-        // cleanly: `Ok(None)` from a stream behind `memoh_proto::clean_end`, which turns every
-        // other ending (a reset of any code, a lost connection, a GOAWAY before the
-        // half-close; see that module for what each client stack sends and what hyper and
-        // tonic make of it) into an error, or has hyper drop this future. A chunk with
-        // `abort` set, an oversized chunk, the server's kill at the end of its shutdown grace
-        // and a deadline (tonic drops this future) discard the upload too. Dropping `tx`
-        // without `Commit` makes the writer discard the temp file.
-        let mut pending = Some(first.data);
-        let kill = self.inner.kill.clone();
-        let outcome: Result<(), Status> = loop {
-            let data = match pending.take() {
-                Some(d) => d,
-                None => {
-                    let next = tokio::select! {
-                        biased;
-                        _ = kill.cancelled() => break Err(ServerError::ShuttingDown.into()),
-                        m = inbound.next() => m.transpose(),
-                    };
-                    match next {
-                        Ok(Some(m)) if m.abort => {
-                            break Err(
-                                ServerError::Aborted("the client aborted the upload".into()).into()
-                            )
-                        }
-                        Ok(Some(m)) => m.data,
-                        Ok(None) => break Ok(()),
-                        Err(s) => break Err(inbound_error(s)),
-                    }
-                }
-            };
-            if !data.is_empty() && tx.send(RawWrite::Data(data)).await.is_err() {
-                // The writer stopped on an error; it is reported below.
-                break Ok(());
-            }
-        };
-        if outcome.is_ok() {
-            let _ = tx.send(RawWrite::Commit).await;
-        }
-        drop(tx);
-        let written = match writer.await {
-            Ok(r) => r?,
-            Err(e) => return Err(Status::internal(format!("writer failed: {e}"))),
-        };
-        if let Err(s) = outcome {
-            debug!(status = %s.message(), "upload discarded");
-            return Err(s);
-        }
-        let written = written.ok_or_else(|| Status::internal("upload was not committed"))?;
+        let file = blocking(move || fs::AtomicFile::create_as(&path, caller)).await?;
+        let rest = inbound.map(|r| {
+            r.map(|c| transfer::Piece {
+                data: c.data,
+                abort: c.abort,
+            })
+        });
+        let written = transfer::upload(file, first.data, Box::pin(rest), self.kill()).await?;
         Ok(pb::WriteRawResponse {
             bytes_written: written as i64,
         })
+    }
+
+    /// The token that fires when running work must stop (the end of the shutdown grace).
+    pub(crate) fn kill(&self) -> CancellationToken {
+        self.inner.kill.clone()
+    }
+
+    /// The path resolver (data directory).
+    pub(crate) fn resolver(&self) -> &Resolver {
+        &self.inner.resolver
+    }
+
+    /// ReadFile's window of `path` (a request path), read by `spec`'s rules.
+    pub(crate) async fn read_file_window(
+        &self,
+        path: &str,
+        spec: WindowSpec,
+    ) -> Result<crate::window::Window, Status> {
+        let path = self.resolve("path", path)?;
+        // Small files are read right here: from the page cache that takes a few microseconds,
+        // less than the hand-off to the blocking pool and back.
+        let small = std::fs::metadata(&path).is_ok_and(|m| m.is_file() && m.len() <= SMALL_FILE);
+        if small {
+            Ok(fs::read_file(&path, spec)?)
+        } else {
+            blocking(move || fs::read_file(&path, spec)).await
+        }
+    }
+
+    /// WriteFile by `caller`'s rules.
+    pub(crate) async fn write_file_as(
+        &self,
+        path: &str,
+        content: Bytes,
+        caller: Caller,
+    ) -> Result<(), Status> {
+        let path = self.resolve("path", path)?;
+        blocking(move || fs::write_file_as(&path, &content, caller)).await
+    }
+
+    /// Rename by `caller`'s rules.
+    pub(crate) async fn rename_as(
+        &self,
+        old: &str,
+        new: &str,
+        caller: Caller,
+    ) -> Result<(), Status> {
+        let old = self.resolve("old_path", old)?;
+        let new = self.resolve("new_path", new)?;
+        blocking(move || fs::rename_as(&old, &new, caller)).await
     }
 }
 
@@ -244,7 +261,7 @@ impl Service {
 const SMALL_FILE: u64 = 64 * 1024;
 
 /// Runs blocking filesystem work off the async threads.
-async fn blocking<T, F>(f: F) -> Result<T, Status>
+pub(crate) async fn blocking<T, F>(f: F) -> Result<T, Status>
 where
     F: FnOnce() -> Result<T, ServerError> + Send + 'static,
     T: Send + 'static,
@@ -255,18 +272,8 @@ where
     }
 }
 
-/// Maps a receive error on a client stream: an oversized message becomes RESOURCE_EXHAUSTED.
-fn inbound_error(s: Status) -> Status {
-    crate::error::rewrite_too_large(&s).unwrap_or(s)
-}
-
 /// A boxed stream of messages or a status, as both services' streaming calls use.
 pub(crate) type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
-
-enum RawWrite {
-    Data(Bytes),
-    Commit,
-}
 
 #[tonic::async_trait]
 impl ContainerService for Service {
@@ -276,16 +283,8 @@ impl ContainerService for Service {
         req: Request<pb::ReadFileRequest>,
     ) -> Result<Response<pb::ReadFileResponse>, Status> {
         let r = req.into_inner();
-        let path = self.resolve("path", &r.path)?;
         let spec = WindowSpec::from_request(r.line_offset, r.n_lines);
-        // Small files are read right here: from the page cache that takes a few microseconds,
-        // less than the hand-off to the blocking pool and back.
-        let small = std::fs::metadata(&path).is_ok_and(|m| m.is_file() && m.len() <= SMALL_FILE);
-        let w = if small {
-            fs::read_file(&path, spec)?
-        } else {
-            blocking(move || fs::read_file(&path, spec)).await?
-        };
+        let w = self.read_file_window(&r.path, spec).await?;
         Ok(Response::new(convert::read_file_response(w)))
     }
 
@@ -295,8 +294,7 @@ impl ContainerService for Service {
         req: Request<pb::WriteFileRequest>,
     ) -> Result<Response<pb::WriteFileResponse>, Status> {
         let r = req.into_inner();
-        let path = self.resolve("path", &r.path)?;
-        blocking(move || fs::write_file(&path, &r.content)).await?;
+        self.write_file_as(&r.path, r.content, Caller::Mcp).await?;
         Ok(Response::new(pb::WriteFileResponse {}))
     }
 
@@ -341,9 +339,8 @@ impl ContainerService for Service {
         req: Request<pb::RenameRequest>,
     ) -> Result<Response<pb::RenameResponse>, Status> {
         let r = req.into_inner();
-        let old = self.resolve("old_path", &r.old_path)?;
-        let new = self.resolve("new_path", &r.new_path)?;
-        blocking(move || fs::rename(&old, &new)).await?;
+        self.rename_as(&r.old_path, &r.new_path, Caller::Mcp)
+            .await?;
         Ok(Response::new(pb::RenameResponse {}))
     }
 
@@ -368,42 +365,7 @@ impl ContainerService for Service {
         let path = self.resolve("path", &req.into_inner().path)?;
         let p = path.clone();
         let file = blocking(move || fs::open_for_read(&p)).await?;
-        let (tx, rx) = mpsc::channel::<Result<pb::DataChunk, Status>>(16);
-        crate::runtime::spawn_blocking(move || {
-            use std::io::Read;
-            let mut file = file;
-            // Large reads, then zero-copy splits into messages of at most 64 KiB.
-            const READ: usize = 16 * RAW_CHUNK_SIZE;
-            let mut buf = BytesMut::new();
-            loop {
-                buf.reserve(READ);
-                let start = buf.len();
-                buf.resize(start + READ, 0);
-                let n = match file.read(&mut buf[start..]) {
-                    Ok(n) => n,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {
-                        buf.truncate(start);
-                        continue;
-                    }
-                    Err(e) => {
-                        let _ = tx.blocking_send(Err(ServerError::io(&path, e).into()));
-                        return;
-                    }
-                };
-                buf.truncate(start + n);
-                if n == 0 {
-                    return;
-                }
-                let mut block = buf.split().freeze();
-                while !block.is_empty() {
-                    let data = block.split_to(block.len().min(RAW_CHUNK_SIZE));
-                    if tx.blocking_send(Ok(pb::DataChunk { data })).is_err() {
-                        return; // the client left
-                    }
-                }
-            }
-        })?;
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(transfer::stream_file(file, path)?))
     }
 
     #[instrument(level = "debug", skip_all, fields(path))]
@@ -411,7 +373,9 @@ impl ContainerService for Service {
         &self,
         req: Request<Streaming<pb::WriteRawChunk>>,
     ) -> Result<Response<pb::WriteRawResponse>, Status> {
-        let r = self.write_raw_stream(Box::pin(req.into_inner())).await?;
+        let r = self
+            .write_raw_stream(Box::pin(req.into_inner()), Caller::Mcp)
+            .await?;
         Ok(Response::new(r))
     }
 

@@ -11,6 +11,11 @@ pub const MAX_LINE_CHARS: usize = 1000;
 pub const MAX_WINDOW_BYTES: usize = 5120;
 /// How much of the head is checked for a NUL byte to call the file binary.
 pub const BINARY_SNIFF_BYTES: usize = 8192;
+/// Most lines one raw window (a `bridgepb` caller's) returns, and its default.
+pub const MAX_RAW_LINES: usize = 2000;
+/// A raw window has no byte cap of its own, but its response must fit in one gRPC message:
+/// past this many bytes of content the window is refused (16 MiB less room for the rest).
+pub const MAX_RAW_WINDOW_BYTES: usize = memoh_proto::limits::MAX_MESSAGE_SIZE - 64 * 1024;
 
 /// The requested window after clamping.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -19,6 +24,9 @@ pub struct WindowSpec {
     pub first: usize,
     /// Number of lines.
     pub count: usize,
+    /// Raw lines (`bridgepb`): each line as it is plus `\n`, no number, no cut, no 5120-byte
+    /// cap. Else numbered lines (`mcpcontainer`, WIRE.md).
+    pub raw: bool,
 }
 
 impl WindowSpec {
@@ -35,7 +43,25 @@ impl WindowSpec {
         } else {
             n_lines as usize
         };
-        Self { first, count }
+        Self {
+            first,
+            count,
+            raw: false,
+        }
+    }
+
+    /// The raw window of a `bridgepb` caller (WIRE-BRIDGE.md section 3): `line_offset` below 1
+    /// means 1, `n_lines` outside 1..=2000 means 2000.
+    pub fn raw_from_request(line_offset: i32, n_lines: i32) -> Self {
+        let count = match usize::try_from(n_lines) {
+            Ok(n) if (1..=MAX_RAW_LINES).contains(&n) => n,
+            _ => MAX_RAW_LINES,
+        };
+        Self {
+            count,
+            raw: true,
+            ..Self::from_request(line_offset, 1)
+        }
     }
 }
 
@@ -48,6 +74,8 @@ pub struct Window {
     pub total_lines: usize,
     /// A NUL byte was found in the first 8 KiB; no content.
     pub binary: bool,
+    /// A raw window grew past [`MAX_RAW_WINDOW_BYTES`]; no content.
+    pub too_large: bool,
 }
 
 /// Reads `r` to its end, returning the window and the total line count. A NUL in the first
@@ -84,6 +112,19 @@ pub fn read_window<R: BufRead>(mut r: R, spec: WindowSpec) -> std::io::Result<Wi
             continue;
         }
         let text = trim_line_ending(&line);
+        if spec.raw {
+            let text = String::from_utf8_lossy(text);
+            if out.content.len() + text.len() + 1 > MAX_RAW_WINDOW_BYTES {
+                return Ok(Window {
+                    total_lines: out.total_lines,
+                    too_large: true,
+                    ..Window::default()
+                });
+            }
+            out.content.push_str(&text);
+            out.content.push('\n');
+            continue;
+        }
         let formatted = format_line(no, text);
         if out.content.len() + formatted.len() > MAX_WINDOW_BYTES {
             full = true;
@@ -128,8 +169,49 @@ mod tests {
             ((1, 200), (1, 200)),
         ];
         for ((o, n), (first, count)) in cases {
-            assert_eq!(WindowSpec::from_request(o, n), WindowSpec { first, count });
+            let want = WindowSpec {
+                first,
+                count,
+                raw: false,
+            };
+            assert_eq!(WindowSpec::from_request(o, n), want);
         }
+        let raw = [
+            ((0, 0), (1, 2000)),
+            ((-1, -1), (1, 2000)),
+            ((4, 2000), (4, 2000)),
+            ((2, 2001), (2, 2000)),
+            ((1, 7), (1, 7)),
+        ];
+        for ((o, n), (first, count)) in raw {
+            let want = WindowSpec {
+                first,
+                count,
+                raw: true,
+            };
+            assert_eq!(WindowSpec::raw_from_request(o, n), want, "{o} {n}");
+        }
+    }
+
+    #[test]
+    fn raw_lines_have_no_number_cut_or_cap() {
+        let raw = |input: &str, o, n| {
+            read_window(input.as_bytes(), WindowSpec::raw_from_request(o, n)).unwrap()
+        };
+        let w = raw("a\r\nb\n\nlast", 1, 0);
+        assert_eq!((w.content.as_str(), w.total_lines), ("a\nb\n\nlast\n", 4));
+        assert_eq!(raw("a\nb\nc\n", 2, 1).content, "b\n");
+        let long = "é".repeat(3000);
+        assert_eq!(raw(&long, 1, 1).content, format!("{long}\n"));
+        let text: String = (0..3000).map(|i| format!("{i:0>100}\n")).collect();
+        let w = raw(&text, 1, 0);
+        assert_eq!(w.content.lines().count(), 2000);
+        assert_eq!(w.content.len(), 2000 * 101);
+        assert_eq!(w.total_lines, 3000);
+        assert!(raw("x\0y", 1, 0).binary);
+        let huge = "z".repeat(MAX_RAW_WINDOW_BYTES);
+        let w = raw(&huge, 1, 0);
+        assert!(w.too_large && w.content.is_empty(), "{}", w.content.len());
     }
 
     #[test]

@@ -66,6 +66,22 @@ impl Builder {
         self
     }
 
+    /// Starts the ReverseHTTP listener on a free loopback port (see
+    /// [`TestServer::reverse_http_addr`]); requests wait `timeout` for the host's answer.
+    pub fn reverse_http(self, timeout: Duration) -> Self {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
+        let addr = probe.local_addr().expect("local addr");
+        drop(probe);
+        self.reverse_http_at(&addr.to_string(), timeout)
+    }
+
+    /// Asks for the ReverseHTTP listener on `addr` exactly (a refused one included).
+    pub fn reverse_http_at(mut self, addr: &str, timeout: Duration) -> Self {
+        self.config.reverse_http_addr = Some(addr.to_string());
+        self.config.reverse_http_timeout = timeout;
+        self
+    }
+
     /// Binds the socket and spawns `container_server::run` on the current runtime.
     pub async fn start(self) -> TestServer {
         let socket = self.root.path().join("server.sock");
@@ -147,6 +163,36 @@ impl TestServer {
         ContainerServiceClient::new(self.channel.clone())
             .max_decoding_message_size(memoh_proto::limits::MAX_MESSAGE_SIZE)
             .max_encoding_message_size(memoh_proto::limits::MAX_MESSAGE_SIZE)
+    }
+
+    /// The `bridgepb` client on the same channel, with the 16 MiB limits.
+    pub fn bridge(
+        &self,
+    ) -> memoh_proto::pb::bridgepb::container_service_client::ContainerServiceClient<Channel> {
+        memoh_proto::pb::bridgepb::container_service_client::ContainerServiceClient::new(
+            self.channel.clone(),
+        )
+        .max_decoding_message_size(memoh_proto::limits::MAX_MESSAGE_SIZE)
+        .max_encoding_message_size(memoh_proto::limits::MAX_MESSAGE_SIZE)
+    }
+
+    /// The ReverseHTTP listener's address, once it accepts connections (the builder's
+    /// `reverse_http` must have been called).
+    pub async fn reverse_http_addr(&self) -> std::net::SocketAddr {
+        let addr: std::net::SocketAddr = self
+            .config
+            .reverse_http_addr
+            .as_deref()
+            .expect("built with reverse_http")
+            .parse()
+            .expect("socket address");
+        for _ in 0..250 {
+            if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                return addr;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("reverse http listener on {addr} did not come up");
     }
 
     /// A typed client sending `authorization: Bearer token`.

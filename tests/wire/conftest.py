@@ -74,7 +74,11 @@ class Server:
         full_env["TZ"] = "UTC"
         full_env["WIRE_MARKER"] = "inherited-from-server"
         full_env.pop("MCP_LISTEN_ADDR", None)
+        # The ReverseHTTP listener on a free loopback port (env overrides), never the fixed
+        # default, so servers started side by side do not compete for it.
+        full_env["MEMOH_ACP_TOOLS_PROXY_ADDR"] = "127.0.0.1:%d" % free_port()
         full_env.update(env or {})
+        self.reverse_http_addr = full_env["MEMOH_ACP_TOOLS_PROXY_ADDR"]
         if args is None:
             args = ["--listen", listen, "--data-dir", data_dir, "--template-dir", template_dir]
         self.log_path = os.path.join(os.path.dirname(data_dir), "server-%s.log" % uuid.uuid4().hex[:6])

@@ -77,11 +77,8 @@ def test_every_served_rpc_over_the_unix_socket(both):
 def test_unimplemented_ones_name_themselves(both):
     _, b, _, _ = both
     with pytest.raises(grpc.RpcError) as e:
-        list(b.Tunnel(iter([bp.TunnelFrame(open=bp.TunnelOpen(address="127.0.0.1:1"))]), timeout=10))
-    assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED and "Tunnel" in e.value.details()
-    with pytest.raises(grpc.RpcError) as e:
-        list(b.Exec(iter([bp.ExecInput(command="true", pty=True)]), timeout=10))
-    assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED and "pty" in e.value.details()
+        list(b.Terminal(iter([]), timeout=10))
+    assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED and "Terminal" in e.value.details()
 
 
 def test_mcpcontainer_beside_it(both):
