@@ -44,6 +44,9 @@ cni_ipam_dir = "$DEMO/ipam"
 state_dir = "$DEMO/state"
 data_root = "$DEMO/data"
 control_socket = "$DEMO/agent.sock"
+# The server every bot runs, bound read-only from the host: the static one the image was built
+# with (the busybox image has no C library for a dynamically linked one).
+server_binary = "$ROOT/target/static/x86_64-unknown-linux-gnu/release/container-server"
 TOML
 export MEMOH_AGENT_SOCKET="$DEMO/agent.sock"
 

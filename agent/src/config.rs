@@ -84,7 +84,17 @@ pub struct Config {
     /// Host directories under which a bot's read-only bind mounts (`bot create --mount`) may
     /// lie, symlinks resolved. Empty (the default): no host directory may be mounted.
     pub mount_allowed: Vec<PathBuf>,
+    /// The bot server the agent runs in every bot: this host file is bind-mounted read-only
+    /// at `/opt/memoh/bridge` and is the bot's process (PID 1), so a bot can neither replace
+    /// its server nor keep an old one, and a host upgrade reaches every bot at its next start.
+    pub server_binary: PathBuf,
+    /// `[reverse_http]`: which host HTTP services a bot may call through its ReverseHTTP
+    /// stream.
+    pub reverse_http: crate::reverse_http::ReverseHttpConfig,
 }
+
+/// Default of [`Config::server_binary`].
+pub const DEFAULT_SERVER_BINARY: &str = "/usr/local/lib/memoh/container-server";
 
 /// Smallest accepted `server_log_max_bytes`.
 pub const MIN_SERVER_LOG_BYTES: u64 = 4096;
@@ -122,6 +132,8 @@ impl Default for Config {
             bot_defaults: crate::bots::limits::BotDefaults::default(),
             dns_fallback: vec![[1, 1, 1, 1].into(), [8, 8, 8, 8].into()],
             mount_allowed: Vec::new(),
+            server_binary: DEFAULT_SERVER_BINARY.into(),
+            reverse_http: Default::default(),
         }
     }
 }
@@ -170,6 +182,15 @@ impl Config {
                 "dns_fallback: {a} is unreachable from a bot (loopback or unspecified)"
             ));
         }
+        if !c.server_binary.is_absolute() {
+            return Err(format!(
+                "server_binary: {} is not an absolute path",
+                c.server_binary.display()
+            ));
+        }
+        c.reverse_http
+            .check()
+            .map_err(|e| format!("[reverse_http]: {e}"))?;
         if c.server_log_max_bytes < MIN_SERVER_LOG_BYTES {
             return Err(format!(
                 "server_log_max_bytes is {}; it must be at least {MIN_SERVER_LOG_BYTES}",
@@ -227,6 +248,8 @@ mod tests {
         assert_eq!(c.cni_subnet, d.cni_subnet);
         assert_eq!(c.control_socket, d.control_socket);
         assert_eq!(c.mcp_listen, d.mcp_listen);
+        assert_eq!(c.server_binary, d.server_binary);
+        assert_eq!(c.reverse_http, d.reverse_http);
     }
 
     #[test]
@@ -297,6 +320,28 @@ mod tests {
         let e = Config::parse("dns_fallback = [\"127.0.0.53\"]").unwrap_err();
         assert!(e.contains("dns_fallback"), "{e}");
         assert!(Config::parse("dns_fallback = [\"nope\"]").is_err());
+    }
+
+    #[test]
+    fn server_binary_and_reverse_http() {
+        let d = Config::default();
+        assert_eq!(d.server_binary, PathBuf::from(DEFAULT_SERVER_BINARY));
+        assert!(d.reverse_http.allow.is_empty());
+        let c = Config::parse(
+            "server_binary = \"/opt/x/server\"\n[reverse_http]\nallow = [\"http://127.0.0.1:9000/hooks/\"]",
+        )
+        .unwrap();
+        assert_eq!(c.server_binary, PathBuf::from("/opt/x/server"));
+        assert_eq!(c.reverse_http.allow.len(), 1);
+        let e = Config::parse("server_binary = \"bin/server\"").unwrap_err();
+        assert!(
+            e.contains("server_binary: bin/server is not an absolute path"),
+            "{e}"
+        );
+        let e =
+            Config::parse("[reverse_http]\nallow = [\"https://127.0.0.1:9000/x\"]").unwrap_err();
+        assert!(e.contains("[reverse_http]") && e.contains("https"), "{e}");
+        assert!(Config::parse("[reverse_http]\nnope = 1").is_err());
     }
 
     #[test]

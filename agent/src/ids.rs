@@ -153,6 +153,11 @@ pub fn log_path(state_dir: &Path, bot: &str) -> PathBuf {
     bot_dir(state_dir, bot).join("server.log")
 }
 
+/// The host directory bound at `/run/memoh` in the bot: `<state_dir>/run/<ns>/<bot>`.
+pub fn run_dir(state_dir: &Path, namespace: &str, bot: &str) -> PathBuf {
+    state_dir.join("run").join(namespace).join(bot)
+}
+
 /// The file holding the bearer token of the bot's current container.
 pub fn token_path(state_dir: &Path, bot: &str) -> PathBuf {
     bot_dir(state_dir, bot).join("token")

@@ -16,6 +16,8 @@
 //! - [`containerd`]: images, containers, snapshots and tasks on containerd ([`containerd::Runtime`]).
 //! - `fuzz_checks` (hidden): invariants of the pure parsers, for `fuzz/` and corpus replay.
 //! - [`error`]: [`AgentError`], the one error type, and its gRPC status mapping.
+//! - [`reverse_http`]: ReverseHTTP, the host side: a bot's HTTP requests relayed to the
+//!   host services an allow-list names.
 //! - [`network`]: bot networking: named namespaces, CNI (a small libcni), MASQUERADE and
 //!   bot-to-bot isolation ([`network::Network`]).
 
@@ -36,6 +38,7 @@ pub mod mcp;
 pub mod metrics;
 pub mod network;
 pub mod pool;
+pub mod reverse_http;
 mod sync;
 
 pub use error::AgentError;

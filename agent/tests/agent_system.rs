@@ -415,15 +415,22 @@ fn the_agents_own_stops_do_not_slow_a_crash_restart() {
 #[test]
 fn a_server_that_exits_at_start_fails_the_start_at_once() {
     let Some(env) = Env::get(false) else { return };
-    let mut a = TestAgent::with_image(&env);
-    let (bot, _) = a.create_bot("broken");
-    // The entrypoint runs the copy in /app (the bot's own layer): replace it with a program
-    // that exits at once.
-    a.sh_in(
-        &bot,
-        "printf '#!/bin/sh\\necho broken >&2\\nexit 3\\n' > /app/t && chmod 755 /app/t \
-         && mv /app/t /app/mcp",
+    // Bots run the host's server binary (a bot cannot replace its own): this agent's copy is
+    // replaced by a program that exits at once.
+    let dir = tempfile::tempdir().unwrap();
+    let server = dir.path().join("container-server");
+    std::fs::copy(common::server_binary(), &server).unwrap();
+    let mut a = TestAgent::new(
+        &env,
+        &format!("server_binary = {:?}\n", server.display().to_string()),
     );
+    a.serve();
+    a.ok(&["image", "import", &env.tar.display().to_string()]);
+    let (bot, _) = a.create_bot("broken");
+    let broken = dir.path().join("broken");
+    std::fs::write(&broken, "#!/bin/sh\necho broken >&2\nexit 3\n").unwrap();
+    std::fs::set_permissions(&broken, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::rename(&broken, &server).unwrap();
     a.ok(&["bot", "stop", &bot]);
     let t = Instant::now();
     let out = a.cli(&["bot", "start", &bot]);

@@ -14,7 +14,8 @@
 #
 # Without the environment it prints "skipped" and exits 0; under CI it fails instead.
 # Extra arguments go to the MCP pytest run (e.g. -k fixture, -x). MEMOH_AGENT_BIN picks the
-# agent binary (default target/debug/memoh-agent, built if missing).
+# agent binary (default target/debug/memoh-agent, built if missing), MEMOH_TEST_SERVER_BIN the
+# server binary the agent binds into the bot (default target/debug/container-server).
 #
 # `run.sh --bench [ARGS]` runs the benchmark tests/mcp/bench.py on the same setup instead
 # (installs grpcio and grpcio-tools into the venv; use a release agent via MEMOH_AGENT_BIN).
@@ -61,6 +62,13 @@ if [ -z "${MEMOH_AGENT_BIN:-}" ] && [ ! -x "$AGENT" ]; then
     (cd "$ROOT" && cargo build --quiet -p memoh-agent)
 fi
 [ -x "$AGENT" ] || { echo "mcp: agent binary not found: $AGENT" >&2; exit 1; }
+# The server the agent binds into the bot: the one the test image was built from
+# (scripts/build-image.sh --binary target/debug/container-server), or MEMOH_TEST_SERVER_BIN.
+SERVER=${MEMOH_TEST_SERVER_BIN:-$ROOT/target/debug/container-server}
+if [ -z "${MEMOH_TEST_SERVER_BIN:-}" ] && [ ! -x "$SERVER" ]; then
+    (cd "$ROOT" && cargo build --quiet -p container-server)
+fi
+[ -x "$SERVER" ] || { echo "mcp: server binary not found: $SERVER" >&2; exit 1; }
 
 free_port() {
     "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
@@ -109,6 +117,7 @@ data_root = "$DIR/data"
 control_socket = "$SOCK"
 mcp_listen = "127.0.0.1:$PORT"
 mcp_idle_secs = 600
+server_binary = "$SERVER"
 TOML
 
 cli() { "$AGENT" --socket "$SOCK" "$@"; }

@@ -188,8 +188,10 @@ impl Manager {
         }
     }
 
-    /// Removes the agent's state directory of `bot` (its token); a missing one is fine.
+    /// Removes the agent's state directory of `bot` (its token) and its run directory; a
+    /// missing one is fine.
     pub(super) async fn remove_bot_dir(&self, bot: &str) -> Result<(), AgentError> {
+        self.remove_run_dir(bot).await?;
         let dir = ids::bot_dir(&self.cfg.state_dir, bot);
         match tokio::fs::remove_dir_all(&dir).await {
             Ok(()) => Ok(()),
@@ -252,6 +254,7 @@ impl Manager {
             readonly: true,
         });
         opts.extra_mounts.extend(bot_spec.bind_mounts());
+        opts.server = Some(self.server_mounts(bot));
         let spec = build_spec(image_config, &opts)?;
         let mut labels = HashMap::from([
             (LABEL_BOT_ID.to_string(), bot.to_string()),

@@ -13,7 +13,9 @@
 //! - [`create`]: create (and its undo) and delete;
 //! - [`bundles`]: task bundles a killed containerd left half-deleted, removed before a start;
 //! - [`run`]: start, stop, attaching the network, waiting for the server;
+//! - [`server`]: the host's server binary and `/run/memoh` on the bot's spec at every start;
 //! - [`spec`]: the bot spec a platform sets (environment, DNS, hostname, mounts);
+//! - [`reverse`]: each running bot's ReverseHTTP relay;
 //! - [`route`]: the pooled client of a bot and what a failed call triggers;
 //! - [`watch`]: reconcile, the task and link watchers, crash restarts with backoff;
 //! - [`versions`]: versions (snapshots) of a bot and the cycle that takes them;
@@ -32,8 +34,10 @@ pub mod limits;
 pub mod migrate;
 pub mod recover;
 pub mod resources;
+pub mod reverse;
 pub mod route;
 pub mod run;
+pub mod server;
 pub mod spec;
 #[cfg(test)]
 mod tests;
@@ -159,6 +163,8 @@ pub struct Manager {
     oom_seen: Mutex<HashMap<String, u64>>,
     /// Bot -> its usage at the usage watcher's last pass (what `list` and `/metrics` show).
     usage: Mutex<HashMap<String, resources::BotUsage>>,
+    /// Bot -> its ReverseHTTP relay ([`reverse`]).
+    relays: Mutex<HashMap<String, reverse::Relay>>,
 }
 
 use crate::sync::lock;
@@ -201,6 +207,7 @@ impl Manager {
             stop: CancellationToken::new(),
             oom_seen: Mutex::default(),
             usage: Mutex::default(),
+            relays: Mutex::default(),
         }
     }
 
@@ -299,6 +306,7 @@ impl Manager {
     }
 
     pub(super) fn forget_route(&self, bot: &str) {
+        self.stop_relay(bot);
         lock(&self.routes).remove(bot);
         lock(&self.host_veths).remove(bot);
         self.pool.evict(bot);

@@ -48,7 +48,9 @@ impl Manager {
             Some(s) if s.state == TaskState::Running => {
                 let ip = self.attach(bot, c).await?;
                 debug!(bot, %ip, "already running");
-                return self.wait_ready(bot).await;
+                self.wait_ready(bot).await?;
+                self.ensure_relay(bot, false);
+                return Ok(());
             }
             Some(_) => {
                 self.rt.delete_task(cid).await?;
@@ -70,7 +72,9 @@ impl Manager {
             );
             let limits = self.apply_limits(bot, c, &mut spec).await?;
             let dns = self.refresh_resolv_conf(bot, c, &mut spec).await?;
-            if privileges || names || limits || dns {
+            // The host's server binary and /run/memoh (a record of an older agent moves here).
+            let server = self.prepare_server(bot, &mut spec).await?;
+            if privileges || names || limits || dns || server {
                 self.rt.update_container_spec(cid, &spec).await?;
             }
             if privileges || names {
@@ -84,7 +88,10 @@ impl Manager {
                     self.net.retire_netns(bot, &old).await;
                 }
             }
-            if names || limits || dns {
+            if server {
+                info!(bot, "container spec runs the host's server binary");
+            }
+            if names || limits || dns || server {
                 renamed = Some(ContainerInfo {
                     spec: Some(spec),
                     ..c.clone()
@@ -116,7 +123,9 @@ impl Manager {
             let _ = self.kill_and_delete_task(cid, Duration::from_secs(5)).await;
             return Err(e);
         }
-        self.wait_ready(bot).await
+        self.wait_ready(bot).await?;
+        self.ensure_relay(bot, true);
+        Ok(())
     }
 
     /// Attaches the bot (keeping a healthy address), makes sure the host rules exist, and

@@ -53,8 +53,16 @@ fn harness() -> Harness {
         state_dir: p.join("state"),
         control_socket: p.join("agent.sock"),
         mcp_listen: String::new(),
+        server_binary: p.join("bin/container-server"),
         ..Config::default()
     };
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::create_dir_all(p.join("bin")).expect("bin dir");
+        std::fs::write(&cfg.server_binary, "#!/bin/sh\n").expect("server binary");
+        std::fs::set_permissions(&cfg.server_binary, std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+    }
     let rt = Arc::new(FakeRuntime::new());
     let image = rt.add_image(&cfg.image);
     // Every start ends here, before the network set-up (see the module documentation).
@@ -1219,4 +1227,143 @@ async fn a_create_of_an_existing_bot_with_another_spec_is_a_conflict() {
             .expect_err("no mount allowed");
     assert!(e.to_string().contains("mount_allowed"), "{e}");
     assert!(h.rt.container(&ids::container_id("other")).is_none());
+}
+
+/// A mount as (destination, source, options).
+type MountView = (String, String, Vec<String>);
+
+/// The spec of `bot`'s record: its process args and its mounts.
+fn args_and_mounts(h: &Harness, bot: &str) -> (Vec<String>, Vec<MountView>) {
+    let c = h.record(bot);
+    let spec = c.spec.expect("spec");
+    let args = spec.process().as_ref().unwrap().args().clone().unwrap();
+    let mounts = spec
+        .mounts()
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m.destination().display().to_string(),
+                m.source()
+                    .as_ref()
+                    .map(|s| s.display().to_string())
+                    .unwrap_or_default(),
+                m.options().clone().unwrap_or_default(),
+            )
+        })
+        .collect();
+    (args, mounts)
+}
+
+#[tokio::test]
+async fn a_record_of_an_older_agent_runs_the_hosts_server_from_its_next_start() {
+    use crate::containerd::spec::bridge::{BRIDGE_PATH, RUN_DIR};
+    let h = harness();
+    let bot = "oldsrv";
+    running_bot(&h, bot).await;
+    let (args, mounts) = args_and_mounts(&h, bot);
+    assert_eq!(args, [BRIDGE_PATH], "a new record runs the host's server");
+    assert!(mounts.iter().any(|m| m.0 == BRIDGE_PATH));
+    // What an older agent wrote: the image's entrypoint, no server mounts.
+    let cid = ids::container_id(bot);
+    let mut old = h.record(bot).spec.unwrap();
+    old.process_mut()
+        .as_mut()
+        .unwrap()
+        .set_args(Some(vec!["/entrypoint.sh".into(), "--flag".into()]));
+    let kept: Vec<_> = old
+        .mounts()
+        .clone()
+        .unwrap()
+        .into_iter()
+        .filter(|m| m.destination() != std::path::Path::new(BRIDGE_PATH))
+        .filter(|m| m.destination() != std::path::Path::new(RUN_DIR))
+        .collect();
+    old.set_mounts(Some(kept));
+    h.rt.update_container_spec(&cid, &old).await.unwrap();
+    h.m.stop(bot).await.expect("stop");
+    // The start ends at the harness's failing mounts call, after the spec was rewritten.
+    let _ = h.m.start(bot).await.unwrap_err();
+    let (args, mounts) = args_and_mounts(&h, bot);
+    assert_eq!(args, [BRIDGE_PATH, "--flag"]);
+    let cfg = h.m.config();
+    let bridge = mounts
+        .iter()
+        .find(|m| m.0 == BRIDGE_PATH)
+        .expect("bridge mount");
+    assert_eq!(bridge.1, cfg.server_binary.display().to_string());
+    for o in ["bind", "ro", "nosuid", "nodev"] {
+        assert!(bridge.2.iter().any(|x| x == o), "{o} missing: {bridge:?}");
+    }
+    assert!(
+        !bridge.2.iter().any(|x| x == "rw" || x == "rbind"),
+        "{bridge:?}"
+    );
+    let run_dir = ids::run_dir(&cfg.state_dir, &cfg.namespace, bot);
+    let at = |d: &str| mounts.iter().position(|m| m.0 == d).expect(d);
+    let run = &mounts[at(RUN_DIR)];
+    assert_eq!(run.1, run_dir.display().to_string());
+    assert!(run.2.iter().any(|x| x == "rw") && run.2.iter().any(|x| x == "noexec"));
+    assert!(at("/run") < at(RUN_DIR) && at(RUN_DIR) < at(super::TOKEN_MOUNT));
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&run_dir).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o750);
+    // The run directory goes with the bot.
+    h.m.delete(bot, false).await.expect("delete");
+    assert!(!run_dir.exists());
+}
+
+#[tokio::test]
+async fn a_missing_or_non_executable_server_binary_fails_the_start_naming_it() {
+    use std::os::unix::fs::PermissionsExt;
+    let h = harness();
+    let bot = "nosrv";
+    running_bot(&h, bot).await;
+    h.m.stop(bot).await.expect("stop");
+    let bin = h.m.config().server_binary.clone();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let e = h.m.start(bot).await.unwrap_err().to_string();
+    assert_eq!(
+        e,
+        format!(
+            "server binary {}: is not executable (server_binary in agent.toml)",
+            bin.display()
+        )
+    );
+    std::fs::remove_file(&bin).unwrap();
+    let e = h.m.start(bot).await.unwrap_err().to_string();
+    assert!(
+        e.contains(&format!("server binary {}: does not exist", bin.display())),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn a_bot_gets_a_relay_only_with_an_allow_list_and_loses_it_with_its_route() {
+    let h = harness();
+    h.m.attach_self();
+    h.m.ensure_relay("b1", true);
+    assert!(
+        super::lock(&h.m.relays).is_empty(),
+        "no allow-list, no relay"
+    );
+    let mut cfg = h.m.config().clone();
+    cfg.reverse_http =
+        crate::config::Config::parse("[reverse_http]\nallow = [\"http://127.0.0.1:9/hooks/\"]")
+            .unwrap()
+            .reverse_http;
+    let rt: Arc<dyn crate::containerd::Runtime> = h.rt.clone();
+    let m = Arc::new(Manager::new(cfg, rt, h.m.network().clone()));
+    m.attach_self();
+    m.ensure_relay("b1", false);
+    m.ensure_relay("b1", true);
+    assert_eq!(super::lock(&m.relays).len(), 1, "one relay a bot");
+    // Stop, delete and a crash all forget the route: the relay ends with it.
+    m.forget_route("b1");
+    assert!(super::lock(&m.relays).is_empty());
+    assert!(
+        m.shutdown(Duration::from_secs(5)).await,
+        "the relay's task ended"
+    );
 }

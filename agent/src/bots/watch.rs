@@ -103,7 +103,10 @@ impl Manager {
                 self.start_locked(&bot, &c).await
             };
             match r {
-                Ok(()) => self.migrate_in_background(&bot),
+                Ok(()) => {
+                    self.ensure_relay(&bot, false);
+                    self.migrate_in_background(&bot)
+                }
                 Err(e) => warn!(bot, error = %e, "reconcile failed for bot"),
             }
         }

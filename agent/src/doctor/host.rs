@@ -47,6 +47,23 @@ pub(super) fn socket_dir(cfg: &Config, host: &dyn Host) -> Check {
     }
 }
 
+/// The server binary every bot runs (`server_binary`): an executable file, or no bot starts.
+pub(super) fn server_binary(cfg: &Config, config_path: &str, host: &dyn Host) -> Check {
+    let p = &cfg.server_binary;
+    match host.executable(p) {
+        Ok(()) => Check::ok("server", format!("{} is executable", p.display())),
+        Err(why) => Check::bad(
+            "server",
+            Status::Problem,
+            format!("server binary {} {why}: no bot can start", p.display()),
+            format!(
+                "install -D -m 0755 container-server {} (or set server_binary in {config_path})",
+                p.display()
+            ),
+        ),
+    }
+}
+
 /// The real host.
 pub struct RealHost;
 
@@ -99,6 +116,10 @@ impl Host for RealHost {
 
     fn is_file(&self, path: &Path) -> bool {
         path.is_file()
+    }
+
+    fn executable(&self, path: &Path) -> Result<(), String> {
+        crate::containerd::spec::bridge::check_server_binary(path)
     }
 
     fn writable(&self, dir: &Path) -> Option<bool> {

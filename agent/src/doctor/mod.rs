@@ -7,7 +7,7 @@
 //! Here: the report ([`Check`], [`render`], [`exit_code`]), the [`Host`] trait and the runner
 //! ([`run_checks`]). The checks by the system they look at: `containerd` (half-deleted task
 //! bundles), `network` (CNI, iptables, nftables, bridge netfilter, the agent's firewall state),
-//! `host` (sysctls, the socket directory, and [`RealHost`]).
+//! `host` (sysctls, the socket directory, the server binary, and [`RealHost`]).
 
 mod containerd;
 mod host;
@@ -20,7 +20,7 @@ use crate::config::Config;
 
 use self::containerd::task_bundles;
 pub use self::host::RealHost;
-use self::host::{socket_dir, sysctl};
+use self::host::{server_binary, socket_dir, sysctl};
 use self::network::{
     bridge_netfilter, cni_config, cni_plugins, firewall_state, iptables, nftables,
 };
@@ -121,6 +121,8 @@ pub trait Host: Send + Sync {
     fn output(&self, program: &str, args: &[&str]) -> Result<String, String>;
     /// Names of the regular files in `dir`; `None` when it cannot be read.
     fn files(&self, dir: &Path) -> Option<Vec<String>>;
+    /// Whether `path` is an executable regular file; why not otherwise.
+    fn executable(&self, path: &Path) -> Result<(), String>;
 }
 
 /// Runs every check against `host`, in report order.
@@ -208,6 +210,7 @@ pub async fn run_checks(cfg: &Config, config_path: &str, host: &dyn Host) -> Vec
             ),
         }
     });
+    out.push(server_binary(cfg, config_path, host));
     out.push(task_bundles(cfg, config_path, containerd.is_ok(), host));
     out.push(socket_dir(cfg, host));
     out.push(match host.agent_bots(&cfg.control_socket).await {

@@ -33,9 +33,8 @@ impl Default for Fake {
             image: Ok(true),
             agent: Ok(2),
             on_path: vec!["runc", "iptables", "nft"],
-            files: CNI_PLUGINS
-                .iter()
-                .map(|p| cfg.cni_bin_dirs[1].join(p))
+            files: std::iter::once(cfg.server_binary.clone())
+                .chain(CNI_PLUGINS.iter().map(|p| cfg.cni_bin_dirs[1].join(p)))
                 .collect(),
             dirs: HashMap::from([
                 ("/run".into(), true),
@@ -101,6 +100,13 @@ impl Host for Fake {
     fn writable(&self, dir: &Path) -> Option<bool> {
         self.dirs.get(dir).copied()
     }
+    fn executable(&self, path: &Path) -> Result<(), String> {
+        if self.files.iter().any(|f| f == path) {
+            Ok(())
+        } else {
+            Err("does not exist".into())
+        }
+    }
     fn read(&self, path: &Path) -> Option<String> {
         self.sysctls.get(path).cloned()
     }
@@ -165,9 +171,10 @@ fn line<'a>(text: &'a str, name: &str) -> &'a str {
 fn a_healthy_host_passes() {
     let (checks, text, code) = report(&Fake::default());
     assert_eq!(code, 0, "{text}");
-    assert_eq!(checks.len(), 14);
+    assert_eq!(checks.len(), 15);
     assert!(checks.iter().all(|c| c.status == Status::Ok), "{text}");
-    assert_eq!(text.lines().count(), 15);
+    assert_eq!(text.lines().count(), 16);
+    assert!(line(&text, "server").contains("/usr/local/lib/memoh/container-server is executable"));
     assert!(text.ends_with("all checks passed\n"));
     assert!(line(&text, "containerd").starts_with("ok      containerd   v2.0.0 at "));
     assert!(line(&text, "cni config").contains("/etc/cni/net.d is writable"));
@@ -239,6 +246,11 @@ fn each_problem_names_its_fix() {
             "image",
             |h| h.image = Ok(false),
             "memoh-agent image pull docker.io/memohai/mcp:latest",
+        ),
+        (
+            "server",
+            |h| h.files.retain(|f| !f.ends_with("container-server")),
+            "install -D -m 0755 container-server /usr/local/lib/memoh/container-server",
         ),
         (
             "task bundles",

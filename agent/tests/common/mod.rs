@@ -105,6 +105,20 @@ impl Env {
     }
 }
 
+/// The container-server binary the agents under test bind into their bots: the one the test
+/// image was built from (`scripts/build-image.sh --binary target/debug/container-server`), or
+/// `MEMOH_TEST_SERVER_BIN`.
+pub fn server_binary() -> PathBuf {
+    if let Some(p) = var("MEMOH_TEST_SERVER_BIN") {
+        return PathBuf::from(p);
+    }
+    let beside_agent = Path::new(AGENT).with_file_name("container-server");
+    if beside_agent.is_file() {
+        return beside_agent;
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/container-server")
+}
+
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 static SUBNETS: Mutex<Vec<String>> = Mutex::new(Vec::new());
 /// Serialises the teardown of the shared isolation chain between guards of this process.
@@ -254,8 +268,18 @@ impl TestAgent {
              state_dir = {state:?}\n\
              data_root = {data:?}\n\
              control_socket = {socket:?}\n\
+             {server}\
              {mcp}\
              {extra}\n",
+            // The server every bot runs, from the host (a test may set its own).
+            server = if extra.contains("server_binary") {
+                String::new()
+            } else {
+                format!(
+                    "server_binary = {:?}\n",
+                    server_binary().display().to_string()
+                )
+            },
             // MCP off unless the test asks: agents of parallel tests must not race for 8091.
             mcp = if extra.contains("mcp_listen") {
                 ""

@@ -13,6 +13,7 @@ use std::path::{Component, Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::containerd::spec::bridge::BRIDGE_PATH;
 use crate::containerd::spec::{BindMount, HOST_LOCALTIME, HOST_RESOLV_CONF};
 use crate::error::AgentError;
 
@@ -349,7 +350,7 @@ fn check_container_path(p: &Path) -> Result<(), AgentError> {
             return Err(bad(&format!("must not cover or lie under {root}")));
         }
     }
-    for own in [HOST_RESOLV_CONF, HOST_LOCALTIME, TOKEN_MOUNT] {
+    for own in [HOST_RESOLV_CONF, HOST_LOCALTIME, TOKEN_MOUNT, BRIDGE_PATH] {
         if Path::new(own).starts_with(&clean) {
             return Err(bad(&format!("must not cover {own}")));
         }

@@ -17,7 +17,7 @@
 //! Here: [`SpecOptions`] and [`build_spec`] (process, namespaces, cgroup), and the container
 //! record's `Any` form. `mounts`: the kernel filesystems, host files and [`BindMount`]s.
 //! `privileges`: capabilities, masked paths, devices and [`apply_privileges`]. [`seccomp`]:
-//! the syscall profile.
+//! the syscall profile. [`bridge`]: the host's server binary as the bot's process.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -31,6 +31,7 @@ use oci_spec::runtime::{
 use super::ImageConfig;
 use crate::error::AgentError;
 
+pub mod bridge;
 mod mounts;
 mod privileges;
 pub mod seccomp;
@@ -74,6 +75,9 @@ pub struct SpecOptions {
     pub nofile: u64,
     /// Replaces the image's entrypoint and cmd when set.
     pub args: Option<Vec<String>>,
+    /// The host's server binary and run directory ([`bridge::apply_server`]): the bot runs
+    /// that binary instead of the image's entrypoint.
+    pub server: Option<bridge::ServerMounts>,
 }
 
 impl SpecOptions {
@@ -91,6 +95,7 @@ impl SpecOptions {
             cgroups_path: None,
             nofile: 1024,
             args: None,
+            server: None,
         }
     }
 
@@ -321,6 +326,9 @@ pub fn build_spec(image: &ImageConfig, opts: &SpecOptions) -> Result<Spec, Agent
         .build()
         .map_err(spec_err)?;
     apply_privileges(&mut spec)?;
+    if let Some(m) = &opts.server {
+        bridge::apply_server(&mut spec, m)?;
+    }
     Ok(spec)
 }
 
