@@ -44,6 +44,7 @@ pub mod reverse_http;
 pub mod runtime;
 pub mod server;
 pub mod service;
+pub mod stream;
 pub mod tls;
 pub mod transfer;
 pub mod tunnel;

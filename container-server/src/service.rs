@@ -3,12 +3,11 @@
 //! (see [`crate::runtime`]), so it goes on while the bot is at its process limit.
 
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::{Stream, StreamExt};
+use futures::StreamExt;
 use memoh_proto::pb::mcpcontainer as pb;
 use pb::container_service_server::ContainerService;
 use tokio::sync::mpsc;
@@ -272,8 +271,7 @@ where
     }
 }
 
-/// A boxed stream of messages or a status, as both services' streaming calls use.
-pub(crate) type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+pub use crate::stream::BoxStream;
 
 #[tonic::async_trait]
 impl ContainerService for Service {

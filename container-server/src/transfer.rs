@@ -20,7 +20,7 @@ use tonic::Status;
 use tracing::debug;
 
 use crate::error::ServerError;
-use crate::service::BoxStream;
+use crate::stream::BoxStream;
 
 /// Where an upload's bytes go. Runs on a blocking thread.
 pub trait Sink: Send + 'static {

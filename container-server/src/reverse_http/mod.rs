@@ -26,7 +26,7 @@ use tonic::Status;
 use tracing::debug;
 
 use crate::error::ServerError;
-use crate::service::BoxStream;
+use crate::stream::BoxStream;
 use bp::reverse_http_frame::Frame;
 
 /// The gRPC metadata key naming a stream's route.

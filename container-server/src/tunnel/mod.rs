@@ -31,7 +31,7 @@ use tonic::Status;
 use tracing::{debug, Instrument};
 
 use crate::error::ServerError;
-use crate::service::BoxStream;
+use crate::stream::BoxStream;
 use bp::tunnel_frame::Frame;
 
 /// The largest `data` frame the server sends.
