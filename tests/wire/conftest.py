@@ -50,6 +50,27 @@ pb = importlib.import_module("mcpcontainer_pb2")
 pb_grpc = importlib.import_module("mcpcontainer_pb2_grpc")
 
 
+def _generate_bridge():
+    """bridgepb stubs from the project's proto/bridge.proto, written from WIRE-BRIDGE.md's field
+    table (the contract: names and numbers are fixed there)."""
+    from grpc_tools import protoc
+
+    rc = protoc.main([
+        "grpc_tools.protoc",
+        "-I" + os.path.join(ROOT, "proto"),
+        "--python_out=" + _GEN_DIR,
+        "--grpc_python_out=" + _GEN_DIR,
+        os.path.join(ROOT, "proto", "bridge.proto"),
+    ])
+    if rc != 0:
+        raise RuntimeError("protoc failed for bridge.proto")
+
+
+_generate_bridge()
+bp = importlib.import_module("bridge_pb2")
+bp_grpc = importlib.import_module("bridge_pb2_grpc")
+
+
 def free_port():
     s = socket.socket()
     s.bind(("127.0.0.1", 0))

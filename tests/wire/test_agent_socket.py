@@ -6,27 +6,15 @@ mcpcontainer), and the agent's own health service answers.
 Needs a running agent and a bot: WIRE_AGENT_SOCKET and WIRE_AGENT_BOT (tests/mcp/run.sh sets
 them); skipped without them. Every test removes what it made in the bot."""
 
-import importlib
 import os
 import uuid
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_tools import protoc
 
-from conftest import HERE, _GEN_DIR, pb, pb_grpc
+from conftest import pb, pb_grpc, bp, bp_grpc
 
-rc = protoc.main([
-    "grpc_tools.protoc",
-    "-I" + HERE,
-    "--python_out=" + _GEN_DIR,
-    "--grpc_python_out=" + _GEN_DIR,
-    os.path.join(HERE, "bridge.proto"),
-])
-assert rc == 0, "protoc failed for bridge.proto"
-bp = importlib.import_module("bridge_pb2")
-bp_grpc = importlib.import_module("bridge_pb2_grpc")
 
 SOCKET = os.environ.get("WIRE_AGENT_SOCKET", "")
 BOT = os.environ.get("WIRE_AGENT_BOT", "")

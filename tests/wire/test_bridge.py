@@ -1,27 +1,15 @@
 """bridgepb.ContainerService (WIRE-BRIDGE.md) over a unix socket, with grpcio's DEFAULT channel
 options: grpc C-core sends the socket path as :authority, which the server once reset. The
-client is generated from tests/wire/bridge.proto; mcpcontainer is checked beside it on the
+client is generated from proto/bridge.proto; mcpcontainer is checked beside it on the
 same server (TCP and the socket)."""
 
-import importlib
 import os
 
 import grpc
 import pytest
-from grpc_tools import protoc
 
-from conftest import HERE, _GEN_DIR, make_dirs, pb, pb_grpc, free_port
+from conftest import make_dirs, pb, pb_grpc, free_port, bp, bp_grpc
 
-rc = protoc.main([
-    "grpc_tools.protoc",
-    "-I" + HERE,
-    "--python_out=" + _GEN_DIR,
-    "--grpc_python_out=" + _GEN_DIR,
-    os.path.join(HERE, "bridge.proto"),
-])
-assert rc == 0, "protoc failed for bridge.proto"
-bp = importlib.import_module("bridge_pb2")
-bp_grpc = importlib.import_module("bridge_pb2_grpc")
 
 
 @pytest.fixture(scope="module")

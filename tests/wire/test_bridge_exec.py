@@ -1,28 +1,16 @@
 """bridgepb Exec's own behaviour (WIRE-BRIDGE.md section 3) from grpcio over the unix socket
 with DEFAULT channel options: PTY mode (a resize, typing, the exit code) and the
-clean_env / unset_env rule. The client is generated from tests/wire/bridge.proto."""
+clean_env / unset_env rule. The client is generated from proto/bridge.proto."""
 
-import importlib
 import os
 import queue
 import time
 
 import grpc
 import pytest
-from grpc_tools import protoc
 
-from conftest import HERE, _GEN_DIR, make_dirs
+from conftest import make_dirs, bp, bp_grpc
 
-rc = protoc.main([
-    "grpc_tools.protoc",
-    "-I" + HERE,
-    "--python_out=" + _GEN_DIR,
-    "--grpc_python_out=" + _GEN_DIR,
-    os.path.join(HERE, "bridge.proto"),
-])
-assert rc == 0, "protoc failed for bridge.proto"
-bp = importlib.import_module("bridge_pb2")
-bp_grpc = importlib.import_module("bridge_pb2_grpc")
 
 SERVER_ENV = {"BRIDGE_W_A": "1", "BRIDGE_W_B": "2", "BRIDGE_WX": "3"}
 

@@ -1,27 +1,15 @@
 """The bridge's file behaviour (WIRE-BRIDGE.md section 3) seen by grpcio over the unix socket:
 ReadRawNoFollow and WriteRawNoFollow (a symlink on the path refused, an existing file never
 replaced, abort keeping the partial file) and ListDir's collapse. The client is generated from
-tests/wire/bridge.proto as in test_bridge.py."""
+proto/bridge.proto as in test_bridge.py."""
 
-import importlib
 import os
 
 import grpc
 import pytest
-from grpc_tools import protoc
 
-from conftest import HERE, _GEN_DIR, make_dirs, free_port
+from conftest import make_dirs, free_port, bp, bp_grpc
 
-rc = protoc.main([
-    "grpc_tools.protoc",
-    "-I" + HERE,
-    "--python_out=" + _GEN_DIR,
-    "--grpc_python_out=" + _GEN_DIR,
-    os.path.join(HERE, "bridge.proto"),
-])
-assert rc == 0, "protoc failed for bridge.proto"
-bp = importlib.import_module("bridge_pb2")
-bp_grpc = importlib.import_module("bridge_pb2_grpc")
 
 
 @pytest.fixture(scope="module")

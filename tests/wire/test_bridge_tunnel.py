@@ -3,7 +3,6 @@ and DEFAULT channel options: a tunnel to a Python echo server, a refused non-loo
 and a ReverseHTTP round trip in which this client is the host."""
 
 import http.client
-import importlib
 import os
 import queue
 import socket
@@ -12,20 +11,9 @@ import time
 
 import grpc
 import pytest
-from grpc_tools import protoc
 
-from conftest import HERE, _GEN_DIR, make_dirs, free_port
+from conftest import make_dirs, free_port, bp, bp_grpc
 
-rc = protoc.main([
-    "grpc_tools.protoc",
-    "-I" + HERE,
-    "--python_out=" + _GEN_DIR,
-    "--grpc_python_out=" + _GEN_DIR,
-    os.path.join(HERE, "bridge.proto"),
-])
-assert rc == 0, "protoc failed for bridge.proto"
-bp = importlib.import_module("bridge_pb2")
-bp_grpc = importlib.import_module("bridge_pb2_grpc")
 
 
 @pytest.fixture(scope="module")

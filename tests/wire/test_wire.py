@@ -4,18 +4,16 @@ Each test names the WIRE.md rule it checks. Files are prepared directly on the s
 dir (the server runs on this machine) and read back through the API, or the other way round.
 """
 
-import datetime
 import os
 import queue
 import socket
 import stat
-import threading
 import time
 
 import grpc
 import pytest
 
-from conftest import TEMPLATE_FILES, make_dirs, pb, wait_for
+from conftest import TEMPLATE_FILES, make_dirs, pb
 
 STDOUT, STDERR, EXIT = 0, 1, 2
 
