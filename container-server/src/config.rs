@@ -182,6 +182,23 @@ pub fn bridge_listeners(env: &BridgeEnv, explicit_listen: bool) -> Result<Vec<Bi
     )])
 }
 
+/// Memoh's toolkit directory, which the bridge appends to its `PATH` (WIRE-BRIDGE.md section 3),
+/// so commands find the workspace's tools where a Memoh image puts them.
+pub const TOOLKIT_BIN: &str = "/opt/memoh/toolkit/bin";
+
+/// `path` with [`TOOLKIT_BIN`] appended once (the default search path when unset).
+pub fn path_with_toolkit(path: Option<&str>) -> String {
+    let path = match path {
+        Some(p) if !p.is_empty() => p,
+        _ => "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    };
+    if path.split(':').any(|d| d == TOOLKIT_BIN) {
+        path.to_string()
+    } else {
+        format!("{path}:{TOOLKIT_BIN}")
+    }
+}
+
 /// Everything the server needs to run.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -297,6 +314,18 @@ mod tests {
         let strict = bridge_listeners(&env(None, None, Some("strict")), false).unwrap_err();
         assert!(strict.contains("BRIDGE_TLS_CERT_FILE"), "{strict}");
         assert!(bridge_listeners(&env(None, None, Some("x")), false).is_err());
+    }
+
+    #[test]
+    fn the_toolkit_goes_last_on_the_path_once() {
+        assert_eq!(
+            path_with_toolkit(Some("/usr/bin:/bin")),
+            "/usr/bin:/bin:/opt/memoh/toolkit/bin"
+        );
+        let once = path_with_toolkit(Some("/bin:/opt/memoh/toolkit/bin"));
+        assert_eq!(once, "/bin:/opt/memoh/toolkit/bin");
+        assert!(path_with_toolkit(None).ends_with(":/opt/memoh/toolkit/bin"));
+        assert!(path_with_toolkit(Some("")).starts_with("/usr/local/sbin:"));
     }
 
     #[test]

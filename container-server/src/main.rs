@@ -53,6 +53,9 @@ fn main() -> ExitCode {
 }
 
 fn real_main(args: Args) -> anyhow::Result<()> {
+    // Before any thread exists: commands inherit the server's environment.
+    let path = container_server::config::path_with_toolkit(std::env::var("PATH").ok().as_deref());
+    std::env::set_var("PATH", path);
     let mut listen = Vec::new();
     for l in &args.listen {
         listen.push(Bind::plain(
