@@ -318,7 +318,10 @@ pub async fn run_all(
         .initial_connection_window_size(8 * 1024 * 1024)
         // Large frames: a 64 KiB message travels in one frame instead of four.
         .max_frame_size(1 << 20)
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        // The bridge's pings (WIRE-BRIDGE.md section 2): every 60 s, a peer silent for 15 s
+        // after one is gone (its calls end, its commands are killed as on a disconnect).
+        .http2_keepalive_interval(Some(Duration::from_secs(60)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(15)))
         .layer(tower::util::MapResponseLayer::new(rewrite_response))
         // A request stream's end reaches a handler only when the client half-closed it: a
         // reset or cancelled upload never commits, whatever the client stack.
