@@ -156,3 +156,24 @@ def test_strict_mode_needs_its_files(pki, tmp_path):
     env["BRIDGE_TLS_KEY_FILE"] = os.path.join(pki["dir"], "missing.key")
     r = run_briefly(env, tmp_path)
     assert r.returncode == 1 and b"missing.key" in r.stderr, r.stderr
+
+
+def test_the_bridge_only_calls_over_mtls(pki, tls_server):
+    """PTY exec, Tunnel, the NoFollow calls and ListDir collapse, as their own wire tests drive
+    them on the unix socket, here over the mTLS listener."""
+    from test_bridge_exec import test_pty_exec_with_resize_and_stdin as pty
+    from test_bridge_files import test_list_dir_collapse as collapse
+    from test_bridge_files import test_no_follow_read_and_write as no_follow
+    from test_bridge_tunnel import test_tunnel_echo as tunnel
+
+    srv, addr, data = tls_server
+    ch = secure(pki, addr, "host")
+    try:
+        grpc.channel_ready_future(ch).result(timeout=10)
+        stub = bp_grpc.ContainerServiceStub(ch)
+        pty(stub)
+        tunnel((srv, stub))
+        no_follow((stub, os.path.dirname(data), data))
+        collapse((stub, os.path.dirname(data), data))
+    finally:
+        ch.close()
