@@ -495,3 +495,32 @@ async fn raw_read_file_and_replacing_uploads() {
     );
     assert!(e.message().contains("gone"), "{}", e.message());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bridge_mkdir_makes_0750_directories_and_mcpcontainer_keeps_0755() {
+    let (s, mut b) = start().await;
+    b.mkdir(bp::MkdirRequest {
+        path: "made/by/bridge".into(),
+    })
+    .await
+    .expect("bridge mkdir");
+    for d in ["made", "made/by", "made/by/bridge"] {
+        assert_eq!(mode_of(&s.path(d)), 0o750, "{d}");
+    }
+    let mut m = mp::container_service_client::ContainerServiceClient::new(s.channel.clone());
+    m.mkdir(mp::MkdirRequest {
+        path: "made/by/mcp".into(),
+    })
+    .await
+    .expect("mcpcontainer mkdir");
+    assert_eq!(mode_of(&s.path("made/by/mcp")), 0o755);
+    // A file in the way is refused by both, as before.
+    touch(&s.path("file"));
+    expect_code(
+        b.mkdir(bp::MkdirRequest {
+            path: "file".into(),
+        })
+        .await,
+        Code::InvalidArgument,
+    );
+}

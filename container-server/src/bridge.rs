@@ -165,10 +165,8 @@ impl Bridge for Service {
         &self,
         req: Request<bp::MkdirRequest>,
     ) -> Result<Response<bp::MkdirResponse>, Status> {
-        let m = mp::MkdirRequest {
-            path: req.into_inner().path,
-        };
-        Mcp::mkdir(self, Request::new(m)).await?;
+        self.mkdir_as(&req.into_inner().path, Caller::Bridge)
+            .await?;
         Ok(Response::new(bp::MkdirResponse {}))
     }
 

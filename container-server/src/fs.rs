@@ -317,12 +317,18 @@ pub fn stat(path: &Path) -> Result<Entry, ServerError> {
 
 /// `Mkdir`: creates the directory and all missing parents.
 pub fn mkdir(path: &Path) -> Result<(), ServerError> {
+    mkdir_as(path, Caller::Mcp)
+}
+
+/// `Mkdir` by `caller`'s rules: the new directories get [`Caller::dir_mode`] (0755 for
+/// `mcpcontainer`, 0750 for the bridge).
+pub fn mkdir_as(path: &Path, caller: Caller) -> Result<(), ServerError> {
     if let Ok(md) = fs::metadata(path) {
         if !md.is_dir() {
             return Err(ServerError::NotDirectory(path.to_path_buf()));
         }
     }
-    create_dirs(path)
+    create_dirs_mode(path, caller.dir_mode())
 }
 
 /// `Rename`: creates the new path's parent first.

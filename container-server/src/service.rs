@@ -243,6 +243,12 @@ impl Service {
         blocking(move || fs::write_file_as(&path, &content, caller)).await
     }
 
+    /// Mkdir by `caller`'s rules.
+    pub(crate) async fn mkdir_as(&self, path: &str, caller: Caller) -> Result<(), Status> {
+        let path = self.resolve("path", path)?;
+        blocking(move || fs::mkdir_as(&path, caller)).await
+    }
+
     /// Rename by `caller`'s rules.
     pub(crate) async fn rename_as(
         &self,
@@ -326,8 +332,7 @@ impl ContainerService for Service {
         &self,
         req: Request<pb::MkdirRequest>,
     ) -> Result<Response<pb::MkdirResponse>, Status> {
-        let path = self.resolve("path", &req.into_inner().path)?;
-        blocking(move || fs::mkdir(&path)).await?;
+        self.mkdir_as(&req.into_inner().path, Caller::Mcp).await?;
         Ok(Response::new(pb::MkdirResponse {}))
     }
 
