@@ -124,14 +124,26 @@ static SUBNETS: Mutex<Vec<String>> = Mutex::new(Vec::new());
 /// Serialises the teardown of the shared isolation chain between guards of this process.
 static CHAIN_LOCK: Mutex<()> = Mutex::new(());
 
-/// Four hex digits that differ between guards and runs.
+/// Tags this process has handed out: two guards made at the same moment by parallel tests once
+/// got the same one (the mix below is not injective), and so one bridge for two subnets.
+static TAGS: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+/// Four hex digits that differ between guards (never the same twice in one process) and, very
+/// likely, between runs.
 pub fn tag() -> String {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    let n = nanos ^ (std::process::id() << 7) ^ (COUNTER.fetch_add(1, Ordering::SeqCst) * 7919);
-    format!("{:04x}", n & 0xffff)
+    let mut taken = TAGS.lock().unwrap_or_else(|p| p.into_inner());
+    loop {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos();
+        let n = nanos ^ (std::process::id() << 7) ^ (COUNTER.fetch_add(1, Ordering::SeqCst) * 7919);
+        let t = format!("{:04x}", n & 0xffff);
+        if !taken.contains(&t) {
+            taken.push(t.clone());
+            return t;
+        }
+    }
 }
 
 /// Runs a host tool; panics only when it cannot be started.
