@@ -14,6 +14,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ("proto/mcpcontainer.proto", "mcpcontainer_descriptor.bin"),
         ("proto/agent.proto", "agent_descriptor.bin"),
         ("proto/bridge.proto", "bridge_descriptor.bin"),
+        ("proto/process.proto", "process_descriptor.bin"),
     ] {
         println!("cargo:rerun-if-changed={proto}");
         tonic_prost_build::configure()
@@ -21,6 +22,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             // Payload fields decode as `bytes::Bytes`, sliced from the receive buffer.
             .bytes(".mcpcontainer")
             .bytes(".bridgepb")
+            .bytes(".memoh.process.v1")
             .compile_protos(&[proto], &["proto"])?;
     }
     Ok(())

@@ -1,8 +1,9 @@
 //! The wire contracts shared by `memoh-agent` and `container-server`.
 //!
 //! - [`pb`]: code generated from `proto/` (the container service of WIRE.md, its successor
-//!   `bridgepb` of WIRE-BRIDGE.md, and the agent's control API), plus the descriptor sets
-//!   ([`FILE_DESCRIPTOR_SET`], [`BRIDGE_FILE_DESCRIPTOR_SET`]) for gRPC server reflection.
+//!   `bridgepb` of WIRE-BRIDGE.md, the process service of `process.proto`, and the agent's
+//!   control API), plus the descriptor sets ([`FILE_DESCRIPTOR_SET`],
+//!   [`BRIDGE_FILE_DESCRIPTOR_SET`], [`PROCESS_FILE_DESCRIPTOR_SET`]) for gRPC server reflection.
 //! - [`limits`]: sizes and defaults both sides must agree on.
 //! - [`auth`]: bearer tokens and their constant-time check.
 //! - [`clean_end`]: the layer that lets a handler see a request stream's end only when the
@@ -31,6 +32,12 @@ pub mod pb {
     pub mod bridgepb {
         tonic::include_proto!("bridgepb");
     }
+    /// `memoh.process.v1`: processes that outlive the call, the container-server's own
+    /// service next to the container services.
+    #[allow(missing_docs, clippy::all)]
+    pub mod process {
+        tonic::include_proto!("memoh.process.v1");
+    }
     /// `memoh.agent.v1`: the host agent's control API.
     #[allow(missing_docs, clippy::all)]
     pub mod agent {
@@ -44,6 +51,9 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
 /// Encoded `FileDescriptorSet` of `bridge.proto`, for the server's gRPC reflection.
 pub const BRIDGE_FILE_DESCRIPTOR_SET: &[u8] =
     tonic::include_file_descriptor_set!("bridge_descriptor");
+/// Encoded `FileDescriptorSet` of `process.proto`, for the server's gRPC reflection.
+pub const PROCESS_FILE_DESCRIPTOR_SET: &[u8] =
+    tonic::include_file_descriptor_set!("process_descriptor");
 /// Encoded `FileDescriptorSet` of `agent.proto`, for the agent's gRPC reflection.
 pub const AGENT_FILE_DESCRIPTOR_SET: &[u8] =
     tonic::include_file_descriptor_set!("agent_descriptor");

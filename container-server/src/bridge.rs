@@ -103,6 +103,11 @@ fn exec_output(m: mp::ExecOutput) -> bp::ExecOutput {
         stream: m.stream,
         data: m.data,
         exit_code: m.exit_code,
+        resource_usage: m.resource_usage.map(|u| bp::ResourceUsage {
+            user_cpu_micros: u.user_cpu_micros,
+            system_cpu_micros: u.system_cpu_micros,
+            max_rss_bytes: u.max_rss_bytes,
+        }),
     }
 }
 

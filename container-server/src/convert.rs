@@ -34,16 +34,19 @@ pub fn exec_output(ev: ExecEvent) -> pb::ExecOutput {
             stream: Stream::Stdout as i32,
             data,
             exit_code: 0,
+            resource_usage: None,
         },
         ExecEvent::Stderr(data) => pb::ExecOutput {
             stream: Stream::Stderr as i32,
             data,
             exit_code: 0,
+            resource_usage: None,
         },
         ExecEvent::Exit(code) => pb::ExecOutput {
             stream: Stream::Exit as i32,
             data: Default::default(),
             exit_code: code,
+            resource_usage: None,
         },
     }
 }

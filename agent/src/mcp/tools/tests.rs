@@ -79,12 +79,14 @@ fn exec_output_is_bounded_while_it_streams() {
                 stream: k as i32,
                 data,
                 exit_code: 0,
+                resource_usage: None,
             })
         })
         .chain([Ok(ExecOutput {
             stream: Kind::Exit as i32,
             data: bytes::Bytes::new(),
             exit_code: 7,
+            resource_usage: None,
         })]);
     let mut stream = futures::stream::iter(stream);
     let (o, e, code) = futures::executor::block_on(collect_bounded(
