@@ -8,6 +8,14 @@
 //! 3. ReadFile calls per second with 64 concurrent clients vs local reads + formatting;
 //! 4. the server's idle RSS and the release binary's size.
 //!
+//! Physical baselines, measured in the same run as the figure each one bounds (issue 19):
+//! a unary gRPC no-op round trip (health `Check`) on the same transport; `sh -c 'echo hi'`
+//! spawned locally by a pool of 64 threads of the bench's own (the bound of exec at 64
+//! concurrent calls); a plain TCP loopback stream of the same bytes in the same 64 KiB
+//! chunks from a child process (the bench binary re-executed with a hidden flag, no gRPC, no
+//! files on either side) into this one; and a local file write and read of the same size.
+//! Each target is printed as "figure / bound = ratio, met/missed".
+//!
 //! ```text
 //! cargo build --release -p container-server
 //! cargo bench --bench server [-- --quick] [--out FILE] [--server PATH] [--dir DIR]
@@ -40,6 +48,10 @@ const MIB: u64 = 1024 * 1024;
 const CLIENTS: usize = 64;
 /// Buffer of the local read+write copy loop and of the WriteRaw source buffers.
 const COPY_BUF: usize = 1024 * 1024;
+/// The size of a raw transfer's messages, and of the TCP baseline's writes and reads.
+const CHUNK: usize = 64 * 1024;
+/// Hidden flag: this process is the sending side of the TCP loopback baseline.
+const TCP_SOURCE_FLAG: &str = "--tcp-source";
 
 /// Sizes of one run: the full run or the `--quick` smoke run.
 struct Plan {
@@ -300,6 +312,19 @@ fn mb_per_s(bytes: u64, d: Duration) -> f64 {
 struct Report {
     rows: Vec<Row>,
     notes: Vec<String>,
+    targets: Vec<String>,
+}
+
+impl Report {
+    /// Records a target as "figure / bound = ratio, met/missed". `at_most`: the figure must
+    /// not exceed the bound (a latency); otherwise it must reach it (a rate).
+    fn target(&mut self, name: &str, figure: String, bound: String, ratio: f64, at_most: bool) {
+        let met = if at_most { ratio <= 1.0 } else { ratio >= 1.0 };
+        self.targets.push(format!(
+            "{name}: {figure} / {bound} = {ratio:.2}, {}",
+            if met { "met" } else { "**missed**" }
+        ));
+    }
 }
 
 /// One row of the results table.
@@ -377,6 +402,134 @@ async fn stat_round_trips(c: &ContainerClient, n: usize) -> Vec<Duration> {
     v
 }
 
+/// Sequential health `Check` round trips on a connection of their own to the same listener:
+/// the floor of a unary gRPC call on this transport (no file system, no process).
+async fn health_round_trips(server: &Server, n: usize) -> Vec<Duration> {
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+    let channel = tcp_channel(&server.addr).expect("valid address");
+    let mut h = HealthClient::new(channel);
+    let check = HealthCheckRequest {
+        service: String::new(),
+    };
+    for _ in 0..n.min(100) {
+        h.check(check.clone()).await.expect("health check");
+    }
+    let mut v = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        h.check(check.clone()).await.expect("health check");
+        v.push(t.elapsed());
+    }
+    v.sort();
+    v
+}
+
+/// `sh -c 'echo hi'` spawned by `CLIENTS` threads of this process for `time`: the machine's
+/// own parallel spawn rate. Returns (spawns/s, sorted latencies).
+fn local_parallel_spawn(time: Duration) -> (f64, Vec<Duration>) {
+    let start = Instant::now();
+    let until = start + time;
+    let threads: Vec<_> = (0..CLIENTS)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut v = Vec::new();
+                while Instant::now() < until {
+                    let t = Instant::now();
+                    let out = Command::new("/bin/sh")
+                        .args(["-c", "echo hi"])
+                        .output()
+                        .expect("spawn /bin/sh");
+                    v.push(t.elapsed());
+                    assert_eq!(out.stdout, b"hi\n");
+                }
+                v
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for t in threads {
+        all.extend(t.join().expect("spawn thread"));
+    }
+    let rate = all.len() as f64 / start.elapsed().as_secs_f64();
+    all.sort();
+    (rate, all)
+}
+
+/// `CLIENTS` tasks sharing one connection (as the agent's pool calls a bot) running
+/// `echo hi` for `time`. Returns (execs/s, sorted latencies).
+async fn remote_parallel_exec(c: &ContainerClient, time: Duration) -> (f64, Vec<Duration>) {
+    let start = Instant::now();
+    let until = start + time;
+    let tasks: Vec<_> = (0..CLIENTS)
+        .map(|_| {
+            let c = c.clone();
+            tokio::spawn(async move {
+                let mut v = Vec::new();
+                while Instant::now() < until {
+                    let t = Instant::now();
+                    let r = c.exec_collect("echo hi", "", 10).await.expect("exec");
+                    v.push(t.elapsed());
+                    assert_eq!((r.stdout.as_slice(), r.exit_code), (&b"hi\n"[..], 0));
+                }
+                v
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.expect("exec task"));
+    }
+    let rate = all.len() as f64 / start.elapsed().as_secs_f64();
+    all.sort();
+    (rate, all)
+}
+
+async fn bench_exec_parallel(server: &Server, c: &ContainerClient, plan: &Plan, rep: &mut Report) {
+    let secs = plan.load_time.as_secs_f64();
+    eprintln!("exec: {CLIENTS} concurrent, local then remote, {secs:.0} s each");
+    let (local, local_lat) = local_parallel_spawn(plan.load_time);
+    let cpu = CpuMeter::start(server);
+    let (remote, lat) = remote_parallel_exec(c, plan.load_time).await;
+    let (server_cpu, client_cpu) = cpu.stop();
+    let (p50, p99) = (percentile(&lat, 50.0), percentile(&lat, 99.0));
+    let (l50, l99) = (percentile(&local_lat, 50.0), percentile(&local_lat, 99.0));
+    rep.rows.push(
+        Row::new(
+            format!("Exec `echo hi`, {CLIENTS} concurrent on one connection"),
+            format!("{remote:.0}/s (p50 {}, p99 {})", ms(p50), ms(p99)),
+        )
+        .baseline(
+            format!(
+                "{local:.0}/s (p50 {}, p99 {}; local `sh -c`, {CLIENTS} threads)",
+                ms(l50),
+                ms(l99)
+            ),
+            format!("{:.2}×", remote / local),
+        ),
+    );
+    rep.notes.push(format!(
+        "Exec at {CLIENTS} concurrent, CPU over {secs:.0} s: server {:.2} s, client {:.2} s \
+         (children not counted).",
+        server_cpu.as_secs_f64(),
+        client_cpu.as_secs_f64()
+    ));
+    rep.target(
+        "Exec/s at c=64 ≥ 0.8× local parallel spawn",
+        format!("{remote:.0}/s"),
+        format!("{:.0}/s (0.8 × {local:.0})", 0.8 * local),
+        remote / (0.8 * local),
+        false,
+    );
+    rep.target(
+        "Exec p99 at c=64 ≤ 2× its p50",
+        ms(p99),
+        format!("{} (2 × {})", ms(2 * p50), ms(p50)),
+        p99.as_secs_f64() / (2.0 * p50.as_secs_f64()),
+        true,
+    );
+}
+
 async fn bench_exec(server: &Server, c: &ContainerClient, plan: &Plan, rep: &mut Report) {
     eprintln!(
         "exec: warm-up {} + {} calls each",
@@ -393,6 +546,7 @@ async fn bench_exec(server: &Server, c: &ContainerClient, plan: &Plan, rep: &mut
     local.extend(local_spawn(plan.exec_calls - half));
     remote.extend(exec_round_trips(c, plan.exec_calls - half).await);
     let stat = stat_round_trips(c, plan.exec_calls).await;
+    let health = health_round_trips(server, plan.exec_calls).await;
     local.sort();
     remote.sort();
     let (l50, l99) = (percentile(&local, 50.0), percentile(&local, 99.0));
@@ -425,6 +579,19 @@ async fn bench_exec(server: &Server, c: &ContainerClient, plan: &Plan, rep: &mut
             ms(percentile(&stat, 99.0))
         ),
     ));
+    let h50 = percentile(&health, 50.0);
+    rep.rows.push(Row::new(
+        "Health `Check` round trip p50 / p99, sequential (unary no-op, same transport)",
+        format!("{} / {}", ms(h50), ms(percentile(&health, 99.0))),
+    ));
+    let bound = h50 + l50.mul_f64(1.1);
+    rep.target(
+        "Exec p50 ≤ health-check RTT + 1.1× local spawn",
+        ms(r50),
+        format!("{} ({} + 1.1 × {})", ms(bound), ms(h50), ms(l50)),
+        r50.as_secs_f64() / bound.as_secs_f64(),
+        true,
+    );
     let per = |d: Duration| ms(d / half.max(1) as u32);
     rep.notes.push(format!(
         "Exec CPU per call: server {}, client {} (the child `sh` is not counted).",
@@ -481,6 +648,73 @@ fn local_rw_copy(src: &Path, dst: &Path) -> Duration {
     t.elapsed()
 }
 
+/// Writes the buffers of `src` into a new file `dst` (into the page cache).
+fn local_write(src: &[Bytes], dst: &Path) -> Duration {
+    let _ = std::fs::remove_file(dst);
+    let t = Instant::now();
+    let mut w = std::fs::File::create(dst).unwrap();
+    for b in src {
+        w.write_all(b).unwrap();
+    }
+    drop(w);
+    t.elapsed()
+}
+
+/// Reads `src` through a 1 MiB buffer and drops the bytes.
+fn local_read(src: &Path) -> Duration {
+    let t = Instant::now();
+    let mut r = std::fs::File::open(src).unwrap();
+    let mut buf = vec![0u8; COPY_BUF];
+    while r.read(&mut buf).unwrap() > 0 {}
+    t.elapsed()
+}
+
+/// The sending side of the TCP baseline, run in a child process: loads `path` into memory,
+/// then connects to `addr` and writes the bytes in 64 KiB writes.
+fn tcp_source_main(path: &str, addr: &str) -> ! {
+    let data = std::fs::read(path).expect("read the TCP source file");
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to the TCP sink");
+    s.set_nodelay(true).expect("TCP_NODELAY");
+    for c in data.chunks(CHUNK) {
+        s.write_all(c).expect("TCP write");
+    }
+    drop(s);
+    std::process::exit(0)
+}
+
+/// A plain TCP loopback stream of the `bytes` of `src` from a child process (the bench binary
+/// re-executed) into this one, 64 KiB writes and 64 KiB reads: no gRPC, no files. Timed
+/// from the connection to the end of the stream.
+fn tcp_stream(src: &Path, bytes: u64) -> Duration {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+    let addr = l.local_addr().expect("local addr").to_string();
+    let mut child = Command::new(std::env::current_exe().expect("current exe"))
+        .arg(TCP_SOURCE_FLAG)
+        .arg(src)
+        .arg(&addr)
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("spawn the TCP source");
+    let (mut s, _) = l.accept().expect("accept the TCP source");
+    let t = Instant::now();
+    let mut buf = vec![0u8; CHUNK];
+    let mut got = 0u64;
+    loop {
+        let n = s.read(&mut buf).expect("TCP read");
+        if n == 0 {
+            break;
+        }
+        got += n as u64;
+    }
+    let d = t.elapsed();
+    assert!(
+        child.wait().expect("TCP source").success(),
+        "TCP source failed"
+    );
+    assert_eq!(got, bytes, "TCP stream length");
+    d
+}
+
 async fn read_raw(c: &ContainerClient, path: &str, want: u64) -> Duration {
     let t = Instant::now();
     let mut s = c.read_raw(path).await.expect("read_raw");
@@ -534,11 +768,19 @@ async fn bench_raw(
     let _ = local_rw_copy(&src, &dst);
 
     let (mut fs_copy, mut rw_copy, mut rr, mut wr) = (vec![], vec![], vec![], vec![]);
+    let (mut tcp, mut lw, mut lr) = (vec![], vec![], vec![]);
+    let _ = tcp_stream(&src, bytes);
+    // The peak RSS from here on is the one under the raw transfers (the kernel resets VmHWM
+    // on "5" written to clear_refs).
+    let _ = std::fs::write(format!("/proc/{}/clear_refs", server.pid()), "5");
     let (mut rr_cpu, mut wr_cpu) = (vec![], vec![]);
     for round in 0..plan.transfer_rounds {
         eprintln!("raw: round {}/{}", round + 1, plan.transfer_rounds);
         fs_copy.push(mb_per_s(bytes, local_fs_copy(&src, &dst)));
         rw_copy.push(mb_per_s(bytes, local_rw_copy(&src, &dst)));
+        tcp.push(mb_per_s(bytes, tcp_stream(&src, bytes)));
+        lw.push(mb_per_s(bytes, local_write(&mem, &dst)));
+        lr.push(mb_per_s(bytes, local_read(&src)));
         let cpu = CpuMeter::start(server);
         let d = read_raw(c, "big.bin", bytes).await;
         rr.push(mb_per_s(bytes, d));
@@ -559,9 +801,19 @@ async fn bench_raw(
             2.0 * wall.as_secs_f64()
         ));
     }
+    let (_, peak) = server.memory();
     let _ = std::fs::remove_file(&dst);
     let _ = std::fs::remove_file(&src);
     let (fs_copy, rw_copy, rr, wr) = (median(fs_copy), median(rw_copy), median(rr), median(wr));
+    let (tcp, lw, lr) = (median(tcp), median(lw), median(lr));
+    let mib = |b: u64| b as f64 / MIB as f64;
+    rep.target(
+        "Server peak RSS under the raw transfers ≤ 24 MiB",
+        format!("{:.1} MiB", mib(peak)),
+        "24 MiB".into(),
+        peak as f64 / (24 * MIB) as f64,
+        true,
+    );
     // Baseline: `std::fs::copy` (what `cp` does); the read+write loop is shown for reference.
     let size = format!("{} MiB", bytes / MIB);
     for (name, v) in [("ReadRaw", rr), ("WriteRaw", wr)] {
@@ -574,6 +826,39 @@ async fn bench_raw(
                 .target("≥ 1000 MB/s and ≥ 40 %", v >= 1000.0 && v / fs_copy >= 0.4),
         );
     }
+    for (name, v) in [("ReadRaw", rr), ("WriteRaw", wr)] {
+        rep.target(
+            &format!("{name} ≥ 0.6× a plain TCP loopback stream"),
+            format!("{v:.0} MB/s"),
+            format!("{:.0} MB/s (0.6 × {tcp:.0})", 0.6 * tcp),
+            v / (0.6 * tcp),
+            false,
+        );
+    }
+    rep.rows.push(
+        Row::new(
+            format!("TCP loopback stream {size}, 64 KiB chunks, process to process"),
+            format!("{tcp:.0} MB/s"),
+        )
+        .baseline(
+            "–",
+            format!("ReadRaw {:.2}×, WriteRaw {:.2}×", rr / tcp, wr / tcp),
+        ),
+    );
+    rep.rows.push(
+        Row::new(
+            format!("Local file write {size} from memory / read {size} (1 MiB buffer)"),
+            format!("{lw:.0} MB/s / {lr:.0} MB/s"),
+        )
+        .baseline(
+            "–",
+            format!(
+                "WriteRaw {:.2}× write, ReadRaw {:.2}× read",
+                wr / lw,
+                rr / lr
+            ),
+        ),
+    );
     rep.rows.push(
         Row::new(
             format!("Local read+write loop {size} (1 MiB buffer)"),
@@ -623,8 +908,13 @@ enum Call {
     Stat,
 }
 
-/// Runs `CLIENTS` tasks calling in a loop for `time`; returns (calls/s, errors).
-async fn load(clients: Vec<ContainerClient>, call: Call, time: Duration) -> (f64, u64) {
+/// Runs `CLIENTS` tasks calling in a loop for `time`; returns (calls/s, errors, sorted
+/// latencies of the successful calls).
+async fn load(
+    clients: Vec<ContainerClient>,
+    call: Call,
+    time: Duration,
+) -> (f64, u64, Vec<Duration>) {
     let ok = Arc::new(AtomicU64::new(0));
     let err = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
@@ -634,26 +924,35 @@ async fn load(clients: Vec<ContainerClient>, call: Call, time: Duration) -> (f64
         .map(|c| {
             let (ok, err) = (ok.clone(), err.clone());
             tokio::spawn(async move {
+                let mut lat = Vec::new();
                 while Instant::now() < until {
+                    let t = Instant::now();
                     let r = match call {
                         Call::ReadFile => c.read_file(SMALL_FILE, 1, 0).await.map(|_| ()),
                         Call::Stat => c.stat(SMALL_FILE).await.map(|_| ()),
                     };
                     match r {
-                        Ok(()) => ok.fetch_add(1, Ordering::Relaxed),
+                        Ok(()) => {
+                            lat.push(t.elapsed());
+                            ok.fetch_add(1, Ordering::Relaxed)
+                        }
                         Err(_) => err.fetch_add(1, Ordering::Relaxed),
                     };
                 }
+                lat
             })
         })
         .collect();
+    let mut lat = Vec::new();
     for t in tasks {
-        t.await.expect("load task");
+        lat.extend(t.await.expect("load task"));
     }
+    lat.sort();
     let secs = start.elapsed().as_secs_f64();
     (
         ok.load(Ordering::Relaxed) as f64 / secs,
         err.load(Ordering::Relaxed),
+        lat,
     )
 }
 
@@ -676,9 +975,17 @@ async fn bench_read_file(server: &Server, data_dir: &Path, plan: &Plan, rep: &mu
     ] {
         eprintln!("read_file: {name}, {secs:.0} s");
         let cpu = CpuMeter::start(server);
-        let (rate, errors) = load(clients, Call::ReadFile, plan.load_time).await;
+        let (rate, errors, lat) = load(clients, Call::ReadFile, plan.load_time).await;
         let (server_cpu, client_cpu) = cpu.stop();
         assert_eq!(errors, 0, "ReadFile errors under load");
+        let (p50, p99) = (percentile(&lat, 50.0), percentile(&lat, 99.0));
+        rep.target(
+            &format!("ReadFile p99 ≤ 3× p50, {name}"),
+            ms(p99),
+            format!("{} (3 × {})", ms(3 * p50), ms(p50)),
+            p99.as_secs_f64() / (3.0 * p50.as_secs_f64()),
+            true,
+        );
         rep.notes.push(format!(
             "ReadFile, {name}: CPU over {secs:.0} s: server {:.2} s, client {:.2} s.",
             server_cpu.as_secs_f64(),
@@ -697,7 +1004,7 @@ async fn bench_read_file(server: &Server, data_dir: &Path, plan: &Plan, rep: &mu
         );
     }
     eprintln!("stat: 64 clients, one connection each, {secs:.0} s");
-    let (rate, errors) = load(own, Call::Stat, plan.load_time).await;
+    let (rate, errors, _) = load(own, Call::Stat, plan.load_time).await;
     assert_eq!(errors, 0, "Stat errors under load");
     rep.rows.push(Row::new(
         "Stat calls/s, 64 clients, one connection each (gRPC floor of a unary call)",
@@ -749,6 +1056,13 @@ async fn bench_idle(args: &Args, data_dir: &Path, rep: &mut Report) {
         )
         .target("≤ 8 MiB", rss <= 8 * MIB),
     );
+    rep.target(
+        "Server idle RSS ≤ 8 MiB",
+        format!("{:.1} MiB", mib(rss)),
+        "8 MiB".into(),
+        rss as f64 / (8 * MIB) as f64,
+        true,
+    );
     let size = std::fs::metadata(bin).map(|m| m.len()).unwrap_or(0);
     rep.rows.push(Row::new(
         "Release binary size (debuginfo stripped)",
@@ -787,6 +1101,10 @@ fn table(rows: &[Row]) -> String {
 }
 
 fn main() {
+    let argv: Vec<String> = std::env::args().collect();
+    if argv.get(1).map(String::as_str) == Some(TCP_SOURCE_FLAG) && argv.len() == 4 {
+        tcp_source_main(&argv[2], &argv[3]);
+    }
     let args = parse_args();
     let plan = if args.quick {
         Plan::quick()
@@ -810,6 +1128,7 @@ fn main() {
         let server = Server::start(&args.server, &data_dir, &log, &args, true);
         let c = server.wait_ready().await;
         bench_exec(&server, &c, &plan, &mut rep).await;
+        bench_exec_parallel(&server, &c, &plan, &mut rep).await;
         bench_read_file(&server, &data_dir, &plan, &mut rep).await;
         bench_raw(&server, &c, &data_dir, &plan, &mut rep).await;
         let (rss, hwm) = server.memory();
@@ -828,6 +1147,10 @@ fn main() {
     out.push('\n');
     for n in &rep.notes {
         let _ = writeln!(out, "- {n}");
+    }
+    out.push_str("\nTargets (issue 19), each against a bound measured in the same run:\n\n");
+    for t in &rep.targets {
+        let _ = writeln!(out, "- {t}");
     }
     if args.quick {
         out.push_str("\n(--quick smoke run: small sizes, not results.)\n");
