@@ -176,7 +176,10 @@ pub const COMMAND_OOM_SCORE_ADJ: i32 = 500;
 pub enum ChildOom {
     /// The server's own, as `fork` leaves it.
     Inherit,
-    /// This value, set in the child before it runs the command.
+    /// This value. Where it lowers the server's own (the command must not keep a
+    /// protection), the child sets it before it runs the command, which makes the spawn a
+    /// `fork`; where it raises it, the server sets it right after the spawn, which keeps the
+    /// spawn a `posix_spawn` (`vfork`): see [`start_with`].
     Set(i32),
 }
 
@@ -198,11 +201,41 @@ impl ChildOom {
 
 /// Starts the command. Errors here are the caller's to report as a status.
 pub fn start(spec: ExecSpec, reaper: &Reaper) -> Result<Running, ServerError> {
-    start_with(spec, reaper, ChildOom::for_server(own_oom_score_adj()))
+    let own = own_oom_score_adj();
+    start_inner(spec, reaper, ChildOom::for_server(own), own)
 }
 
 /// [`start`] with the command's `oom_score_adj` chosen by the caller.
+///
+/// How the value is set depends on what it does to the server's own:
+/// - it lowers it (a protected server, `Set(0)`): the child writes it between `fork` and
+///   `exec`, so the command never runs with the server's protection, not even for an
+///   instant. `std` must then `fork` (a `pre_exec` hook rules out `posix_spawn`), which
+///   copies the server's page tables and makes its next writes to every page fault.
+/// - it raises it (an unprotected server, `Set(500)`): the child is started with
+///   `posix_spawn` (`clone(CLONE_VM|CLONE_VFORK)`, no page-table copy) and the server writes
+///   `/proc/PID/oom_score_adj` as soon as the spawn returns, then does the same for any
+///   child the shell has already made. The trade-off: for the moment between the `exec` and
+///   that write (microseconds; longer only if the server thread is preempted), the shell
+///   runs at the server's own value, which is never a protection relative to the server,
+///   only the absence of the handicap. A process the shell forked in that moment is raised
+///   too (the server follows the shell's children), except one whose `fork` outlasts the
+///   server's whole pass: it keeps the server's own value, still no protection.
 pub fn start_with(spec: ExecSpec, reaper: &Reaper, oom: ChildOom) -> Result<Running, ServerError> {
+    let own = match oom {
+        ChildOom::Inherit => None,
+        ChildOom::Set(_) => own_oom_score_adj(),
+    };
+    start_inner(spec, reaper, oom, own)
+}
+
+/// [`start_with`], `own` being the server's own `oom_score_adj` when known.
+fn start_inner(
+    spec: ExecSpec,
+    reaper: &Reaper,
+    oom: ChildOom,
+    own: Option<i32>,
+) -> Result<Running, ServerError> {
     let mut cmd = std::process::Command::new("/bin/sh");
     cmd.arg("-c")
         .arg(&spec.command)
@@ -210,11 +243,27 @@ pub fn start_with(spec: ExecSpec, reaper: &Reaper, oom: ChildOom) -> Result<Runn
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
-    prepare_child(&mut cmd, &spec, oom);
+    // Raising needs no hook in the child: the spawn stays a posix_spawn.
+    let raise = match oom {
+        ChildOom::Set(adj) if own.is_some_and(|o| adj >= o) => Some(adj),
+        _ => None,
+    };
+    prepare_child(
+        &mut cmd,
+        &spec,
+        if raise.is_some() {
+            ChildOom::Inherit
+        } else {
+            oom
+        },
+    );
     let (mut child, exit) = reaper
         .spawn(&mut cmd)
         .map_err(|e| ServerError::spawn("a process", e))?;
     let pgid = Pid::from_raw(child.id() as i32);
+    if let Some(adj) = raise {
+        raise_oom_score_adj(pgid.as_raw(), adj);
+    }
     let conv = |e: std::io::Error| {
         let _ = killpg(pgid, Signal::SIGKILL);
         ServerError::Spawn(e)
@@ -262,6 +311,45 @@ pub(crate) fn prepare_child(cmd: &mut std::process::Command, spec: &ExecSpec, oo
                 Ok(())
             });
         }
+    }
+}
+
+/// Writes `adj` as the `oom_score_adj` of the just spawned `pid` and of every process it has
+/// already started (followed down a few generations), best effort: a process that already
+/// exited needs nothing. Two passes: a child whose `fork` was under way during the first
+/// write to its parent inherited the old value but may not be listed yet; the second pass
+/// finds it (the remaining window is a `fork` that outlasts the whole first pass).
+fn raise_oom_score_adj(pid: i32, adj: i32) {
+    let value = adj.to_string();
+    for _ in 0..2 {
+        raise_tree(pid, &value);
+    }
+}
+
+/// One pass of [`raise_oom_score_adj`].
+fn raise_tree(pid: i32, value: &str) {
+    let mut todo = vec![(pid, 0u8)];
+    while let Some((pid, depth)) = todo.pop() {
+        if let Err(e) = std::fs::write(format!("/proc/{pid}/oom_score_adj"), value) {
+            if e.kind() != std::io::ErrorKind::NotFound && e.raw_os_error() != Some(libc::ESRCH) {
+                debug!(pid, error = %e, "setting a command's oom_score_adj failed");
+            }
+            continue;
+        }
+        if depth >= 4 {
+            continue;
+        }
+        // Children the process made before the write above inherited the old value.
+        let Ok(children) = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        else {
+            continue;
+        };
+        todo.extend(
+            children
+                .split_whitespace()
+                .filter_map(|c| c.parse().ok())
+                .map(|c| (c, depth + 1)),
+        );
     }
 }
 

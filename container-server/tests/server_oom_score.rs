@@ -1,7 +1,8 @@
 //! Commands never inherit the server's protection from the OOM killer: with the server's own
 //! `oom_score_adj` negative (as the bot's spec sets it where the host allows), a command reads
-//! 0 in its own `/proc/self/oom_score_adj`; with the server unprotected (0), commands start at
-//! 500. Either way a memory hog is the OOM killer's choice, not the server.
+//! 0 in its own `/proc/self/oom_score_adj`; with the server unprotected (0), commands are
+//! raised to 500 right after their spawn. Either way a memory hog is the OOM killer's choice,
+//! not the server.
 //!
 //! Lowering one's own `oom_score_adj` below 0 needs CAP_SYS_RESOURCE: the first test reports a
 //! skip where even root lacks it (some container hosts), and the reset itself is then tested
@@ -121,9 +122,50 @@ async fn an_unprotected_servers_commands_are_killed_first() {
         return;
     }
     std::fs::write(ADJ, "0").unwrap();
-    let (out, code) = run("cat /proc/self/oom_score_adj", None).await;
+    // Raised by the server right after the spawn: read once the shell is under way.
+    let (out, code) = run("sleep 0.1; cat /proc/self/oom_score_adj", None).await;
     assert_eq!((out.trim(), code), ("500", 0));
     assert_eq!(exec::own_oom_score_adj(), Some(0));
+}
+
+/// Raising a command's value happens in the server right after the spawn (no `fork`): the
+/// shell holds the raised value, also when many commands start together, and a process it
+/// starts at once never holds less than the server's own (it is raised too unless its `fork`
+/// outlasted the server's pass; see `exec::start_with`). The values are read after a short
+/// wait: what counts is the value held when the OOM killer looks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raised_values_are_held_by_the_shell_and_its_children() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let old = std::fs::read_to_string(ADJ).unwrap();
+    let _restore = Restore(old.clone());
+    if old.trim().parse::<i32>().unwrap() > 0 {
+        println!("skipped: the test process starts at {}", old.trim());
+        return;
+    }
+    std::fs::write(ADJ, "0").unwrap();
+    let cmd = "sleep 5 & p=$!; sleep 0.3; read s < /proc/self/oom_score_adj; \
+               read c < /proc/$p/oom_score_adj; kill $p; echo $s $c";
+    let runs: Vec<_> = (0..32).map(|_| tokio::spawn(run(cmd, None))).collect();
+    let mut raised_children = 0;
+    for r in runs {
+        let (out, code) = r.await.unwrap();
+        let v: Vec<&str> = out.split_whitespace().collect();
+        assert_eq!(
+            (v[0], code),
+            ("500", 0),
+            "the shell's own value; output {out:?}"
+        );
+        assert!(
+            v[1] == "500" || v[1] == "0",
+            "a child's value; output {out:?}"
+        );
+        raised_children += usize::from(v[1] == "500");
+    }
+    // Nearly all children start after the server's write; a few may be caught by its pass.
+    assert!(
+        raised_children >= 16,
+        "{raised_children} of 32 children raised"
+    );
 }
 
 #[test]
