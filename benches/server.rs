@@ -91,6 +91,7 @@ struct Args {
     dir: PathBuf,
     max_frame: Option<u32>,
     log: Option<String>,
+    only: Option<String>,
 }
 
 fn usage() -> ! {
@@ -101,7 +102,8 @@ fn usage() -> ! {
          \n  --server PATH  container-server binary (default: target/release/container-server)\
          \n  --dir DIR      where the temporary data directory goes (default: $TMPDIR or /tmp)\
          \n  --log FILTER   MCP_LOG for the server (default: unset, the production default `info`)\
-         \n  --max-frame N  client tuning: the HTTP/2 frame size the client accepts (default 16384)"
+         \n  --max-frame N  client tuning: the HTTP/2 frame size the client accepts (default 16384)\
+         \n  --only PHASE   run one phase (idle, exec, exec64, readfile, raw), e.g. under a profiler"
     );
     std::process::exit(2)
 }
@@ -118,6 +120,7 @@ fn parse_args() -> Args {
         dir: std::env::temp_dir(),
         max_frame: None,
         log: None,
+        only: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -127,6 +130,7 @@ fn parse_args() -> Args {
             "--server" => args.server = it.next().unwrap_or_else(|| usage()).into(),
             "--dir" => args.dir = it.next().unwrap_or_else(|| usage()).into(),
             "--log" => args.log = Some(it.next().unwrap_or_else(|| usage())),
+            "--only" => args.only = Some(it.next().unwrap_or_else(|| usage())),
             "--max-frame" => {
                 let v = it.next().unwrap_or_else(|| usage());
                 args.max_frame = Some(v.parse().unwrap_or_else(|_| usage()));
@@ -1123,14 +1127,25 @@ fn main() {
     let mut rep = Report::default();
     let load_before = loadavg();
     rt.block_on(async {
-        bench_idle(&args, &data_dir, &mut rep).await;
+        let run = |phase: &str| args.only.as_deref().is_none_or(|o| o == phase);
+        if run("idle") {
+            bench_idle(&args, &data_dir, &mut rep).await;
+        }
         let log = data_dir.join("server.log");
         let server = Server::start(&args.server, &data_dir, &log, &args, true);
         let c = server.wait_ready().await;
-        bench_exec(&server, &c, &plan, &mut rep).await;
-        bench_exec_parallel(&server, &c, &plan, &mut rep).await;
-        bench_read_file(&server, &data_dir, &plan, &mut rep).await;
-        bench_raw(&server, &c, &data_dir, &plan, &mut rep).await;
+        if run("exec") {
+            bench_exec(&server, &c, &plan, &mut rep).await;
+        }
+        if run("exec64") {
+            bench_exec_parallel(&server, &c, &plan, &mut rep).await;
+        }
+        if run("readfile") {
+            bench_read_file(&server, &data_dir, &plan, &mut rep).await;
+        }
+        if run("raw") {
+            bench_raw(&server, &c, &data_dir, &plan, &mut rep).await;
+        }
         let (rss, hwm) = server.memory();
         rep.notes.push(format!(
             "Server RSS after the whole run: {:.1} MiB (peak {:.1} MiB).",
