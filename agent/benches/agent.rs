@@ -8,7 +8,9 @@
 //! - the proxy's cost: exec through the agent's socket with the Rust client against the same
 //!   exec straight to the bot's address with its token (p50 over 300 each, interleaved);
 //! - that in-process exec against `ctr tasks exec`, and the cost of spawning `/bin/true`, the
-//!   floor under every CLI figure on this machine.
+//!   floor under every CLI figure on this machine;
+//! - the CLI's own overhead (a CLI exec minus the in-process exec over the socket) against the
+//!   spawn of `memoh-agent --version` (p50 over 20).
 //!
 //! Run with `cargo bench -p memoh-agent --bench agent`. Prints a markdown table and appends a
 //! dated "memoh-agent" section with the machine to `BENCHMARKS.md` at the workspace root.
@@ -184,6 +186,24 @@ fn main() {
             "{:.0} % of the CLI exec",
             floor.as_secs_f64() * 100.0 / percentile(&cli, 50).as_secs_f64()
         ),
+    });
+    // The CLI's own overhead: a CLI exec minus the same exec over the socket in-process,
+    // against the spawn of `memoh-agent --version` (process start, argument parsing, exit).
+    let mut version = Vec::new();
+    for _ in 0..EXEC_RUNS {
+        version.push(timed(a.command(&["--version"])));
+    }
+    let version = percentile(&version, 50);
+    let overhead = percentile(&cli, 50).saturating_sub(v);
+    let ratio = overhead.as_secs_f64() / version.as_secs_f64();
+    rows.push(Row {
+        what: "the CLI's own overhead: CLI exec p50 minus in-process socket exec p50",
+        value: overhead,
+        baseline_name: "spawn of `memoh-agent --version`, p50 of 20",
+        baseline: version,
+        target: "<= 2x baseline",
+        met: ratio <= 2.0,
+        ratio: format!("{ratio:.2}x"),
     });
     drop(a);
 
