@@ -176,10 +176,11 @@ pub const COMMAND_OOM_SCORE_ADJ: i32 = 500;
 pub enum ChildOom {
     /// The server's own, as `fork` leaves it.
     Inherit,
-    /// This value. Where it lowers the server's own (the command must not keep a
-    /// protection), the child sets it before it runs the command, which makes the spawn a
-    /// `fork`; where it raises it, the server sets it right after the spawn, which keeps the
-    /// spawn a `posix_spawn` (`vfork`): see [`start_with`].
+    /// This value. Where the server protects itself (its own value is negative) or the value
+    /// is below the server's own, the child sets it before it runs the command, which makes
+    /// the spawn a `fork`; where it raises an unprotected server's value, the server sets it
+    /// right after the spawn, which keeps the spawn a `posix_spawn` (`vfork`): see
+    /// [`start_with`].
     Set(i32),
 }
 
@@ -207,20 +208,22 @@ pub fn start(spec: ExecSpec, reaper: &Reaper) -> Result<Running, ServerError> {
 
 /// [`start`] with the command's `oom_score_adj` chosen by the caller.
 ///
-/// How the value is set depends on what it does to the server's own:
-/// - it lowers it (a protected server, `Set(0)`): the child writes it between `fork` and
-///   `exec`, so the command never runs with the server's protection, not even for an
-///   instant. `std` must then `fork` (a `pre_exec` hook rules out `posix_spawn`), which
-///   copies the server's page tables and makes its next writes to every page fault.
-/// - it raises it (an unprotected server, `Set(500)`): the child is started with
-///   `posix_spawn` (`clone(CLONE_VM|CLONE_VFORK)`, no page-table copy) and the server writes
-///   `/proc/PID/oom_score_adj` as soon as the spawn returns, then does the same for any
-///   child the shell has already made. The trade-off: for the moment between the `exec` and
-///   that write (microseconds; longer only if the server thread is preempted), the shell
-///   runs at the server's own value, which is never a protection relative to the server,
-///   only the absence of the handicap. A process the shell forked in that moment is raised
-///   too (the server follows the shell's children), except one whose `fork` outlasts the
-///   server's whole pass: it keeps the server's own value, still no protection.
+/// How the value is set depends on the server's own:
+/// - a protected server (a negative value; commands get `Set(0)`), or a value below the
+///   server's own: the child writes it between `fork` and `exec`, so the command never runs
+///   with the server's protection, not even for an instant. `std` must then `fork` (a
+///   `pre_exec` hook rules out `posix_spawn`), which copies the server's page tables and
+///   makes its next writes to every page fault.
+/// - an unprotected server (0 or more) raising its commands (`Set(500)`): the child is
+///   started with `posix_spawn` (`clone(CLONE_VM|CLONE_VFORK)`, no page-table copy) and the
+///   server writes `/proc/PID/oom_score_adj` as soon as the spawn returns, then does the
+///   same for any child the shell has already made. The trade-off: for the moment between
+///   the `exec` and that write (microseconds; longer only if the server thread is
+///   preempted), the shell runs at the server's own value, which is never a protection
+///   relative to the server, only the absence of the handicap. A process the shell forked in
+///   that moment is raised too (the server follows the shell's children), except one whose
+///   `fork` outlasts the server's whole pass: it keeps the server's own value, still no
+///   protection.
 pub fn start_with(spec: ExecSpec, reaper: &Reaper, oom: ChildOom) -> Result<Running, ServerError> {
     let own = match oom {
         ChildOom::Inherit => None,
@@ -243,9 +246,11 @@ fn start_inner(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
-    // Raising needs no hook in the child: the spawn stays a posix_spawn.
+    // A server without protection (its own value not negative) has none to pass on: raising
+    // the command's value needs no hook in the child, and the spawn stays a posix_spawn. A
+    // protected server's commands drop the protection in the child, before `exec`.
     let raise = match oom {
-        ChildOom::Set(adj) if own.is_some_and(|o| adj >= o) => Some(adj),
+        ChildOom::Set(adj) if own.is_some_and(|o| o >= 0 && adj >= o) => Some(adj),
         _ => None,
     };
     prepare_child(
