@@ -17,6 +17,17 @@ def procs(server):
     return ppb_grpc.ProcessServiceStub(server.channel)
 
 
+def test_health_and_reflection_show_the_process_service(server):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from test_health_reflection import reflect
+    from grpc_reflection.v1alpha import reflection_pb2
+    r = health_pb2_grpc.HealthStub(server.channel).Check(
+        health_pb2.HealthCheckRequest(service="memoh.process.v1.ProcessService"), timeout=5)
+    assert r.status == health_pb2.HealthCheckResponse.SERVING
+    r = reflect(server.channel, "grpc.reflection.v1", reflection_pb2.ServerReflectionRequest(list_services=""))
+    assert "memoh.process.v1.ProcessService" in {s.name for s in r.list_services_response.service}
+
+
 def counter(n):
     return b"".join(b"%06d\n" % i for i in range(n))
 

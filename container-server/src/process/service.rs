@@ -100,12 +100,6 @@ struct Cursor {
     budget: Option<u64>,
 }
 
-/// What one pass over the record found for one stream.
-enum Step {
-    Send(pb::AttachOutput, u64),
-    Idle,
-}
-
 fn kind_of(stream: usize) -> Kind {
     if stream == 0 {
         Kind::Stdout
@@ -114,8 +108,14 @@ fn kind_of(stream: usize) -> Kind {
     }
 }
 
-/// The next message for `stream` at `pos`, at most `max` bytes.
-fn step(p: &Process, stream: usize, pos: u64, max: usize) -> Result<Step, Status> {
+/// The next message for `stream` at `pos` (at most `max` bytes) and the offset after it;
+/// `None` when there is nothing new.
+fn step(
+    p: &Process,
+    stream: usize,
+    pos: u64,
+    max: usize,
+) -> Result<Option<(pb::AttachOutput, u64)>, Status> {
     let read = {
         let st = p.lock();
         let s = if stream == 0 { &st.out } else { &st.err };
@@ -124,9 +124,9 @@ fn step(p: &Process, stream: usize, pos: u64, max: usize) -> Result<Step, Status
     .map_err(|e| Status::internal(format!("reading output of process {}: {e}", p.id)))?;
     let kind = kind_of(stream);
     let data = match read {
-        Read::Nothing => return Ok(Step::Idle),
+        Read::Nothing => return Ok(None),
         Read::Lost { first } => {
-            return Ok(Step::Send(
+            return Ok(Some((
                 pb::AttachOutput {
                     kind: Kind::Lost as i32,
                     offset: pos,
@@ -135,7 +135,7 @@ fn step(p: &Process, stream: usize, pos: u64, max: usize) -> Result<Step, Status
                     ..Default::default()
                 },
                 first,
-            ))
+            )))
         }
         Read::Data(b) => b,
         // Page-cache reads of at most one chunk: short enough to do in place.
@@ -143,10 +143,10 @@ fn step(p: &Process, stream: usize, pos: u64, max: usize) -> Result<Step, Status
             .map_err(|e| Status::internal(format!("reading output of process {}: {e}", p.id)))?,
     };
     if data.is_empty() {
-        return Ok(Step::Idle);
+        return Ok(None);
     }
     let next = pos + data.len() as u64;
-    Ok(Step::Send(
+    Ok(Some((
         pb::AttachOutput {
             kind: kind as i32,
             data,
@@ -154,7 +154,7 @@ fn step(p: &Process, stream: usize, pos: u64, max: usize) -> Result<Step, Status
             ..Default::default()
         },
         next,
-    ))
+    )))
 }
 
 /// Streams `p` to `tx` from the cursor: replay, then live output, then EXIT (or END).
@@ -177,8 +177,8 @@ async fn attach(
                 None => ATTACH_CHUNK,
             };
             match step(&p, stream, c.pos[stream], max) {
-                Ok(Step::Idle) => {}
-                Ok(Step::Send(m, next)) => {
+                Ok(None) => {}
+                Ok(Some((m, next))) => {
                     if m.kind != Kind::Lost as i32 {
                         if let Some(b) = c.budget.as_mut() {
                             *b -= m.data.len() as u64;
