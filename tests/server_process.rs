@@ -391,7 +391,7 @@ fn cpu_of_time(cmd: &str) -> f64 {
 async fn wait_reports_cpu_time_and_peak_memory() {
     let s = TestServer::start().await;
     let mut c = s.processes();
-    let burn = "i=0; while [ $i -lt 400000 ]; do i=$((i+1)); done; exit 3";
+    let burn = "i=0; while [ $i -lt 1000000 ]; do i=$((i+1)); done; exit 3";
     let id = start(&mut c, burn).await;
     let info = wait(&mut c, &id).await;
     let reference = cpu_of_time(burn);
