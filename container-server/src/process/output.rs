@@ -207,6 +207,17 @@ impl Stream {
         })
     }
 
+    /// Frees the ring once the stream is complete, when the spill files hold everything it
+    /// has (a kept finished process then costs no memory for its output); replays read the
+    /// files. Without working spill files the ring stays, as the only copy.
+    pub fn release_ring(&mut self) {
+        let spilled = self.base.is_some() && !self.spill_failed && !self.segments.is_empty();
+        if spilled {
+            self.ring.clear();
+            self.ring_len = 0;
+        }
+    }
+
     /// Deletes the spill files.
     pub fn remove_files(&mut self) {
         for s in self.segments.drain(..) {
@@ -274,6 +285,12 @@ mod tests {
             assert_eq!(got, all[from as usize..], "from {from}");
             assert_eq!(lost, None);
         }
+        // Complete: the ring goes, the files answer alone.
+        s.release_ring();
+        assert!(s.ring.is_empty());
+        for from in [0u64, 150, 199] {
+            assert_eq!(collect(&s, from).0, all[from as usize..], "from {from}");
+        }
     }
 
     #[test]
@@ -306,6 +323,7 @@ mod tests {
             s.append(Bytes::copy_from_slice(c));
         }
         assert_eq!(s.first_offset(), 20);
+        s.release_ring();
         let (got, lost) = collect(&s, 3);
         assert_eq!(lost, Some(20));
         assert_eq!(got, (20..30u8).collect::<Vec<_>>());
