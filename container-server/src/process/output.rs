@@ -211,7 +211,10 @@ impl Stream {
     /// has (a kept finished process then costs no memory for its output); replays read the
     /// files. Without working spill files the ring stays, as the only copy.
     pub fn release_ring(&mut self) {
-        let spilled = self.base.is_some() && !self.spill_failed && !self.segments.is_empty();
+        let ring_first = self.ring.front().map(|(o, _)| *o).unwrap_or(self.total);
+        let spilled = self.base.is_some()
+            && !self.spill_failed
+            && self.segments.front().is_some_and(|s| s.start <= ring_first);
         if spilled {
             self.ring.clear();
             self.ring_len = 0;
@@ -314,6 +317,20 @@ mod tests {
         assert!(on_disk <= 40, "{on_disk} bytes on disk");
         s.remove_files();
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn a_ring_larger_than_the_files_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Stream::new(64, 20, Some(dir.path().join("out.log")));
+        let all: Vec<u8> = (0..60u8).collect();
+        for c in all.chunks(4) {
+            s.append(Bytes::copy_from_slice(c));
+        }
+        assert_eq!(s.first_offset(), 0, "the ring still has everything");
+        s.release_ring();
+        assert_eq!(s.first_offset(), 0);
+        assert_eq!(collect(&s, 0), (all, None));
     }
 
     #[test]
