@@ -406,7 +406,10 @@ impl AgentService for Control {
                 .await
         })
         .await?;
-        Ok(Response::new(pb::PushSnapshotResponse { reference, digest }))
+        Ok(Response::new(pb::PushSnapshotResponse {
+            reference,
+            digest,
+        }))
     }
 
     type MigrateStream = BoxStream<pb::MigrateProgress>;

@@ -146,11 +146,7 @@ impl Manager {
             ))
         })?;
         let (base, stack) = self.version_base(&c, active.parent.as_deref()).await?;
-        let diff_parent = if stack {
-            active.parent.clone()
-        } else {
-            None
-        };
+        let diff_parent = if stack { active.parent.clone() } else { None };
         let number = self.next_version(bot, &c).await?;
         let created = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
         let running = matches!(
@@ -294,14 +290,17 @@ impl Manager {
         }
         let cid = ids::container_id(bot);
         if let Some(c) = rt.get_container(&cid).await? {
-            let paused_on_purpose =
-                c.labels.get(LABEL_DESIRED).map(String::as_str) == Some(super::resources::DESIRED_PAUSED);
+            let paused_on_purpose = c.labels.get(LABEL_DESIRED).map(String::as_str)
+                == Some(super::resources::DESIRED_PAUSED);
             let frozen = matches!(
                 rt.task_status(&cid).await?.map(|s| s.state),
                 Some(TaskState::Paused | TaskState::Pausing)
             );
             if frozen && !paused_on_purpose {
-                warn!(bot, "the bot was left paused by an interrupted version; resuming it");
+                warn!(
+                    bot,
+                    "the bot was left paused by an interrupted version; resuming it"
+                );
                 rt.resume_task(&cid).await?;
                 changed = true;
             }
@@ -347,7 +346,9 @@ impl Manager {
         let created = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
         let mut moved = c.clone();
         match &base {
-            Some(b) => moved.labels.insert(LABEL_VERSION_BASE.to_string(), b.clone()),
+            Some(b) => moved
+                .labels
+                .insert(LABEL_VERSION_BASE.to_string(), b.clone()),
             None => moved.labels.remove(LABEL_VERSION_BASE),
         };
         moved
@@ -401,12 +402,24 @@ impl Manager {
                 && version_of(&s).is_none()
                 && s.name.starts_with(&format!("mcp-{bot}@a"))
             {
-                warn!(bot, key = s.name, "removing a state an interrupted rollback left");
+                warn!(
+                    bot,
+                    key = s.name,
+                    "removing a state an interrupted rollback left"
+                );
                 rt.remove_snapshot(&s.name).await?;
                 changed = true;
             }
         }
         Ok(changed)
+    }
+
+    /// Removes every version image of `bot` (its layers go with the last image using them).
+    pub(super) async fn remove_version_images(&self, bot: &str) -> Result<(), AgentError> {
+        for v in self.image_versions(bot, None).await? {
+            self.runtime().delete_image(&v.image).await?;
+        }
+        Ok(())
     }
 
     /// Removes version image `image` of `bot`.
@@ -498,7 +511,9 @@ impl Manager {
             (LABEL_NEXT_VERSION.to_string(), (number + 1).to_string()),
             (LABEL_VERSION_CURRENT.to_string(), number.to_string()),
         ]);
-        self.runtime().update_container_labels(&c.id, &record).await?;
+        self.runtime()
+            .update_container_labels(&c.id, &record)
+            .await?;
         info!(bot, from = name, number, "bot created from a version image");
         Ok(info)
     }

@@ -161,7 +161,10 @@ pub async fn snapshot(socket: &Path, cmd: SnapshotCmd) -> Result<u8, CliError> {
                 .await
                 .map_err(e)?
                 .into_inner();
-            println!("{bot} version {version} pushed to {} {}", r.reference, r.digest);
+            println!(
+                "{bot} version {version} pushed to {} {}",
+                r.reference, r.digest
+            );
         }
     }
     Ok(0)

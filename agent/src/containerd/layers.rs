@@ -204,7 +204,10 @@ impl Layers for Containerd {
         match LeasesClient::new(self.channel.clone()).delete(req).await {
             Ok(_) => Ok(()),
             Err(s) if s.code() == tonic::Code::NotFound => Ok(()),
-            Err(s) => Err(AgentError::containerd(format!("delete {}", lease_op(id)), s)),
+            Err(s) => Err(AgentError::containerd(
+                format!("delete {}", lease_op(id)),
+                s,
+            )),
         }
     }
 
@@ -271,13 +274,10 @@ impl Layers for Containerd {
                 tracing::debug!(view = view_key, error = %e, "removing a diff view; its lease goes anyway");
             }
         }
-        let d = result?
-            .into_inner()
-            .diff
-            .ok_or_else(|| AgentError::Image {
-                reference: key.to_string(),
-                reason: "the diff service returned no layer".into(),
-            })?;
+        let d = result?.into_inner().diff.ok_or_else(|| AgentError::Image {
+            reference: key.to_string(),
+            reason: "the diff service returned no layer".into(),
+        })?;
         Ok(LayerBlob {
             media_type: d.media_type,
             diff_id: d.digest.clone(),
@@ -297,20 +297,20 @@ impl Layers for Containerd {
         lease: &str,
     ) -> Result<VersionImage, AgentError> {
         let resolved = self.resolve_image(base).await?;
-        let base_manifest: serde_json::Value =
-            serde_json::from_slice(&self.read_blob(&resolved.manifest_digest).await?).map_err(
-                |e| AgentError::Image {
-                    reference: base.to_string(),
-                    reason: format!("bad manifest: {e}"),
-                },
-            )?;
-        let mut config: serde_json::Value =
-            serde_json::from_slice(&self.read_blob(&resolved.config_digest).await?).map_err(
-                |e| AgentError::Image {
-                    reference: base.to_string(),
-                    reason: format!("bad image config: {e}"),
-                },
-            )?;
+        let base_manifest: serde_json::Value = serde_json::from_slice(
+            &self.read_blob(&resolved.manifest_digest).await?,
+        )
+        .map_err(|e| AgentError::Image {
+            reference: base.to_string(),
+            reason: format!("bad manifest: {e}"),
+        })?;
+        let mut config: serde_json::Value = serde_json::from_slice(
+            &self.read_blob(&resolved.config_digest).await?,
+        )
+        .map_err(|e| AgentError::Image {
+            reference: base.to_string(),
+            reason: format!("bad image config: {e}"),
+        })?;
         let created = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
         let mut layers: Vec<serde_json::Value> = if stack {
             manifest_layers(&base_manifest)
@@ -422,7 +422,11 @@ impl Layers for Containerd {
         let bytes = self.read_blob(&resolved.manifest_digest).await?;
         let media_type = serde_json::from_slice::<serde_json::Value>(&bytes)
             .ok()
-            .and_then(|v| v.get("mediaType").and_then(|m| m.as_str()).map(String::from))
+            .and_then(|v| {
+                v.get("mediaType")
+                    .and_then(|m| m.as_str())
+                    .map(String::from)
+            })
             .unwrap_or_else(|| MT_OCI_MANIFEST.to_string());
         self.create_image_record(
             name,
@@ -455,10 +459,7 @@ impl Layers for Containerd {
             .and_then(|m| m.as_str())
             .unwrap_or(MT_OCI_MANIFEST)
             .to_string();
-        let registry = Registry::new(
-            super::reference::ImageRef::parse(target)?,
-            options,
-        );
+        let registry = Registry::new(super::reference::ImageRef::parse(target)?, options);
         let (client, reference) = (registry.client(), registry.reference());
         let auth = match &options.credentials {
             Some((u, p)) => RegistryAuth::Basic(u.clone(), p.clone()),

@@ -30,9 +30,9 @@ use super::archive;
 use super::reference::{normalize_image_ref, ImageRef};
 use super::{Containerd, Snapshots};
 use crate::error::AgentError;
+pub(crate) use manifest::MT_OCI_MANIFEST;
 use manifest::{is_index, parse_config, parse_index, parse_manifest, pick_platform, Desc};
 pub use progress::{no_progress, Progress, ProgressFn, ProgressPhase};
-pub(crate) use manifest::MT_OCI_MANIFEST;
 pub(super) use pull::Registry;
 pub use unpack::chain_id;
 
