@@ -46,6 +46,13 @@ pub fn version_image_name(bot: &str, number: u64) -> String {
     format!("memoh.local/versions:{bot}.v{number}")
 }
 
+/// Label on the active snapshot a rollback prepares (until the record is on it, recovery
+/// removes it).
+const LABEL_ROLLBACK_NEW: &str = "memoh.rollback.new";
+/// Label on the active snapshot a rollback leaves: the key of the one replacing it (once the
+/// record is on that one, recovery removes this one).
+const LABEL_ROLLBACK_REPLACED: &str = "memoh.rollback.replaced-by";
+
 /// What a live cycle measured.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CycleTimes {
@@ -158,10 +165,14 @@ impl Manager {
 
         // 1. Freeze, diff, resume. The bot is resumed whatever the diff did.
         let diffed = {
-            if running {
-                rt.pause_task(&c.id).await?;
-            }
+            // Counted from the pause request: the freeze takes effect within it.
             let frozen_at = Instant::now();
+            if running {
+                if let Err(e) = rt.pause_task(&c.id).await {
+                    self.drop_cycle_lease(bot, &lease).await;
+                    return Err(e);
+                }
+            }
             fault("live-paused");
             let limit = Duration::from_millis(self.config().version_max_pause_ms.max(1));
             let diff = rt.diff_snapshot(&c.snapshot_key, diff_parent.as_deref(), &lease);
@@ -280,7 +291,11 @@ impl Manager {
     /// leases go (and with them every blob and view nothing else references), and a task
     /// frozen although the bot is not meant to be paused is thawed. Returns whether it
     /// changed anything.
-    pub(super) async fn recover_live_cycle(&self, bot: &str) -> Result<bool, AgentError> {
+    pub(super) async fn recover_live_cycle(
+        &self,
+        bot: &str,
+        container: Option<&crate::containerd::ContainerInfo>,
+    ) -> Result<bool, AgentError> {
         let rt = self.runtime().clone();
         let mut changed = false;
         for lease in rt.cycle_leases(bot).await? {
@@ -289,7 +304,7 @@ impl Manager {
             changed = true;
         }
         let cid = ids::container_id(bot);
-        if let Some(c) = rt.get_container(&cid).await? {
+        if let Some(c) = container {
             let paused_on_purpose = c.labels.get(LABEL_DESIRED).map(String::as_str)
                 == Some(super::resources::DESIRED_PAUSED);
             let frozen = matches!(
@@ -362,8 +377,16 @@ impl Manager {
         if let Some(record) = record_label(&moved.labels) {
             active_labels.insert(LABEL_RECORD.to_string(), record);
         }
+        // Marked, so recovery knows which of two states a rollback cut short left: the new
+        // one while the record is not on it, the old one once it is.
+        active_labels.insert(LABEL_ROLLBACK_NEW.to_string(), "1".to_string());
         rt.prepare_snapshot(&key, Some(&parent), &active_labels)
             .await?;
+        rt.update_snapshot_labels(
+            &c.snapshot_key,
+            &HashMap::from([(LABEL_ROLLBACK_REPLACED.to_string(), key.clone())]),
+        )
+        .await?;
         fault("rollback-prepared");
         let next = self.next_version(bot, &c).await?;
         self.replace_container(&moved, &key, &parent, next, None)
@@ -384,8 +407,9 @@ impl Manager {
         })
     }
 
-    /// Removes the active snapshots of `bot` other than `keep` (the one its record uses): what
-    /// a rollback cut short left. Returns whether there were any.
+    /// Removes the active snapshots of `bot` other than `keep` (the one its record uses) that a
+    /// rollback cut short left: the new one it prepared, or the old one it moved away from.
+    /// Returns whether there were any.
     pub(super) async fn remove_stray_actives(
         &self,
         bot: &str,
@@ -397,10 +421,11 @@ impl Manager {
             .list_snapshots(&[label_filter(LABEL_BOT_ID, Some(bot))])
             .await?
         {
+            let replaced = s.labels.get(LABEL_ROLLBACK_REPLACED).map(String::as_str) == Some(keep);
             if s.kind == crate::containerd::SnapshotKind::Active
                 && s.name != keep
                 && version_of(&s).is_none()
-                && s.name.starts_with(&format!("mcp-{bot}@a"))
+                && (replaced || s.labels.contains_key(LABEL_ROLLBACK_NEW))
             {
                 warn!(
                     bot,

@@ -59,9 +59,9 @@ impl Manager {
     pub(super) async fn recover_locked(&self, bot: &str) -> Result<bool, AgentError> {
         let rt = self.runtime().clone();
         let cid = ids::container_id(bot);
-        // A live version cut short: its lease goes, a frozen bot thaws.
-        let live = self.recover_live_cycle(bot).await?;
         let container = rt.get_container(&cid).await?;
+        // A live version cut short: its lease goes, a frozen bot thaws.
+        let live = self.recover_live_cycle(bot, container.as_ref()).await?;
         let mut lost = false;
         if let Some(c) = &container {
             if crate::bots::deleting(c).is_some() {
