@@ -528,8 +528,9 @@ fn live() {
     let text = format!(
         "\n## Live versions ({date})\n\n\
          Machine: {described}; containerd 1.6, the cores shared with other work (load average at \
-         the end {load}). Release build (`MEMOH_BENCH_LIVE=1 cargo bench -p memoh-agent --bench \
-         versions`). A live version pauses the bot only while containerd's diff service writes \
+         the end {load}). `MEMOH_BENCH_LIVE=1 cargo bench -p memoh-agent --bench versions \
+         {profile}` ({build} build of the agent; the diff and the unpacking run in containerd, \
+         the push's and pull's copies and digests in the agent). A live version pauses the bot only while containerd's diff service writes \
          its changes as an uncompressed tar layer; \"cycle\" adds the config, manifest and \
          image record written after the resume; the CLI figure includes spawning the CLI. The \
          baseline is the stop-commit-start cycle with the same amount changed, in the same run \
@@ -539,6 +540,8 @@ fn live() {
         date = machine.date,
         described = machine.describe(),
         load = common::load_average(),
+        profile = if cfg!(debug_assertions) { "--profile dev" } else { "" },
+        build = if cfg!(debug_assertions) { "debug" } else { "release" },
     );
     let path = common::append_to_benchmarks(&text);
     println!("appended the live versions section to {}", path.display());
