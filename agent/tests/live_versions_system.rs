@@ -394,6 +394,23 @@ fn a_version_pushed_from_one_host_makes_the_bot_on_another() {
     b.sh_in(&bot_b, "echo more > /data/d/t2.txt");
     let (n2, _, _) = snapshot(&b, &bot_b, "on b");
     assert_eq!(n2, 2);
+    // Bad input: one line on stderr, nothing changed.
+    let line = common::one_line_failure(
+        "push of a version that does not exist",
+        &a.cli(&["snapshot", "push", &bot, "9", &reference]),
+    );
+    assert!(line.contains("no version 9"), "{line}");
+    let line = common::one_line_failure(
+        "push to a malformed reference",
+        &a.cli(&["snapshot", "push", &bot, "1", "Not A Ref"]),
+    );
+    assert!(line.to_lowercase().contains("not a ref") || line.contains("reference"), "{line}");
+    let line = common::one_line_failure(
+        "create from a reference nobody pushed",
+        &b.cli(&["bot", "create", "nothere", "--from", &format!("{reference}-missing")]),
+    );
+    assert!(line.contains("-missing"), "{line}");
+    assert_eq!(b.list().len(), 1, "a failed create --from made a bot");
     // A push to a registry that is not there fails with one line.
     let out = a.cli(&["snapshot", "push", &bot, "1", "127.0.0.1:1/x/y:z"]);
     let line = common::one_line_failure("push to a closed port", &out);

@@ -117,7 +117,7 @@ impl Images for FakeRuntime {
 #[async_trait::async_trait]
 impl crate::containerd::Layers for FakeRuntime {
     async fn create_cycle_lease(&self, _bot: &str) -> Result<String, AgentError> {
-        Err(unsupported("leases"))
+        Err(unsupported("keep leases"))
     }
 
     async fn delete_cycle_lease(&self, _id: &str) -> Result<(), AgentError> {
@@ -134,7 +134,7 @@ impl crate::containerd::Layers for FakeRuntime {
         _parent: Option<&str>,
         _lease: &str,
     ) -> Result<crate::containerd::LayerBlob, AgentError> {
-        Err(unsupported("diffs of snapshots"))
+        Err(unsupported("diff snapshots"))
     }
 
     async fn write_version_image(
@@ -147,7 +147,7 @@ impl crate::containerd::Layers for FakeRuntime {
         _labels: &HashMap<String, String>,
         _lease: &str,
     ) -> Result<crate::containerd::VersionImage, AgentError> {
-        Err(unsupported("version images"))
+        Err(unsupported("write version images"))
     }
 
     async fn tag_image(
@@ -156,7 +156,7 @@ impl crate::containerd::Layers for FakeRuntime {
         _name: &str,
         _labels: &HashMap<String, String>,
     ) -> Result<(), AgentError> {
-        Err(unsupported("tagging images"))
+        Err(unsupported("tag images"))
     }
 
     async fn push_image(

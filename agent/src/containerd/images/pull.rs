@@ -99,6 +99,10 @@ impl Registry {
             } else {
                 ClientProtocol::Https
             },
+            // Pushes (`snapshot push`) stream each blob in one PUT: a 100 MiB layer as 1 MiB
+            // PATCH requests took almost four times as long here (4.9 s against 1.3 s). Pulls
+            // are unaffected.
+            use_monolithic_push: true,
             ..Default::default()
         };
         let auth = match &options.credentials {
