@@ -404,10 +404,19 @@ fn a_version_pushed_from_one_host_makes_the_bot_on_another() {
         "push to a malformed reference",
         &a.cli(&["snapshot", "push", &bot, "1", "Not A Ref"]),
     );
-    assert!(line.to_lowercase().contains("not a ref") || line.contains("reference"), "{line}");
+    assert!(
+        line.to_lowercase().contains("not a ref") || line.contains("reference"),
+        "{line}"
+    );
     let line = common::one_line_failure(
         "create from a reference nobody pushed",
-        &b.cli(&["bot", "create", "nothere", "--from", &format!("{reference}-missing")]),
+        &b.cli(&[
+            "bot",
+            "create",
+            "nothere",
+            "--from",
+            &format!("{reference}-missing"),
+        ]),
     );
     assert!(line.contains("-missing"), "{line}");
     assert_eq!(b.list().len(), 1, "a failed create --from made a bot");
@@ -532,4 +541,61 @@ fn a_diff_longer_than_the_longest_pause_fails_and_the_bot_resumes() {
     assert!(versions(&a, &bot).is_empty());
     let s = store(&a, &bot);
     assert!(s.leases.is_empty() && s.views.is_empty(), "{s:?}");
+}
+
+#[test]
+fn containerd_killed_while_a_bot_is_paused_for_a_version_leaves_it_running() {
+    let Some(env) = Env::get(false) else { return };
+    let mut ctrd = PrivateContainerd::new();
+    let env = ctrd.env(&env);
+    let mut a = TestAgent::new(&env, "");
+    ctrd.import_image(&env, &a.namespace);
+    // The agent waits 3 s with the bot frozen, right before the diff.
+    a.serve_env = vec![
+        (
+            "MEMOH_FAULT_HOLD_STEP".to_string(),
+            "live-paused".to_string(),
+        ),
+        ("MEMOH_FAULT_HOLD_MS".to_string(), "3000".to_string()),
+    ];
+    a.serve();
+    let (bot, _) = a.create_bot("ctrdkill");
+    a.sh_in(&bot, "echo kept > /data/f");
+    let before = versions(&a, &bot);
+    let out = std::thread::scope(|s| {
+        let create = s.spawn(|| a.cli(&["snapshot", "create", &bot, "--name", "held"]));
+        a.wait_for(
+            "the bot is paused for the version",
+            Duration::from_secs(20),
+            || a.inspect(&bot)["status"] == "paused",
+        );
+        ctrd.kill();
+        ctrd.start();
+        create.join().unwrap()
+    });
+    println!(
+        "snapshot create across a containerd restart: {} {}",
+        String::from_utf8_lossy(&out.stdout).trim(),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    // Thawed by the cycle's own retries or by the next recovery pass; never left frozen.
+    a.wait_for("the bot runs again", Duration::from_secs(60), || {
+        a.inspect(&bot)["status"] == "running"
+    });
+    wait_exec(&a, &bot, "the bot answers after containerd's restart");
+    assert_eq!(a.sh_in(&bot, "cat /data/f"), "kept\n");
+    a.wait_for("the cycle's lease is gone", Duration::from_secs(60), || {
+        store(&a, &bot).leases.is_empty()
+    });
+    let s = store(&a, &bot);
+    assert!(s.views.is_empty() && s.ingests.is_empty(), "{s:?}");
+    // The version is complete (listed, with its image) or absent.
+    let after = versions(&a, &bot);
+    assert!(after.len() <= before.len() + 1, "{after:?}");
+    for v in after.iter().filter(|v| !v.image.is_empty()) {
+        image_blobs(&a, &v.image);
+    }
+    a.ok(&["bot", "rm", &bot]);
+    drop(a);
+    drop(ctrd);
 }

@@ -14,3 +14,21 @@ pub fn fault(step: &str) {
         std::process::abort();
     }
 }
+
+/// Environment variable naming a step at which the agent waits (fault tests only), so a test
+/// can kill containerd while the agent is there; [`HOLD_MS_ENV`] says how long.
+pub const HOLD_ENV: &str = "MEMOH_FAULT_HOLD_STEP";
+/// How long the agent waits at [`HOLD_ENV`]'s step, in milliseconds (default 3000).
+pub const HOLD_MS_ENV: &str = "MEMOH_FAULT_HOLD_MS";
+
+/// Waits at `step` when the hold hook names it.
+pub async fn hold(step: &str) {
+    if std::env::var(HOLD_ENV).is_ok_and(|v| v == step) {
+        let ms = std::env::var(HOLD_MS_ENV)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(3000);
+        warn!(step, ms, "fault injection: holding the agent");
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+    }
+}

@@ -174,6 +174,7 @@ impl Manager {
                 }
             }
             fault("live-paused");
+            super::fault::hold("live-paused").await;
             let limit = Duration::from_millis(self.config().version_max_pause_ms.max(1));
             let diff = rt.diff_snapshot(&c.snapshot_key, diff_parent.as_deref(), &lease);
             let r = if std::env::var(super::fault::FAULT_ENV).is_ok_and(|v| v == "live-diff") {
