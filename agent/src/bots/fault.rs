@@ -4,7 +4,10 @@
 use tracing::warn;
 
 /// Environment variable naming the step at which the agent aborts (fault tests only): a cycle
-/// step, `1` to `5`, or `create`, between a new bot's snapshot and its container record.
+/// step, `1` to `5`, or `create`, between a new bot's snapshot and its container record; a
+/// live version's `live-paused`, `live-diff` (while containerd writes the layer), `live-blob`,
+/// `live-manifest`, `live-record`; a rollback's `rollback-kept`, `rollback-prepared`,
+/// `rollback-moved`.
 pub const FAULT_ENV: &str = "MEMOH_FAULT_SNAPSHOT_STEP";
 
 /// Aborts the process when the fault hook names `step`.
