@@ -531,6 +531,7 @@ async fn create_bots(sock: &Path, bots: &[String], st: &mut Step) {
                         image: String::new(),
                         limits: None,
                         spec: None,
+                        ..Default::default()
                     })
                     .await;
                 (bot, r.map(|r| r.into_inner()), t.elapsed())

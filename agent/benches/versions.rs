@@ -12,6 +12,14 @@
 //!   tree is created after `bot create`, so no background migration races it), against a local
 //!   `cp -a` of the same tree on the same filesystem.
 //!
+//! - with `MEMOH_BENCH_LIVE=1` instead (issue 18): a live `snapshot create` of a running bot
+//!   (pause and whole cycle) with 1 MiB, 100 MiB and 1 GiB changed against the
+//!   stop-commit-start cycle (`snapshot create --restart`) with the same changes in the same
+//!   run; then `snapshot push` of a 100 MiB version to the loopback registry and
+//!   `bot create --from` of it on a second host (an agent on a containerd of its own) against
+//!   `skopeo copy` of the same image (registry to an OCI directory, and that directory to a new
+//!   repository). Appends a "Live versions" section.
+//!
 //! Run with `cargo bench -p memoh-agent --bench versions`. Prints a markdown table and appends a
 //! dated "Versions and migration" section with the machine to `BENCHMARKS.md`.
 
@@ -112,6 +120,9 @@ fn ctr_cycle(env: &Env, ns: &str, id: &str, commit: &str) -> Duration {
 }
 
 fn main() {
+    if std::env::var_os("MEMOH_BENCH_LIVE").is_some() {
+        return live();
+    }
     let Some(env) = Env::get(false) else { return };
     let big_mib: u64 = std::env::var("MEMOH_BENCH_BIG_MIB")
         .ok()
@@ -127,7 +138,7 @@ fn main() {
     for i in 0..CYCLE_RUNS {
         a.sh_in(&bot, &format!("echo {i} > /data/change"));
         let t = Instant::now();
-        a.ok(&["snapshot", "create", &bot]);
+        a.ok(&["snapshot", "create", &bot, "--restart"]);
         create.push(t.elapsed());
     }
     let mut rollback = Vec::new();
@@ -355,4 +366,183 @@ fn section(table: &str, env: &Env, big_mib: u64) -> String {
         sock = env.sock.display(),
         load = common::load_average(),
     )
+}
+
+/// "version N CREATED paused P ms, took T ms" -> (P, T).
+fn live_times(out: &str) -> (Duration, Duration) {
+    let f: Vec<_> = out.split_whitespace().collect();
+    let num = |i: usize| -> Duration {
+        let v: f64 = f
+            .get(i)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("snapshot create printed {out:?}"));
+        Duration::from_secs_f64(v / 1e3)
+    };
+    (num(4), num(7))
+}
+
+/// The live-versions bench (issue 18); see the module docs.
+fn live() {
+    let Some(env) = Env::get(true) else { return };
+    let registry = env.registry.clone().expect("registry");
+    let mut a = TestAgent::new(&env, "version_max_pause_ms = 300000");
+    a.serve();
+    a.ok(&["image", "import", &env.tar.display().to_string()]);
+    let mut rows = Vec::new();
+    let (bot, _) = a.create_bot("live");
+    // A process counting in the bot all along, as a dev server would run.
+    a.sh_in(
+        &bot,
+        "setsid sh -c 'while true; do date +%s%N > /tmp/alive; sleep 0.1; done' \
+         </dev/null >/dev/null 2>&1 &",
+    );
+    let sizes: [(u64, &str); 3] = [(1, "1 MiB"), (100, "100 MiB"), (1024, "1 GiB")];
+    let mut live = Vec::new();
+    let mut pushed = None;
+    for (n, (mib, _)) in sizes.iter().enumerate() {
+        a.sh_in(
+            &bot,
+            &format!(
+                "rm -f /data/chg*; head -c {} /dev/urandom > /data/chg{n}; sync",
+                mib << 20
+            ),
+        );
+        let t = Instant::now();
+        let out = a.ok(&["snapshot", "create", &bot]);
+        let cli = t.elapsed();
+        let (pause, took) = live_times(&out);
+        println!("live {mib} MiB: pause {pause:?}, cycle {took:?}, CLI {cli:?}");
+        live.push((pause, took, cli));
+        if *mib == 100 {
+            pushed = Some(out.split_whitespace().nth(1).unwrap().to_string());
+        }
+    }
+    // The versions of 1 MiB and 1 GiB go (disk); the 100 MiB one is pushed below.
+    let v100 = pushed.expect("the 100 MiB version");
+    for v in ["1", "3"] {
+        a.ok(&["snapshot", "rm", &bot, v]);
+    }
+    let mut restart = Vec::new();
+    for (n, (mib, _)) in sizes.iter().enumerate() {
+        a.sh_in(
+            &bot,
+            &format!(
+                "rm -f /data/chg*; head -c {} /dev/urandom > /data/re{n}; sync",
+                mib << 20
+            ),
+        );
+        let t = Instant::now();
+        a.ok(&["snapshot", "create", &bot, "--restart"]);
+        let d = t.elapsed();
+        println!("restart cycle {mib} MiB: {d:?}");
+        restart.push(d);
+        a.sh_in(&bot, &format!("rm -f /data/re{n}"));
+    }
+    for (i, (_, label)) in sizes.iter().enumerate() {
+        let (pause, took, cli) = live[i];
+        let ratio = pause.as_secs_f64() / restart[i].as_secs_f64();
+        rows.push(Row {
+            what: format!(
+                "live `snapshot create`, {label} changed: pause (cycle {}, CLI {})",
+                ms(took),
+                ms(cli)
+            ),
+            value: ms(pause),
+            baseline_name: "`snapshot create --restart` (stop, commit, start; CLI)",
+            baseline: ms(restart[i]),
+            ratio: format!("{ratio:.2}x"),
+            target: "no process restarts; pause bounded",
+            met: None,
+        });
+    }
+
+    // Push and create-from of the 100 MiB version against skopeo.
+    let repo = format!("{registry}/memoh-bench-{}", a.tag);
+    let reference = format!("{repo}/live:v{v100}");
+    let t = Instant::now();
+    a.ok(&["snapshot", "push", &bot, &v100, &reference]);
+    let push = t.elapsed();
+    let ctrd_b = common::ctrd::PrivateContainerd::new();
+    let env_b = ctrd_b.env(&env);
+    let mut b = TestAgent::new(&env_b, "");
+    b.serve();
+    let bot_b = b.bot_id("moved");
+    let t = Instant::now();
+    b.ok(&["bot", "create", &bot_b, "--from", &reference]);
+    let create_from = t.elapsed();
+    b.ok(&["bot", "rm", &bot_b]);
+    drop(b);
+    drop(ctrd_b);
+    let dir = tempfile::Builder::new()
+        .prefix("memoh-bench-oci-")
+        .tempdir()
+        .unwrap();
+    let oci = format!("oci:{}/img:v", dir.path().display());
+    let mut c = Command::new("skopeo");
+    c.args([
+        "copy",
+        "-q",
+        "--src-tls-verify=false",
+        &format!("docker://{reference}"),
+        &oci,
+    ]);
+    let skopeo_pull = timed(c);
+    let mut c = Command::new("skopeo");
+    c.args([
+        "copy",
+        "-q",
+        "--dest-tls-verify=false",
+        &oci,
+        &format!("docker://{repo}/skopeo:v{v100}"),
+    ]);
+    let skopeo_push = timed(c);
+    for (what, v, base_name, base) in [
+        (
+            "`snapshot push` of the 100 MiB version (whole image)",
+            push,
+            "`skopeo copy` OCI directory -> registry (new repository)",
+            skopeo_push,
+        ),
+        (
+            "`bot create --from` of it on a second host (pull, unpack, start)",
+            create_from,
+            "`skopeo copy` registry -> OCI directory (pull only)",
+            skopeo_pull,
+        ),
+    ] {
+        rows.push(Row {
+            what: what.into(),
+            value: ms(v),
+            baseline_name: base_name,
+            baseline: ms(base),
+            ratio: format!("{:.2}x", v.as_secs_f64() / base.as_secs_f64()),
+            target: "-",
+            met: None,
+        });
+    }
+    a.ok(&["bot", "rm", &bot]);
+    drop(a);
+    let table = render(&rows);
+    println!("\n{table}");
+    let machine = common::Machine::now();
+    let text = format!(
+        "\n## Live versions ({date})\n\n\
+         Machine: {described}; containerd 1.6, the cores shared with other work (load average at \
+         the end {load}). `MEMOH_BENCH_LIVE=1 cargo bench -p memoh-agent --bench versions \
+         {profile}` ({build} build of the agent; the diff and the unpacking run in containerd, \
+         the push's and pull's copies and digests in the agent). A live version pauses the bot only while containerd's diff service writes \
+         its changes as an uncompressed tar layer; \"cycle\" adds the config, manifest and \
+         image record written after the resume; the CLI figure includes spawning the CLI. The \
+         baseline is the stop-commit-start cycle with the same amount changed, in the same run \
+         (its figure includes the restart and the wait for the bot's server). Pushes go to the \
+         loopback registry (plain HTTP, uncompressed layers); `bot create --from` runs on a \
+         second agent with a containerd of its own.\n\n{table}",
+        date = machine.date,
+        described = machine.describe(),
+        load = common::load_average(),
+        profile = if cfg!(debug_assertions) { "--profile dev" } else { "" },
+        build = if cfg!(debug_assertions) { "debug" } else { "release" },
+    );
+    let path = common::append_to_benchmarks(&text);
+    println!("appended the live versions section to {}", path.display());
 }

@@ -61,6 +61,10 @@ pub struct Config {
     pub metrics_public: bool,
     /// Seconds without calls after which a stdio MCP server's process is closed.
     pub mcp_idle_secs: u64,
+    /// Longest a running bot may stay paused while a version is taken (milliseconds): a diff
+    /// of its writable layer that takes longer is abandoned, the bot resumes and no version is
+    /// made.
+    pub version_max_pause_ms: u64,
     /// Ports of the host bots may connect to, as `PROTO/PORT` or `PROTO/FIRST-LAST` (e.g.
     /// `["udp/53", "tcp/53"]` for a resolver on the host). Everything else a bot sends to the
     /// host is dropped, except replies and ICMP echo to its gateway.
@@ -125,6 +129,7 @@ impl Default for Config {
             mcp_allowed_hosts: Vec::new(),
             metrics_public: false,
             mcp_idle_secs: 600,
+            version_max_pause_ms: 30_000,
             host_ports_allowed: Vec::new(),
             egress_allowed: Vec::new(),
             server_log_max_bytes: 10 * 1024 * 1024,

@@ -69,7 +69,20 @@ impl AgentService for Control {
         let info = detached("create", async move {
             let limits = limits_change(r.limits.as_ref())?;
             let spec = bot_spec(r.spec.as_ref())?;
-            mgr.create(&r.bot_id, Some(&r.image), &limits, &spec).await
+            if r.from.is_empty() {
+                return mgr.create(&r.bot_id, Some(&r.image), &limits, &spec).await;
+            }
+            if !r.image.is_empty() {
+                return Err(crate::error::AgentError::InvalidArgument(
+                    "give either an image or a version to create from (`from`), not both".into(),
+                ));
+            }
+            let options = crate::containerd::PullOptions {
+                insecure: r.from_insecure,
+                credentials: None,
+            };
+            mgr.create_from(&r.bot_id, &r.from, &options, &limits, &spec)
+                .await
         })
         .await?;
         Ok(Response::new(bot_info(info)))
@@ -327,8 +340,12 @@ impl AgentService for Control {
         let mgr = self.mgr.clone();
         // Detached: the cycle finishes even if the caller goes away.
         let v = detached("snapshot", async move {
-            mgr.snapshot(&r.bot_id, &r.name, crate::bots::versions::Source::Manual)
-                .await
+            let source = crate::bots::versions::Source::Manual;
+            if r.restart {
+                mgr.snapshot(&r.bot_id, &r.name, source).await
+            } else {
+                mgr.snapshot_live(&r.bot_id, &r.name, source).await
+            }
         })
         .await?;
         Ok(Response::new(snapshot_info(v)))
@@ -352,7 +369,7 @@ impl AgentService for Control {
         let r = req.into_inner();
         let mgr = self.mgr.clone();
         let v = detached("rollback", async move {
-            mgr.rollback(&r.bot_id, r.version).await
+            mgr.rollback_live(&r.bot_id, r.version).await
         })
         .await?;
         Ok(Response::new(snapshot_info(v)))
@@ -366,6 +383,33 @@ impl AgentService for Control {
         let r = req.into_inner();
         self.mgr.remove_version(&r.bot_id, r.version).await?;
         Ok(Response::new(pb::RemoveSnapshotResponse {}))
+    }
+
+    #[instrument(skip_all, fields(bot = %req.get_ref().bot_id, version = req.get_ref().version))]
+    async fn push_snapshot(
+        &self,
+        req: Request<pb::PushSnapshotRequest>,
+    ) -> Result<Response<pb::PushSnapshotResponse>, Status> {
+        let r = req.into_inner();
+        if r.reference.is_empty() {
+            return Err(Status::invalid_argument(
+                "a registry reference to push to is required",
+            ));
+        }
+        let mgr = self.mgr.clone();
+        let (reference, digest) = detached("push", async move {
+            let options = crate::containerd::PullOptions {
+                insecure: r.insecure,
+                credentials: None,
+            };
+            mgr.push_version(&r.bot_id, r.version, &r.reference, &options)
+                .await
+        })
+        .await?;
+        Ok(Response::new(pb::PushSnapshotResponse {
+            reference,
+            digest,
+        }))
     }
 
     type MigrateStream = BoxStream<pb::MigrateProgress>;

@@ -103,6 +103,16 @@ pub fn snapshot_info(v: Version) -> pb::SnapshotInfo {
         created_at: v.created_at,
         snapshot: v.snapshot,
         current: v.current,
+        image: v.image,
+        pause_us: v
+            .times
+            .map(|t| t.pause.as_micros() as u64)
+            .unwrap_or_default(),
+        elapsed_us: v
+            .times
+            .map(|t| t.elapsed.as_micros() as u64)
+            .unwrap_or_default(),
+        origin: v.origin,
     }
 }
 

@@ -345,8 +345,8 @@ impl Manager {
         Ok(())
     }
 
-    /// Removes the bot's active snapshot and (unless `keep_versions`) every snapshot labelled
-    /// with the bot, children before parents.
+    /// Removes the bot's active snapshot and (unless `keep_versions`) its version images and
+    /// every snapshot labelled with the bot, children before parents.
     pub(super) async fn remove_snapshots(
         &self,
         bot: &str,
@@ -357,6 +357,7 @@ impl Manager {
         if keep_versions {
             return Ok(());
         }
+        self.remove_version_images(bot).await?;
         let mut left = self
             .rt
             .list_snapshots(&[label_filter(LABEL_BOT_ID, Some(bot))])

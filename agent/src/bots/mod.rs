@@ -31,6 +31,7 @@ pub mod create;
 pub mod fault;
 pub mod images;
 pub mod limits;
+pub mod live;
 pub mod migrate;
 pub mod recover;
 pub mod resources;

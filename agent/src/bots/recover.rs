@@ -60,13 +60,17 @@ impl Manager {
         let rt = self.runtime().clone();
         let cid = ids::container_id(bot);
         let container = rt.get_container(&cid).await?;
+        // A live version cut short: its lease goes, a frozen bot thaws.
+        let live = self.recover_live_cycle(bot, container.as_ref()).await?;
         let mut lost = false;
         if let Some(c) = &container {
             if crate::bots::deleting(c).is_some() {
-                return Ok(false); // reconcile finishes the delete
+                return Ok(live); // reconcile finishes the delete
             }
             if rt.stat_snapshot(&c.snapshot_key).await?.is_some() {
-                return Ok(false); // healthy
+                // Healthy, unless a rollback cut short left a second state.
+                let strays = self.remove_stray_actives(bot, &c.snapshot_key).await?;
+                return Ok(live || strays);
             }
             // containerd 1.6 killed while committing can keep the active snapshot in its
             // metadata after its snapshotter let go of it: stat and list no longer show it, yet

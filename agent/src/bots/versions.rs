@@ -113,10 +113,18 @@ pub struct Version {
     pub source: String,
     /// RFC 3339 creation time.
     pub created_at: String,
-    /// The committed snapshot's name in containerd.
+    /// The committed snapshot's name in containerd (versions of the commit-based cycle);
+    /// empty for a version image.
     pub snapshot: String,
+    /// The version's image in containerd (versions taken live); empty for a committed
+    /// snapshot.
+    pub image: String,
+    /// The registry reference the version came from (`bot create --from`); empty otherwise.
+    pub origin: String,
     /// The bot's current state descends directly from this version.
     pub current: bool,
+    /// What taking it measured (only on the answer of a live cycle).
+    pub times: Option<super::live::CycleTimes>,
 }
 
 pub(super) fn nanos() -> u128 {
@@ -148,7 +156,8 @@ impl Manager {
             .await
     }
 
-    /// The bot's versions, oldest first.
+    /// The bot's versions of both kinds (committed snapshots and version images), oldest
+    /// first.
     pub async fn versions(&self, bot: &str) -> Result<Vec<Version>, AgentError> {
         let c = self.container(bot).await?;
         let current_parent = self
@@ -156,6 +165,12 @@ impl Manager {
             .stat_snapshot(&c.snapshot_key)
             .await?
             .and_then(|s| s.parent);
+        // Live versions and rollbacks note the current version on the record; without that
+        // note the state descends from the committed version that is its parent.
+        let current_label = c
+            .labels
+            .get(super::live::LABEL_VERSION_CURRENT)
+            .and_then(|v| v.parse::<u64>().ok());
         let mut out: Vec<Version> = self
             .bot_snapshots(bot)
             .await?
@@ -180,11 +195,18 @@ impl Manager {
                         .get(LABEL_VERSION_CREATED)
                         .cloned()
                         .unwrap_or_default(),
-                    current: current_parent.as_deref() == Some(s.name.as_str()),
+                    current: match current_label {
+                        Some(n) => n == number,
+                        None => current_parent.as_deref() == Some(s.name.as_str()),
+                    },
                     snapshot: s.name,
+                    image: String::new(),
+                    origin: String::new(),
+                    times: None,
                 })
             })
             .collect();
+        out.extend(self.image_versions(bot, current_label).await?);
         out.sort_by_key(|v| v.number);
         Ok(out)
     }
@@ -207,10 +229,18 @@ impl Manager {
             .max()
             .map(|m| m + 1)
             .unwrap_or(1);
-        Ok(from_label.max(from_snapshots))
+        let from_images = self
+            .image_versions(bot, None)
+            .await?
+            .iter()
+            .map(|v| v.number + 1)
+            .max()
+            .unwrap_or(1);
+        Ok(from_label.max(from_snapshots).max(from_images))
     }
 
-    /// Takes a version of the bot's current state (the full cycle). Returns it.
+    /// Takes a version of the bot's current state by the commit-based cycle (stop, commit,
+    /// start again; [`Manager::snapshot_live`] takes one without a restart). Returns it.
     pub async fn snapshot(
         &self,
         bot: &str,
@@ -240,9 +270,18 @@ impl Manager {
     }
 
     /// Removes version `number` unless another snapshot (a version or the running state)
-    /// depends on it.
+    /// depends on it. A version image goes unless the bot's state is prepared on it; the
+    /// layers it shares with others stay as long as those do.
     pub async fn remove_version(&self, bot: &str, number: u64) -> Result<(), AgentError> {
         let _g = self.lock_bot(bot).await;
+        if let Some(v) = self
+            .image_versions(bot, None)
+            .await?
+            .into_iter()
+            .find(|v| v.number == number)
+        {
+            return self.remove_version_image(bot, number, &v.image).await;
+        }
         let snaps = self.bot_snapshots(bot).await?;
         let target = snaps
             .iter()
@@ -352,8 +391,12 @@ impl Manager {
             .await?;
         fault("3");
 
-        // 4 and 5. Replace the container record, keeping its spec and labels.
-        self.replace_container(&c, &new_key, parent, number + 1, None)
+        // 4 and 5. Replace the container record, keeping its spec and labels; the bot now runs
+        // on a committed snapshot, so the notes of the live cycle no longer apply.
+        let mut moved = c.clone();
+        moved.labels.remove(super::live::LABEL_VERSION_CURRENT);
+        moved.labels.remove(super::live::LABEL_VERSION_BASE);
+        self.replace_container(&moved, &new_key, parent, number + 1, None)
             .await?;
         fault("4");
 
@@ -370,7 +413,10 @@ impl Manager {
             source: source.as_str().to_string(),
             created_at: created,
             snapshot: version_name,
+            image: String::new(),
+            origin: String::new(),
             current: restore_from.is_none(),
+            times: None,
         })
     }
 

@@ -105,6 +105,13 @@ pub enum BotCmd {
         /// Environment, DNS, hostname and mounts (fixed for the bot's life).
         #[command(flatten)]
         spec: SpecArgs,
+        /// Make the bot of a version pushed with `snapshot push` (`registry/repo:tag`): pulled,
+        /// its data included; its versions list starts with that one.
+        #[arg(long, conflicts_with = "image")]
+        from: Option<String>,
+        /// Plain HTTP to the registry of `--from` (loopback registries always may).
+        #[arg(long, requires = "from")]
+        insecure: bool,
     },
     /// Change a bot's limits; a running bot gets them at once, without a restart.
     Update {
@@ -176,6 +183,8 @@ pub async fn bot(socket: &Path, cmd: BotCmd) -> Result<u8, CliError> {
             image,
             limits,
             spec,
+            from,
+            insecure,
         } => {
             let spec = spec.to_pb()?;
             let r = c
@@ -184,6 +193,8 @@ pub async fn bot(socket: &Path, cmd: BotCmd) -> Result<u8, CliError> {
                     image: image.unwrap_or_default(),
                     limits: Some(limits.to_pb()),
                     spec: Some(spec),
+                    from: from.unwrap_or_default(),
+                    from_insecure: insecure,
                 })
                 .await
                 .map_err(e)?

@@ -1,4 +1,4 @@
-//! `snapshot` (create, ls, rollback, rm) and `migrate`: a bot's versions and its legacy data.
+//! `snapshot` (create, ls, rollback, rm, push) and `migrate`: a bot's versions and its legacy data.
 
 use std::path::Path;
 
@@ -12,13 +12,17 @@ use super::{control, status_err, CliError};
 /// Snapshot (version) subcommands.
 #[derive(Subcommand, Debug)]
 pub enum SnapshotCmd {
-    /// Commit the bot's current state as a new version (the bot restarts on it).
+    /// Take the bot's current state as a new version: the bot is paused only while its
+    /// changes are written as a layer, and keeps running (no restart).
     Create {
         /// Bot id.
         bot: String,
         /// Display name.
         #[arg(long, default_value = "")]
         name: String,
+        /// Use the older cycle instead: stop the bot, commit its snapshot, start it again.
+        #[arg(long)]
+        restart: bool,
     },
     /// List the bot's versions.
     Ls {
@@ -42,6 +46,19 @@ pub enum SnapshotCmd {
         /// Version number.
         version: u64,
     },
+    /// Push version N's image to a registry (`registry/repo:tag`); `bot create --from` makes a
+    /// bot of it on another host.
+    Push {
+        /// Bot id.
+        bot: String,
+        /// Version number.
+        version: u64,
+        /// Registry reference to push to.
+        reference: String,
+        /// Plain HTTP to the registry (loopback registries always may).
+        #[arg(long)]
+        insecure: bool,
+    },
 }
 
 fn snapshot_json(v: &pb::SnapshotInfo) -> serde_json::Value {
@@ -51,6 +68,8 @@ fn snapshot_json(v: &pb::SnapshotInfo) -> serde_json::Value {
         "source": v.source,
         "created_at": v.created_at,
         "snapshot": v.snapshot,
+        "image": v.image,
+        "origin": v.origin,
         "current": v.current,
     })
 }
@@ -60,13 +79,27 @@ pub async fn snapshot(socket: &Path, cmd: SnapshotCmd) -> Result<u8, CliError> {
     let mut c = control(socket).await;
     let e = |s| status_err(socket, s);
     match cmd {
-        SnapshotCmd::Create { bot, name } => {
+        SnapshotCmd::Create { bot, name, restart } => {
             let v = c
-                .create_snapshot(pb::CreateSnapshotRequest { bot_id: bot, name })
+                .create_snapshot(pb::CreateSnapshotRequest {
+                    bot_id: bot,
+                    name,
+                    restart,
+                })
                 .await
                 .map_err(e)?
                 .into_inner();
-            println!("version {} {}", v.version, v.created_at);
+            if restart {
+                println!("version {} {}", v.version, v.created_at);
+            } else {
+                println!(
+                    "version {} {} paused {:.1} ms, took {:.1} ms",
+                    v.version,
+                    v.created_at,
+                    v.pause_us as f64 / 1000.0,
+                    v.elapsed_us as f64 / 1000.0
+                );
+            }
         }
         SnapshotCmd::Ls { bot, json } => {
             let vs = c
@@ -111,6 +144,27 @@ pub async fn snapshot(socket: &Path, cmd: SnapshotCmd) -> Result<u8, CliError> {
             .await
             .map_err(e)?;
             println!("{bot} version {version} removed");
+        }
+        SnapshotCmd::Push {
+            bot,
+            version,
+            reference,
+            insecure,
+        } => {
+            let r = c
+                .push_snapshot(pb::PushSnapshotRequest {
+                    bot_id: bot.clone(),
+                    version,
+                    reference,
+                    insecure,
+                })
+                .await
+                .map_err(e)?
+                .into_inner();
+            println!(
+                "{bot} version {version} pushed to {} {}",
+                r.reference, r.digest
+            );
         }
     }
     Ok(0)

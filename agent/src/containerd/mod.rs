@@ -27,6 +27,7 @@ mod content;
 #[cfg(test)]
 pub mod fake;
 mod images;
+mod layers;
 pub mod reference;
 mod snapshots;
 pub mod spec;
@@ -41,6 +42,7 @@ pub use images::{
     chain_id, no_progress, ImageConfig, ImageSummary, Images, Progress, ProgressFn, ProgressPhase,
     PullOptions, ResolvedImage,
 };
+pub use layers::{LayerBlob, Layers, VersionImage, LABEL_CYCLE_LEASE, MT_LAYER_TAR};
 pub use reference::{normalize_image_ref, ImageRef};
 pub use snapshots::{RootfsMount, SnapshotInfo, SnapshotKind, SnapshotUsage, Snapshots};
 pub use spec::{build_spec, BindMount, SpecOptions};
@@ -55,13 +57,13 @@ pub const LABEL_GC_ROOT: &str = "containerd.io/gc.root";
 /// Everything the agent asks of containerd: every concern trait at once. [`Containerd`] is
 /// the real implementation; tests of higher layers may put a fake behind it. Implemented for
 /// every type that implements the concern traits.
-pub trait Runtime: Connection + Images + Containers + Snapshots + Tasks {}
+pub trait Runtime: Connection + Images + Containers + Snapshots + Tasks + Layers {}
 
-impl<T: Connection + Images + Containers + Snapshots + Tasks + ?Sized> Runtime for T {}
+impl<T: Connection + Images + Containers + Snapshots + Tasks + Layers + ?Sized> Runtime for T {}
 
 /// The runtime traits, for callers of their methods: `use crate::containerd::prelude::*;`.
 pub mod prelude {
-    pub use super::{Connection, Containers, Images, Runtime, Snapshots, Tasks};
+    pub use super::{Connection, Containers, Images, Layers, Runtime, Snapshots, Tasks};
 }
 
 /// A containerd list filter matching objects whose label `key` equals `value`

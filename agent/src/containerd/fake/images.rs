@@ -111,3 +111,60 @@ impl Images for FakeRuntime {
         })
     }
 }
+
+/// The fake keeps no content: a live version's layer, its image and pushing are refused;
+/// cycle leases are recorded only so recovery can list and delete them.
+#[async_trait::async_trait]
+impl crate::containerd::Layers for FakeRuntime {
+    async fn create_cycle_lease(&self, _bot: &str) -> Result<String, AgentError> {
+        Err(unsupported("keep leases"))
+    }
+
+    async fn delete_cycle_lease(&self, _id: &str) -> Result<(), AgentError> {
+        Ok(())
+    }
+
+    async fn cycle_leases(&self, _bot: &str) -> Result<Vec<String>, AgentError> {
+        Ok(Vec::new())
+    }
+
+    async fn diff_snapshot(
+        &self,
+        _key: &str,
+        _parent: Option<&str>,
+        _lease: &str,
+    ) -> Result<crate::containerd::LayerBlob, AgentError> {
+        Err(unsupported("diff snapshots"))
+    }
+
+    async fn write_version_image(
+        &self,
+        _name: &str,
+        _base: &str,
+        _stack: bool,
+        _layer: &crate::containerd::LayerBlob,
+        _comment: &str,
+        _labels: &HashMap<String, String>,
+        _lease: &str,
+    ) -> Result<crate::containerd::VersionImage, AgentError> {
+        Err(unsupported("write version images"))
+    }
+
+    async fn tag_image(
+        &self,
+        _source: &str,
+        _name: &str,
+        _labels: &HashMap<String, String>,
+    ) -> Result<(), AgentError> {
+        Err(unsupported("tag images"))
+    }
+
+    async fn push_image(
+        &self,
+        _name: &str,
+        _target: &str,
+        _options: &PullOptions,
+    ) -> Result<String, AgentError> {
+        Err(unsupported("push to registries"))
+    }
+}

@@ -14,7 +14,7 @@ use crate::error::AgentError;
 
 pub(super) const MT_OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 pub(super) const MT_DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
-pub(super) const MT_OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub(crate) const MT_OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub(super) const MT_DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
 
 pub(super) fn is_index(media_type: &str) -> bool {

@@ -30,10 +30,20 @@ use super::archive;
 use super::reference::{normalize_image_ref, ImageRef};
 use super::{Containerd, Snapshots};
 use crate::error::AgentError;
+pub(crate) use manifest::MT_OCI_MANIFEST;
 use manifest::{is_index, parse_config, parse_index, parse_manifest, pick_platform, Desc};
 pub use progress::{no_progress, Progress, ProgressFn, ProgressPhase};
-use pull::Registry;
+pub(super) use pull::Registry;
 pub use unpack::chain_id;
+
+/// The layer descriptors of a manifest (as JSON), bottom first.
+pub(super) fn manifest_layers(manifest: &serde_json::Value) -> Vec<serde_json::Value> {
+    manifest
+        .get("layers")
+        .and_then(|l| l.as_array())
+        .cloned()
+        .unwrap_or_default()
+}
 
 /// How long an import's lease may outlive a crashed agent.
 const LEASE_TTL: Duration = Duration::from_secs(3600);

@@ -53,7 +53,7 @@ fn check_digest(name: &str, bytes: &[u8], want: &str) -> Result<(), AgentError> 
 }
 
 /// One image's repository on its registry, with the credentials to read it.
-pub(super) struct Registry {
+pub(crate) struct Registry {
     /// The image's normalised name.
     name: String,
     image: ImageRef,
@@ -78,7 +78,7 @@ pub(super) struct Manifests {
 
 impl Registry {
     /// The registry of `image`, over plain HTTP when `options` allow it or it is local.
-    pub(super) fn new(image: ImageRef, options: &PullOptions) -> Self {
+    pub(crate) fn new(image: ImageRef, options: &PullOptions) -> Self {
         let reference = match (&image.digest, &image.tag) {
             (Some(d), _) => oci_client::Reference::with_digest(
                 image.registry.clone(),
@@ -99,6 +99,10 @@ impl Registry {
             } else {
                 ClientProtocol::Https
             },
+            // Pushes (`snapshot push`) stream each blob in one PUT: a 100 MiB layer as 1 MiB
+            // PATCH requests took almost four times as long here (4.9 s against 1.3 s). Pulls
+            // are unaffected.
+            use_monolithic_push: true,
             ..Default::default()
         };
         let auth = match &options.credentials {
@@ -115,8 +119,18 @@ impl Registry {
     }
 
     /// The image's normalised name.
-    pub(super) fn name(&self) -> &str {
+    pub(crate) fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The registry client.
+    pub(crate) fn client(&self) -> &oci_client::Client {
+        &self.client
+    }
+
+    /// The image's reference on its registry.
+    pub(crate) fn reference(&self) -> &oci_client::Reference {
+        &self.reference
     }
 
     fn err(&self, reason: String) -> AgentError {
