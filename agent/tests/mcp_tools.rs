@@ -544,7 +544,20 @@ async fn http_tools_and_stdio_server_end_to_end() {
         .iter()
         .map(|t| t["name"].as_str().unwrap().to_string())
         .collect();
-    assert_eq!(names, ["read", "write", "list", "edit", "exec"]);
+    assert_eq!(
+        names,
+        [
+            "read",
+            "write",
+            "list",
+            "edit",
+            "exec",
+            "process_output",
+            "process_list",
+            "process_signal",
+            "process_wait"
+        ]
+    );
     let call = json!({"jsonrpc": "2.0", "id": "c1", "method": "tools/call", "params": {"name": "read", "arguments": {"path": "hello.txt"}}});
     let (_, _, body) = http(&addr, "/bots/b1/mcp", Some(&sid), tok, call).await;
     let r = rpc(&body);
