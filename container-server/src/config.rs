@@ -219,6 +219,8 @@ pub struct Config {
     pub reverse_http_addr: Option<String>,
     /// How long a ReverseHTTP request waits for the host's answer (then 504).
     pub reverse_http_timeout: Duration,
+    /// The process service's directory and bounds.
+    pub processes: crate::process::ProcessConfig,
 }
 
 impl Config {
@@ -234,6 +236,7 @@ impl Config {
             default_exec_timeout: limits::DEFAULT_EXEC_TIMEOUT,
             reverse_http_addr: None,
             reverse_http_timeout: crate::reverse_http::DEFAULT_TIMEOUT,
+            processes: crate::process::ProcessConfig::default(),
         }
     }
 }

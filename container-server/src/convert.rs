@@ -4,6 +4,7 @@ use memoh_proto::pb::mcpcontainer as pb;
 
 use crate::exec::ExecEvent;
 use crate::fs::Entry;
+use crate::reaper::Usage;
 use crate::window::Window;
 
 /// A domain entry as a wire `FileEntry`.
@@ -42,11 +43,20 @@ pub fn exec_output(ev: ExecEvent) -> pb::ExecOutput {
             exit_code: 0,
             resource_usage: None,
         },
-        ExecEvent::Exit(code) => pb::ExecOutput {
+        ExecEvent::Exit(code, usage) => pb::ExecOutput {
             stream: Stream::Exit as i32,
             data: Default::default(),
             exit_code: code,
-            resource_usage: None,
+            resource_usage: usage.map(resource_usage),
         },
+    }
+}
+
+/// The reaper's resource use in wire form (microseconds, bytes).
+pub fn resource_usage(u: Usage) -> pb::ResourceUsage {
+    pb::ResourceUsage {
+        user_cpu_micros: u.user.as_micros().try_into().unwrap_or(u64::MAX),
+        system_cpu_micros: u.system.as_micros().try_into().unwrap_or(u64::MAX),
+        max_rss_bytes: u.max_rss_bytes,
     }
 }

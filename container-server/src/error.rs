@@ -74,6 +74,16 @@ pub enum ServerError {
     /// An exclusive create found the path taken (WriteRawNoFollow).
     #[error("{}: already exists", .0.display())]
     AlreadyExists(PathBuf),
+    /// No process with this id (the process service).
+    #[error("{0}")]
+    NoSuchProcess(String),
+    /// The object is in the wrong state for the operation (a process that ended, a stdin
+    /// already closed, a directory that cannot be made).
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// A bound of the server was reached (too many live processes).
+    #[error("{0}")]
+    Exhausted(String),
     /// An anchored (NoFollow) lookup refused the path: a symlink on it, a path leaving its
     /// root, a target that is not a regular file.
     #[error("{}: refused: {reason}", path.display())]
@@ -158,6 +168,9 @@ impl ServerError {
             ServerError::Cancelled(_) => Code::Cancelled,
             ServerError::AlreadyExists(_) => Code::AlreadyExists,
             ServerError::Refused { .. } => Code::FailedPrecondition,
+            ServerError::NoSuchProcess(_) => Code::NotFound,
+            ServerError::FailedPrecondition(_) => Code::FailedPrecondition,
+            ServerError::Exhausted(_) => Code::ResourceExhausted,
         }
     }
 }
@@ -255,6 +268,18 @@ mod tests {
                 Code::Cancelled,
             ),
             (ServerError::AlreadyExists(p()), Code::AlreadyExists),
+            (
+                ServerError::NoSuchProcess("no process x".into()),
+                Code::NotFound,
+            ),
+            (
+                ServerError::FailedPrecondition("process x has ended".into()),
+                Code::FailedPrecondition,
+            ),
+            (
+                ServerError::Exhausted("too many live processes (1)".into()),
+                Code::ResourceExhausted,
+            ),
             (
                 ServerError::Refused {
                     path: p(),

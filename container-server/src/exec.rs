@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::error::ServerError;
-use crate::reaper::{Exit, Reaper};
+use crate::reaper::{Exit, Reaped, Reaper, Usage};
 
 /// Read size for the child's output pipes.
 const READ_CHUNK: usize = 32 * 1024;
@@ -149,14 +149,15 @@ pub enum ExecEvent {
     Stdout(Bytes),
     /// Bytes from stderr.
     Stderr(Bytes),
-    /// The last event: the exit code (-1 for a signal or the timeout's kill).
-    Exit(i32),
+    /// The last event: the exit code (-1 for a signal or the timeout's kill) and the
+    /// command's resource use when the reaper saw it end.
+    Exit(i32, Option<Usage>),
 }
 
 /// A started command. [`Running::drive`] streams it to the end.
 pub struct Running {
     pgid: Pid,
-    exit: tokio::sync::oneshot::Receiver<Exit>,
+    exit: tokio::sync::oneshot::Receiver<Reaped>,
     stdout: pipe::Receiver,
     stderr: pipe::Receiver,
     stdin: Option<pipe::Sender>,
@@ -357,6 +358,7 @@ impl Running {
         let mut err_buf = BytesMut::with_capacity(READ_CHUNK);
         let (mut out_open, mut err_open) = (true, true);
         let mut exit: Option<Exit> = None;
+        let mut usage: Option<Usage> = None;
         let mut killed = false;
         let drain = tokio::time::sleep(Duration::ZERO);
         tokio::pin!(drain);
@@ -411,7 +413,9 @@ impl Running {
                     }
                 },
                 st = &mut self.exit, if exit.is_none() => {
-                    exit = Some(st.unwrap_or(Exit::Signal(0)));
+                    let st = st.unwrap_or(Reaped::LOST);
+                    exit = Some(st.exit);
+                    usage = st.usage;
                 }
             }
             if left {
@@ -438,8 +442,35 @@ impl Running {
             return None;
         }
         let code = exit.map(|e| self.dialect.exit_code(e)).unwrap_or(-1);
-        let _ = out.send(ExecEvent::Exit(code)).await;
+        let _ = out.send(ExecEvent::Exit(code, usage)).await;
         Some(code)
+    }
+}
+
+/// A started command taken apart, for an owner that drives it itself (the process service).
+pub(crate) struct RunningParts {
+    /// The command's process group (its pid).
+    pub pgid: Pid,
+    /// Its reap status.
+    pub exit: tokio::sync::oneshot::Receiver<Reaped>,
+    /// Its stdout pipe.
+    pub stdout: pipe::Receiver,
+    /// Its stderr pipe.
+    pub stderr: pipe::Receiver,
+    /// Its stdin pipe.
+    pub stdin: pipe::Sender,
+}
+
+impl Running {
+    /// The parts of the started command; the caller owns killing and reaping from here on.
+    pub(crate) fn into_parts(mut self) -> RunningParts {
+        RunningParts {
+            pgid: self.pgid,
+            exit: self.exit,
+            stdout: self.stdout,
+            stderr: self.stderr,
+            stdin: self.stdin.take().expect("stdin is set at start"),
+        }
     }
 }
 

@@ -16,7 +16,9 @@
 //!   bridge's NoFollow I/O beneath a root (`openat2`); [`listing`]: the bridge's ListDir.
 //! - [`exec`]: streaming commands in their own process groups; [`pty`]: the same on a
 //!   pseudo-terminal; [`exec_env`]: the bridge's environment rule; [`bridge_exec`]: the
-//!   bridge's exec conventions; [`reaper`]: PID 1 duties.
+//!   bridge's exec conventions; [`reaper`]: PID 1 duties (with each child's resource use).
+//! - [`process`]: `memoh.process.v1.ProcessService`, processes that outlive the call: a
+//!   registry with bounds, output kept per stream in a ring spilled to files, Attach by offset.
 //! - [`runtime`]: the tokio runtime whose threads are made at boot and kept, so calls that start
 //!   no process keep working while the bot is at its process limit.
 //! - [`tls`]: strict mutual TLS for the bridge's TCP listener.
@@ -38,6 +40,7 @@ pub mod fuzz_checks;
 pub mod listing;
 pub mod mode;
 pub mod paths;
+pub mod process;
 pub mod pty;
 pub mod reaper;
 pub mod reverse_http;

@@ -32,6 +32,26 @@ struct Args {
     /// non-loopback address is refused in the log and the server runs without it).
     #[arg(long, env = "MEMOH_ACP_TOOLS_PROXY_ADDR", default_value = container_server::reverse_http::listener::DEFAULT_ADDR)]
     reverse_http_addr: String,
+    /// Directory of the process service's output files (made 0700; earlier runs' files in it
+    /// are removed at start).
+    #[arg(long, env = "MEMOH_PROCESS_DIR", default_value = container_server::process::DEFAULT_PROCESS_DIR)]
+    process_dir: PathBuf,
+    /// Bytes of each process output stream kept in memory.
+    #[arg(long, env = "MEMOH_PROCESS_RING_BYTES", default_value_t = container_server::process::DEFAULT_RING_BYTES)]
+    process_ring_bytes: usize,
+    /// Bytes of each process output stream kept on disk; older output is dropped (and reported
+    /// as lost to a replay).
+    #[arg(long, env = "MEMOH_PROCESS_SPILL_BYTES", default_value_t = container_server::process::DEFAULT_SPILL_BYTES)]
+    process_spill_bytes: u64,
+    /// Most processes running at once (Start beyond it is refused).
+    #[arg(long, env = "MEMOH_PROCESS_MAX_LIVE", default_value_t = container_server::process::DEFAULT_MAX_LIVE)]
+    process_max_live: usize,
+    /// Most finished processes kept (the oldest go first).
+    #[arg(long, env = "MEMOH_PROCESS_MAX_KEPT", default_value_t = container_server::process::DEFAULT_MAX_KEPT)]
+    process_max_kept: usize,
+    /// Seconds a finished process is kept.
+    #[arg(long, env = "MEMOH_PROCESS_RETENTION", default_value_t = container_server::process::DEFAULT_RETENTION.as_secs())]
+    process_retention: u64,
 }
 
 fn main() -> ExitCode {
@@ -89,6 +109,14 @@ fn real_main(args: Args) -> anyhow::Result<()> {
     config.auth_token = token;
     config.shutdown_grace = std::time::Duration::from_secs(args.shutdown_grace);
     config.reap_all = std::process::id() == 1;
+    config.processes = container_server::process::ProcessConfig {
+        dir: args.process_dir,
+        ring_bytes: args.process_ring_bytes,
+        spill_bytes: args.process_spill_bytes,
+        max_live: args.process_max_live,
+        max_kept: args.process_max_kept,
+        retention: std::time::Duration::from_secs(args.process_retention),
+    };
     // Empty means the default, as for the bridge.
     config.reverse_http_addr = Some(match args.reverse_http_addr.as_str() {
         "" => container_server::reverse_http::listener::DEFAULT_ADDR.to_string(),

@@ -28,7 +28,7 @@ use crate::exec::{
     kill_group, own_oom_score_adj, prepare_child, ChildOom, Dialect, ExecEvent, ExecSpec,
     KillOnDrop, EXIT_DRAIN_GRACE,
 };
-use crate::reaper::{Exit, Reaper};
+use crate::reaper::{Exit, Reaped, Reaper, Usage};
 
 /// The largest STDOUT chunk a PTY exec sends.
 pub const PTY_CHUNK: usize = 4096;
@@ -88,8 +88,16 @@ pub struct PtyInput {
 pub struct PtyRunning {
     pgid: Pid,
     master: AsyncFd<OwnedFd>,
-    exit: oneshot::Receiver<Exit>,
+    exit: oneshot::Receiver<Reaped>,
     timeout: Option<Duration>,
+}
+
+impl PtyRunning {
+    /// The parts of the started command, for an owner that drives it itself (the process
+    /// service): its group, the terminal's master side and its reap status.
+    pub(crate) fn into_parts(self) -> (Pid, AsyncFd<OwnedFd>, oneshot::Receiver<Reaped>) {
+        (self.pgid, self.master, self.exit)
+    }
 }
 
 /// Starts `spec` (its `stdin` is not used) on a new terminal of `size`, with the server's
@@ -216,7 +224,7 @@ fn open_pty() -> io::Result<(OwnedFd, OwnedFd)> {
 }
 
 /// Sets the terminal's size (TIOCSWINSZ); its foreground process group gets SIGWINCH.
-fn set_size(master: RawFd, size: TermSize) -> io::Result<()> {
+pub(crate) fn set_size(master: RawFd, size: TermSize) -> io::Result<()> {
     let ws = libc::winsize {
         ws_row: size.rows,
         ws_col: size.cols,
@@ -243,7 +251,7 @@ fn set_nonblocking(fd: OwnedFd) -> io::Result<OwnedFd> {
 
 /// One non-blocking read of the master. `Ok(None)`: the terminal ended (EIO once no process
 /// holds the slave, or end of file).
-fn read_master(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<Option<usize>> {
+pub(crate) fn read_master(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<Option<usize>> {
     // SAFETY: reads into a buffer we own, at most its length.
     let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
     if n > 0 {
@@ -260,7 +268,7 @@ fn read_master(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<Option<usize>> {
 }
 
 /// One non-blocking write to the master.
-fn write_master(fd: &OwnedFd, data: &[u8]) -> io::Result<usize> {
+pub(crate) fn write_master(fd: &OwnedFd, data: &[u8]) -> io::Result<usize> {
     // SAFETY: writes at most `data.len()` bytes from a buffer we own.
     let n = unsafe { libc::write(fd.as_raw_fd(), data.as_ptr().cast(), data.len()) };
     if n < 0 {
@@ -301,6 +309,7 @@ impl PtyRunning {
         let mut input_open = true;
         let mut ended = false;
         let mut exit: Option<Exit> = None;
+        let mut usage: Option<Usage> = None;
         let mut killed = false;
         loop {
             if ended && exit.is_some() && pending_out.is_none() {
@@ -403,7 +412,9 @@ impl PtyRunning {
                     None => input_open = false,
                 },
                 st = &mut self.exit, if exit.is_none() => {
-                    exit = Some(st.unwrap_or(Exit::Signal(0)));
+                    let st = st.unwrap_or(Reaped::LOST);
+                    exit = Some(st.exit);
+                    usage = st.usage;
                 }
             }
         }
@@ -413,7 +424,7 @@ impl PtyRunning {
         }
         drop(guard.disarm());
         let code = exit.map(|e| Dialect::Bridge.exit_code(e)).unwrap_or(-1);
-        let _ = out.send(ExecEvent::Exit(code)).await;
+        let _ = out.send(ExecEvent::Exit(code, usage)).await;
         Some(code)
     }
 }

@@ -5,6 +5,9 @@
 //! Two modes: `reap_all` (PID 1: `waitpid(-1)`, orphans included) and registered-only (any
 //! other process, e.g. tests: only the pids we spawned, so other code's children are left
 //! alone).
+//!
+//! Children are reaped with `wait4`, so each waiter also gets the child's resource use
+//! ([`Usage`]: CPU times and peak RSS, its own and that of the children it waited for).
 
 use std::collections::HashMap;
 use std::io;
@@ -13,8 +16,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nix::errno::Errno;
-use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
-use nix::unistd::Pid;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::oneshot;
 use tracing::{debug, warn};
@@ -38,9 +39,51 @@ impl Exit {
     }
 }
 
+/// Resource use of a reaped child, from `wait4`'s `rusage`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Usage {
+    /// User CPU time.
+    pub user: Duration,
+    /// System CPU time.
+    pub system: Duration,
+    /// Peak resident set size in bytes (`ru_maxrss` is KiB on Linux).
+    pub max_rss_bytes: u64,
+}
+
+impl Usage {
+    fn from_rusage(r: &libc::rusage) -> Self {
+        let tv = |t: libc::timeval| {
+            Duration::from_secs(t.tv_sec.max(0) as u64)
+                + Duration::from_micros(t.tv_usec.max(0) as u64)
+        };
+        Self {
+            user: tv(r.ru_utime),
+            system: tv(r.ru_stime),
+            max_rss_bytes: (r.ru_maxrss.max(0) as u64).saturating_mul(1024),
+        }
+    }
+}
+
+/// What the reaper hands a waiter: how the child ended and what it used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reaped {
+    /// How it ended.
+    pub exit: Exit,
+    /// Its resource use; `None` when someone else reaped it.
+    pub usage: Option<Usage>,
+}
+
+impl Reaped {
+    /// A child the reaper lost (reaped elsewhere): no status, no usage.
+    pub const LOST: Reaped = Reaped {
+        exit: Exit::Signal(0),
+        usage: None,
+    };
+}
+
 #[derive(Default)]
 struct Waiters {
-    by_pid: HashMap<i32, oneshot::Sender<Exit>>,
+    by_pid: HashMap<i32, oneshot::Sender<Reaped>>,
 }
 
 /// Handle to the reaper; cheap to clone.
@@ -74,7 +117,7 @@ impl Reaper {
     }
 
     /// Spawns `cmd` and registers its pid before any reap can see it exit.
-    pub fn spawn(&self, cmd: &mut Command) -> io::Result<(Child, oneshot::Receiver<Exit>)> {
+    pub fn spawn(&self, cmd: &mut Command) -> io::Result<(Child, oneshot::Receiver<Reaped>)> {
         let mut w = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
         let child = cmd.spawn()?;
         let (tx, rx) = oneshot::channel();
@@ -86,12 +129,12 @@ impl Reaper {
         let mut w = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
         if self.reap_all {
             loop {
-                match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
-                    Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => break,
-                    Ok(st) => Self::deliver(&mut w, st),
+                match wait4(-1) {
+                    Ok(None) | Err(Errno::ECHILD) => break,
+                    Ok(Some((pid, reaped))) => Self::deliver(&mut w, pid, reaped),
                     Err(Errno::EINTR) => continue,
                     Err(e) => {
-                        warn!(error = %e, "waitpid failed");
+                        warn!(error = %e, "wait4 failed");
                         break;
                     }
                 }
@@ -99,13 +142,13 @@ impl Reaper {
         } else {
             let pids: Vec<i32> = w.by_pid.keys().copied().collect();
             for pid in pids {
-                match waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG)) {
-                    Ok(WaitStatus::StillAlive) => {}
-                    Ok(st) => Self::deliver(&mut w, st),
+                match wait4(pid) {
+                    Ok(None) => {}
+                    Ok(Some((pid, reaped))) => Self::deliver(&mut w, pid, reaped),
                     Err(Errno::ECHILD) => {
                         // Someone else reaped it; report it as lost rather than hang.
                         if let Some(tx) = w.by_pid.remove(&pid) {
-                            let _ = tx.send(Exit::Signal(0));
+                            let _ = tx.send(Reaped::LOST);
                         }
                     }
                     Err(_) => {}
@@ -114,17 +157,42 @@ impl Reaper {
         }
     }
 
-    fn deliver(w: &mut Waiters, st: WaitStatus) {
-        let (pid, exit) = match st {
-            WaitStatus::Exited(pid, code) => (pid, Exit::Code(code)),
-            WaitStatus::Signaled(pid, sig, _) => (pid, Exit::Signal(sig as i32)),
-            _ => return,
-        };
-        match w.by_pid.remove(&pid.as_raw()) {
+    fn deliver(w: &mut Waiters, pid: i32, reaped: Reaped) {
+        match w.by_pid.remove(&pid) {
             Some(tx) => {
-                let _ = tx.send(exit);
+                let _ = tx.send(reaped);
             }
-            None => debug!(pid = pid.as_raw(), ?exit, "reaped orphan"),
+            None => debug!(pid, exit = ?reaped.exit, "reaped orphan"),
         }
     }
+}
+
+/// One non-blocking `wait4` for `pid` (-1: any child). `Ok(None)`: nothing has ended.
+fn wait4(pid: i32) -> Result<Option<(i32, Reaped)>, Errno> {
+    let mut status: libc::c_int = 0;
+    // SAFETY: an all-zero rusage is a valid value of the plain C struct.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: wait4 writes into the status and rusage we own.
+    let got = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut ru) };
+    if got < 0 {
+        return Err(Errno::last());
+    }
+    if got == 0 {
+        return Ok(None);
+    }
+    let exit = if libc::WIFEXITED(status) {
+        Exit::Code(libc::WEXITSTATUS(status))
+    } else if libc::WIFSIGNALED(status) {
+        Exit::Signal(libc::WTERMSIG(status))
+    } else {
+        // Stopped or continued: not asked for (no WUNTRACED), nothing to deliver.
+        return Ok(None);
+    };
+    Ok(Some((
+        got,
+        Reaped {
+            exit,
+            usage: Some(Usage::from_rusage(&ru)),
+        },
+    )))
 }

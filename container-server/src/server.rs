@@ -9,6 +9,7 @@ use std::time::Duration;
 use memoh_proto::limits::MAX_MESSAGE_SIZE;
 use memoh_proto::pb::bridgepb::container_service_server::ContainerServiceServer as BridgeServer;
 use memoh_proto::pb::mcpcontainer::container_service_server::ContainerServiceServer;
+use memoh_proto::pb::process::process_service_server::ProcessServiceServer;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio_stream::wrappers::UnixListenerStream;
@@ -278,7 +279,7 @@ pub async fn run_all(
     let hub = crate::reverse_http::Hub::new(config.reverse_http_timeout);
     let service = Service::new(
         Resolver::new(&config.data_dir),
-        reaper,
+        reaper.clone(),
         kill.clone(),
         config.default_exec_timeout,
     )
@@ -293,6 +294,14 @@ pub async fn run_all(
         .max_decoding_message_size(MAX_MESSAGE_SIZE)
         .max_encoding_message_size(MAX_MESSAGE_SIZE);
     let bridge = InterceptedService::new(bridge, auth.clone());
+    let registry = crate::process::Registry::new(config.processes.clone(), reaper, kill.clone());
+    let processes = ProcessServiceServer::new(crate::process::service::Processes::new(
+        registry,
+        service.clone(),
+    ))
+    .max_decoding_message_size(MAX_MESSAGE_SIZE)
+    .max_encoding_message_size(MAX_MESSAGE_SIZE);
+    let processes = InterceptedService::new(processes, auth.clone());
     let svc = ContainerServiceServer::new(service)
         .max_decoding_message_size(MAX_MESSAGE_SIZE)
         .max_encoding_message_size(MAX_MESSAGE_SIZE);
@@ -302,12 +311,14 @@ pub async fn run_all(
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(memoh_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(memoh_proto::BRIDGE_FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(memoh_proto::PROCESS_FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| ServerError::Spawn(std::io::Error::other(e)))?;
     let reflection_v1alpha = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(memoh_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(memoh_proto::BRIDGE_FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(memoh_proto::PROCESS_FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .map_err(|e| ServerError::Spawn(std::io::Error::other(e)))?;
@@ -332,12 +343,16 @@ pub async fn run_all(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(svc)
-        .add_service(bridge);
+        .add_service(bridge)
+        .add_service(processes);
 
     health
         .set_serving::<ContainerServiceServer<Service>>()
         .await;
     health.set_serving::<BridgeServer<Service>>().await;
+    health
+        .set_serving::<ProcessServiceServer<crate::process::service::Processes>>()
+        .await;
     health
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;

@@ -60,7 +60,7 @@ async fn run(command: &str, oom: Option<ChildOom>) -> (String, i32) {
         match ev {
             ExecEvent::Stdout(b) => out.push_str(&String::from_utf8_lossy(&b)),
             ExecEvent::Stderr(b) => eprint!("{}", String::from_utf8_lossy(&b)),
-            ExecEvent::Exit(code) => return (out, code),
+            ExecEvent::Exit(code, _) => return (out, code),
         }
     }
     panic!("exec ended without an exit status");

@@ -82,6 +82,16 @@ impl Builder {
         self
     }
 
+    /// Changes the process service's settings (its directory is `ROOT/processes` unless set
+    /// here).
+    pub fn processes(
+        mut self,
+        f: impl FnOnce(&mut container_server::process::ProcessConfig),
+    ) -> Self {
+        f(&mut self.config.processes);
+        self
+    }
+
     /// Binds the socket and spawns `container_server::run` on the current runtime.
     pub async fn start(self) -> TestServer {
         let socket = self.root.path().join("server.sock");
@@ -140,6 +150,7 @@ impl TestServer {
         config.shutdown_grace = Duration::from_secs(1);
         config.reap_all = false;
         config.default_exec_timeout = Duration::from_secs(30);
+        config.processes.dir = root.path().join("processes");
         Builder { root, config }
     }
 
@@ -170,6 +181,17 @@ impl TestServer {
         &self,
     ) -> memoh_proto::pb::bridgepb::container_service_client::ContainerServiceClient<Channel> {
         memoh_proto::pb::bridgepb::container_service_client::ContainerServiceClient::new(
+            self.channel.clone(),
+        )
+        .max_decoding_message_size(memoh_proto::limits::MAX_MESSAGE_SIZE)
+        .max_encoding_message_size(memoh_proto::limits::MAX_MESSAGE_SIZE)
+    }
+
+    /// The process service's client on the same channel, with the 16 MiB limits.
+    pub fn processes(
+        &self,
+    ) -> memoh_proto::pb::process::process_service_client::ProcessServiceClient<Channel> {
+        memoh_proto::pb::process::process_service_client::ProcessServiceClient::new(
             self.channel.clone(),
         )
         .max_decoding_message_size(memoh_proto::limits::MAX_MESSAGE_SIZE)

@@ -71,6 +71,26 @@ bp = importlib.import_module("bridge_pb2")
 bp_grpc = importlib.import_module("bridge_pb2_grpc")
 
 
+def _generate_process():
+    """memoh.process.v1 stubs from the project's proto/process.proto (the contract)."""
+    from grpc_tools import protoc
+
+    rc = protoc.main([
+        "grpc_tools.protoc",
+        "-I" + os.path.join(ROOT, "proto"),
+        "--python_out=" + _GEN_DIR,
+        "--grpc_python_out=" + _GEN_DIR,
+        os.path.join(ROOT, "proto", "process.proto"),
+    ])
+    if rc != 0:
+        raise RuntimeError("protoc failed for process.proto")
+
+
+_generate_process()
+ppb = importlib.import_module("process_pb2")
+ppb_grpc = importlib.import_module("process_pb2_grpc")
+
+
 def free_port():
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
@@ -98,6 +118,10 @@ class Server:
         # The ReverseHTTP listener on a free loopback port (env overrides), never the fixed
         # default, so servers started side by side do not compete for it.
         full_env["MEMOH_ACP_TOOLS_PROXY_ADDR"] = "127.0.0.1:%d" % free_port()
+        # The process service's files beside the data dir, never the machine's default
+        # directory (which a server clears of old runs' files at start).
+        full_env["MEMOH_PROCESS_DIR"] = os.path.join(
+            os.path.dirname(data_dir), "processes-" + uuid.uuid4().hex[:6])
         full_env.update(env or {})
         self.reverse_http_addr = full_env["MEMOH_ACP_TOOLS_PROXY_ADDR"]
         if args is None:

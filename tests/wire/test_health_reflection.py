@@ -82,7 +82,8 @@ def test_reflection_lists_only_served_services(server):
     """grpcurl `list` shows what reflection lists; a listed service must be one the server serves."""
     r = reflect(server.channel, "grpc.reflection.v1", reflection_pb2.ServerReflectionRequest(list_services=""))
     names = {s.name for s in r.list_services_response.service}
-    # bridgepb.ContainerService is served beside it (test_bridge.py calls every served RPC).
-    served = {SERVICE, "bridgepb.ContainerService", "grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection",
-              "grpc.reflection.v1alpha.ServerReflection"}
+    # bridgepb.ContainerService is served beside it (test_bridge.py calls every served RPC), and
+    # so is memoh.process.v1.ProcessService (test_process.py).
+    served = {SERVICE, "bridgepb.ContainerService", "memoh.process.v1.ProcessService", "grpc.health.v1.Health",
+              "grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"}
     assert names <= served, "listed but not served: %s" % sorted(names - served)
