@@ -337,22 +337,27 @@ async fn background_processes_through_the_tools() {
     assert!(w["max_rss_bytes"].as_u64().unwrap() > 0, "{w}");
 
     // Read to the end in small steps: nothing twice, then the exit code.
-    let mut again = String::new();
-    let mut at = 0u64;
-    loop {
+    let (mut again, mut again_err) = (String::new(), String::new());
+    let (mut at, mut at_err) = (0u64, 0u64);
+    for _ in 0..100 {
         let o = s
-            .call("process_output", json!({"id": id, "offset": at, "max_bytes": 4}))
+            .call(
+                "process_output",
+                json!({"id": id, "offset": at, "stderr_offset": at_err, "max_bytes": 4}),
+            )
             .await
             .unwrap();
         again.push_str(o["stdout"].as_str().unwrap());
+        again_err.push_str(o["stderr"].as_str().unwrap());
         at = o["next_offset"].as_u64().unwrap();
+        at_err = o["next_stderr_offset"].as_u64().unwrap();
         if o["more"] == false {
             assert_eq!(o["exit_code"], 143, "{o}");
             assert_eq!(o["running"], false);
             break;
         }
     }
-    assert_eq!(again, text);
+    assert_eq!((again.as_str(), again_err.as_str()), (text.as_str(), "warm\n"));
 
     // A quick command with an exit code.
     let r = s
@@ -368,7 +373,8 @@ async fn background_processes_through_the_tools() {
 
     // Bad input: tool errors with clear text.
     for (tool, args, want) in [
-        ("process_output", json!({"id": "nope"}), "not found"),
+        ("process_output", json!({"id": "000000000000"}), "not found"),
+        ("process_output", json!({"id": "nope"}), "malformed"),
         ("process_signal", json!({"id": id, "signal": "BOGUS"}), "unknown signal"),
         ("process_signal", json!({"id": id, "signal": 99}), "number from 1 to 64"),
         ("process_wait", json!({}), "id is required"),

@@ -140,7 +140,7 @@ def test_background_process_poll_and_kill():
             assert is_error(r), f"{name} {args}: {text(r)}"
             return text(r)
 
-    assert "not found" in run(fails("process_output", {"id": "nope"})), "unknown id"
+    assert "not found" in run(fails("process_output", {"id": "000000000000"})), "unknown id"
     assert "unknown signal" in run(fails("process_signal", {"id": pid, "signal": "BOGUS"}))
     assert "id is required" in run(fails("process_wait", {}))
 
