@@ -52,7 +52,9 @@ pub fn parse_signal(s: &str) -> Result<i32, String> {
     if t.bytes().all(|b| b.is_ascii_digit()) {
         return match t.parse::<i32>() {
             Ok(n) if (1..=MAX_SIGNAL).contains(&n) => Ok(n),
-            _ => Err(format!("signal number {t} is out of range (1 to {MAX_SIGNAL})")),
+            _ => Err(format!(
+                "signal number {t} is out of range (1 to {MAX_SIGNAL})"
+            )),
         };
     }
     let upper = t.to_ascii_uppercase();
@@ -67,7 +69,9 @@ pub fn parse_signal(s: &str) -> Result<i32, String> {
         .iter()
         .find(|(_, n)| *n == name)
         .map(|(num, _)| *num)
-        .ok_or_else(|| format!("unknown signal {t:?} (use a name such as TERM, KILL, INT, HUP or a number)"))
+        .ok_or_else(|| {
+            format!("unknown signal {t:?} (use a name such as TERM, KILL, INT, HUP or a number)")
+        })
 }
 
 /// `SIGTERM` for 15; `SIGRTMIN+N` style numbers and unknown ones give `None`.
@@ -247,7 +251,17 @@ mod tests {
         assert_eq!(parse_signal("USR1"), Ok(10));
         assert_eq!(parse_signal("IOT"), Ok(6));
         assert_eq!(parse_signal("64"), Ok(64));
-        for bad in ["", "0", "65", "-1", "SIG", "TERMINATE", "SIGFOO", "15x", "99999999999"] {
+        for bad in [
+            "",
+            "0",
+            "65",
+            "-1",
+            "SIG",
+            "TERMINATE",
+            "SIGFOO",
+            "15x",
+            "99999999999",
+        ] {
             let e = parse_signal(bad).unwrap_err();
             assert!(!e.contains('\n') && !e.is_empty(), "{bad}: {e}");
         }
@@ -307,7 +321,10 @@ mod tests {
         t.exit_code = 137;
         t.timed_out = true;
         assert_eq!(exit_status(&t), 137);
-        assert_eq!(end_line(&t), "killed by signal 9 (SIGKILL) after its timeout");
+        assert_eq!(
+            end_line(&t),
+            "killed by signal 9 (SIGKILL) after its timeout"
+        );
         let e = ProcessInfo {
             state: State::Exited as i32,
             exit_code: 3,
@@ -363,7 +380,9 @@ mod tests {
             ["ID", "TAG", "PID", "STATE", "EXIT", "STARTED", "CPU", "MAXRSS", "COMMAND"]
         );
         // Every column starts where its header does.
-        for h in ["PID", "STATE", "EXIT", "STARTED", "CPU", "MAXRSS", "COMMAND"] {
+        for h in [
+            "PID", "STATE", "EXIT", "STARTED", "CPU", "MAXRSS", "COMMAND",
+        ] {
             let at = lines[0].find(h).unwrap();
             for l in &lines[1..] {
                 assert_ne!(l.as_bytes()[at], b' ', "{h} in {l:?}");
@@ -375,7 +394,18 @@ mod tests {
         let k: Vec<&str> = lines[2].split_whitespace().collect();
         assert_eq!(
             k,
-            ["p2", "-", "43", "signaled", "143", "2026-12-07T13:44:05Z", "1.75s", "3.0M", "sleep", "100"]
+            [
+                "p2",
+                "-",
+                "43",
+                "signaled",
+                "143",
+                "2026-12-07T13:44:05Z",
+                "1.75s",
+                "3.0M",
+                "sleep",
+                "100"
+            ]
         );
         assert_eq!(table(&[]).lines().count(), 1);
     }

@@ -292,7 +292,10 @@ async fn background_processes_through_the_tools() {
             .unwrap();
         assert_eq!(o["running"], true, "{o}");
         assert_eq!(o["state"], "running");
-        assert!(o.get("exit_code").is_none() && o.get("lost").is_none(), "{o}");
+        assert!(
+            o.get("exit_code").is_none() && o.get("lost").is_none(),
+            "{o}"
+        );
         let chunk = o["stdout"].as_str().unwrap();
         // Never half a character: the split euro sign waits for its last byte.
         assert!(!chunk.contains('\u{fffd}'), "{o}");
@@ -311,7 +314,10 @@ async fn background_processes_through_the_tools() {
     assert_eq!(procs.len(), 1, "{l}");
     assert_eq!(procs[0]["id"], id.as_str());
     assert_eq!(procs[0]["state"], "running");
-    let none = s.call("process_list", json!({"tag": "other"})).await.unwrap();
+    let none = s
+        .call("process_list", json!({"tag": "other"}))
+        .await
+        .unwrap();
     assert_eq!(none["processes"], json!([]));
 
     let w = s
@@ -324,7 +330,10 @@ async fn background_processes_through_the_tools() {
         .call("process_signal", json!({"id": id, "signal": "SIGTERM"}))
         .await
         .unwrap();
-    assert_eq!(k, json!({"ok": true, "signal": 15, "signal_name": "SIGTERM"}));
+    assert_eq!(
+        k,
+        json!({"ok": true, "signal": 15, "signal_name": "SIGTERM"})
+    );
     let w = s
         .call("process_wait", json!({"id": id, "timeout_seconds": 10}))
         .await
@@ -357,7 +366,10 @@ async fn background_processes_through_the_tools() {
             break;
         }
     }
-    assert_eq!((again.as_str(), again_err.as_str()), (text.as_str(), "warm\n"));
+    assert_eq!(
+        (again.as_str(), again_err.as_str()),
+        (text.as_str(), "warm\n")
+    );
 
     // A quick command with an exit code.
     let r = s
@@ -365,21 +377,43 @@ async fn background_processes_through_the_tools() {
         .await
         .unwrap();
     let w = s
-        .call("process_wait", json!({"id": r["id"], "timeout_seconds": 10}))
+        .call(
+            "process_wait",
+            json!({"id": r["id"], "timeout_seconds": 10}),
+        )
         .await
         .unwrap();
-    assert_eq!((w["exit_code"].clone(), w["signal"].clone()), (json!(3), json!(null)));
+    assert_eq!(
+        (w["exit_code"].clone(), w["signal"].clone()),
+        (json!(3), json!(null))
+    );
     assert_eq!(w["summary"], "exited with code 3");
 
     // Bad input: tool errors with clear text.
     for (tool, args, want) in [
         ("process_output", json!({"id": "000000000000"}), "not found"),
         ("process_output", json!({"id": "nope"}), "malformed"),
-        ("process_signal", json!({"id": id, "signal": "BOGUS"}), "unknown signal"),
-        ("process_signal", json!({"id": id, "signal": 99}), "number from 1 to 64"),
+        (
+            "process_signal",
+            json!({"id": id, "signal": "BOGUS"}),
+            "unknown signal",
+        ),
+        (
+            "process_signal",
+            json!({"id": id, "signal": 99}),
+            "number from 1 to 64",
+        ),
         ("process_wait", json!({}), "id is required"),
-        ("process_output", json!({"id": id, "offset": -1}), "must not be negative"),
-        ("exec", json!({"command": "true", "tag": "x"}), "only for background"),
+        (
+            "process_output",
+            json!({"id": id, "offset": -1}),
+            "must not be negative",
+        ),
+        (
+            "exec",
+            json!({"command": "true", "tag": "x"}),
+            "only for background",
+        ),
     ] {
         let e = s.call(tool, args.clone()).await.unwrap_err().to_string();
         assert!(e.contains(want), "{tool} {args}: {e}");

@@ -81,10 +81,15 @@ fn counter_survives_a_dropped_connection_and_an_agent_restart() {
     // Counts until /data/stop exists (bounded), then says so and exits 0.
     let script = "i=0; while [ ! -e /data/stop ] && [ $i -lt 20000 ]; do i=$((i+1)); \
                   echo n$i; sleep 0.01; done; echo end";
-    let out = a.ok(&["exec", "--detach", "--tag", "counter", &bot, "--", "sh", "-c", script]);
+    let out = a.ok(&[
+        "exec", "--detach", "--tag", "counter", &bot, "--", "sh", "-c", script,
+    ]);
     let id = out.trim().to_string();
     assert_eq!(out, format!("{id}\n"), "exec --detach prints the id alone");
-    assert!(!id.is_empty() && !id.contains(char::is_whitespace), "{out:?}");
+    assert!(
+        !id.is_empty() && !id.contains(char::is_whitespace),
+        "{out:?}"
+    );
     let socket = a.socket.clone();
 
     // A follower on its own connection sees some lines, then the connection is dropped.
@@ -111,7 +116,9 @@ fn counter_survives_a_dropped_connection_and_an_agent_restart() {
         }
         got
     });
-    assert!(counted(20).as_bytes().starts_with(&first[..counted(20).len()]));
+    assert!(counted(20)
+        .as_bytes()
+        .starts_with(&first[..counted(20).len()]));
 
     // The agent goes away and comes back: the process lives in the bot and keeps counting.
     let before = ps_json(&a, &bot);
@@ -127,7 +134,10 @@ fn counter_survives_a_dropped_connection_and_an_agent_restart() {
     let grown = after[0]["stdout_bytes"].as_u64().unwrap();
     let start = Instant::now();
     while ps_json(&a, &bot)[0]["stdout_bytes"].as_u64().unwrap() <= grown {
-        assert!(start.elapsed() < Duration::from_secs(20), "the counter stopped");
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the counter stopped"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 
@@ -159,7 +169,10 @@ fn counter_survives_a_dropped_connection_and_an_agent_restart() {
     let r = a.cli(&["attach", "--from-start", &bot, &id]);
     assert_eq!(r.status.code(), Some(0), "{r:?}");
     let text = String::from_utf8(r.stdout).unwrap();
-    assert!(text.starts_with("n1\nn2\n") && text.ends_with("end\n"), "{text:?}");
+    assert!(
+        text.starts_with("n1\nn2\n") && text.ends_with("end\n"),
+        "{text:?}"
+    );
     a.ok(&["rm", &bot, &id]);
     assert!(ps_json(&a, &bot).is_empty());
 }
@@ -184,7 +197,11 @@ fn kill_wait_ps_and_exit_codes_through_the_cli() {
     let table = a.ok(&["ps", &bot]);
     assert!(table.starts_with("ID "), "{table}");
     assert!(table.lines().nth(1).unwrap().starts_with(&id), "{table}");
-    assert!(serde_json::from_str::<Vec<serde_json::Value>>(&a.ok(&["ps", &bot, "--json", "--tag", "other"])).unwrap().is_empty());
+    assert!(serde_json::from_str::<Vec<serde_json::Value>>(
+        &a.ok(&["ps", &bot, "--json", "--tag", "other"])
+    )
+    .unwrap()
+    .is_empty());
 
     // A live attacher ends with the process's status when another call kills it.
     let mut attached = a
@@ -208,7 +225,10 @@ fn kill_wait_ps_and_exit_codes_through_the_cli() {
         if let Some(s) = attached.try_wait().unwrap() {
             break s;
         }
-        assert!(start.elapsed() < Duration::from_secs(20), "attach did not end");
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "attach did not end"
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
     let out = attached.wait_with_output().unwrap();
@@ -217,13 +237,26 @@ fn kill_wait_ps_and_exit_codes_through_the_cli() {
 
     // Other spellings of signals, and a plain exit code.
     for (sig, code) in [("SIGKILL", 137), ("2", 130), ("hup", 129)] {
-        let id = a.ok(&["exec", "-d", &bot, "--", "sleep", "300"]).trim().to_string();
+        let id = a
+            .ok(&["exec", "-d", &bot, "--", "sleep", "300"])
+            .trim()
+            .to_string();
         a.ok(&["kill", "-s", sig, &bot, &id]);
         let w = a.cli(&["wait", &bot, &id]);
         assert_eq!(w.status.code(), Some(code), "{sig}: {w:?}");
     }
     let id3 = a
-        .ok(&["exec", "-d", "-e", "CODE=3", &bot, "--", "sh", "-c", "exit $CODE"])
+        .ok(&[
+            "exec",
+            "-d",
+            "-e",
+            "CODE=3",
+            &bot,
+            "--",
+            "sh",
+            "-c",
+            "exit $CODE",
+        ])
         .trim()
         .to_string();
     let w = a.cli(&["wait", &bot, &id3]);
@@ -268,8 +301,18 @@ fn process_ids_do_not_leak_across_bots() {
             .into_inner()
             .id;
         let seen = |l: pp::ListResponse| l.processes.iter().any(|p| p.id == id);
-        assert!(seen(c1.list(pp::ListRequest::default()).await.unwrap().into_inner()));
-        assert!(!seen(c2.list(pp::ListRequest::default()).await.unwrap().into_inner()));
+        assert!(seen(
+            c1.list(pp::ListRequest::default())
+                .await
+                .unwrap()
+                .into_inner()
+        ));
+        assert!(!seen(
+            c2.list(pp::ListRequest::default())
+                .await
+                .unwrap()
+                .into_inner()
+        ));
         let e = c2
             .attach(pp::AttachRequest {
                 id: id.clone(),
@@ -305,9 +348,12 @@ fn process_ids_do_not_leak_across_bots() {
             .unwrap()
             .into_inner();
         assert!(!w.exited);
-        c1.signal(pp::SignalRequest { id: id.clone(), signal: 9 })
-            .await
-            .unwrap();
+        c1.signal(pp::SignalRequest {
+            id: id.clone(),
+            signal: 9,
+        })
+        .await
+        .unwrap();
         // A Wait without limit returns once the process has ended.
         let w = c1
             .wait(pp::WaitRequest {

@@ -405,7 +405,9 @@ mod tests {
             "memoh.process.v1.ProcessService"
         );
         assert!(
-            names.contains(Mcp::NAME) && names.contains(Bridge::NAME) && names.contains(Process::NAME),
+            names.contains(Mcp::NAME)
+                && names.contains(Bridge::NAME)
+                && names.contains(Process::NAME),
             "{names:?}"
         );
     }

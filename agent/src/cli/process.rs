@@ -128,12 +128,7 @@ fn report_end(verb: &str, id: &str, info: &ProcessInfo) -> u8 {
 /// `attach`: output to stdout and stderr as it comes (from now, or replayed from the start),
 /// ending with the process's exit status as `wait` gives it. SIGINT or SIGTERM detaches and
 /// leaves the process running.
-pub async fn attach(
-    socket: &Path,
-    bot: &str,
-    id: &str,
-    from_start: bool,
-) -> Result<u8, CliError> {
+pub async fn attach(socket: &Path, bot: &str, id: &str, from_start: bool) -> Result<u8, CliError> {
     let mut c = client(socket, bot)?;
     // Watched before the call: a Ctrl-C must never kill this CLI with the call half done.
     let (Ok(mut int), Ok(mut term)) = (
@@ -228,8 +223,8 @@ pub async fn kill(socket: &Path, bot: &str, id: &str, sig: &str) -> Result<u8, C
 /// with its status: its code, or 128+N after signal N, saying which on stderr.
 pub async fn wait(socket: &Path, bot: &str, id: &str, timeout: u32) -> Result<u8, CliError> {
     let mut c = client(socket, bot)?;
-    let timeout_ms = u32::try_from(Duration::from_secs(u64::from(timeout)).as_millis())
-        .unwrap_or(u32::MAX);
+    let timeout_ms =
+        u32::try_from(Duration::from_secs(u64::from(timeout)).as_millis()).unwrap_or(u32::MAX);
     let r = c
         .wait(WaitRequest {
             id: id.to_string(),

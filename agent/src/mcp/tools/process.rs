@@ -162,7 +162,11 @@ pub(super) async fn output(c: &ContainerClient, args: &JsonObject) -> Result<Val
     while let Some(m) = s.message().await.map_err(call_err("process_output", id))? {
         match Kind::try_from(m.kind) {
             Ok(k @ (Kind::Stdout | Kind::Stderr)) => {
-                let c = if k == Kind::Stdout { &mut out } else { &mut err };
+                let c = if k == Kind::Stdout {
+                    &mut out
+                } else {
+                    &mut err
+                };
                 c.data.extend_from_slice(&m.data);
                 c.next = m.offset + m.data.len() as u64;
             }
