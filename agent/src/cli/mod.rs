@@ -99,6 +99,10 @@ fn status_err(socket: &Path, s: tonic::Status) -> CliError {
             Ok(_) => {}
         }
     }
+    if msg.is_empty() {
+        // e.g. UNIMPLEMENTED from an agent older than this CLI.
+        return CliError::new(format!("the agent answered: {}", s.code().description()));
+    }
     CliError::new(msg.to_string())
 }
 
