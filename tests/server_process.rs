@@ -391,7 +391,7 @@ fn cpu_of_time(cmd: &str) -> f64 {
 async fn wait_reports_cpu_time_and_peak_memory() {
     let s = TestServer::start().await;
     let mut c = s.processes();
-    let burn = "i=0; while [ $i -lt 400000 ]; do i=$((i+1)); done; exit 3";
+    let burn = "i=0; while [ $i -lt 1000000 ]; do i=$((i+1)); done; exit 3";
     let id = start(&mut c, burn).await;
     let info = wait(&mut c, &id).await;
     let reference = cpu_of_time(burn);
@@ -817,4 +817,64 @@ async fn exec_exit_carries_resource_usage_in_both_protocols() {
         let u = usage.unwrap_or_else(|| panic!("bridge EXIT (pty {pty}) carries resource_usage"));
         assert!(u.max_rss_bytes >= 32 << 20, "pty {pty}: {u:?}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn old_runs_files_go_at_start_and_from_end_skips_the_past() {
+    let b = TestServer::builder();
+    let root = b.root().join("processes");
+    std::fs::create_dir_all(root.join("0123456789ab")).unwrap();
+    std::fs::write(root.join("0123456789ab/stdout.log"), b"old run").unwrap();
+    std::fs::write(root.join("not-an-id.txt"), b"someone else's").unwrap();
+    let s = b.start().await;
+    std::fs::create_dir_all(&s.data).unwrap();
+    let mut c = s.processes();
+    // Answering means started, and the leftovers were cleared before serving.
+    c.list(pb::ListRequest::default()).await.unwrap();
+    assert!(
+        !root.join("0123456789ab").exists(),
+        "an old run's files are left"
+    );
+    assert!(
+        root.join("not-an-id.txt").exists(),
+        "only id-shaped entries are removed"
+    );
+    let id = start(&mut c, "echo old; read x; echo new").await;
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let l = c
+            .list(pb::ListRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        if l.processes
+            .iter()
+            .any(|p| p.id == id && p.stdout_bytes == 4)
+        {
+            break;
+        }
+        assert!(Instant::now() < until, "no first line");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut st = c
+        .attach(pb::AttachRequest {
+            id: id.clone(),
+            from_end: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    c.write_stdin(pb::WriteStdinRequest {
+        id: id.clone(),
+        data: "\n".into(),
+    })
+    .await
+    .unwrap();
+    let mut seen = Seen::from(4, 0);
+    while let Some(m) = st.next().await {
+        seen.take(m.unwrap());
+    }
+    assert_eq!(seen.out, b"new\n");
+    assert_eq!(seen.last_kind(), Some(Kind::Exit));
 }

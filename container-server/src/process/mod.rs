@@ -692,6 +692,8 @@ fn finish(p: &Process, pgid: Pid, life: Life) {
         st.ended_at = Some(Instant::now());
         st.stdin = None;
         st.master = None;
+        st.out.release_ring();
+        st.err.release_ring();
     }
     info!(id = %p.id, code = ended.code(), timed_out = ended.timed_out, "process ended");
     p.touch();

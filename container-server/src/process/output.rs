@@ -207,6 +207,20 @@ impl Stream {
         })
     }
 
+    /// Frees the ring once the stream is complete, when the spill files hold everything it
+    /// has (a kept finished process then costs no memory for its output); replays read the
+    /// files. Without working spill files the ring stays, as the only copy.
+    pub fn release_ring(&mut self) {
+        let ring_first = self.ring.front().map(|(o, _)| *o).unwrap_or(self.total);
+        let spilled = self.base.is_some()
+            && !self.spill_failed
+            && self.segments.front().is_some_and(|s| s.start <= ring_first);
+        if spilled {
+            self.ring.clear();
+            self.ring_len = 0;
+        }
+    }
+
     /// Deletes the spill files.
     pub fn remove_files(&mut self) {
         for s in self.segments.drain(..) {
@@ -274,6 +288,12 @@ mod tests {
             assert_eq!(got, all[from as usize..], "from {from}");
             assert_eq!(lost, None);
         }
+        // Complete: the ring goes, the files answer alone.
+        s.release_ring();
+        assert!(s.ring.is_empty());
+        for from in [0u64, 150, 199] {
+            assert_eq!(collect(&s, from).0, all[from as usize..], "from {from}");
+        }
     }
 
     #[test]
@@ -300,12 +320,27 @@ mod tests {
     }
 
     #[test]
+    fn a_ring_larger_than_the_files_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Stream::new(64, 20, Some(dir.path().join("out.log")));
+        let all: Vec<u8> = (0..60u8).collect();
+        for c in all.chunks(4) {
+            s.append(Bytes::copy_from_slice(c));
+        }
+        assert_eq!(s.first_offset(), 0, "the ring still has everything");
+        s.release_ring();
+        assert_eq!(s.first_offset(), 0);
+        assert_eq!(collect(&s, 0), (all, None));
+    }
+
+    #[test]
     fn memory_only_loses_what_leaves_the_ring() {
         let mut s = Stream::new(10, 1 << 20, None);
         for c in (0..30u8).collect::<Vec<_>>().chunks(5) {
             s.append(Bytes::copy_from_slice(c));
         }
         assert_eq!(s.first_offset(), 20);
+        s.release_ring();
         let (got, lost) = collect(&s, 3);
         assert_eq!(lost, Some(20));
         assert_eq!(got, (20..30u8).collect::<Vec<_>>());

@@ -25,7 +25,7 @@ use crate::pty::TermSize;
 use crate::service::{BoxStream, Service};
 
 /// The largest chunk an Attach sends.
-pub const ATTACH_CHUNK: usize = 256 * 1024;
+pub const ATTACH_CHUNK: usize = 1024 * 1024;
 
 /// The process service: the registry plus the container service's work-dir rules.
 #[derive(Clone)]
@@ -205,8 +205,14 @@ async fn attach(
         } else if c.no_follow && (!sent || c.budget == Some(0)) {
             Kind::End
         } else {
-            if changed.changed().await.is_err() {
-                return;
+            // Caught up: sleep until new output or the end, or until the client leaves (an
+            // idle process must not keep a gone attacher's task).
+            tokio::select! {
+                r = changed.changed() => if r.is_err() { return },
+                _ = tx.closed() => {
+                    debug!(id = %p.id, "attacher left");
+                    return;
+                }
             }
             continue;
         };
