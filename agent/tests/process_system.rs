@@ -212,6 +212,27 @@ fn kill_wait_ps_and_exit_codes_through_the_cli() {
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(500));
+    // Ctrl-C on another attacher detaches it and leaves the process running.
+    let detached = a
+        .command(&["attach", &bot, &id])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(detached.id() as i32),
+        Signal::SIGINT,
+    )
+    .unwrap();
+    let out = detached.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("detached"),
+        "{out:?}"
+    );
+    assert_eq!(ps_json(&a, &bot)[0]["state"], "running");
     let still = a.cli(&["wait", "--timeout", "1", &bot, &id]);
     assert_eq!(still.status.code(), Some(124), "{still:?}");
     a.ok(&["kill", &bot, &id]);
