@@ -10,7 +10,7 @@ use tokio::net::UnixListener;
 use tracing::{info, warn};
 
 use crate::api::control::Control;
-use crate::api::proxy::{BridgeProxy, McpProxy};
+use crate::api::proxy::{BridgeProxy, McpProxy, ProcessProxy};
 use crate::bots::Manager;
 use crate::config::Config;
 use crate::containerd::{Connection, Containerd, Runtime};
@@ -133,6 +133,7 @@ pub async fn run(
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(memoh_proto::AGENT_FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(memoh_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(memoh_proto::PROCESS_FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| AgentError::FailedPrecondition(format!("reflection: {e}")))?;
@@ -152,7 +153,8 @@ pub async fn run(
             )),
         ))
         .add_service(Timed::new("proxy", McpProxy::new(mgr.clone())))
-        .add_service(Timed::new("bridge_proxy", BridgeProxy::new(mgr.clone())));
+        .add_service(Timed::new("bridge_proxy", BridgeProxy::new(mgr.clone())))
+        .add_service(Timed::new("process_proxy", ProcessProxy::new(mgr.clone())));
     notify_ready();
     info!("agent ready");
     // grpc C-core clients (grpcio, grpc++) send the socket path as `:authority`, which h2

@@ -38,6 +38,7 @@ pub mod mcp;
 pub mod metrics;
 pub mod network;
 pub mod pool;
+pub mod procs;
 pub mod reverse_http;
 mod sync;
 

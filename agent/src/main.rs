@@ -42,7 +42,8 @@ enum Cmd {
     #[command(subcommand)]
     Bot(BotCmd),
     /// Run a command in a bot: `exec BOT -- CMD ARGS...`; `exec -t BOT -- sh` for an
-    /// interactive terminal.
+    /// interactive terminal; `exec --detach BOT -- CMD` to start a process that outlives the
+    /// call (prints its id; see `ps`, `attach`, `kill`, `wait`).
     Exec {
         /// Bot id.
         bot: String,
@@ -55,12 +56,74 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         timeout: i32,
         /// Run the command on a terminal of its own, wired to this one (raw mode, window size
-        /// and resizes passed on, stdout and stderr merged); stdin must be a terminal.
+        /// and resizes passed on, stdout and stderr merged); stdin must be a terminal. With
+        /// --detach: the process gets a terminal of its own, attached to nothing.
         #[arg(long, short = 't')]
         tty: bool,
+        /// Start the command as a process of the bot that keeps running after this call, the
+        /// agent's restart included; print its id alone on stdout. Its timeout is --timeout
+        /// (0: none).
+        #[arg(long, short = 'd')]
+        detach: bool,
+        /// With --detach: a label for `ps --tag`.
+        #[arg(long, requires = "detach")]
+        tag: Option<String>,
+        /// With --detach: `KEY=VALUE` added to the environment (repeatable).
+        #[arg(long, short = 'e', requires = "detach")]
+        env: Vec<String>,
         /// The command and its arguments.
         #[arg(last = true, required = true)]
         argv: Vec<String>,
+    },
+    /// The processes of a bot started with `exec --detach`, live and finished.
+    Ps {
+        /// Bot id.
+        bot: String,
+        /// One JSON array of objects instead of the table.
+        #[arg(long)]
+        json: bool,
+        /// Only processes with this tag.
+        #[arg(long)]
+        tag: Option<String>,
+    },
+    /// Print a process's output as it comes and end with its exit status (as `wait`); Ctrl-C
+    /// detaches and leaves it running.
+    Attach {
+        /// Bot id.
+        bot: String,
+        /// Process id (from `exec --detach` or `ps`).
+        id: String,
+        /// Replay its output from the start instead of from now.
+        #[arg(long)]
+        from_start: bool,
+    },
+    /// Send a signal to a process's group.
+    Kill {
+        /// Bot id.
+        bot: String,
+        /// Process id.
+        id: String,
+        /// The signal: a name (TERM, SIGTERM) or a number (15).
+        #[arg(long, short = 's', default_value = "TERM")]
+        signal: String,
+    },
+    /// Wait for a process to end; exits with its code (128+N after signal N) and says which on
+    /// stderr.
+    Wait {
+        /// Bot id.
+        bot: String,
+        /// Process id.
+        id: String,
+        /// Give up after this many seconds (exit 124); 0: wait as long as it runs.
+        #[arg(long, default_value_t = 0)]
+        timeout: u32,
+    },
+    /// Forget a finished process and delete its kept output.
+    Rm {
+        /// Bot id.
+        bot: String,
+        /// Process id.
+        id: String,
     },
     /// Forward a local TCP port to a port inside a bot until Ctrl-C: `port-forward BOT
     /// LOCAL_PORT:BOT_PORT` (or `BOT_PORT` for the same port, `:BOT_PORT` for any free local
@@ -177,8 +240,29 @@ async fn dispatch(args: Args) -> Result<u8, cli::CliError> {
             bot,
             workdir,
             timeout,
+            tty,
+            detach: true,
+            tag,
+            env,
+            argv,
+        } => {
+            let d = cli::Detached {
+                argv,
+                work_dir: workdir,
+                env,
+                tag,
+                tty,
+                timeout,
+            };
+            cli::exec_detach(&socket, &bot, d).await
+        }
+        Cmd::Exec {
+            bot,
+            workdir,
+            timeout,
             tty: false,
             argv,
+            ..
         } => cli::exec(&socket, &bot, &argv, workdir, timeout).await,
         Cmd::Exec {
             bot,
@@ -186,7 +270,17 @@ async fn dispatch(args: Args) -> Result<u8, cli::CliError> {
             timeout,
             tty: true,
             argv,
+            ..
         } => cli::exec_tty(&socket, &bot, &argv, workdir, timeout).await,
+        Cmd::Ps { bot, json, tag } => cli::ps(&socket, &bot, json, tag).await,
+        Cmd::Attach {
+            bot,
+            id,
+            from_start,
+        } => cli::attach(&socket, &bot, &id, from_start).await,
+        Cmd::Kill { bot, id, signal } => cli::kill(&socket, &bot, &id, &signal).await,
+        Cmd::Wait { bot, id, timeout } => cli::wait(&socket, &bot, &id, timeout).await,
+        Cmd::Rm { bot, id } => cli::rm(&socket, &bot, &id).await,
         Cmd::PortForward {
             bot,
             ports,

@@ -266,6 +266,160 @@ async fn exec_results_and_cut_output() {
     assert_eq!(r["stdout"], format!("{}\n", s.data().join("w").display()));
 }
 
+#[tokio::test]
+async fn background_processes_through_the_tools() {
+    let s = Server::start().await;
+    // A server-like process: one line, then waits; a second line on stderr; split UTF-8 later.
+    let r = s
+        .call(
+            "exec",
+            json!({"command": "echo ready; echo warm >&2; printf '\\342\\202'; sleep 0.3; printf '\\254!\\n'; sleep 300", "background": true, "tag": "srv"}),
+        )
+        .await
+        .unwrap();
+    let id = r["id"].as_str().unwrap().to_string();
+    assert!(r["pid"].as_i64().unwrap() > 0, "{r}");
+    assert_eq!(r.as_object().unwrap().len(), 2, "{r}");
+
+    let mut text = String::new();
+    let mut offset = 0u64;
+    let start = std::time::Instant::now();
+    while !text.contains('!') {
+        assert!(start.elapsed() < Duration::from_secs(10), "{text:?}");
+        let o = s
+            .call("process_output", json!({"id": id, "offset": offset}))
+            .await
+            .unwrap();
+        assert_eq!(o["running"], true, "{o}");
+        assert_eq!(o["state"], "running");
+        assert!(
+            o.get("exit_code").is_none() && o.get("lost").is_none(),
+            "{o}"
+        );
+        let chunk = o["stdout"].as_str().unwrap();
+        // Never half a character: the split euro sign waits for its last byte.
+        assert!(!chunk.contains('\u{fffd}'), "{o}");
+        assert_eq!(o["next_offset"], offset + chunk.len() as u64, "{o}");
+        text.push_str(chunk);
+        offset = o["next_offset"].as_u64().unwrap();
+        if o["stderr"] != "" {
+            assert_eq!(o["stderr"], "warm\n");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(text, "ready\n€!\n");
+
+    let l = s.call("process_list", json!({"tag": "srv"})).await.unwrap();
+    let procs = l["processes"].as_array().unwrap();
+    assert_eq!(procs.len(), 1, "{l}");
+    assert_eq!(procs[0]["id"], id.as_str());
+    assert_eq!(procs[0]["state"], "running");
+    let none = s
+        .call("process_list", json!({"tag": "other"}))
+        .await
+        .unwrap();
+    assert_eq!(none["processes"], json!([]));
+
+    let w = s
+        .call("process_wait", json!({"id": id, "timeout_seconds": 0}))
+        .await
+        .unwrap();
+    assert_eq!(w["exited"], false, "{w}");
+    assert_eq!(w["summary"], "still running after 0 s");
+    let k = s
+        .call("process_signal", json!({"id": id, "signal": "SIGTERM"}))
+        .await
+        .unwrap();
+    assert_eq!(
+        k,
+        json!({"ok": true, "signal": 15, "signal_name": "SIGTERM"})
+    );
+    let w = s
+        .call("process_wait", json!({"id": id, "timeout_seconds": 10}))
+        .await
+        .unwrap();
+    assert_eq!(w["exited"], true, "{w}");
+    assert_eq!(w["state"], "signaled");
+    assert_eq!(w["exit_code"], 143);
+    assert_eq!(w["signal"], 15);
+    assert_eq!(w["summary"], "killed by signal 15 (SIGTERM)");
+    assert!(w["max_rss_bytes"].as_u64().unwrap() > 0, "{w}");
+
+    // Read to the end in small steps: nothing twice, then the exit code.
+    let (mut again, mut again_err) = (String::new(), String::new());
+    let (mut at, mut at_err) = (0u64, 0u64);
+    for _ in 0..100 {
+        let o = s
+            .call(
+                "process_output",
+                json!({"id": id, "offset": at, "stderr_offset": at_err, "max_bytes": 4}),
+            )
+            .await
+            .unwrap();
+        again.push_str(o["stdout"].as_str().unwrap());
+        again_err.push_str(o["stderr"].as_str().unwrap());
+        at = o["next_offset"].as_u64().unwrap();
+        at_err = o["next_stderr_offset"].as_u64().unwrap();
+        if o["more"] == false {
+            assert_eq!(o["exit_code"], 143, "{o}");
+            assert_eq!(o["running"], false);
+            break;
+        }
+    }
+    assert_eq!(
+        (again.as_str(), again_err.as_str()),
+        (text.as_str(), "warm\n")
+    );
+
+    // A quick command with an exit code.
+    let r = s
+        .call("exec", json!({"command": "exit 3", "background": true}))
+        .await
+        .unwrap();
+    let w = s
+        .call(
+            "process_wait",
+            json!({"id": r["id"], "timeout_seconds": 10}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (w["exit_code"].clone(), w["signal"].clone()),
+        (json!(3), json!(null))
+    );
+    assert_eq!(w["summary"], "exited with code 3");
+
+    // Bad input: tool errors with clear text.
+    for (tool, args, want) in [
+        ("process_output", json!({"id": "000000000000"}), "not found"),
+        ("process_output", json!({"id": "nope"}), "malformed"),
+        (
+            "process_signal",
+            json!({"id": id, "signal": "BOGUS"}),
+            "unknown signal",
+        ),
+        (
+            "process_signal",
+            json!({"id": id, "signal": 99}),
+            "number from 1 to 64",
+        ),
+        ("process_wait", json!({}), "id is required"),
+        (
+            "process_output",
+            json!({"id": id, "offset": -1}),
+            "must not be negative",
+        ),
+        (
+            "exec",
+            json!({"command": "true", "tag": "x"}),
+            "only for background",
+        ),
+    ] {
+        let e = s.call(tool, args.clone()).await.unwrap_err().to_string();
+        assert!(e.contains(want), "{tool} {args}: {e}");
+    }
+}
+
 /// The last 300 bytes of a long result, for failure messages.
 fn tail_of(t: &str) -> &str {
     let mut i = t.len().saturating_sub(300);
@@ -544,7 +698,20 @@ async fn http_tools_and_stdio_server_end_to_end() {
         .iter()
         .map(|t| t["name"].as_str().unwrap().to_string())
         .collect();
-    assert_eq!(names, ["read", "write", "list", "edit", "exec"]);
+    assert_eq!(
+        names,
+        [
+            "read",
+            "write",
+            "list",
+            "edit",
+            "exec",
+            "process_output",
+            "process_list",
+            "process_signal",
+            "process_wait"
+        ]
+    );
     let call = json!({"jsonrpc": "2.0", "id": "c1", "method": "tools/call", "params": {"name": "read", "arguments": {"path": "hello.txt"}}});
     let (_, _, body) = http(&addr, "/bots/b1/mcp", Some(&sid), tok, call).await;
     let r = rpc(&body);

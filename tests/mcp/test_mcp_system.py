@@ -52,12 +52,97 @@ def fixture_url(name="fx"):
 # --- the container as tools -----------------------------------------------------------------
 
 
-def test_five_tools_listed():
+def test_tools_listed():
     async def go():
         async with http_session(tools_url()) as s:
             return tool_names(await s.list_tools())
 
-    assert run(go()) == ["edit", "exec", "list", "read", "write"]
+    assert run(go()) == [
+        "edit",
+        "exec",
+        "list",
+        "process_list",
+        "process_output",
+        "process_signal",
+        "process_wait",
+        "read",
+        "write",
+    ]
+
+
+def test_background_process_poll_and_kill():
+    """exec with background starts a counter that outlives the call; process_output polls it
+    from advancing offsets (every line once, in order); process_list shows it; process_signal
+    TERM stops it and process_wait reports the signal. Each step is its own MCP session, as an
+    agent working across many calls would do."""
+    tag = f"mcp-e2e-{os.getpid()}"
+    counter = "i=0; while :; do i=$((i+1)); echo line-$i; sleep 0.05; done"
+
+    async def call(name, args):
+        async with http_session(tools_url()) as s:
+            r = await s.call_tool(name, args)
+            assert not is_error(r), f"{name}: {text(r)}"
+            return structured(r)
+
+    started = run(call("exec", {"command": counter, "background": True, "tag": tag}))
+    pid = started["id"]
+    assert isinstance(pid, str) and pid, started
+    assert started["pid"] > 0, started
+
+    seen = ""
+    offset = 0
+    offsets = []
+    deadline = time.time() + 30
+    while seen.count("\n") < 20:
+        assert time.time() < deadline, f"only {seen!r} after 30 s"
+        v = run(call("process_output", {"id": pid, "offset": offset, "max_bytes": 64}))
+        assert v["running"] is True and v["state"] == "running", v
+        assert v["next_offset"] == offset + len(v["stdout"].encode()), v
+        assert "lost" not in v, v
+        seen += v["stdout"]
+        offset = v["next_offset"]
+        offsets.append(offset)
+        time.sleep(0.1)
+    assert offsets == sorted(offsets) and offsets[-1] > offsets[0], offsets
+    lines = seen.splitlines()
+    complete = lines if seen.endswith("\n") else lines[:-1]
+    # Exactly the counter, in order: no gap, no duplicate across the polls.
+    assert complete == [f"line-{i}" for i in range(1, len(complete) + 1)], seen
+
+    listed = run(call("process_list", {"tag": tag}))["processes"]
+    assert [p["id"] for p in listed] == [pid], listed
+    assert listed[0]["state"] == "running" and listed[0]["tag"] == tag, listed
+    assert listed[0]["exit_code"] is None, listed
+    everyone = run(call("process_list", {}))["processes"]
+    assert pid in [p["id"] for p in everyone]
+
+    r = run(call("process_wait", {"id": pid, "timeout_seconds": 0}))
+    assert r["exited"] is False and r["state"] == "running", r
+
+    assert run(call("process_signal", {"id": pid, "signal": "TERM"}))["signal"] == 15
+    w = run(call("process_wait", {"id": pid, "timeout_seconds": 20}))
+    assert w["exited"] is True, w
+    assert w["state"] == "signaled" and w["signal"] == 15 and w["exit_code"] == 143, w
+    assert w["signal_name"] == "SIGTERM" and "signal 15" in w["summary"], w
+    assert w["user_cpu_ms"] is not None and w["max_rss_bytes"] > 0, w
+
+    # The rest of the output after the end: from the last offset, nothing twice.
+    rest = run(call("process_output", {"id": pid, "offset": offset, "max_bytes": 1024 * 1024}))
+    assert rest["running"] is False and rest["exit_code"] == 143 and rest["signal"] == 15, rest
+    assert rest["more"] is False, rest
+    whole = run(call("process_output", {"id": pid, "max_bytes": 1024 * 1024}))
+    assert whole["stdout"] == seen + rest["stdout"], (whole, seen, rest)
+
+    # Bad input: tool errors with clear text, not protocol failures.
+    async def fails(name, args):
+        async with http_session(tools_url()) as s:
+            r = await s.call_tool(name, args)
+            assert is_error(r), f"{name} {args}: {text(r)}"
+            return text(r)
+
+    assert "not found" in run(fails("process_output", {"id": "000000000000"})), "unknown id"
+    assert "unknown signal" in run(fails("process_signal", {"id": pid, "signal": "BOGUS"}))
+    assert "id is required" in run(fails("process_wait", {}))
 
 
 def test_write_read_list_edit_exec():

@@ -1,7 +1,7 @@
 """The agent's unix socket with grpcio's DEFAULT channel options: grpc C-core sends the socket
 path as :authority, which h2 refused until the agent's listener went through the authority fix
-(memoh_proto::authority). Both container services are routed to a bot (bridgepb and
-mcpcontainer), and the agent's own health service answers.
+(memoh_proto::authority). Both container services and memoh.process.v1.ProcessService are
+routed to a bot (bridgepb, mcpcontainer, process), and the agent's own health service answers.
 
 Needs a running agent and a bot: WIRE_AGENT_SOCKET and WIRE_AGENT_BOT (tests/mcp/run.sh sets
 them); skipped without them. Every test removes what it made in the bot."""
@@ -13,7 +13,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import pb, pb_grpc, bp, bp_grpc
+from conftest import pb, pb_grpc, bp, bp_grpc, ppb, ppb_grpc
 
 
 SOCKET = os.environ.get("WIRE_AGENT_SOCKET", "")
@@ -62,6 +62,43 @@ def test_mcpcontainer_calls_reach_the_bot(channel):
     m = pb_grpc.ContainerServiceStub(channel)
     st = m.Stat(pb.StatRequest(path="/"), metadata=MD, timeout=CALL).entry
     assert st.is_dir
+
+
+def test_process_service_calls_reach_the_bot(channel):
+    """Start, List, Attach (a stream, replayed from an offset), Signal and Wait of the
+    process service through the agent, with grpcio as the client."""
+    p = ppb_grpc.ProcessServiceStub(channel)
+    tag = "agent-socket-%s" % uuid.uuid4().hex[:8]
+    r = p.Start(ppb.StartRequest(command="printf 'a\\nbb\\n'; exec sleep 300", tag=tag), metadata=MD, timeout=CALL)
+    assert r.id and r.pid > 0
+    try:
+        listed = p.List(ppb.ListRequest(tag=tag), metadata=MD, timeout=CALL).processes
+        assert [x.id for x in listed] == [r.id]
+        got = b""
+        for _ in range(100):
+            out = list(p.Attach(ppb.AttachRequest(id=r.id, stdout_offset=2, no_follow=True), metadata=MD, timeout=CALL))
+            got = b"".join(m.data for m in out if m.kind == ppb.AttachOutput.STDOUT)
+            assert out[-1].kind == ppb.AttachOutput.END
+            if got == b"bb\n":
+                break
+        assert got == b"bb\n"
+        w = p.Wait(ppb.WaitRequest(id=r.id, timeout_ms=50), metadata=MD, timeout=CALL)
+        assert not w.exited and w.info.state == ppb.RUNNING
+        p.Signal(ppb.SignalRequest(id=r.id, signal=15), metadata=MD, timeout=CALL)
+        w = p.Wait(ppb.WaitRequest(id=r.id), metadata=MD, timeout=CALL)
+        assert w.exited and w.info.state == ppb.SIGNALED
+        assert (w.info.signal, w.info.exit_code) == (15, 143)
+    finally:
+        # Removes what it made, even after a failure: a kill (refused once it ended), the end.
+        try:
+            p.Signal(ppb.SignalRequest(id=r.id, signal=9), metadata=MD, timeout=CALL)
+        except grpc.RpcError:
+            pass
+        p.Wait(ppb.WaitRequest(id=r.id), metadata=MD, timeout=CALL)
+        p.Remove(ppb.RemoveRequest(id=r.id), metadata=MD, timeout=CALL)
+    with pytest.raises(grpc.RpcError) as e:
+        p.Wait(ppb.WaitRequest(id=r.id), metadata=MD, timeout=CALL)
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 def test_a_call_without_a_bot_is_refused_with_a_reason(channel):

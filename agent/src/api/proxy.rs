@@ -1,7 +1,8 @@
-//! `mcpcontainer.ContainerService` and `bridgepb.ContainerService` on the agent's socket,
-//! routed to a bot by the `x-memoh-bot` request metadata. One forwarding code serves both
-//! names ([`Proxy`] is generic over the [`Routed`] service name): a bot's server answers both
-//! on the same port, so a call goes to it under the name it came with. Callers use the same client they use against a bot's
+//! `mcpcontainer.ContainerService`, `bridgepb.ContainerService` and
+//! `memoh.process.v1.ProcessService` on the agent's socket, routed to a bot by the
+//! `x-memoh-bot` request metadata. One forwarding code serves all three names ([`Proxy`] is
+//! generic over the [`Routed`] service name): a bot's server answers them all on the same port,
+//! so a call goes to it under the name it came with. Callers use the same client they use against a bot's
 //! server and never learn bot addresses or tokens. Unknown bot: NOT_FOUND; a bot that is
 //! down: UNAVAILABLE with the reason.
 //!
@@ -55,6 +56,15 @@ impl Routed for Bridge {
     const NAME: &'static str = "bridgepb.ContainerService";
 }
 
+/// `memoh.process.v1.ProcessService` (proto/process.proto): processes that outlive the call.
+/// They live in the bot, so they survive the caller's disconnect and the agent's restart.
+#[derive(Debug)]
+pub enum Process {}
+
+impl Routed for Process {
+    const NAME: &'static str = "memoh.process.v1.ProcessService";
+}
+
 /// The routing service for the container service named by `S`.
 pub struct Proxy<S> {
     mgr: Arc<Manager>,
@@ -65,6 +75,8 @@ pub struct Proxy<S> {
 pub type McpProxy = Proxy<Mcp>;
 /// The router of `bridgepb.ContainerService`.
 pub type BridgeProxy = Proxy<Bridge>;
+/// The router of `memoh.process.v1.ProcessService`.
+pub type ProcessProxy = Proxy<Process>;
 
 impl<S> Proxy<S> {
     /// Routes through `mgr`.
@@ -87,11 +99,12 @@ impl<S: Routed> NamedService for Proxy<S> {
 }
 
 /// The methods whose calls may run for as long as they like (no deadline of ours): every
-/// method with a request or a response stream, of either service.
+/// method with a request or a response stream, of any routed service.
 fn is_streaming(method: &str) -> bool {
     matches!(
         method,
         "Exec"
+            | "Attach"
             | "ReadRaw"
             | "WriteRaw"
             | "Tunnel"
@@ -103,7 +116,7 @@ fn is_streaming(method: &str) -> bool {
     )
 }
 
-impl<S> Service<http::Request<Body>> for Proxy<S> {
+impl<S: Routed> Service<http::Request<Body>> for Proxy<S> {
     type Response = http::Response<Body>;
     type Error = Infallible;
     type Future = BoxFuture<'static, Result<http::Response<Body>, Infallible>>;
@@ -114,8 +127,19 @@ impl<S> Service<http::Request<Body>> for Proxy<S> {
 
     fn call(&mut self, req: http::Request<Body>) -> Self::Future {
         let mgr = self.mgr.clone();
-        Box::pin(async move { Ok(forward(mgr, req).await.unwrap_or_else(Status::into_http)) })
+        Box::pin(async move {
+            Ok(forward::<S>(mgr, req)
+                .await
+                .unwrap_or_else(Status::into_http))
+        })
     }
+}
+
+/// Whether a call of `method` on `service` runs without a deadline of ours: a streaming call,
+/// or the process service's `Wait`, which blocks by design until the process ends or its own
+/// `timeout_ms` passes (the caller's `grpc-timeout`, if any, still reaches the bot).
+fn is_unbounded(service: &str, method: &str) -> bool {
+    is_streaming(method) || (service == Process::NAME && method == "Wait")
 }
 
 /// A failure to reach the bot at all (a local transport error, which has a source) names the
@@ -145,7 +169,7 @@ fn parse_grpc_timeout(v: &http::HeaderValue) -> Option<Duration> {
     })
 }
 
-async fn forward(
+async fn forward<S: Routed>(
     mgr: Arc<Manager>,
     req: http::Request<Body>,
 ) -> Result<http::Response<Body>, Status> {
@@ -172,7 +196,7 @@ async fn forward(
     parts.headers.remove(BOT_METADATA_KEY);
     parts.headers.remove(http::header::AUTHORIZATION);
     parts.extensions = http::Extensions::new();
-    let deadline = (!is_streaming(&method)).then(|| {
+    let deadline = (!is_unbounded(S::NAME, &method)).then(|| {
         let ours = client.deadline_of_unary();
         let theirs = parts
             .headers
@@ -289,6 +313,7 @@ mod tests {
         for set in [
             memoh_proto::FILE_DESCRIPTOR_SET,
             memoh_proto::BRIDGE_FILE_DESCRIPTOR_SET,
+            memoh_proto::PROCESS_FILE_DESCRIPTOR_SET,
         ] {
             let set = prost_types::FileDescriptorSet::decode(set).unwrap();
             for f in set.file {
@@ -329,6 +354,7 @@ mod tests {
             "WriteRawNoFollow",
             "Terminal",
             "WatchDir",
+            "Attach",
         ] {
             assert!(is_streaming(m), "{m}");
         }
@@ -346,6 +372,24 @@ mod tests {
     }
 
     #[test]
+    fn wait_of_the_process_service_alone_has_no_deadline_among_unary_calls() {
+        for (service, method, streaming) in methods() {
+            let expected = streaming || (service == Process::NAME && method == "Wait");
+            assert_eq!(
+                is_unbounded(&service, &method),
+                expected,
+                "{service}/{method}"
+            );
+        }
+        assert!(is_unbounded(Process::NAME, "Wait"));
+        assert!(is_unbounded(Process::NAME, "Attach"));
+        for m in ["Start", "List", "Signal", "Remove", "WriteStdin", "Resize"] {
+            assert!(!is_unbounded(Process::NAME, m), "{m}");
+        }
+        assert!(!is_unbounded(Mcp::NAME, "Wait"));
+    }
+
+    #[test]
     fn both_services_are_routed_under_their_own_names() {
         assert_eq!(
             <McpProxy as NamedService>::NAME,
@@ -356,8 +400,14 @@ mod tests {
             "bridgepb.ContainerService"
         );
         let names: std::collections::BTreeSet<_> = methods().into_iter().map(|m| m.0).collect();
+        assert_eq!(
+            <ProcessProxy as NamedService>::NAME,
+            "memoh.process.v1.ProcessService"
+        );
         assert!(
-            names.contains(Mcp::NAME) && names.contains(Bridge::NAME),
+            names.contains(Mcp::NAME)
+                && names.contains(Bridge::NAME)
+                && names.contains(Process::NAME),
             "{names:?}"
         );
     }

@@ -6,6 +6,8 @@
 //! - [`exec`]: the `exec` and `cp` verbs; [`tty`]: `exec -t`, a terminal through
 //!   `bridgepb` Exec; [`forward`]: `port-forward`, local TCP to a bot's port over `bridgepb`
 //!   Tunnel;
+//! - [`process`]: durable processes, `exec --detach`, `ps`, `attach`, `kill`, `wait`, `rm`,
+//!   over `memoh.process.v1.ProcessService`;
 //! - [`mcp`]: the `mcp` verb;
 //! - [`progress`]: progress bars of long jobs on a terminal.
 //! - [`net`]: the `net` verb.
@@ -16,6 +18,7 @@ mod forward;
 mod image;
 mod mcp;
 mod net;
+mod process;
 mod progress;
 mod show;
 mod stats;
@@ -28,6 +31,7 @@ pub use forward::port_forward;
 pub use image::{image, ImageCmd};
 pub use mcp::{mcp, McpCmd};
 pub use net::{net, NetCmd};
+pub use process::{attach, exec_detach, kill, ps, rm, wait, Detached};
 pub use tty::exec_tty;
 pub use versions::{migrate, snapshot, SnapshotCmd};
 
@@ -94,6 +98,10 @@ fn status_err(socket: &Path, s: tonic::Status) -> CliError {
             }
             Ok(_) => {}
         }
+    }
+    if msg.is_empty() {
+        // e.g. UNIMPLEMENTED from an agent older than this CLI.
+        return CliError::new(format!("the agent answered: {}", s.code().description()));
     }
     CliError::new(msg.to_string())
 }

@@ -1,4 +1,4 @@
-//! The MCP servers the HTTP layer serves: [`ToolsServer`] (the container as five tools) and
+//! The MCP servers the HTTP layer serves: [`ToolsServer`] (the container as tools) and
 //! [`StdioBridge`] (one client's view of a shared stdio [`Session`]). Both are rmcp
 //! [`ServerHandler`]s; rmcp keeps each client's request ids, the session supplies its own ids
 //! upstream.
@@ -28,7 +28,7 @@ use super::stdio::{CallError, RpcError, ServerMessage, Session};
 use super::tools;
 use super::ClientSource;
 
-/// The container of one bot as the five tools.
+/// The container of one bot as tools (files, commands, background processes).
 #[derive(Clone)]
 pub struct ToolsServer {
     source: Arc<dyn ClientSource>,
@@ -104,7 +104,18 @@ impl ServerHandler for ToolsServer {
         _context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, ErrorData> {
         let args = request.arguments.unwrap_or_default();
-        let known = matches!(&*request.name, "read" | "write" | "list" | "edit" | "exec");
+        let known = matches!(
+            &*request.name,
+            "read"
+                | "write"
+                | "list"
+                | "edit"
+                | "exec"
+                | "process_output"
+                | "process_list"
+                | "process_signal"
+                | "process_wait"
+        );
         let label = if known { &*request.name } else { "other" };
         let run = self.run(&request.name, &args);
         Ok(crate::metrics::time_tool("builtin", label, run)

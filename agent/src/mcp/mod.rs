@@ -1,7 +1,7 @@
 //! MCP over streamable HTTP (rmcp): a bot's container as tools, and stdio MCP servers inside it.
 //!
 //! Routes (default listen address `127.0.0.1:8091`, optional bearer token):
-//! - `/bots/{BOT}/mcp`: [`bridge::ToolsServer`], the five tools of [`tools`] (the `edit` matcher
+//! - `/bots/{BOT}/mcp`: [`bridge::ToolsServer`], the tools of [`tools`] (the `edit` matcher
 //!   is [`edit`]).
 //! - `/bots/{BOT}/mcp/{NAME}`: [`bridge::StdioBridge`] onto the long-lived [`stdio::Session`] of
 //!   the server registered as NAME ([`registry`]), which runs inside the bot through `Exec`.

@@ -1,6 +1,7 @@
-//! The five container tools (`read`, `write`, `list`, `edit`, `exec`) on one bot's
-//! [`ContainerClient`]. Everything here works on a client, never on the lifecycle manager, so
-//! the tools can be tested against an in-process container server.
+//! The container tools on one bot's [`ContainerClient`]: `read`, `write`, `list`, `edit`,
+//! `exec` (with `background`), and the process tools of [`process`] (`process_output`,
+//! `process_list`, `process_signal`, `process_wait`). Everything here works on a client, never
+//! on the lifecycle manager, so the tools can be tested against an in-process container server.
 
 use std::sync::Arc;
 
@@ -28,6 +29,10 @@ pub const MAX_OUTPUT_LINES: usize = 250;
 pub const EXEC_STDOUT_LIMIT: usize = 1024 * 1024;
 /// [`EXEC_STDOUT_LIMIT`] for stderr.
 pub const EXEC_STDERR_LIMIT: usize = 256 * 1024;
+/// Default `max_bytes` of `process_output`.
+pub const DEFAULT_PROCESS_OUTPUT_BYTES: u64 = process::DEFAULT_OUTPUT_BYTES;
+/// Largest `max_bytes` of `process_output`.
+pub const MAX_PROCESS_OUTPUT_BYTES: u64 = process::MAX_OUTPUT_BYTES;
 /// Default `exec` timeout in seconds.
 pub const DEFAULT_EXEC_TIMEOUT: i32 = 30;
 /// Largest file the `edit` tool reads (the server's message limit is the same order).
@@ -40,7 +45,10 @@ pub enum ToolError {
     #[error("invalid arguments: {0}")]
     InvalidArgument(String),
     /// No tool of that name.
-    #[error("unknown tool {0:?}; the tools are read, write, list, edit and exec")]
+    #[error(
+        "unknown tool {0:?}; the tools are read, write, list, edit, exec, process_output, \
+         process_list, process_signal and process_wait"
+    )]
     UnknownTool(String),
     /// The bot could not be reached at all.
     #[error("{0}")]
@@ -162,15 +170,79 @@ pub fn definitions() -> Vec<Tool> {
             "exec",
             "Run a shell command (/bin/sh -c) in the bot's container. Returns {stdout, stderr, \
              exit_code}; long output is cut to its head and tail (only the first and last \
-             512 KiB of stdout and 128 KiB of stderr are kept while it runs).",
+             512 KiB of stdout and 128 KiB of stderr are kept while it runs). With background: \
+             true it starts the command as a process that keeps running after the call and \
+             returns {id, pid} at once; read its output with process_output, stop it with \
+             process_signal.",
             schema(json!({
                 "type": "object",
                 "properties": {
                     "command": {"type": "string"},
                     "work_dir": {"type": "string", "default": "/data"},
-                    "timeout_seconds": {"type": "integer", "minimum": 1, "default": 30}
+                    "timeout_seconds": {"type": "integer", "minimum": 1, "default": 30, "description": "kill the command after this long; in the background the default is no timeout"},
+                    "background": {"type": "boolean", "default": false, "description": "start it as a background process and return its id at once"},
+                    "tag": {"type": "string", "maxLength": 128, "description": "background only: a label for process_list"}
                 },
                 "required": ["command"]
+            })),
+        ),
+        Tool::new(
+            "process_output",
+            "Read a background process's output from byte offsets, without waiting. Returns \
+             {stdout, stderr, next_offset, next_stderr_offset, more, state, running, exit_code \
+             (once ended)}; pass next_offset back as offset to get only what is new. lost and a \
+             LOST note appear when output was no longer kept.",
+            schema(json!({
+                "type": "object",
+                "properties": {
+                    "id": {"type": "string", "description": "the process id from exec with background"},
+                    "offset": {"type": "integer", "minimum": 0, "default": 0, "description": "stdout byte offset to read from"},
+                    "stderr_offset": {"type": "integer", "minimum": 0, "default": 0, "description": "stderr byte offset to read from"},
+                    "max_bytes": {"type": "integer", "minimum": 1, "maximum": MAX_PROCESS_OUTPUT_BYTES, "default": DEFAULT_PROCESS_OUTPUT_BYTES, "description": "most bytes returned, both streams together"}
+                },
+                "required": ["id"]
+            })),
+        ),
+        Tool::new(
+            "process_list",
+            "List the bot's background processes, running and finished, oldest first. Returns \
+             {processes: [{id, tag, command, pid, state, exit_code, signal, started_at, ...}]}.",
+            schema(json!({
+                "type": "object",
+                "properties": {
+                    "tag": {"type": "string", "description": "only processes with this tag"}
+                }
+            })),
+        ),
+        Tool::new(
+            "process_signal",
+            "Send a signal to a background process and its children (its process group). \
+             Returns {ok, signal}.",
+            schema(json!({
+                "type": "object",
+                "properties": {
+                    "id": {"type": "string"},
+                    "signal": {
+                        "type": ["string", "integer"],
+                        "default": "TERM",
+                        "description": "a name (TERM, KILL, INT, HUP, SIGTERM) or a number (15)"
+                    }
+                },
+                "required": ["id"]
+            })),
+        ),
+        Tool::new(
+            "process_wait",
+            "Wait for a background process to end, up to timeout_seconds. Returns {exited, \
+             state, exit_code, signal, timed_out, user_cpu_ms, system_cpu_ms, max_rss_bytes, \
+             summary}; exited is false when the time ran out first.",
+            schema(json!({
+                "type": "object",
+                "properties": {
+                    "id": {"type": "string"},
+                    "timeout_seconds": {"type": "integer", "minimum": 0, "maximum": process::MAX_WAIT_SECONDS, "default": process::DEFAULT_WAIT_SECONDS}
+                },
+                "required": ["id"]
             })),
         ),
     ]
@@ -272,6 +344,10 @@ pub async fn call(
         "list" => list(client, args).await,
         "edit" => edit(client, args).await,
         "exec" => exec(client, args).await,
+        "process_output" => process::output(client, args).await,
+        "process_list" => process::list(client, args).await,
+        "process_signal" => process::signal(client, args).await,
+        "process_wait" => process::wait(client, args).await,
         other => Err(ToolError::UnknownTool(other.to_string())),
     }
 }
@@ -400,10 +476,15 @@ async fn exec(client: &ContainerClient, args: &JsonObject) -> Result<Value, Tool
     if command.trim().is_empty() {
         return Err(ToolError::InvalidArgument("command is empty".into()));
     }
-    let work_dir = match str_arg(args, "work_dir")? {
-        None | Some("") => String::new(),
-        Some(d) => server_path(d),
-    };
+    let work_dir = process::work_dir(args)?;
+    if process::background(args)? {
+        return process::start(client, command, work_dir, args).await;
+    }
+    if args.get("tag").is_some_and(|t| !t.is_null()) {
+        return Err(ToolError::InvalidArgument(
+            "tag is only for background: true".into(),
+        ));
+    }
     let timeout = int_arg(args, "timeout_seconds")?.unwrap_or(DEFAULT_EXEC_TIMEOUT as i64);
     if timeout < 1 {
         return Err(ToolError::InvalidArgument(
@@ -618,6 +699,8 @@ fn suffix_at_char(s: &str, max: usize) -> &str {
     }
     &s[i..]
 }
+
+mod process;
 
 #[cfg(test)]
 mod tests;
