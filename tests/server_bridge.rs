@@ -36,6 +36,7 @@ async fn start() -> Both {
     let addr = tcp.local_addr().unwrap();
     let mut config = Config::new(&data);
     config.template_dir = root.path().join("no-template");
+    config.processes.dir = root.path().join("processes");
     let (tx, rx) = oneshot::channel::<()>();
     tokio::spawn(container_server::run_all(
         vec![Listener::Tcp(tcp), Listener::Unix(unix)],

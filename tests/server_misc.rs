@@ -471,6 +471,7 @@ async fn serves_over_tcp() {
     let root = tempfile::tempdir().unwrap();
     let mut config = Config::new(root.path().join("data"));
     config.template_dir = root.path().join("none");
+    config.processes.dir = root.path().join("processes");
     config.reap_all = false;
     config.shutdown_grace = Duration::from_secs(1);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -113,6 +113,7 @@ async fn start() -> Server {
     let addr = l.local_addr().unwrap();
     let mut c = Config::new(dir.path().join("data"));
     c.template_dir = dir.path().join("template");
+    c.processes.dir = dir.path().join("processes");
     std::fs::create_dir_all(&c.data_dir).unwrap();
     std::fs::write(c.data_dir.join("hello.txt"), "hi\n").unwrap();
     let (tx, rx) = oneshot::channel::<()>();

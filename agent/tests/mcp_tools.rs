@@ -32,10 +32,13 @@ impl Server {
         let l = tokio::net::UnixListener::bind(&sock).unwrap();
         let stop = CancellationToken::new();
         let s = stop.clone();
+        // Spill files of the process service under the test's own dir, never the host's.
+        let mut config = container_server::Config::new(data);
+        config.processes.dir = dir.path().join("processes");
         tokio::spawn(async move {
             let _ = container_server::run(
                 container_server::Listener::Unix(l),
-                container_server::Config::new(data),
+                config,
                 s.cancelled_owned(),
             )
             .await;
