@@ -138,6 +138,10 @@ pub async fn run(
         .build_v1()
         .map_err(|e| AgentError::FailedPrecondition(format!("reflection: {e}")))?;
     let router = tonic::transport::Server::builder()
+        // A client's pooled connection carries calls for as long as it lives: h2's cumulative
+        // budget of streams it resets on its own (1024 by default) would end it with a GOAWAY
+        // after some thousands of streaming calls, failing the one in flight.
+        .http2_max_local_error_reset_streams(None)
         // A request stream's end reaches a handler (and, through the proxy, a bot) only when
         // the caller half-closed it: a reset or cancelled call never looks finished.
         .layer(memoh_proto::clean_end::CleanEndLayer::for_paths(

@@ -138,7 +138,8 @@ fn a_snapshot_containerd_lost_mid_commit_is_recovered_and_reported() {
     a.serve();
     let (bot, _) = a.create_bot("lost");
     a.sh_in(&bot, "echo one > /data/v1-file");
-    a.ok(&["snapshot", "create", &bot, "--name", "one"]);
+    // The commit-based cycle (what containerd can lose mid-commit).
+    a.ok(&["snapshot", "create", &bot, "--name", "one", "--restart"]);
     a.sh_in(&bot, "echo two > /data/after-v1");
     let cid = format!("mcp-{bot}");
     let ns = a.namespace.clone();

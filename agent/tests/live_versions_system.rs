@@ -543,58 +543,114 @@ fn a_diff_longer_than_the_longest_pause_fails_and_the_bot_resumes() {
     assert!(s.leases.is_empty() && s.views.is_empty(), "{s:?}");
 }
 
+/// When the test kills containerd during a live version.
+#[derive(Debug, Clone, Copy)]
+enum CtrdKill {
+    /// The agent holds at this step (the bot frozen or not, as the step has it); containerd is
+    /// killed once `after` has passed since the call started, or once the bot shows paused.
+    Hold(&'static str),
+    /// No hold: containerd is killed while its diff service writes a 192 MiB layer.
+    Diffing,
+}
+
 #[test]
-fn containerd_killed_while_a_bot_is_paused_for_a_version_leaves_it_running() {
+fn containerd_killed_at_each_step_of_a_live_version_leaves_the_bot_running() {
     let Some(env) = Env::get(false) else { return };
     let mut ctrd = PrivateContainerd::new();
     let env = ctrd.env(&env);
     let mut a = TestAgent::new(&env, "");
     ctrd.import_image(&env, &a.namespace);
-    // The agent waits 3 s with the bot frozen, right before the diff.
-    a.serve_env = vec![
-        (
-            "MEMOH_FAULT_HOLD_STEP".to_string(),
-            "live-paused".to_string(),
-        ),
-        ("MEMOH_FAULT_HOLD_MS".to_string(), "3000".to_string()),
-    ];
     a.serve();
     let (bot, _) = a.create_bot("ctrdkill");
     a.sh_in(&bot, "echo kept > /data/f");
-    let before = versions(&a, &bot);
-    let out = std::thread::scope(|s| {
-        let create = s.spawn(|| a.cli(&["snapshot", "create", &bot, "--name", "held"]));
-        a.wait_for(
-            "the bot is paused for the version",
-            Duration::from_secs(20),
-            || a.inspect(&bot)["status"] == "paused",
+    // Frozen before the diff, frozen after it (before the thaw), running while the manifest
+    // is written, and containerd's diff itself.
+    let cases = [
+        CtrdKill::Hold("live-paused"),
+        CtrdKill::Diffing,
+        CtrdKill::Hold("live-blob"),
+        CtrdKill::Hold("live-manifest"),
+    ];
+    for case in cases {
+        a.kill(nix::sys::signal::Signal::SIGTERM);
+        a.serve_env = match case {
+            CtrdKill::Hold(step) => vec![
+                ("MEMOH_FAULT_HOLD_STEP".to_string(), step.to_string()),
+                ("MEMOH_FAULT_HOLD_MS".to_string(), "4000".to_string()),
+            ],
+            CtrdKill::Diffing => Vec::new(),
+        };
+        a.serve();
+        wait_exec(&a, &bot, &format!("bot runs before {case:?}"));
+        if matches!(case, CtrdKill::Diffing) {
+            a.sh_in(&bot, "head -c 201326592 /dev/urandom > /data/big && sync");
+        } else {
+            a.sh_in(&bot, "rm -f /data/big");
+        }
+        let before = versions(&a, &bot);
+        let out = std::thread::scope(|s| {
+            let create = s.spawn(|| a.cli(&["snapshot", "create", &bot, "--name", "held"]));
+            match case {
+                CtrdKill::Hold("live-manifest") => {
+                    // The bot was frozen for a moment and runs again; the agent holds for 4 s
+                    // before it writes the manifest.
+                    std::thread::sleep(Duration::from_millis(1500));
+                }
+                CtrdKill::Hold(_) => a.wait_for(
+                    "the bot is paused for the version",
+                    Duration::from_secs(20),
+                    || a.inspect(&bot)["status"] == "paused",
+                ),
+                CtrdKill::Diffing => {
+                    a.wait_for(
+                        "the bot is paused for the version",
+                        Duration::from_secs(20),
+                        || a.inspect(&bot)["status"] == "paused",
+                    );
+                    std::thread::sleep(Duration::from_millis(150));
+                }
+            }
+            ctrd.kill();
+            ctrd.start();
+            create.join().unwrap()
+        });
+        println!(
+            "{case:?}: snapshot create across a containerd restart: {} {}",
+            String::from_utf8_lossy(&out.stdout).trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
         );
-        ctrd.kill();
-        ctrd.start();
-        create.join().unwrap()
-    });
-    println!(
-        "snapshot create across a containerd restart: {} {}",
-        String::from_utf8_lossy(&out.stdout).trim(),
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    // Thawed by the cycle's own retries or by the next recovery pass; never left frozen.
-    a.wait_for("the bot runs again", Duration::from_secs(60), || {
-        a.inspect(&bot)["status"] == "running"
-    });
-    wait_exec(&a, &bot, "the bot answers after containerd's restart");
-    assert_eq!(a.sh_in(&bot, "cat /data/f"), "kept\n");
-    a.wait_for("the cycle's lease is gone", Duration::from_secs(60), || {
-        store(&a, &bot).leases.is_empty()
-    });
-    let s = store(&a, &bot);
-    assert!(s.views.is_empty() && s.ingests.is_empty(), "{s:?}");
-    // The version is complete (listed, with its image) or absent.
-    let after = versions(&a, &bot);
-    assert!(after.len() <= before.len() + 1, "{after:?}");
-    for v in after.iter().filter(|v| !v.image.is_empty()) {
-        image_blobs(&a, &v.image);
+        // Thawed by the cycle's own retries or by the next recovery pass; never left frozen.
+        a.wait_for(
+            &format!("{case:?}: the bot runs again"),
+            Duration::from_secs(60),
+            || a.inspect(&bot)["status"] == "running",
+        );
+        wait_exec(
+            &a,
+            &bot,
+            &format!("{case:?}: the bot answers after containerd's restart"),
+        );
+        assert_eq!(a.sh_in(&bot, "cat /data/f"), "kept\n", "{case:?}");
+        a.wait_for(
+            &format!("{case:?}: the cycle's lease is gone"),
+            Duration::from_secs(60),
+            || store(&a, &bot).leases.is_empty(),
+        );
+        let s = store(&a, &bot);
+        assert!(
+            s.views.is_empty() && s.ingests.is_empty(),
+            "{case:?}: {s:?}"
+        );
+        // The version is complete (listed, with its image) or absent.
+        let after = versions(&a, &bot);
+        assert!(after.len() <= before.len() + 1, "{case:?}: {after:?}");
+        for v in after.iter().filter(|v| !v.image.is_empty()) {
+            image_blobs(&a, &v.image);
+        }
     }
+    a.serve_env.clear();
+    a.kill(nix::sys::signal::Signal::SIGTERM);
+    a.serve();
     a.ok(&["bot", "rm", &bot]);
     drop(a);
     drop(ctrd);

@@ -329,6 +329,13 @@ pub async fn run_all(
         .initial_connection_window_size(8 * 1024 * 1024)
         // Large frames: a 64 KiB message travels in one frame instead of four.
         .max_frame_size(1 << 20)
+        // No cumulative budget of streams h2 resets on its own (1024 by default, counted over
+        // the connection's whole life): the agent's pooled connection carries every call to
+        // the bot, and a stream whose client half-closes after the response ended is reset by
+        // the library, so the default ended that connection with a GOAWAY after about ten
+        // thousand execs, failing the call in flight. Resets a peer provokes stay bounded
+        // (h2's pending-accept reset limit).
+        .http2_max_local_error_reset_streams(None)
         // The bridge's pings (WIRE-BRIDGE.md section 2): every 60 s, a peer silent for 15 s
         // after one is gone (its calls end, its commands are killed as on a disconnect).
         .http2_keepalive_interval(Some(Duration::from_secs(60)))

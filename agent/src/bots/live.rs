@@ -198,6 +198,7 @@ impl Manager {
                 }
             };
             fault("live-blob");
+            super::fault::hold("live-blob").await;
             if running {
                 self.resume_after_diff(bot, &c.id).await?;
                 pause = frozen_at.elapsed();
@@ -227,6 +228,7 @@ impl Manager {
         if let Some(image) = c.labels.get(LABEL_IMAGE) {
             labels.insert(LABEL_IMAGE.to_string(), image.clone());
         }
+        super::fault::hold("live-manifest").await;
         let written = rt
             .write_version_image(&image_name, &base, stack, &layer, name, &labels, &lease)
             .await;
