@@ -4,7 +4,8 @@
 # It installs the Debian packages, builds the workspace and the memohai/mcp image (daemonless),
 # starts a private containerd (never the system one), starts memoh-agent on it with a demo
 # configuration, imports the image, creates the bot "demo", and runs commands in it through the
-# agent: exec, a file copied in and out, a version taken and rolled back. Then it tears the demo
+# agent: exec, a file copied in and out, a process that outlives its call, a version taken
+# while the bot runs and rolled back. Then it tears the demo
 # down, unless --keep is given (the agent then keeps running; see the printed commands).
 set -eu
 set -o pipefail
@@ -83,7 +84,16 @@ echo "a file from the host" >"$DEMO/hello.txt"
 "$AGENT" exec demo -- cat /data/hello.txt
 "$AGENT" cp demo:/data/hello.txt "$DEMO/back.txt" && cmp "$DEMO/hello.txt" "$DEMO/back.txt" && echo "copied out byte-exact"
 
-say "versions: take one, change the data, roll back"
+say "a process that outlives the call: start it, list it, replay its output, stop it"
+ID=$("$AGENT" exec --detach --tag counter demo -- sh -c 'i=0; while true; do i=$((i+1)); echo "tick $i"; sleep 0.2; done')
+echo "started process $ID"
+sleep 1
+"$AGENT" ps demo
+"$AGENT" kill demo "$ID" -s TERM
+"$AGENT" wait demo "$ID" || true
+{ "$AGENT" attach demo "$ID" --from-start || true; } | head -n 3
+
+say "versions: take one live (the bot keeps running), change the data, roll back"
 "$AGENT" snapshot create demo --name "first"
 "$AGENT" exec demo -- sh -c 'echo changed > /data/hello.txt'
 "$AGENT" snapshot rollback demo 1
