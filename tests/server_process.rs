@@ -538,7 +538,12 @@ async fn stdin_requests_and_state_errors() {
         .await,
         Code::FailedPrecondition,
     );
-    assert!(st.message().contains("closed"), "{}", st.message());
+    // `cat` may already have ended after its stdin closed: either refusal says why.
+    assert!(
+        st.message().contains("closed") || st.message().contains("has ended"),
+        "{}",
+        st.message()
+    );
     let info = wait(&mut c, &id).await;
     assert_eq!(info.exit_code, 0);
     assert_eq!(info.tag, "stdin-test");
