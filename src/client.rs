@@ -427,6 +427,34 @@ impl Stream for ExecStream {
     }
 }
 
+/// How long [`finish_after_exit`] waits for the call to end after the EXIT message.
+const AFTER_EXIT_WAIT: Duration = Duration::from_secs(2);
+/// How many further messages [`finish_after_exit`] reads (and drops) after the EXIT message.
+const AFTER_EXIT_MESSAGES: usize = 16;
+
+/// Reads an exec's stream to its end once its EXIT message has arrived.
+///
+/// Only the trailers should follow EXIT. A stream dropped before they are read is reset
+/// (`RST_STREAM(CANCEL)`) while they are in flight; h2 then meets them on a stream it may
+/// already have forgotten, answers with a reset of its own and counts it against the
+/// connection, which it closes after 1024 of them: on a long-lived connection (the agent's
+/// pooled one to a bot, a client doing thousands of execs) a later call fails with
+/// `CANCELLED`. A peer that keeps the stream open or goes on sending is given up on after
+/// [`AFTER_EXIT_WAIT`] or [`AFTER_EXIT_MESSAGES`] messages; what it sends is dropped.
+pub async fn finish_after_exit<S, T>(out: &mut S)
+where
+    S: Stream<Item = T> + Unpin,
+{
+    let drain = async {
+        for _ in 0..AFTER_EXIT_MESSAGES {
+            if out.next().await.is_none() {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(AFTER_EXIT_WAIT, drain).await;
+}
+
 /// Drains an exec output stream into an [`ExecResult`]. A stream that ends without an EXIT
 /// message is an error (`UNAVAILABLE`): the server went away mid-command.
 pub async fn collect_exec<S>(out: &mut S) -> Result<ExecResult, Status>
@@ -440,6 +468,7 @@ where
             Ok(pb::exec_output::Stream::Stderr) => res.stderr.extend_from_slice(&msg.data),
             Ok(pb::exec_output::Stream::Exit) => {
                 res.exit_code = msg.exit_code;
+                finish_after_exit(out).await;
                 return Ok(res);
             }
             Err(_) => return Err(Status::internal("unknown exec output stream kind")),

@@ -451,3 +451,56 @@ async fn cancel_by_dropping_only_the_response_stream() {
     kill_leftovers(&marker);
     assert!(left.is_empty(), "the command survived the cancel: {left:?}");
 }
+
+/// Many execs on one long-lived connection end every call cleanly. A client that dropped the
+/// stream at EXIT reset it (`CANCEL`) while the trailers were in flight; h2 met them on a
+/// stream it had forgotten, reset it again and counted that against the connection, which it
+/// closed after 1024 such resets, failing a later call with `CANCELLED` (seen once in ~10 000
+/// execs through the agent's socket). Here h2 remembers no reset stream and allows no such
+/// reset, so the first one closes the connection, and the connector counts a second one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn execs_on_one_connection_end_without_resets() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    let s = TestServer::start().await;
+    let connections = Arc::new(AtomicUsize::new(0));
+    let channel = {
+        let (socket, connections) = (s.socket.clone(), connections.clone());
+        memoh_proto::client::endpoint(tonic::transport::Uri::from_static("http://localhost"))
+            .http2_max_concurrent_reset_streams(0)
+            .http2_max_local_error_reset_streams(Some(0))
+            .connect_with_connector_lazy(tower::service_fn(move |_| {
+                let socket = socket.clone();
+                connections.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    let s = tokio::net::UnixStream::connect(socket).await?;
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+                }
+            }))
+    };
+    let client = memoh_proto::ContainerClient::new(channel);
+    let mut failed = Vec::new();
+    for i in 0..400 {
+        match client.exec_collect("true", "", 10).await {
+            Ok(r) if r.exit_code == 0 => {}
+            Ok(r) => failed.push(format!("exec {i}: exit {}", r.exit_code)),
+            Err(e) => failed.push(format!("exec {i}: {:?} {}", e.code(), e.message())),
+        }
+    }
+    // A connection closed after the last call is counted by the next one.
+    client
+        .exec_collect("true", "", 10)
+        .await
+        .expect("last exec");
+    assert!(
+        failed.is_empty(),
+        "{} execs failed: {failed:?}",
+        failed.len()
+    );
+    assert_eq!(
+        connections.load(Ordering::SeqCst),
+        1,
+        "the connection was closed and made again"
+    );
+}

@@ -146,7 +146,11 @@ impl Launcher for ExecLauncher {
                     Err(_) => continue,
                 };
                 let exit = matches!(item, Output::Exit(_));
-                if tx.send(item).await.is_err() || exit {
+                if tx.send(item).await.is_err() {
+                    break;
+                }
+                if exit {
+                    memoh_proto::client::finish_after_exit(&mut out).await;
                     break;
                 }
             }

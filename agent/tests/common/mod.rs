@@ -353,7 +353,8 @@ impl TestAgent {
     }
 
     /// A `serve` process on this guard's config (in [`TestAgent::netns`] when set), its output
-    /// appended to the log.
+    /// appended to the log; `MEMOH_TEST_AGENT_LOG` replaces its log filter (e.g. `info,h2=debug`
+    /// to see every HTTP/2 frame).
     pub fn spawn_serve(&self) -> Child {
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -363,7 +364,10 @@ impl TestAgent {
         let mut cmd = Command::new(AGENT);
         cmd.args(["serve", "--config"])
             .arg(&self.config)
-            .env("MEMOH_LOG", "info,memoh_agent=debug")
+            .env(
+                "MEMOH_LOG",
+                var("MEMOH_TEST_AGENT_LOG").unwrap_or_else(|| "info,memoh_agent=debug".into()),
+            )
             .envs(self.serve_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())

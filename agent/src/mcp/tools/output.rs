@@ -23,7 +23,10 @@ where
         match Kind::try_from(msg.stream) {
             Ok(Kind::Stdout) => stdout.push(&msg.data),
             Ok(Kind::Stderr) => stderr.push(&msg.data),
-            Ok(Kind::Exit) => return Ok((stdout, stderr, msg.exit_code)),
+            Ok(Kind::Exit) => {
+                memoh_proto::client::finish_after_exit(out).await;
+                return Ok((stdout, stderr, msg.exit_code));
+            }
             Err(_) => return Err(Status::internal("unknown exec output stream kind")),
         }
     }

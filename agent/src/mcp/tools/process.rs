@@ -183,6 +183,7 @@ pub(super) async fn output(c: &ContainerClient, args: &JsonObject) -> Result<Val
             }
             Ok(Kind::Exit | Kind::End) => {
                 info = m.info;
+                memoh_proto::client::finish_after_exit(&mut s).await;
                 break;
             }
             Err(_) => {}
