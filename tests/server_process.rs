@@ -491,6 +491,51 @@ async fn a_pty_process_sees_its_size_and_resizes() {
     );
 }
 
+/// On a terminal, `CloseStdin` types end-of-file: a `cat` reading the terminal ends, with the
+/// line it was given echoed and printed, and later input is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_stdin_on_a_terminal_types_end_of_file() {
+    let s = TestServer::start().await;
+    let mut c = s.processes();
+    let id = c
+        .start(pb::StartRequest {
+            command: "cat; echo cat-ended".into(),
+            pty: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .id;
+    c.write_stdin(pb::WriteStdinRequest {
+        id: id.clone(),
+        data: "typed line\n".into(),
+    })
+    .await
+    .unwrap();
+    c.close_stdin(pb::CloseStdinRequest { id: id.clone() })
+        .await
+        .unwrap();
+    expect_code(
+        c.write_stdin(pb::WriteStdinRequest {
+            id: id.clone(),
+            data: "late\n".into(),
+        })
+        .await,
+        Code::FailedPrecondition,
+    );
+    let info = tokio::time::timeout(Duration::from_secs(10), wait(&mut c, &id))
+        .await
+        .expect("cat did not end after CloseStdin on its terminal");
+    assert_eq!(info.exit_code, 0);
+    let seen = attach_all(&mut c, attach_req(&id, 0, 0)).await;
+    let text = String::from_utf8_lossy(&seen.out).into_owned();
+    // Once as the terminal's echo, once as cat's output; then the line after cat.
+    assert_eq!(text.matches("typed line").count(), 2, "{text:?}");
+    assert!(text.contains("cat-ended"), "{text:?}");
+    assert!(!text.contains("late"), "{text:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stdin_requests_and_state_errors() {
     let s = TestServer::start().await;
