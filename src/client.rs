@@ -452,7 +452,13 @@ where
             }
         }
     };
-    let _ = tokio::time::timeout(AFTER_EXIT_WAIT, drain).await;
+    // Off a tokio runtime (an executor of its own, a test's) there is no timer: the message
+    // bound alone applies.
+    if tokio::runtime::Handle::try_current().is_ok() {
+        let _ = tokio::time::timeout(AFTER_EXIT_WAIT, drain).await;
+    } else {
+        drain.await;
+    }
 }
 
 /// Drains an exec output stream into an [`ExecResult`]. A stream that ends without an EXIT
