@@ -204,8 +204,8 @@ fn live_versions_keep_processes_and_streams_then_rollback() {
     // A detached process counting, and an exec stream printing ticks.
     let pid = a.sh_in(
         &bot,
-        "setsid sh -c 'i=0; while true; do i=$((i+1)); echo $i > /tmp/counter; sleep 0.05; done' \
-         </dev/null >/dev/null 2>&1 & echo $!",
+        "setsid sh -c 'i=0; while true; do i=$((i+1)); echo $i > /tmp/counter.new; \
+         mv /tmp/counter.new /tmp/counter; sleep 0.05; done' </dev/null >/dev/null 2>&1 & echo $!",
     );
     let pid = pid.trim().to_string();
     let mut stream = a
