@@ -3,7 +3,8 @@
 //! `kill`, `wait`, `rm`, against a real agent and bot:
 //! - a counter keeps running across a dropped connection and an agent restart, and its output
 //!   replayed from offset 0 and from a middle offset is exactly what it printed, in order, with
-//!   no gap and no duplicate;
+//!   no gap and no duplicate; a CLI `attach` following it carries on across the restart, with
+//!   one line saying so, and prints the output's tail exactly;
 //! - `kill` then `wait` gives 143 and the line saying which signal; a plain exit code comes
 //!   back as the CLI's; `ps --json` shows the process; bad input is one line and a non-zero
 //!   exit;
@@ -120,6 +121,25 @@ fn counter_survives_a_dropped_connection_and_an_agent_restart() {
         .as_bytes()
         .starts_with(&first[..counted(20).len()]));
 
+    // A CLI `attach` follows from now; it must carry on across the restart below.
+    let dir = tempfile::tempdir().unwrap();
+    let (out_path, err_path) = (dir.path().join("out"), dir.path().join("err"));
+    let mut follower = a
+        .command(&["attach", &bot, &id])
+        .stdout(std::fs::File::create(&out_path).unwrap())
+        .stderr(std::fs::File::create(&err_path).unwrap())
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while std::fs::metadata(&out_path).unwrap().len() < 20 {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "attach printed nothing"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
     // The agent goes away and comes back: the process lives in the bot and keeps counting.
     let before = ps_json(&a, &bot);
     let pid = before[0]["pid"].clone();
@@ -148,9 +168,51 @@ fn counter_survives_a_dropped_connection_and_an_agent_restart() {
     assert_eq!(err.lines().count(), 1, "{err:?}");
     assert!(err.contains("exited with code 0"), "{err:?}");
 
+    let followed = {
+        let start = Instant::now();
+        loop {
+            if let Some(st) = follower.try_wait().unwrap() {
+                break st;
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                let _ = follower.kill();
+                panic!(
+                    "attach did not end with the process: {}",
+                    std::fs::read_to_string(&err_path).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let (followed_out, followed_err) = (
+        std::fs::read_to_string(&out_path).unwrap(),
+        std::fs::read_to_string(&err_path).unwrap(),
+    );
+    assert_eq!(followed.code(), Some(0), "attach: {followed_err}");
+    assert_eq!(
+        followed_err.matches("attaching again").count(),
+        1,
+        "{followed_err:?}"
+    );
+    assert!(
+        followed_err.contains("exited with code 0"),
+        "{followed_err:?}"
+    );
+    let printed_before = before[0]["stdout_bytes"].as_u64().unwrap();
+
     block_on(async {
         let mut c = procs(&socket, &bot);
         let (all, info) = replay(&mut c, &id, 0).await;
+        // What the follower printed is the output's tail from where it attached, across the
+        // restart: no gap, no duplicate, begun before the agent went away.
+        assert!(
+            all.ends_with(followed_out.as_bytes()),
+            "attach printed {followed_out:?}"
+        );
+        assert!(
+            (all.len() - followed_out.len()) as u64 <= printed_before,
+            "attach began after the restart"
+        );
         let all = String::from_utf8(all).unwrap();
         let n = all.lines().count() - 1;
         assert!(n > 20, "{n} lines");

@@ -125,9 +125,34 @@ fn report_end(verb: &str, id: &str, info: &ProcessInfo) -> u8 {
     procs::exit_status(info)
 }
 
+/// How long `attach` keeps trying to attach again after its connection was lost (an agent
+/// restart, a dropped socket) before it gives up.
+const REATTACH_FOR: Duration = Duration::from_secs(60);
+
+/// How one attach call ended.
+enum Followed {
+    /// The process ended, or the user detached: the CLI's exit status.
+    Done(u8),
+    /// The call broke (the reason); attaching again at the offsets reached goes on.
+    Broken(String),
+    /// The call failed in a way attaching again would not mend.
+    Failed(tonic::Status),
+}
+
+/// Whether a failed attach call may be made again: the connection or the agent went away,
+/// not the process or the request.
+fn may_reattach(s: &tonic::Status) -> bool {
+    matches!(
+        s.code(),
+        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+    )
+}
+
 /// `attach`: output to stdout and stderr as it comes (from now, or replayed from the start),
 /// ending with the process's exit status as `wait` gives it. SIGINT or SIGTERM detaches and
-/// leaves the process running.
+/// leaves the process running. A lost connection (the agent restarting, the socket dropped)
+/// is attached again at the byte offsets reached, so nothing is printed twice or skipped; the
+/// CLI gives up after [`REATTACH_FOR`] without a working call.
 pub async fn attach(socket: &Path, bot: &str, id: &str, from_start: bool) -> Result<u8, CliError> {
     let mut c = client(socket, bot)?;
     // Watched before the call: a Ctrl-C must never kill this CLI with the call half done.
@@ -137,41 +162,124 @@ pub async fn attach(socket: &Path, bot: &str, id: &str, from_start: bool) -> Res
     ) else {
         return Err(CliError::new("cannot watch for Ctrl-C"));
     };
-    let mut s = c
-        .attach(AttachRequest {
-            id: id.to_string(),
-            from_end: !from_start,
-            ..Default::default()
-        })
-        .await
-        .map_err(|s| status_err(socket, s))?
-        .into_inner();
     let mut stdout = tokio::io::stdout();
     let mut stderr = tokio::io::stderr();
+    // "From now" is the output's current length, so that attaching again after a lost
+    // connection goes on from offsets and never skips what was written in between.
+    let mut at = if from_start {
+        Some((0, 0))
+    } else {
+        let list = c
+            .list(ListRequest::default())
+            .await
+            .map_err(|s| status_err(socket, s))?
+            .into_inner()
+            .processes;
+        list.iter()
+            .find(|p| p.id == id)
+            .map(|p| (p.stdout_bytes, p.stderr_bytes))
+    };
+    let mut attached_once = false;
+    let mut lost_since: Option<std::time::Instant> = None;
     loop {
-        let m = tokio::select! {
-            m = s.message() => m.map_err(|s| status_err(socket, s))?,
+        let req = match at {
+            Some((stdout_offset, stderr_offset)) => AttachRequest {
+                id: id.to_string(),
+                stdout_offset,
+                stderr_offset,
+                ..Default::default()
+            },
+            // Not listed: the server's answer to the attach names the problem.
+            None => AttachRequest {
+                id: id.to_string(),
+                from_end: true,
+                ..Default::default()
+            },
+        };
+        let broken = match c.attach(req).await {
+            Ok(r) => {
+                attached_once = true;
+                let mut s = r.into_inner();
+                let followed = follow(
+                    id,
+                    &mut s,
+                    &mut at,
+                    &mut lost_since,
+                    (&mut stdout, &mut stderr),
+                    (&mut int, &mut term),
+                )
+                .await;
+                match followed {
+                    Followed::Done(code) => return Ok(code),
+                    Followed::Broken(why) => why,
+                    Followed::Failed(s) => return Err(status_err(socket, s)),
+                }
+            }
+            Err(s) if attached_once && may_reattach(&s) => s.message().to_string(),
+            Err(s) => return Err(status_err(socket, s)),
+        };
+        let since = *lost_since.get_or_insert_with(|| {
+            eprintln!("memoh-agent: attach: lost the connection ({broken}); attaching again");
+            std::time::Instant::now()
+        });
+        if since.elapsed() >= REATTACH_FOR {
+            return Err(CliError::new(format!(
+                "lost the output of {id} ({broken}) and could not attach again within {} s; \
+                 attach again to go on",
+                REATTACH_FOR.as_secs()
+            )));
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
             _ = int.recv() => return Ok(detach(id, &mut stdout).await),
             _ = term.recv() => return Ok(detach(id, &mut stdout).await),
+        }
+    }
+}
+
+/// Prints one attach call's output, keeping `at` at the next offsets of both streams.
+async fn follow(
+    id: &str,
+    s: &mut tonic::Streaming<memoh_proto::pb::process::AttachOutput>,
+    at: &mut Option<(u64, u64)>,
+    lost_since: &mut Option<std::time::Instant>,
+    (stdout, stderr): (&mut tokio::io::Stdout, &mut tokio::io::Stderr),
+    (int, term): (
+        &mut tokio::signal::unix::Signal,
+        &mut tokio::signal::unix::Signal,
+    ),
+) -> Followed {
+    loop {
+        let m = tokio::select! {
+            m = s.message() => m,
+            _ = int.recv() => return Followed::Done(detach(id, stdout).await),
+            _ = term.recv() => return Followed::Done(detach(id, stdout).await),
         };
-        let Some(m) = m else {
-            return Err(CliError::new(format!(
-                "the output of {id} ended before the process did; attach again to go on"
-            )));
+        let m = match m {
+            Ok(Some(m)) => m,
+            Ok(None) => return Followed::Broken("the output ended before the process".into()),
+            Err(s) if may_reattach(&s) => return Followed::Broken(s.message().to_string()),
+            Err(s) => return Followed::Failed(s),
         };
+        *lost_since = None;
+        let (out_next, err_next) = at.get_or_insert((0, 0));
         match Kind::try_from(m.kind) {
             Ok(Kind::Stdout) => {
+                *out_next = m.offset + m.data.len() as u64;
                 let _ = stdout.write_all(&m.data).await;
                 let _ = stdout.flush().await;
             }
             Ok(Kind::Stderr) => {
+                *err_next = m.offset + m.data.len() as u64;
                 let _ = stderr.write_all(&m.data).await;
                 let _ = stderr.flush().await;
             }
             Ok(Kind::Lost) => {
                 let stream = if m.stream == Kind::Stderr as i32 {
+                    *err_next = m.next_offset;
                     "stderr"
                 } else {
+                    *out_next = m.next_offset;
                     "stdout"
                 };
                 eprintln!(
@@ -184,12 +292,12 @@ pub async fn attach(socket: &Path, bot: &str, id: &str, from_start: bool) -> Res
             Ok(Kind::Exit) => {
                 let _ = stdout.flush().await;
                 let info = m.info.unwrap_or_default();
-                return Ok(report_end("attach", id, &info));
+                return Followed::Done(report_end("attach", id, &info));
             }
             Ok(Kind::End) => {
-                return Err(CliError::new(format!(
-                    "the server ended the output of {id} while it still runs; attach again to go on"
-                )));
+                return Followed::Broken(
+                    "the server ended the output while the process runs".into(),
+                )
             }
             Err(_) => {}
         }
