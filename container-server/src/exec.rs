@@ -263,7 +263,7 @@ fn start_inner(
             oom
         },
     );
-    // The raise follows the spawn in the same blocking section, before the pid is registered.
+    // The raise follows the spawn at once, before the pid is registered.
     let (mut child, exit) = reaper
         .spawn_then(&mut cmd, |pid| {
             if let Some(adj) = raise {

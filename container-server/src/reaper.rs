@@ -25,7 +25,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
-use tokio::runtime::{Handle, RuntimeFlavor};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::oneshot;
 use tracing::{debug, warn};
@@ -168,27 +167,25 @@ impl Reaper {
         Ok(r)
     }
 
-    /// Spawns `cmd` and registers its pid. The spawn runs without the reaper's lock, and on a
-    /// multi-threaded runtime's worker it runs as a blocking section
-    /// ([`tokio::task::block_in_place`]): the worker's other tasks move to another thread
-    /// while this one waits for the child's `exec`.
+    /// Spawns `cmd` and registers its pid. The spawn runs without the reaper's lock, so spawns
+    /// from several threads run side by side. It runs on the calling thread, a runtime worker
+    /// included: handing it to another thread (`block_in_place`, tried) cost more in thread
+    /// hand-offs than the wait for the child's `exec` holds the worker (BENCHMARKS.md, issue
+    /// 19, the exec spawn).
     pub fn spawn(&self, cmd: &mut Command) -> io::Result<(Child, oneshot::Receiver<Reaped>)> {
         self.spawn_then(cmd, |_| {})
     }
 
-    /// [`Reaper::spawn`], with `then` called with the child's pid right after the spawn, in
-    /// the same blocking section and before the registration (for work that must follow the
-    /// spawn as closely as it can, such as setting the child's `oom_score_adj`).
+    /// [`Reaper::spawn`], with `then` called with the child's pid right after the spawn, before
+    /// the registration (for work that must follow the spawn as closely as it can, such as
+    /// setting the child's `oom_score_adj`).
     pub fn spawn_then(
         &self,
         cmd: &mut Command,
         then: impl FnOnce(i32),
     ) -> io::Result<(Child, oneshot::Receiver<Reaped>)> {
-        let child = off_worker(|| {
-            let child = cmd.spawn()?;
-            then(child.id() as i32);
-            Ok::<_, io::Error>(child)
-        })?;
+        let child = cmd.spawn()?;
+        then(child.id() as i32);
         let rx = self.register(child.id() as i32);
         Ok((child, rx))
     }
@@ -285,16 +282,6 @@ impl Reaper {
             .unwrap_or_else(|p| p.into_inner())
             .early
             .len()
-    }
-}
-
-/// Runs `f`, a blocking call (a spawn), as a blocking section when on a worker of a
-/// multi-threaded runtime, so the worker's other tasks are not held up; anywhere else (a
-/// current-thread runtime, no runtime) it simply runs.
-pub fn off_worker<R>(f: impl FnOnce() -> R) -> R {
-    match Handle::try_current() {
-        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
-        _ => f(),
     }
 }
 
