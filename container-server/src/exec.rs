@@ -263,13 +263,15 @@ fn start_inner(
             oom
         },
     );
+    // The raise follows the spawn at once, before the pid is registered.
     let (mut child, exit) = reaper
-        .spawn(&mut cmd)
+        .spawn_then(&mut cmd, |pid| {
+            if let Some(adj) = raise {
+                raise_oom_score_adj(pid, adj);
+            }
+        })
         .map_err(|e| ServerError::spawn("a process", e))?;
     let pgid = Pid::from_raw(child.id() as i32);
-    if let Some(adj) = raise {
-        raise_oom_score_adj(pgid.as_raw(), adj);
-    }
     let conv = |e: std::io::Error| {
         let _ = killpg(pgid, Signal::SIGKILL);
         ServerError::Spawn(e)
