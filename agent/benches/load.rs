@@ -100,6 +100,11 @@ struct Step {
     shims_pss: u64,
     /// Distinct shim processes.
     shims: usize,
+    /// Sum of the `Pss` of the shims' other children (the per-bot log driver, a
+    /// `memoh-agent` process the shim starts for the server's output), KiB.
+    drivers_pss: u64,
+    /// Those processes.
+    drivers: usize,
     /// The agent's `Pss` after the step, KiB.
     agent_pss: u64,
     /// Bots with a running task and a pid.
@@ -646,6 +651,8 @@ async fn bot_rss(sock: &Path, st: &mut Step) {
         .into_inner()
         .bots;
     let mut shims = std::collections::HashSet::new();
+    let mut servers = std::collections::HashSet::new();
+    let mut shim_children = std::collections::HashSet::new();
     for b in bots {
         if b.status != "running" || b.pid == 0 {
             keep_error(
@@ -665,8 +672,30 @@ async fn bot_rss(sock: &Path, st: &mut Step) {
             st.shims += 1;
             st.shims_rss += proc_status(ppid).map_or(0, |s| s.0);
             st.shims_pss += pss(ppid);
+            shim_children.extend(children(ppid));
         }
+        servers.insert(b.pid);
     }
+    for pid in shim_children.difference(&servers) {
+        st.drivers += 1;
+        st.drivers_pss += pss(*pid);
+    }
+}
+
+/// The children of every thread of `pid` (`/proc/PID/task/*/children`).
+fn children(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .filter_map(Result::ok)
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|text| {
+            text.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect()
 }
 
 /// One exec of `true` through the proxy; the error message on failure.
@@ -904,11 +933,19 @@ fn table(steps: &[Step], calls: usize, td: &Teardown) -> String {
         "-",
         "-",
     );
+    row(
+        "log drivers' Pss (the shims' other children), sum (processes)",
+        &|st| format!("{} ({})", mib(st.drivers_pss), st.drivers),
+        "-",
+        "-",
+    );
     let per_bot = |st: &Step| {
-        (st.servers_pss + st.shims_pss + st.agent_pss) as f64 / 1024.0 / st.running.max(1) as f64
+        (st.servers_pss + st.shims_pss + st.drivers_pss + st.agent_pss) as f64
+            / 1024.0
+            / st.running.max(1) as f64
     };
     row(
-        "host memory per bot: (servers + shims + agent) Pss / bots",
+        "host memory per bot: (servers + shims + log drivers + agent) Pss / bots",
         &|st| format!("{:.1} MiB", per_bot(st)),
         "<= 12 MiB",
         yes_no(
