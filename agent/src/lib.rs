@@ -40,6 +40,7 @@ pub mod network;
 pub mod pool;
 pub mod procs;
 pub mod reverse_http;
+mod steps;
 mod sync;
 
 pub use error::AgentError;

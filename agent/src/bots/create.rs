@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::containerd::spec::{build_spec, BindMount, SpecOptions, HOST_RESOLV_CONF};
 use crate::containerd::{label_filter, ContainerInfo, NewContainer, TaskState};
@@ -46,6 +46,7 @@ impl Manager {
         spec: &BotSpec,
     ) -> Result<BotInfo, AgentError> {
         ids::validate(bot)?;
+        let mut steps = crate::steps::Steps::start();
         let wanted = self.cfg.bot_defaults.limits().with(limits).check()?;
         spec.check()?;
         let spec = {
@@ -55,6 +56,7 @@ impl Manager {
                 .map_err(|e| AgentError::io("mount check", std::io::Error::other(e)))??
         };
         let _g = self.lock_bot(bot).await;
+        steps.mark("lock");
         let cid = ids::container_id(bot);
         let mut existing = match self.container_locked(bot).await {
             Ok(c) => Some(c),
@@ -109,7 +111,9 @@ impl Manager {
             self.start_locked(bot, &c).await?;
             return self.info(bot).await;
         }
+        steps.mark("lookup");
         let resolved = self.rt.ensure_unpacked(&image).await?;
+        steps.mark("image");
         // The bot label finds the snapshot again after a crash; gc.root keeps containerd's
         // collector off it while no container references it (mid-create or mid-cycle).
         let bot_labels = HashMap::from([
@@ -134,6 +138,7 @@ impl Manager {
                 (s.parent, false)
             }
         };
+        steps.mark("snapshot");
         fault("create");
         let mut record_labels = wanted.labels();
         record_labels.extend(spec.labels());
@@ -155,12 +160,17 @@ impl Manager {
                 return Err(e);
             }
         };
+        steps.mark("record");
         if let Err(e) = self.start_locked(bot, &c).await {
             warn!(bot, error = %e, "start after create failed; the container is kept");
             return Err(e);
         }
+        steps.mark("start");
         self.migrate_in_background(bot);
-        self.info(bot).await
+        let info = self.info(bot).await;
+        steps.mark("info");
+        debug!(bot, total_ms = steps.total_ms(), %steps, "create steps");
+        info
     }
 
     /// A create that failed before its container record: the bot does not exist, so what the

@@ -44,6 +44,7 @@ impl Manager {
         c: &ContainerInfo,
     ) -> Result<(), AgentError> {
         let cid = &c.id;
+        let mut steps = crate::steps::Steps::start();
         match self.rt.task_status(cid).await? {
             Some(s) if s.state == TaskState::Running => {
                 let ip = self.attach(bot, c).await?;
@@ -99,8 +100,11 @@ impl Manager {
             }
         }
         let c = renamed.as_ref().unwrap_or(c);
+        steps.mark("spec");
         let mounts = self.rt.snapshot_mounts(&c.snapshot_key).await?;
+        steps.mark("mounts");
         self.net.create_netns(bot).await?;
+        steps.mark("netns");
         let log = ids::log_path(&self.cfg.state_dir, bot);
         if let Some(parent) = log.parent() {
             tokio::fs::create_dir_all(parent)
@@ -108,10 +112,12 @@ impl Manager {
                 .map_err(|e| AgentError::io(parent, e))?;
         }
         crate::logdriver::create_server_task(&*self.rt, &self.cfg, cid, &mounts, &log).await?;
+        steps.mark("task_create");
         if let Err(e) = self.rt.start_task(cid).await {
             let _ = self.rt.delete_task(cid).await;
             return Err(e);
         }
+        steps.mark("task_start");
         lock(&self.health)
             .entry(bot.to_string())
             .or_default()
@@ -123,16 +129,21 @@ impl Manager {
             let _ = self.kill_and_delete_task(cid, Duration::from_secs(5)).await;
             return Err(e);
         }
+        steps.mark("attach");
         self.wait_ready(bot).await?;
+        steps.mark("ready");
+        debug!(bot, total_ms = steps.total_ms(), %steps, "start steps");
         self.ensure_relay(bot, true);
         Ok(())
     }
 
     /// Attaches the bot (keeping a healthy address), makes sure the host rules exist, and
     /// records its route.
+    /// One pass of the host rules and the ruleset serves the new attachment (not one for the
+    /// attachment and another for the rules).
     pub(super) async fn attach(&self, bot: &str, c: &ContainerInfo) -> Result<IpAddr, AgentError> {
-        let bn = self.attach_without_host_rules(bot, c).await?;
-        self.net.ensure_host_rules(&bn).await?;
+        let bn = self.net.setup(bot, &self.task_netns(bot, c)).await?;
+        self.record_attachment(bot, c, &bn).await;
         Ok(bn.ip)
     }
 
@@ -142,14 +153,31 @@ impl Manager {
         bot: &str,
         c: &ContainerInfo,
     ) -> Result<crate::network::BotNetwork, AgentError> {
-        // The namespace the task runs in: the one its spec names (an older agent's name until
-        // the bot's next start), today's name when the spec names none.
-        let netns = c
-            .spec
+        let bn = self
+            .net
+            .setup_without_host_rules(bot, &self.task_netns(bot, c))
+            .await?;
+        self.record_attachment(bot, c, &bn).await;
+        Ok(bn)
+    }
+
+    /// The namespace the task runs in: the one its spec names (an older agent's name until the
+    /// bot's next start), today's name when the spec names none.
+    fn task_netns(&self, bot: &str, c: &ContainerInfo) -> std::path::PathBuf {
+        c.spec
             .as_ref()
             .and_then(ids::recorded_netns)
-            .unwrap_or_else(|| self.net.netns_path(bot));
-        let bn = self.net.setup_without_host_rules(bot, &netns).await?;
+            .unwrap_or_else(|| self.net.netns_path(bot))
+    }
+
+    /// Records the route to the attached bot (evicting a channel to an older one) and its
+    /// bridge port.
+    async fn record_attachment(
+        &self,
+        bot: &str,
+        c: &ContainerInfo,
+        bn: &crate::network::BotNetwork,
+    ) {
         let token = tokio::fs::read_to_string(ids::token_path(&self.cfg.state_dir, bot))
             .await
             .ok()
@@ -184,7 +212,6 @@ impl Manager {
                 veths.remove(bot);
             }
         }
-        Ok(bn)
     }
 
     /// Polls the bot's server until it answers or [`READY_TIMEOUT`] passes.

@@ -70,6 +70,7 @@ impl<E: PluginExec, F: Firewall, N: Netns> Network<E, F, N> {
     ) -> Result<(BotNetwork, bool), AgentError> {
         ids::validate(bot)?;
         let cid = ids::container_id(bot);
+        let mut steps = crate::steps::Steps::start();
         let mut previous_ip = None;
         match state::load(&self.cfg.state_dir, bot).await? {
             Some(Ok(saved)) => {
@@ -102,6 +103,7 @@ impl<E: PluginExec, F: Firewall, N: Netns> Network<E, F, N> {
             previous_ip = state::remembered_address(&self.cfg.state_dir, bot).await;
         }
 
+        steps.mark("saved");
         // Containment must work before the bot gets any network: a host where the ruleset
         // cannot be applied refuses the bot before ADD makes its interface.
         if self.cfg.containment.enabled || self.cfg.isolate {
@@ -110,6 +112,7 @@ impl<E: PluginExec, F: Firewall, N: Netns> Network<E, F, N> {
                 reason: format!("isolation cannot be put in place, the bot is not started: {e}"),
             })?;
         }
+        steps.mark("contain_before");
         let net = self.load_network().await?;
         let mut rt = RuntimeConf {
             container_id: cid.clone(),
@@ -127,6 +130,7 @@ impl<E: PluginExec, F: Firewall, N: Netns> Network<E, F, N> {
             }
             Err(e) => return Err(e),
         };
+        steps.mark("cni_add");
 
         let saved = state::Saved::new(bot, &cid, netns, &self.cfg.ifname, net.to_value(), raw);
         let bn = match self.describe(&saved) {
@@ -141,9 +145,12 @@ impl<E: PluginExec, F: Firewall, N: Netns> Network<E, F, N> {
         if let Some(bridge) = &bn.bridge {
             self.netns.forget_neighbour(bridge, bn.ip).await;
         }
+        steps.mark("save");
         if let Err(e) = self.contain_attachment(&bn).await {
             return Err(self.detach_uncontained(&bn, e).await);
         }
+        steps.mark("contain_port");
+        tracing::debug!(bot, total_ms = steps.total_ms(), %steps, "attach steps");
         tracing::info!(bot, ip = %bn.ip, netns = %netns.display(), "bot attached to the network");
         Ok((bn, true))
     }
@@ -249,9 +256,12 @@ impl<E: PluginExec, F: Firewall, N: Netns> Network<E, F, N> {
     /// bot of this agent uses them. Failures are only logged: they leave a stricter or stale
     /// rule, never an open one, and must not keep a bot from being deleted.
     pub(super) async fn release(&self, freed: Option<&BotNetwork>) {
+        let ticket = self.ticket();
         let _g = self.contain_lock.lock().await;
-        if let Err(e) = self.contain_locked().await {
-            tracing::warn!(error = %e, "cannot rebuild the containment ruleset");
+        if !self.ruleset_covers(ticket) {
+            if let Err(e) = self.contain_locked().await {
+                tracing::warn!(error = %e, "cannot rebuild the containment ruleset");
+            }
         }
         let Some(freed) = freed else { return };
         let left = match self.attached().await {
@@ -263,11 +273,15 @@ impl<E: PluginExec, F: Firewall, N: Netns> Network<E, F, N> {
         };
         if let Some(bridge) = &freed.bridge {
             if !left.iter().any(|b| b.bridge.as_ref() == Some(bridge)) {
+                // Whatever this removes, no earlier pass answers for it any more.
+                self.forget_passes();
                 match self.firewall.remove_isolation(bridge).await {
-                    Ok(true) => tracing::info!(
-                        bridge,
-                        "last bot of the bridge gone; isolation rule removed"
-                    ),
+                    Ok(true) => {
+                        tracing::info!(
+                            bridge,
+                            "last bot of the bridge gone; isolation rule removed"
+                        )
+                    }
                     Ok(false) => {}
                     Err(e) => {
                         tracing::warn!(bridge, error = %e, "cannot remove the isolation rule")
@@ -279,11 +293,15 @@ impl<E: PluginExec, F: Firewall, N: Netns> Network<E, F, N> {
         if self.cfg.masquerade && freed.ip.is_ipv4() {
             let subnet = freed.subnet();
             if !left.iter().any(|b| b.subnet() == subnet) {
+                // Whatever this removes, no earlier pass answers for it any more.
+                self.forget_passes();
                 match self.firewall.remove_masquerade(&subnet).await {
-                    Ok(true) => tracing::info!(
-                        subnet,
-                        "last bot of the subnet gone; masquerade rule removed"
-                    ),
+                    Ok(true) => {
+                        tracing::info!(
+                            subnet,
+                            "last bot of the subnet gone; masquerade rule removed"
+                        )
+                    }
                     Ok(false) => {}
                     Err(e) => {
                         tracing::warn!(subnet, error = %e, "cannot remove the masquerade rule")

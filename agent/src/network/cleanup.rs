@@ -153,6 +153,8 @@ impl<E: PluginExec, F: Firewall, N: Netns> Network<E, F, N> {
         if !state::load_all(&self.cfg.state_dir).await?.is_empty() {
             return Ok(Vec::new());
         }
+        // What is removed here no earlier pass answers for any more.
+        self.forget_passes();
         let mut removed = Vec::new();
         let table = &self.cfg.containment.table;
         let ours: Vec<String> = self

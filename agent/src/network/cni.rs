@@ -238,7 +238,9 @@ impl<E: PluginExec> CniChain<E> {
 
     /// ADD: each plugin in order, each one given the previous one's result; returns the last.
     pub async fn add(&self, net: &NetworkConfList, rt: &RuntimeConf) -> Result<Value, AgentError> {
+        let mut steps = crate::steps::Steps::start();
         let _guard = PLUGIN_LOCK.lock().await;
+        steps.mark("lock");
         let mut prev: Option<Value> = None;
         for i in 0..net.plugins.len() {
             let inv = Invocation {
@@ -257,6 +259,8 @@ impl<E: PluginExec> CniChain<E> {
                 }
             }
         }
+        steps.mark("plugins");
+        tracing::debug!(container = %rt.container_id, total_ms = steps.total_ms(), %steps, "cni add steps");
         prev.ok_or_else(|| AgentError::Network {
             op: format!("cni ADD {} for {}", net.name, rt.container_id),
             reason: "network has no plugins".into(),

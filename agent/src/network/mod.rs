@@ -170,6 +170,9 @@ pub struct Network<E = ExecPlugins, F = Iptables, N = IpNetns> {
     /// Orders rebuilding the ruleset from the saved attachments with the host-rule changes
     /// around it, so the last rebuild always sees the last attachment change.
     contain_lock: tokio::sync::Mutex<()>,
+    /// Which requests for a rebuild and for host rules a finished pass already covers, so
+    /// concurrent setups share one pass instead of queueing one each ([`rules`]).
+    passes: std::sync::Mutex<rules::Passes>,
     /// Bridges whose isolation [`Network::remove_isolation`] lifted (until
     /// [`Network::ensure_isolation`]).
     lifted: std::sync::Mutex<HashSet<String>>,
@@ -194,6 +197,7 @@ impl<E: PluginExec, F: Firewall, N: Netns> Network<E, F, N> {
             firewall,
             netns,
             contain_lock: tokio::sync::Mutex::new(()),
+            passes: std::sync::Mutex::default(),
             lifted: std::sync::Mutex::new(HashSet::new()),
             warned_bridge_nf: AtomicBool::new(false),
         }

@@ -6,6 +6,9 @@ use std::sync::Mutex;
 use serde_json::{json, Value};
 
 use super::cni::fake::FakeExec;
+
+#[path = "tests_passes.rs"]
+mod passes;
 use super::cni::CniCommand;
 use super::*;
 
@@ -120,6 +123,8 @@ struct FakeFirewall {
     ruleset: Mutex<String>,
     /// Makes `apply_ruleset` fail.
     fail_ruleset: Mutex<bool>,
+    /// How long `apply_ruleset` takes (so concurrent setups overlap).
+    ruleset_delay: Mutex<Duration>,
 }
 
 impl FakeFirewall {
@@ -153,6 +158,10 @@ impl Firewall for FakeFirewall {
         Ok(1)
     }
     async fn apply_ruleset(&self, script: &str) -> Result<(), AgentError> {
+        let delay = *self.ruleset_delay.lock().unwrap();
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
         if *self.fail_ruleset.lock().unwrap() {
             return Err(AgentError::Network {
                 op: "nft".into(),

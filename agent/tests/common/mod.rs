@@ -35,6 +35,12 @@ use memoh_agent::containerd::{label_filter, prelude::*, Containerd, LABEL_BOT_ID
 
 /// The agent binary under test (the release build under `cargo bench`).
 pub const AGENT: &str = env!("CARGO_BIN_EXE_memoh-agent");
+
+/// The agent binary the guards run: `MEMOH_TEST_AGENT_BIN` when set (a benchmark alternating
+/// an older build with this one), [`AGENT`] otherwise.
+pub fn agent_binary() -> PathBuf {
+    var("MEMOH_TEST_AGENT_BIN").map_or_else(|| PathBuf::from(AGENT), PathBuf::from)
+}
 /// The image name the test archive carries.
 pub const IMAGE: &str = "docker.io/memohai/mcp:latest";
 /// The production isolation chain the agent adds its bridge's rule to.
@@ -361,7 +367,7 @@ impl TestAgent {
             .append(true)
             .open(self.log_path())
             .unwrap();
-        let mut cmd = Command::new(AGENT);
+        let mut cmd = Command::new(agent_binary());
         cmd.args(["serve", "--config"])
             .arg(&self.config)
             .env(
@@ -485,7 +491,7 @@ impl TestAgent {
 
     /// A CLI command against this agent's socket.
     pub fn command(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(AGENT);
+        let mut c = Command::new(agent_binary());
         c.arg("--socket").arg(&self.socket).args(args);
         c.env_remove("MEMOH_LOG");
         c
