@@ -10,7 +10,11 @@
 //! - that in-process exec against `ctr tasks exec`, and the cost of spawning `/bin/true`, the
 //!   floor under every CLI figure on this machine;
 //! - the CLI's own overhead (a CLI exec minus the in-process exec over the socket) against the
-//!   spawn of `memoh-agent --version` (p50 over 20).
+//!   spawn of `memoh-agent --version` (p50 over 20);
+//! - raw transfers through the proxy: `WriteRaw` and `ReadRaw` of 512 MiB through the agent's
+//!   socket against the same transfers straight to the bot (best of 3 each, alternating);
+//! - `cp` of 1 GiB into and out of the bot through the CLI (a local file on each side) against
+//!   the same transfer straight to the bot from and into memory (best of 3, alternating).
 //!
 //! Run with `cargo bench -p memoh-agent --bench agent`. Prints a markdown table and appends a
 //! dated "memoh-agent" section with the machine to `BENCHMARKS.md` at the workspace root.
@@ -29,6 +33,10 @@ use memoh_proto::ContainerClient;
 const CREATE_RUNS: usize = 10;
 const EXEC_RUNS: usize = 20;
 const PROXY_RUNS: usize = 300;
+/// Size of the raw transfers through the proxy, MiB.
+const RAW_MIB: usize = 512;
+/// Runs of every transfer (the best is kept).
+const TRANSFER_RUNS: usize = 3;
 
 struct Row {
     what: &'static str,
@@ -205,12 +213,193 @@ fn main() {
         met: ratio <= 2.0,
         ratio: format!("{ratio:.2}x"),
     });
+
+    // (d) raw transfers: through the agent's socket against straight to the bot, then `cp`
+    // through the CLI against straight to the bot.
+    let t = transfers(&a, &bot, &ip, token.trim());
+    for (what, via, direct, target) in [
+        (
+            "WriteRaw 512 MiB through the agent's socket",
+            t.write_via,
+            t.write_direct,
+            0.8,
+        ),
+        (
+            "ReadRaw 512 MiB through the agent's socket",
+            t.read_via,
+            t.read_direct,
+            0.8,
+        ),
+        (
+            "`cp` 1 GiB into the bot through the CLI",
+            t.cp_in,
+            t.cp_in_direct,
+            0.7,
+        ),
+        (
+            "`cp` 1 GiB out of the bot through the CLI",
+            t.cp_out,
+            t.cp_out_direct,
+            0.7,
+        ),
+    ] {
+        let ratio = direct.as_secs_f64() / via.as_secs_f64();
+        rows.push(Row {
+            what,
+            value: via,
+            baseline_name: "straight to BOT_IP:9090 (Rust client, memory), best of 3",
+            baseline: direct,
+            target: if target == 0.8 {
+                ">= 0.8x direct"
+            } else {
+                ">= 0.7x direct"
+            },
+            met: ratio >= target,
+            ratio: format!(
+                "{ratio:.2}x ({:.0} vs {:.0} MB/s)",
+                mbps(via, what),
+                mbps(direct, what)
+            ),
+        });
+    }
     drop(a);
 
     let table = render(&rows);
     println!("\n{table}");
     let path = common::append_to_benchmarks(&section(&table, &env));
     println!("appended the memoh-agent section to {}", path.display());
+}
+
+/// Best wall times (of [`TRANSFER_RUNS`]) of the raw transfers and `cp`.
+struct Transfers {
+    write_via: Duration,
+    write_direct: Duration,
+    read_via: Duration,
+    read_direct: Duration,
+    cp_in: Duration,
+    cp_in_direct: Duration,
+    cp_out: Duration,
+    cp_out_direct: Duration,
+}
+
+/// MB/s of a transfer named `what` (its size in MiB is in the name) that took `d`.
+fn mbps(d: Duration, what: &str) -> f64 {
+    let mib = if what.contains("1 GiB") {
+        1024.0
+    } else {
+        RAW_MIB as f64
+    };
+    mib * 1024.0 * 1024.0 / 1e6 / d.as_secs_f64()
+}
+
+/// `n` MiB of incompressible-looking bytes in 1 MiB buffers.
+fn payload(mib: usize) -> Vec<bytes::Bytes> {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let block: Vec<u8> = (0..1 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    let block = bytes::Bytes::from(block);
+    vec![block; mib]
+}
+
+/// One `WriteRaw` of `data` to `path`; its wall time.
+async fn write_once(c: &ContainerClient, path: &str, data: &[bytes::Bytes]) -> Duration {
+    let total: usize = data.iter().map(|b| b.len()).sum();
+    let t = Instant::now();
+    let n = c
+        .write_raw(path, futures::stream::iter(data.to_vec()))
+        .await
+        .unwrap();
+    assert_eq!(n as usize, total);
+    t.elapsed()
+}
+
+/// One `ReadRaw` of `path`, counting `want` bytes; its wall time.
+async fn read_once(c: &ContainerClient, path: &str, want: usize) -> Duration {
+    let t = Instant::now();
+    let mut s = c.read_raw(path).await.unwrap();
+    let mut n = 0;
+    while let Some(m) = s.message().await.unwrap() {
+        n += m.data.len();
+    }
+    assert_eq!(n, want);
+    t.elapsed()
+}
+
+fn best(v: &[Duration]) -> Duration {
+    v.iter().copied().min().unwrap()
+}
+
+/// The raw transfers through the agent's socket and straight to the bot, alternating, and
+/// `cp` of 1 GiB through the CLI against the same bytes straight to the bot.
+fn transfers(a: &TestAgent, bot: &str, ip: &str, token: &str) -> Transfers {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (via, direct) = rt.block_on(async {
+        let via = ContainerClient::with_auth(unix_channel(&a.socket), None, Some(bot)).unwrap();
+        let direct = ContainerClient::with_auth(
+            tcp_channel(&format!("{ip}:9090")).unwrap(),
+            Some(token),
+            None,
+        )
+        .unwrap();
+        (via, direct)
+    });
+    let raw = payload(RAW_MIB);
+    let gib = payload(1024);
+    let mut m = [(); 8].map(|_| Vec::new());
+    rt.block_on(async {
+        for _ in 0..TRANSFER_RUNS {
+            m[0].push(write_once(&via, "/data/bench-raw", &raw).await);
+            m[1].push(write_once(&direct, "/data/bench-raw", &raw).await);
+            m[2].push(read_once(&via, "/data/bench-raw", RAW_MIB << 20).await);
+            m[3].push(read_once(&direct, "/data/bench-raw", RAW_MIB << 20).await);
+        }
+        via.delete("/data/bench-raw", false).await.unwrap();
+    });
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let src = dir.path().join("gib");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&src).unwrap();
+        for b in &gib {
+            f.write_all(b).unwrap();
+        }
+        f.sync_all().unwrap();
+    }
+    let back = dir.path().join("back");
+    let remote = format!("{bot}:/data/bench-gib");
+    for _ in 0..TRANSFER_RUNS {
+        m[4].push(timed(a.command(&[
+            "cp",
+            &src.display().to_string(),
+            &remote,
+        ])));
+        m[5].push(rt.block_on(write_once(&direct, "/data/bench-gib", &gib)));
+        m[6].push(timed(a.command(&[
+            "cp",
+            &remote,
+            &back.display().to_string(),
+        ])));
+        m[7].push(rt.block_on(read_once(&direct, "/data/bench-gib", 1 << 30)));
+        let _ = std::fs::remove_file(&back);
+    }
+    rt.block_on(direct.delete("/data/bench-gib", false))
+        .unwrap();
+    Transfers {
+        write_via: best(&m[0]),
+        write_direct: best(&m[1]),
+        read_via: best(&m[2]),
+        read_direct: best(&m[3]),
+        cp_in: best(&m[4]),
+        cp_in_direct: best(&m[5]),
+        cp_out: best(&m[6]),
+        cp_out_direct: best(&m[7]),
+    }
 }
 
 /// p50 samples of one exec of `true` through the agent's socket and straight to the bot.
