@@ -90,15 +90,20 @@ impl<E: PluginExec, F: Firewall, N: Netns> Network<E, F, N> {
         let ticket = self.ticket();
         let _g = self.contain_lock.lock().await;
         steps.mark("lock");
-        let shared = self.ruleset_covers(ticket);
-        let r = if shared {
-            Ok(())
-        } else {
-            self.contain_locked().await
-        };
+        let (shared, r) = self.contain_unless_covered(ticket).await;
         steps.mark("ruleset");
         tracing::debug!(total_ms = steps.total_ms(), shared, %steps, "contain steps");
         r
+    }
+
+    /// Rebuilds the ruleset unless a rebuild that began after `ticket` already succeeded;
+    /// whether it was covered, and the result. The caller holds `contain_lock`.
+    async fn contain_unless_covered(&self, ticket: u64) -> (bool, Result<(), AgentError>) {
+        if self.ruleset_covers(ticket) {
+            (true, Ok(()))
+        } else {
+            (false, self.contain_locked().await)
+        }
     }
 
     /// [`Network::contain`]; the caller holds `contain_lock`. Always rebuilds; a success
@@ -255,12 +260,7 @@ impl<E: PluginExec, F: Firewall, N: Netns> Network<E, F, N> {
             *c = (*c).max(seen);
         }
         steps.mark("host_rules");
-        let shared = self.ruleset_covers(ticket);
-        let r = if shared {
-            Ok(())
-        } else {
-            self.contain_locked().await
-        };
+        let (shared, r) = self.contain_unless_covered(ticket).await;
         steps.mark("ruleset");
         tracing::debug!(bot = %bn.bot, total_ms = steps.total_ms(), checked, shared, %steps, "host rules steps");
         r
