@@ -89,6 +89,8 @@ impl Fixture {
             state_dir: dir.path().join("state"),
             ifname: "eth0".into(),
             plugin_timeout: Duration::from_secs(30),
+            // CHECK on every setup: these tests run the real plugins' CHECK too.
+            check_every: Duration::ZERO,
             masquerade: true,
             isolate: true,
             containment: Policy::strict(&format!("mtst-{tag}")),

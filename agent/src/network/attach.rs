@@ -4,6 +4,7 @@
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use serde_json::Value;
 
@@ -81,6 +82,7 @@ impl<E: PluginExec, F: Firewall, N: Netns> Network<E, F, N> {
                             return Ok((bn, false));
                         }
                         Err(reason) => {
+                            self.forget_checked(bot);
                             tracing::warn!(bot, %reason, "bot network is not healthy; attaching again")
                         }
                     }
@@ -146,6 +148,8 @@ impl<E: PluginExec, F: Firewall, N: Netns> Network<E, F, N> {
             self.netns.forget_neighbour(bridge, bn.ip).await;
         }
         steps.mark("save");
+        // A fresh ADD is as good as a CHECK.
+        self.mark_checked(bot);
         if let Err(e) = self.contain_attachment(&bn).await {
             return Err(self.detach_uncontained(&bn, e).await);
         }
@@ -243,6 +247,7 @@ impl<E: PluginExec, F: Firewall, N: Netns> Network<E, F, N> {
             }
         }
         state::remove(&self.cfg.state_dir, bot).await?;
+        self.forget_checked(bot);
         if let Some(bn) = &freed {
             state::remember_address(&self.cfg.state_dir, bot, bn.ip).await;
         }
@@ -441,6 +446,9 @@ impl<E: PluginExec, F: Firewall, N: Netns> Network<E, F, N> {
         if !addrs.iter().any(|(ip, _)| *ip == bn.ip) {
             return Err(format!("{} no longer has {}", saved.ifname, bn.ip));
         }
+        if !self.check_due(&saved.bot) {
+            return Ok(bn);
+        }
         let net = NetworkConfList::parse(&saved.config)?;
         let rt = RuntimeConf {
             container_id: saved.container_id.clone(),
@@ -448,11 +456,31 @@ impl<E: PluginExec, F: Firewall, N: Netns> Network<E, F, N> {
             ifname: saved.ifname.clone(),
             ip: None,
         };
-        self.cni
-            .check(&net, &rt, &saved.result)
-            .await
-            .map_err(|e| e.to_string())?;
+        if let Err(e) = self.cni.check(&net, &rt, &saved.result).await {
+            self.forget_checked(&saved.bot);
+            return Err(e.to_string());
+        }
+        self.mark_checked(&saved.bot);
         Ok(bn)
+    }
+
+    /// Whether bot `bot`'s attachment is due for CNI CHECK ([`NetworkConfig::check_every`]).
+    fn check_due(&self, bot: &str) -> bool {
+        let every = self.cfg.check_every;
+        every.is_zero()
+            || lock(&self.checked)
+                .get(bot)
+                .is_none_or(|t| t.elapsed() >= every)
+    }
+
+    /// Bot `bot`'s attachment passed CHECK (or ADD made it) just now.
+    fn mark_checked(&self, bot: &str) {
+        lock(&self.checked).insert(bot.to_string(), Instant::now());
+    }
+
+    /// Bot `bot`'s attachment is gone or failed: its next health check runs CHECK.
+    fn forget_checked(&self, bot: &str) {
+        lock(&self.checked).remove(bot);
     }
 
     /// Deletes the namespace at `old` bot `bot` ran in before it moved to another one (an

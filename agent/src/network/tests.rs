@@ -199,6 +199,11 @@ struct Env {
 }
 
 fn env() -> Env {
+    env_checking_every(Duration::ZERO)
+}
+
+/// [`env`] whose kept attachments get CNI CHECK only every `check_every`.
+fn env_checking_every(check_every: Duration) -> Env {
     let dir = tempfile::tempdir().unwrap();
     let cfg = NetworkConfig {
         namespace: "test".into(),
@@ -211,6 +216,7 @@ fn env() -> Env {
         state_dir: dir.path().join("state"),
         ifname: "eth0".into(),
         plugin_timeout: Duration::from_secs(5),
+        check_every,
         masquerade: true,
         isolate: true,
         containment: Policy::strict("memoh-test"),
@@ -383,6 +389,42 @@ async fn healthy_bot_keeps_its_address() {
     // Host rules are ensured on every setup, healthy or not (the first also checked the
     // ruleset applies before ADD).
     assert_eq!(e.net.firewall().calls().len(), 9);
+}
+
+/// A kept attachment's address is checked on every setup, CNI CHECK only when due: a fresh
+/// ADD counts as checked, a due one runs CHECK once, and a lost address still re-attaches at
+/// once, CHECK due or not.
+#[tokio::test]
+async fn cni_check_runs_only_when_due() {
+    let every = Duration::from_millis(300);
+    let e = env_checking_every(every);
+    e.net.netns().set(NS, &[]);
+    let exec = e.net.cni().exec();
+    exec.answer(CniCommand::Add, Ok(Some(add_result("10.210.3.2"))));
+    e.net.setup("a", Path::new(NS)).await.unwrap();
+    e.net.netns().set(NS, &[("10.210.3.2", 24)]);
+    for _ in 0..3 {
+        e.net.setup("a", Path::new(NS)).await.unwrap();
+    }
+    assert_eq!(commands(&e), [CniCommand::Add], "checked right after ADD");
+    tokio::time::sleep(every).await;
+    e.net.setup("a", Path::new(NS)).await.unwrap();
+    e.net.setup("a", Path::new(NS)).await.unwrap();
+    assert_eq!(commands(&e), [CniCommand::Add, CniCommand::Check]);
+    // The address went: re-attached on the next setup although CHECK is not due.
+    e.net.netns().set(NS, &[]);
+    exec.answer(CniCommand::Add, Ok(Some(add_result("10.210.3.3"))));
+    let bn = e.net.setup("a", Path::new(NS)).await.unwrap();
+    assert_eq!(bn.ip, "10.210.3.3".parse::<IpAddr>().unwrap());
+    assert_eq!(
+        commands(&e),
+        [
+            CniCommand::Add,
+            CniCommand::Check,
+            CniCommand::Del,
+            CniCommand::Add
+        ]
+    );
 }
 
 #[tokio::test]
