@@ -14,7 +14,8 @@
 //! - raw transfers through the proxy: `WriteRaw` and `ReadRaw` of 512 MiB through the agent's
 //!   socket against the same transfers straight to the bot (best of 3 each, alternating);
 //! - `cp` of 1 GiB into and out of the bot through the CLI (a local file on each side) against
-//!   the same transfer straight to the bot from and into memory (best of 3, alternating).
+//!   the same transfer straight to the bot from and into memory, and from and into a local
+//!   file on the same disk (best of 3 each, alternating).
 //!
 //! Run with `cargo bench -p memoh-agent --bench agent`. Prints a markdown table and appends a
 //! dated "memoh-agent" section with the machine to `BENCHMARKS.md` at the workspace root.
@@ -262,6 +263,36 @@ fn main() {
             ),
         });
     }
+    // The same copies done straight to the bot with the local file on the same disk: what a
+    // copy costs without the CLI and the agent in between.
+    for (what, via, direct) in [
+        (
+            "`cp` 1 GiB into the bot through the CLI",
+            t.cp_in,
+            t.cp_in_file,
+        ),
+        (
+            "`cp` 1 GiB out of the bot through the CLI",
+            t.cp_out,
+            t.cp_out_file,
+        ),
+    ] {
+        let ratio = direct.as_secs_f64() / via.as_secs_f64();
+        rows.push(Row {
+            what,
+            value: via,
+            baseline_name:
+                "straight to BOT_IP:9090 (Rust client) from or into a local file, best of 3",
+            baseline: direct,
+            target: ">= 0.7x direct",
+            met: ratio >= 0.7,
+            ratio: format!(
+                "{ratio:.2}x ({:.0} vs {:.0} MB/s)",
+                mbps(via, what),
+                mbps(direct, what)
+            ),
+        });
+    }
     drop(a);
 
     let table = render(&rows);
@@ -280,6 +311,8 @@ struct Transfers {
     cp_in_direct: Duration,
     cp_out: Duration,
     cp_out_direct: Duration,
+    cp_in_file: Duration,
+    cp_out_file: Duration,
 }
 
 /// MB/s of a transfer named `what` (its size in MiB is in the name) that took `d`.
@@ -331,6 +364,36 @@ async fn read_once(c: &ContainerClient, path: &str, want: usize) -> Duration {
     t.elapsed()
 }
 
+/// One `WriteRaw` of the local file `src` to `path`, read 1 MiB at a time; its wall time.
+async fn write_from_file(c: &ContainerClient, path: &str, src: &Path) -> Duration {
+    use std::io::Read;
+    let t = Instant::now();
+    let mut f = std::fs::File::open(src).unwrap();
+    let total = f.metadata().unwrap().len();
+    let chunks = futures::stream::iter(std::iter::from_fn(move || {
+        let mut buf = vec![0u8; 1 << 20];
+        let n = f.read(&mut buf).unwrap();
+        buf.truncate(n);
+        (n > 0).then(|| bytes::Bytes::from(buf))
+    }));
+    let n = c.write_raw(path, chunks).await.unwrap();
+    assert_eq!(n as u64, total);
+    t.elapsed()
+}
+
+/// One `ReadRaw` of `path` into the local file `dst`; its wall time.
+async fn read_into_file(c: &ContainerClient, path: &str, dst: &Path) -> Duration {
+    use std::io::Write;
+    let t = Instant::now();
+    let mut f = std::fs::File::create(dst).unwrap();
+    let mut s = c.read_raw(path).await.unwrap();
+    while let Some(m) = s.message().await.unwrap() {
+        f.write_all(&m.data).unwrap();
+    }
+    drop(f);
+    t.elapsed()
+}
+
 fn best(v: &[Duration]) -> Duration {
     v.iter().copied().min().unwrap()
 }
@@ -351,7 +414,7 @@ fn transfers(a: &TestAgent, bot: &str, ip: &str, token: &str) -> Transfers {
     });
     let raw = payload(RAW_MIB);
     let gib = payload(1024);
-    let mut m = [(); 8].map(|_| Vec::new());
+    let mut m = [(); 10].map(|_| Vec::new());
     rt.block_on(async {
         for _ in 0..TRANSFER_RUNS {
             m[0].push(write_once(&via, "/data/bench-raw", &raw).await);
@@ -387,6 +450,9 @@ fn transfers(a: &TestAgent, bot: &str, ip: &str, token: &str) -> Transfers {
         ])));
         m[7].push(rt.block_on(read_once(&direct, "/data/bench-gib", 1 << 30)));
         let _ = std::fs::remove_file(&back);
+        m[8].push(rt.block_on(write_from_file(&direct, "/data/bench-gib", &src)));
+        m[9].push(rt.block_on(read_into_file(&direct, "/data/bench-gib", &back)));
+        let _ = std::fs::remove_file(&back);
     }
     rt.block_on(direct.delete("/data/bench-gib", false))
         .unwrap();
@@ -399,6 +465,8 @@ fn transfers(a: &TestAgent, bot: &str, ip: &str, token: &str) -> Transfers {
         cp_in_direct: best(&m[5]),
         cp_out: best(&m[6]),
         cp_out_direct: best(&m[7]),
+        cp_in_file: best(&m[8]),
+        cp_out_file: best(&m[9]),
     }
 }
 

@@ -130,9 +130,6 @@ pub(super) fn command_line(argv: &[String]) -> String {
     }
 }
 
-/// The size of `cp`'s reads and writes of its local file.
-const FILE_IO_CHUNK: usize = 1 << 20;
-
 /// `cp SRC DST`: exactly one side is `BOT:PATH`. Streams any size; downloads land atomically.
 /// On a terminal a bar shows the bytes copied.
 pub async fn cp(socket: &Path, src: &str, dst: &str) -> Result<u8, CliError> {
@@ -148,22 +145,17 @@ pub async fn cp(socket: &Path, src: &str, dst: &str) -> Result<u8, CliError> {
                     "{src} is a directory; cp copies files"
                 )));
             }
-            let f = tokio::fs::File::open(&local)
-                .await
-                .map_err(|e| CliError::new(format!("{src}: {e}")))?;
+            let f =
+                std::fs::File::open(&local).map_err(|e| CliError::new(format!("{src}: {e}")))?;
             let mut progress = Progress::stderr();
             progress.set("sending", Unit::Bytes, 0, md.len());
             let sent = progress.counter();
             // A read error aborts the upload: the bot keeps its old file.
-            // 1 MiB reads: each read of a `tokio::fs::File` is a hand-off to a blocking thread,
-            // so 64 KiB reads cost 16 of them per MiB (the client splits into 64 KiB chunks).
-            let stream = tokio_util::io::ReaderStream::with_capacity(f, FILE_IO_CHUNK).inspect(
-                move |chunk| {
-                    if let Ok(chunk) = chunk {
-                        sent(chunk.len() as u64);
-                    }
-                },
-            );
+            let stream = super::fileio::reader(f).inspect(move |chunk| {
+                if let Ok(chunk) = chunk {
+                    sent(chunk.len() as u64);
+                }
+            });
             let n = client
                 .try_write_raw(path, stream)
                 .await
@@ -193,15 +185,11 @@ pub async fn cp(socket: &Path, src: &str, dst: &str) -> Result<u8, CliError> {
                 .to_path_buf();
             let tmp = tempfile::NamedTempFile::new_in(&parent)
                 .map_err(|e| CliError::new(format!("{}: {e}", parent.display())))?;
-            // Written 1 MiB at a time: every write of a `tokio::fs::File` is a hand-off to a
-            // blocking thread, one per received 64 KiB chunk without the buffer.
-            let mut out = tokio::io::BufWriter::with_capacity(
-                FILE_IO_CHUNK,
-                tokio::fs::File::from_std(
-                    tmp.reopen()
-                        .map_err(|e| CliError::new(format!("{}: {e}", parent.display())))?,
-                ),
-            );
+            let file = tmp
+                .reopen()
+                .map_err(|e| CliError::new(format!("{}: {e}", parent.display())))?;
+            let mut out = super::fileio::Writer::new(file)
+                .map_err(|e| CliError::new(format!("{}: {e}", local.display())))?;
             let mut progress = Progress::stderr();
             // The size is asked only to draw a bar; without it a spinner counts the bytes.
             let total = if progress.is_drawn() {
@@ -215,16 +203,18 @@ pub async fn cp(socket: &Path, src: &str, dst: &str) -> Result<u8, CliError> {
                 .await
                 .map_err(|s| status_err(socket, s))?;
             while let Some(c) = s.message().await.map_err(|s| status_err(socket, s))? {
-                out.write_all(&c.data)
+                let n = c.data.len() as u64;
+                out.write(c.data)
                     .await
                     .map_err(|e| CliError::new(format!("{}: {e}", local.display())))?;
-                progress.inc(c.data.len() as u64);
+                progress.inc(n);
             }
             progress.done();
-            out.flush()
+            let file = out
+                .finish()
                 .await
                 .map_err(|e| CliError::new(format!("{}: {e}", local.display())))?;
-            drop(out);
+            drop(file);
             use std::os::unix::fs::PermissionsExt;
             let _ = std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o644));
             tmp.persist(&local)

@@ -14,6 +14,7 @@
 
 mod bot;
 mod exec;
+mod fileio;
 mod forward;
 mod image;
 mod mcp;
