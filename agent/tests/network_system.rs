@@ -7,12 +7,14 @@
 //! and bridges the test created; nothing is sent through MASQUERADE.
 
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
+use std::process::Command as StdCommand;
 use std::time::Duration;
 
 use memoh_agent::network::{
-    self, conf, ExecPlugins, IpNetns, Iptables, Netns, Network, NetworkConfig, Policy, RuntimeConf,
+    self, conf, ExecPlugins, IpNetns, Iptables, Netns, Network, RuntimeConf,
 };
+
 mod netfix;
 
 use netfix::{in_netns, ping, require_root, sh, state_file, Fixture};
