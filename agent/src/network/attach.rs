@@ -31,7 +31,8 @@ impl<E: PluginExec, F: Firewall, N: Netns> Network<E, F, N> {
     /// A bot whose saved attachment is still healthy (same namespace, its interface holds the
     /// saved address, CHECK passes) keeps it unchanged. Otherwise any stale attachment is
     /// removed and ADD runs; on a duplicate allocation, an existing interface or a bridge MAC
-    /// error it removes what is there (ignoring that removal's error) and adds once more.
+    /// error it removes what is there (ignoring that removal's error) and adds once more,
+    /// alone this time (no other plugin runs during that ADD).
     pub async fn setup(&self, bot: &str, netns: &Path) -> Result<BotNetwork, AgentError> {
         let (bn, fresh) = self.attach(bot, netns).await?;
         if let Err(e) = self.host_rules(&bn).await {
@@ -343,14 +344,16 @@ impl<E: PluginExec, F: Firewall, N: Netns> Network<E, F, N> {
     }
 
     /// ADD with the retry rule: on a duplicate allocation, an existing interface or a bridge
-    /// MAC error, DEL (its error only logged) and ADD once more. A failed ADD is undone.
+    /// MAC error, DEL (its error only logged) and ADD once more, that time holding the plugin
+    /// lock exclusively (the first ADD may have run alongside others and failed on what one
+    /// of them did). A failed ADD is undone.
     pub(super) async fn add_with_retry(
         &self,
         bot: &str,
         net: &NetworkConfList,
         rt: &RuntimeConf,
     ) -> Result<Value, AgentError> {
-        match self.add(net, rt).await {
+        match self.add(net, rt, false).await {
             Ok(v) => Ok(v),
             Err(e) if is_retryable_add_error(&e) => {
                 tracing::warn!(bot, error = %e, "cni add failed on leftovers; removing and adding again");
@@ -358,7 +361,7 @@ impl<E: PluginExec, F: Firewall, N: Netns> Network<E, F, N> {
                 if let Err(de) = self.cni.del(net, rt, None).await {
                     tracing::warn!(bot, error = %de, "cni del before the second add failed; ignored");
                 }
-                match self.add(net, rt).await {
+                match self.add(net, rt, true).await {
                     Ok(v) => Ok(v),
                     Err(e) => Err(self.undo_add(net, rt, e).await),
                 }
@@ -367,18 +370,24 @@ impl<E: PluginExec, F: Firewall, N: Netns> Network<E, F, N> {
         }
     }
 
-    /// ADD, after making sure the bridge (if it exists) has a MAC the plugin can set.
+    /// ADD, after making sure the bridge (if it exists) has a MAC the plugin can set;
+    /// `exclusive` holds the plugin lock alone (the retry), otherwise the lock's rule decides.
     pub(super) async fn add(
         &self,
         net: &NetworkConfList,
         rt: &RuntimeConf,
+        exclusive: bool,
     ) -> Result<Value, AgentError> {
         if let Some(bridge) = net.bridge_name() {
             if let Err(e) = self.netns.pin_bridge_mac(&bridge).await {
                 tracing::warn!(bridge, error = %e, "cannot pin the bridge's mac address");
             }
         }
-        self.cni.add(net, rt).await
+        if exclusive {
+            self.cni.add_exclusive(net, rt).await
+        } else {
+            self.cni.add(net, rt).await
+        }
     }
 
     /// DEL of a saved attachment whose errors are only logged.

@@ -1,9 +1,24 @@
 //! A small libcni: runs a network's plugins for ADD, CHECK and DEL.
 //!
 //! [`PluginExec`] is the outside system (plugin binaries); [`ExecPlugins`] is the real one.
-//! [`CniChain`] holds the protocol logic (prevResult chaining, reverse DEL) and serialises
-//! every plugin invocation in the process through one lock, because the reference plugins
-//! are not safe to run concurrently (host-local's store, the bridge's MAC, iptables).
+//! [`CniChain`] holds the protocol logic (prevResult chaining, reverse DEL) and orders the
+//! plugin invocations of the whole process with one read-write lock (`PLUGIN_LOCK`):
+//!
+//! - **exclusive** (nothing else runs): an ADD whose network's bridge does not exist yet, the
+//!   retry ADD after a failed one ([`CniChain::add_exclusive`]), and every command of a
+//!   network that has a plugin the agent does not know to be safe concurrently;
+//! - **shared** (overlapping each other): any other ADD, every CHECK and every DEL.
+//!
+//! Why sharing is safe for the known plugins (`bridge` with `host-local` or `static` IPAM,
+//! `portmap`, `firewall`, `tuning`, `bandwidth`, `loopback`): host-local takes its own file
+//! lock around its store for every allocation and release; the bridge plugin accepts an
+//! existing bridge, finds an existing gateway address and leaves the bridge's MAC alone (the
+//! agent pins it before ADD); each container's veth, masquerade chain and reservation are
+//! named after the container, so two containers never write the same object; iptables calls
+//! wait for each other (`-w`, and nf_tables transactions). containerd's CRI runs the same
+//! plugins with no global lock. What is not safe is the first ADD of a bridge network: it
+//! creates the bridge and sets its gateway address, and two of those at once race on the
+//! same link. Such an ADD therefore runs alone, and so does the retry of any failed ADD.
 
 use std::ffi::OsStr;
 use std::future::Future;
@@ -11,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::Value;
-use tokio::sync::Mutex;
+use tokio::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::error::AgentError;
 
@@ -19,9 +34,71 @@ use super::cmd;
 use super::conf::NetworkConfList;
 use super::result::PluginError;
 
-/// One lock for every plugin invocation in the process. It is a process-wide lock (not per
-/// [`CniChain`]) so that two chains built from different configs still never overlap.
-static PLUGIN_LOCK: Mutex<()> = Mutex::const_new(());
+/// The lock of every plugin invocation in the process (see the module docs for who holds it
+/// shared and who exclusive). It is process-wide, not per [`CniChain`], so that two chains
+/// built from different configs never overlap in unsafe ways either: an exclusive holder
+/// excludes every chain, and only chains made of known plugins ever share it. tokio's lock
+/// is fair: a waiting exclusive ADD holds back shared ones that come after it.
+static PLUGIN_LOCK: RwLock<()> = RwLock::const_new(());
+
+/// Plugins known to run safely next to each other once their network's bridge exists.
+const SHAREABLE_PLUGINS: &[&str] = &[
+    "bridge",
+    "portmap",
+    "firewall",
+    "tuning",
+    "bandwidth",
+    "loopback",
+];
+
+/// IPAM plugins known to be safe concurrently (host-local locks its store; static has none).
+const SHAREABLE_IPAM: &[&str] = &["host-local", "static"];
+
+/// How an invocation holds [`PLUGIN_LOCK`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockMode {
+    /// Alongside other shared holders.
+    Shared,
+    /// Alone.
+    Exclusive,
+}
+
+/// A held [`PLUGIN_LOCK`]; released when dropped.
+enum PluginGuard {
+    Shared(#[allow(dead_code)] RwLockReadGuard<'static, ()>),
+    Exclusive(#[allow(dead_code)] RwLockWriteGuard<'static, ()>),
+}
+
+impl PluginGuard {
+    async fn take(mode: LockMode) -> Self {
+        match mode {
+            LockMode::Shared => PluginGuard::Shared(PLUGIN_LOCK.read().await),
+            LockMode::Exclusive => PluginGuard::Exclusive(PLUGIN_LOCK.write().await),
+        }
+    }
+}
+
+/// Whether every plugin of `net` (and its IPAM) is known to be safe concurrently.
+fn shareable(net: &NetworkConfList) -> bool {
+    net.plugins.iter().enumerate().all(|(i, p)| {
+        SHAREABLE_PLUGINS.contains(&net.plugin_type(i))
+            && p.get("ipam").is_none_or(|ipam| {
+                ipam.get("type")
+                    .and_then(Value::as_str)
+                    .is_some_and(|t| SHAREABLE_IPAM.contains(&t))
+            })
+    })
+}
+
+/// Whether `name` can be an interface name (so a path under `/sys/class/net` is that link).
+fn valid_link_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() < 16
+        && name != "."
+        && name != ".."
+        && !name.contains(['/', '\0'])
+        && !name.chars().any(char::is_whitespace)
+}
 
 /// Default time one plugin may take.
 pub const DEFAULT_PLUGIN_TIMEOUT: Duration = Duration::from_secs(60);
@@ -83,6 +160,8 @@ pub struct Invocation<'a> {
     pub runtime: &'a RuntimeConf,
     /// The full stdin config.
     pub config: Value,
+    /// How the invocation holds the plugin lock (for logs and tests).
+    pub lock: LockMode,
 }
 
 /// The outside system: running one CNI plugin binary.
@@ -93,6 +172,12 @@ pub trait PluginExec: Send + Sync {
         &self,
         inv: Invocation<'_>,
     ) -> impl Future<Output = Result<Option<Value>, AgentError>> + Send;
+
+    /// Whether network interface `name` exists in the agent's namespace (a network's bridge,
+    /// which its first ADD creates). A name that cannot be an interface does not exist.
+    fn link_exists(&self, name: &str) -> bool {
+        valid_link_name(name) && Path::new("/sys/class/net").join(name).exists()
+    }
 }
 
 /// Runs plugin binaries found in a list of directories.
@@ -163,7 +248,7 @@ impl PluginExec for ExecPlugins {
             ("CNI_ARGS", OsStr::new(&cni_args)),
         ];
         let no_args: [&str; 0] = [];
-        tracing::debug!(plugin = inv.plugin, command = inv.command.as_str(), container = %inv.runtime.container_id, "running cni plugin");
+        tracing::debug!(plugin = inv.plugin, command = inv.command.as_str(), container = %inv.runtime.container_id, lock = ?inv.lock, "running cni plugin");
         let out = cmd::run(
             &op,
             binary.as_os_str(),
@@ -236,10 +321,59 @@ impl<E: PluginExec> CniChain<E> {
         &self.exec
     }
 
+    /// How an ADD of `net` holds the plugin lock now: shared once the network's bridge exists
+    /// and every plugin is known to be safe concurrently, exclusive otherwise.
+    pub fn add_mode(&self, net: &NetworkConfList) -> LockMode {
+        if !shareable(net) {
+            return LockMode::Exclusive;
+        }
+        match net.bridge_name() {
+            Some(bridge) if !self.exec.link_exists(&bridge) => LockMode::Exclusive,
+            _ => LockMode::Shared,
+        }
+    }
+
+    /// How CHECK and DEL of `net` hold the plugin lock: shared for a network of known plugins
+    /// (neither creates the bridge), exclusive otherwise.
+    fn other_mode(net: &NetworkConfList) -> LockMode {
+        if shareable(net) {
+            LockMode::Shared
+        } else {
+            LockMode::Exclusive
+        }
+    }
+
     /// ADD: each plugin in order, each one given the previous one's result; returns the last.
+    /// Runs shared or exclusive as [`CniChain::add_mode`] says.
     pub async fn add(&self, net: &NetworkConfList, rt: &RuntimeConf) -> Result<Value, AgentError> {
+        self.add_locked(net, rt, self.add_mode(net)).await
+    }
+
+    /// ADD holding the plugin lock exclusively, whatever the network: the retry after a
+    /// failed ADD, which may have failed on something a concurrent ADD did.
+    pub async fn add_exclusive(
+        &self,
+        net: &NetworkConfList,
+        rt: &RuntimeConf,
+    ) -> Result<Value, AgentError> {
+        self.add_locked(net, rt, LockMode::Exclusive).await
+    }
+
+    async fn add_locked(
+        &self,
+        net: &NetworkConfList,
+        rt: &RuntimeConf,
+        mut mode: LockMode,
+    ) -> Result<Value, AgentError> {
         let mut steps = crate::steps::Steps::start();
-        let _guard = PLUGIN_LOCK.lock().await;
+        let mut guard = PluginGuard::take(mode).await;
+        if mode == LockMode::Shared && self.add_mode(net) == LockMode::Exclusive {
+            // The bridge went while this ADD waited (someone deleted it): recreating it is
+            // the first ADD's job, which runs alone.
+            drop(guard);
+            mode = LockMode::Exclusive;
+            guard = PluginGuard::take(mode).await;
+        }
         steps.mark("lock");
         let mut prev: Option<Value> = None;
         for i in 0..net.plugins.len() {
@@ -248,6 +382,7 @@ impl<E: PluginExec> CniChain<E> {
                 plugin: net.plugin_type(i),
                 runtime: rt,
                 config: net.plugin_stdin(i, prev.as_ref()),
+                lock: mode,
             };
             match self.exec.exec(inv).await? {
                 Some(v) => prev = Some(v),
@@ -259,8 +394,9 @@ impl<E: PluginExec> CniChain<E> {
                 }
             }
         }
+        drop(guard);
         steps.mark("plugins");
-        tracing::debug!(container = %rt.container_id, total_ms = steps.total_ms(), %steps, "cni add steps");
+        tracing::debug!(container = %rt.container_id, lock = ?mode, total_ms = steps.total_ms(), %steps, "cni add steps");
         prev.ok_or_else(|| AgentError::Network {
             op: format!("cni ADD {} for {}", net.name, rt.container_id),
             reason: "network has no plugins".into(),
@@ -278,13 +414,15 @@ impl<E: PluginExec> CniChain<E> {
         if net.disable_check || !net.supports_check() {
             return Ok(());
         }
-        let _guard = PLUGIN_LOCK.lock().await;
+        let mode = Self::other_mode(net);
+        let _guard = PluginGuard::take(mode).await;
         for i in 0..net.plugins.len() {
             let inv = Invocation {
                 command: CniCommand::Check,
                 plugin: net.plugin_type(i),
                 runtime: rt,
                 config: net.plugin_stdin(i, Some(prev)),
+                lock: mode,
             };
             self.exec.exec(inv).await?;
         }
@@ -301,7 +439,8 @@ impl<E: PluginExec> CniChain<E> {
         prev: Option<&Value>,
     ) -> Result<(), AgentError> {
         let prev = prev.filter(|_| net.supports_check());
-        let _guard = PLUGIN_LOCK.lock().await;
+        let mode = Self::other_mode(net);
+        let _guard = PluginGuard::take(mode).await;
         let mut first_err = None;
         for i in (0..net.plugins.len()).rev() {
             let inv = Invocation {
@@ -309,6 +448,7 @@ impl<E: PluginExec> CniChain<E> {
                 plugin: net.plugin_type(i),
                 runtime: rt,
                 config: net.plugin_stdin(i, prev),
+                lock: mode,
             };
             if let Err(e) = self.exec.exec(inv).await {
                 tracing::warn!(error = %e, "cni DEL step failed");
@@ -323,8 +463,9 @@ impl<E: PluginExec> CniChain<E> {
 pub(crate) mod fake {
     //! A scripted [`PluginExec`] for unit tests of the protocol logic.
 
-    use std::collections::VecDeque;
+    use std::collections::{HashSet, VecDeque};
     use std::sync::Mutex;
+    use std::time::Instant;
 
     use super::*;
 
@@ -337,16 +478,25 @@ pub(crate) mod fake {
         pub config: Value,
         /// The address asked for (`CNI_ARGS` `IP=`).
         pub ip: Option<std::net::IpAddr>,
+        /// The container (`CNI_CONTAINERID`).
+        pub container: String,
+        /// How the call held the plugin lock.
+        pub lock: LockMode,
+        /// When the call began and ended.
+        pub span: (Instant, Instant),
     }
 
     type Answer = (CniCommand, Result<Option<Value>, String>);
 
     /// Answers come from a queue per command; a missing answer is `Ok(None)` for
-    /// DEL/CHECK and an error for ADD.
+    /// DEL/CHECK and an error for ADD. Each call takes `delay`; `links` are the interfaces
+    /// that exist (none by default, so every bridge is still to be created).
     #[derive(Default)]
     pub struct FakeExec {
         pub calls: Mutex<Vec<Call>>,
         pub answers: Mutex<VecDeque<Answer>>,
+        pub links: Mutex<HashSet<String>>,
+        pub delay: Mutex<Duration>,
     }
 
     impl FakeExec {
@@ -363,13 +513,25 @@ pub(crate) mod fake {
     }
 
     impl PluginExec for FakeExec {
+        fn link_exists(&self, name: &str) -> bool {
+            self.links.lock().unwrap().contains(name)
+        }
+
         async fn exec(&self, inv: Invocation<'_>) -> Result<Option<Value>, AgentError> {
+            let start = Instant::now();
+            let delay = *self.delay.lock().unwrap();
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
             self.calls.lock().unwrap().push(Call {
                 command: inv.command,
                 plugin: inv.plugin.to_string(),
                 netns: inv.runtime.netns.clone(),
                 config: inv.config.clone(),
                 ip: inv.runtime.ip,
+                container: inv.runtime.container_id.clone(),
+                lock: inv.lock,
+                span: (start, Instant::now()),
             });
             let mut q = self.answers.lock().unwrap();
             let pos = q.iter().position(|(c, _)| *c == inv.command);
@@ -393,153 +555,5 @@ pub(crate) mod fake {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::fake::FakeExec;
-    use super::*;
-    use serde_json::json;
-
-    fn two_plugins() -> NetworkConfList {
-        NetworkConfList::parse(&json!({
-            "cniVersion": "1.0.0", "name": "n",
-            "plugins": [{"type": "bridge"}, {"type": "tuning"}]
-        }))
-        .unwrap()
-    }
-
-    fn rt() -> RuntimeConf {
-        RuntimeConf {
-            container_id: "mcp-a".into(),
-            netns: Some("/run/netns/memoh-a".into()),
-            ifname: "eth0".into(),
-            ip: None,
-        }
-    }
-
-    #[test]
-    fn cni_args_ask_for_an_address_only_when_given() {
-        assert_eq!(rt().cni_args(), "");
-        let with_ip = RuntimeConf {
-            ip: Some("10.88.0.7".parse().unwrap()),
-            ..rt()
-        };
-        assert_eq!(with_ip.cni_args(), "IgnoreUnknown=1;IP=10.88.0.7");
-    }
-
-    #[tokio::test]
-    async fn add_chains_prev_result() {
-        let fake = FakeExec::default();
-        fake.answer(CniCommand::Add, Ok(Some(json!({"step": 1}))));
-        fake.answer(CniCommand::Add, Ok(Some(json!({"step": 2}))));
-        let chain = CniChain::new(fake);
-        let out = chain.add(&two_plugins(), &rt()).await.unwrap();
-        assert_eq!(out, json!({"step": 2}));
-        let calls = chain.exec().calls();
-        assert_eq!(calls.len(), 2);
-        assert_eq!(calls[0].plugin, "bridge");
-        assert!(calls[0].config.get("prevResult").is_none());
-        assert_eq!(calls[0].config["name"], "n");
-        assert_eq!(calls[1].plugin, "tuning");
-        assert_eq!(calls[1].config["prevResult"], json!({"step": 1}));
-    }
-
-    #[tokio::test]
-    async fn add_stops_at_first_error() {
-        let fake = FakeExec::default();
-        fake.answer(CniCommand::Add, Err("boom"));
-        let chain = CniChain::new(fake);
-        let e = chain.add(&two_plugins(), &rt()).await.unwrap_err();
-        assert!(e.to_string().contains("boom"), "{e}");
-        assert_eq!(chain.exec().calls().len(), 1);
-    }
-
-    #[tokio::test]
-    async fn del_runs_in_reverse_and_all_of_them() {
-        let fake = FakeExec::default();
-        fake.answer(CniCommand::Del, Err("tuning broke"));
-        let chain = CniChain::new(fake);
-        let prev = json!({"ips": []});
-        let e = chain
-            .del(&two_plugins(), &rt(), Some(&prev))
-            .await
-            .unwrap_err();
-        assert!(e.to_string().contains("tuning broke"), "{e}");
-        let calls = chain.exec().calls();
-        let order: Vec<_> = calls.iter().map(|c| c.plugin.as_str()).collect();
-        assert_eq!(order, ["tuning", "bridge"]);
-        assert!(calls.iter().all(|c| c.config["prevResult"] == prev));
-    }
-
-    #[tokio::test]
-    async fn check_skipped_when_disabled_or_old() {
-        for net in [
-            json!({"cniVersion": "1.0.0", "name": "n", "disableCheck": true, "plugins": [{"type": "bridge"}]}),
-            json!({"cniVersion": "0.3.1", "name": "n", "plugins": [{"type": "bridge"}]}),
-        ] {
-            let chain = CniChain::new(FakeExec::default());
-            let net = NetworkConfList::parse(&net).unwrap();
-            chain.check(&net, &rt(), &json!({})).await.unwrap();
-            assert!(chain.exec().calls().is_empty());
-        }
-        let chain = CniChain::new(FakeExec::default());
-        chain
-            .check(&two_plugins(), &rt(), &json!({"x": 1}))
-            .await
-            .unwrap();
-        let calls = chain.exec().calls();
-        assert_eq!(calls.len(), 2);
-        assert!(calls.iter().all(|c| c.command == CniCommand::Check));
-    }
-
-    #[test]
-    fn failures_become_plugin_errors() {
-        let rt = rt();
-        let inv = Invocation {
-            command: CniCommand::Add,
-            plugin: "bridge",
-            runtime: &rt,
-            config: json!({}),
-        };
-        let cases: [(&[u8], &str, u64, &str); 3] = [
-            (
-                br#"{"code":11,"msg":"failed to allocate","details":"duplicate allocation is not allowed"}"#,
-                "",
-                11,
-                "failed to allocate; duplicate allocation is not allowed",
-            ),
-            (b"", "panic: oops", 0, "panic: oops"),
-            (b"", "", 0, "no output"),
-        ];
-        for (stdout, stderr, code, reason) in cases {
-            match plugin_failure(&inv, stdout, stderr) {
-                AgentError::CniPlugin {
-                    code: c, reason: r, ..
-                } => {
-                    assert_eq!((c, r.as_str()), (code, reason));
-                }
-                other => panic!("{other:?}"),
-            }
-        }
-        let msg = plugin_failure(&inv, br#"{"code":7,"msg":"bad config"}"#, "").to_string();
-        assert_eq!(
-            msg,
-            "cni plugin bridge ADD for mcp-a failed (code 7): bad config"
-        );
-    }
-
-    #[tokio::test]
-    async fn missing_plugin_is_a_clear_error() {
-        let dir = tempfile::tempdir().unwrap();
-        let exec = ExecPlugins::new(vec![dir.path().to_path_buf()], DEFAULT_PLUGIN_TIMEOUT);
-        let rt = rt();
-        let e = exec
-            .exec(Invocation {
-                command: CniCommand::Add,
-                plugin: "nope",
-                runtime: &rt,
-                config: json!({}),
-            })
-            .await
-            .unwrap_err();
-        assert!(e.to_string().contains("plugin \"nope\" not found"), "{e}");
-    }
-}
+#[path = "cni_tests.rs"]
+mod tests;

@@ -9,7 +9,7 @@ use super::cni::fake::FakeExec;
 
 #[path = "tests_passes.rs"]
 mod passes;
-use super::cni::CniCommand;
+use super::cni::{CniCommand, LockMode};
 use super::*;
 
 #[derive(Default)]
@@ -472,6 +472,8 @@ async fn retryable_add_errors_delete_and_add_once_more() {
     ] {
         let e = env();
         let exec = e.net.cni().exec();
+        // The bridge exists: the first ADD runs shared, the retry alone.
+        exec.links.lock().unwrap().insert("br-test".into());
         exec.answer(CniCommand::Add, Err(msg));
         exec.answer(CniCommand::Add, Ok(Some(add_result("10.210.3.4"))));
         let bn = e.net.setup("a", Path::new(NS)).await.unwrap();
@@ -479,6 +481,12 @@ async fn retryable_add_errors_delete_and_add_once_more() {
         assert_eq!(
             commands(&e),
             [CniCommand::Add, CniCommand::Del, CniCommand::Add],
+            "{msg}"
+        );
+        let locks: Vec<LockMode> = exec.calls().iter().map(|c| c.lock).collect();
+        assert_eq!(
+            locks,
+            [LockMode::Shared, LockMode::Shared, LockMode::Exclusive],
             "{msg}"
         );
         // The bridge's MAC is pinned before each ADD.
