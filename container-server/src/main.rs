@@ -54,7 +54,18 @@ struct Args {
     process_retention: u64,
 }
 
+/// glibc malloc arenas the server uses, unless `MALLOC_ARENA_MAX` says otherwise.
+///
+/// glibc gives threads their own arenas (up to 8 per core), and a buffer freed in one arena
+/// is not reused by another: under raw transfers, whose 1 MiB buffers are allocated on the
+/// runtime's workers and on the blocking threads that read and write files, the server's
+/// peak RSS reached 30 to 34 MiB. Two arenas keep it at 20 to 24 MiB at the same CPU per
+/// GiB (BENCHMARKS.md, issue 19, tenth session).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+const MALLOC_ARENAS: libc::c_int = 2;
+
 fn main() -> ExitCode {
+    bound_malloc_arenas();
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -205,5 +216,18 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
+    }
+}
+
+/// Applies `MALLOC_ARENAS` (glibc only); first thing in `main`, before any other thread exists. An
+/// operator's `MALLOC_ARENA_MAX` (read by glibc itself) wins.
+fn bound_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: `mallopt` only sets a parameter of the allocator; no other thread exists
+        // yet, so nothing allocates concurrently.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, MALLOC_ARENAS);
+        }
     }
 }
