@@ -137,24 +137,24 @@ impl Writer {
         }
         self.tx = None;
         let thread = self.thread.take();
-        tokio::task::spawn_blocking(move || match thread {
-            Some(t) => t
-                .join()
-                .map_err(|_| std::io::Error::other("the file's writer panicked"))?,
-            None => Err(std::io::Error::other("the file's writer stopped early")),
-        })
-        .await
-        .map_err(std::io::Error::other)?
+        tokio::task::spawn_blocking(move || join(thread))
+            .await
+            .map_err(std::io::Error::other)?
     }
 
     /// The thread's outcome, once it ended.
     fn join(&mut self) -> std::io::Result<File> {
-        match self.thread.take() {
-            Some(t) => t
-                .join()
-                .map_err(|_| std::io::Error::other("the file's writer panicked"))?,
-            None => Err(std::io::Error::other("the file's writer stopped early")),
-        }
+        join(self.thread.take())
+    }
+}
+
+/// The outcome of the writer's thread (waiting for it to end).
+fn join(thread: Option<JoinHandle<std::io::Result<File>>>) -> std::io::Result<File> {
+    match thread {
+        Some(t) => t
+            .join()
+            .map_err(|_| std::io::Error::other("the file's writer panicked"))?,
+        None => Err(std::io::Error::other("the file's writer stopped early")),
     }
 }
 

@@ -169,21 +169,35 @@ fn the_lock_mode_follows_the_bridge_and_the_plugins() {
     assert!(valid_link_name("cni0"));
 }
 
+/// Other tests of this binary take the process-wide lock too (exclusively, for bridges their
+/// fakes lack), and the lock is fair: one of them queued in between splits a batch. So a few
+/// tries; shared ADDs must overlap in one of them (exclusive ones never do).
+const OVERLAP_TRIES: usize = 5;
+
 #[tokio::test]
 async fn adds_on_an_existing_bridge_overlap() {
-    let chain = CniChain::new(slow_fake(6));
     let net = bridge_net("n", "br-up");
     let ids: Vec<String> = (0..6).map(|i| format!("mcp-s{i}")).collect();
     let rts: Vec<RuntimeConf> = ids.iter().map(|id| rt_of(id)).collect();
-    let runs = rts.iter().map(|rt| chain.add(&net, rt));
-    for r in futures::future::join_all(runs).await {
-        r.unwrap();
+    let mut best = 0;
+    for _ in 0..OVERLAP_TRIES {
+        let chain = CniChain::new(slow_fake(6));
+        let runs = rts.iter().map(|rt| chain.add(&net, rt));
+        for r in futures::future::join_all(runs).await {
+            r.unwrap();
+        }
+        let calls = chain.exec().calls();
+        assert_eq!(calls.len(), 6);
+        assert!(calls.iter().all(|c| c.lock == LockMode::Shared));
+        best = best.max(max_overlap(&calls));
+        if best >= 3 {
+            break;
+        }
     }
-    let calls = chain.exec().calls();
-    assert_eq!(calls.len(), 6);
-    assert!(calls.iter().all(|c| c.lock == LockMode::Shared));
-    // Other tests of this binary may hold the lock for a moment; most still overlap.
-    assert!(max_overlap(&calls) >= 3, "shared ADDs did not overlap");
+    assert!(
+        best >= 3,
+        "shared ADDs did not overlap (at most {best} at once)"
+    );
 }
 
 #[tokio::test]
@@ -236,21 +250,30 @@ async fn an_add_that_creates_the_bridge_and_a_retry_overlap_nothing() {
 
 #[tokio::test]
 async fn check_and_del_of_known_plugins_overlap() {
-    let fake = slow_fake(0);
-    let chain = CniChain::new(fake);
     let net = bridge_net("n", "br-new");
     let rts: Vec<RuntimeConf> = (0..4).map(|i| rt_of(&format!("mcp-d{i}"))).collect();
     let prev = json!({});
-    let dels = rts.iter().map(|rt| chain.del(&net, rt, Some(&prev)));
-    let checks = rts.iter().map(|rt| chain.check(&net, rt, &prev));
-    let (d, c) = tokio::join!(
-        futures::future::join_all(dels),
-        futures::future::join_all(checks)
+    let mut best = 0;
+    for _ in 0..OVERLAP_TRIES {
+        let chain = CniChain::new(slow_fake(0));
+        let dels = rts.iter().map(|rt| chain.del(&net, rt, Some(&prev)));
+        let checks = rts.iter().map(|rt| chain.check(&net, rt, &prev));
+        let (d, c) = tokio::join!(
+            futures::future::join_all(dels),
+            futures::future::join_all(checks)
+        );
+        assert!(d.into_iter().chain(c).all(|r| r.is_ok()));
+        let calls = chain.exec().calls();
+        assert!(calls.iter().all(|c| c.lock == LockMode::Shared));
+        best = best.max(max_overlap(&calls));
+        if best >= 3 {
+            break;
+        }
+    }
+    assert!(
+        best >= 3,
+        "DEL and CHECK did not overlap (at most {best} at once)"
     );
-    assert!(d.into_iter().chain(c).all(|r| r.is_ok()));
-    let calls = chain.exec().calls();
-    assert!(calls.iter().all(|c| c.lock == LockMode::Shared));
-    assert!(max_overlap(&calls) >= 3, "DEL and CHECK did not overlap");
 }
 
 #[test]

@@ -27,7 +27,8 @@
 //! Names (namespaces, tables, state files) come from [`crate::ids`].
 //!
 //! Submodules: [`cni`] (the plugin protocol), [`conf`] (network configs), [`result`] (typed
-//! results), [`netns`] (namespaces), [`firewall`] (iptables and nftables), [`containment`]
+//! results), [`netns`] (namespaces), [`inside`] (what is inside one, read in-process),
+//! [`firewall`] (iptables and nftables), [`containment`]
 //! (what a bot may reach, rendered as an nftables ruleset; its docs are the security model).
 //! Each outside system sits behind a trait ([`cni::PluginExec`], [`netns::Netns`],
 //! [`firewall::Firewall`]) with the real implementation as the default type parameter.
@@ -39,6 +40,7 @@ pub mod cni;
 pub mod conf;
 pub mod containment;
 pub mod firewall;
+pub mod inside;
 pub mod netns;
 pub mod result;
 mod rules;

@@ -13,6 +13,7 @@ use std::time::Duration;
 use crate::error::AgentError;
 
 use super::cmd;
+use super::inside::{read_links, write_sysctls_in};
 
 /// Where iproute2 (and so the agent) keeps named namespaces.
 pub const NETNS_RUN_DIR: &str = "/run/netns";
@@ -105,7 +106,7 @@ pub trait Netns: Send + Sync {
 }
 
 /// Namespaces through iproute2 (`ip netns`, `ip link`); what is inside one is read in-process
-/// ([`links_in`]).
+/// ([`super::inside::links_in`]).
 #[derive(Debug, Clone, Default)]
 pub struct IpNetns;
 
@@ -116,7 +117,7 @@ impl IpNetns {
 }
 
 /// Whether `path` is a namespace file: a bind mount of nsfs.
-fn is_nsfs(path: &Path) -> bool {
+pub(super) fn is_nsfs(path: &Path) -> bool {
     nix::sys::statfs::statfs(path)
         .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::NSFS_MAGIC)
 }
@@ -375,132 +376,6 @@ impl Netns for IpNetns {
     }
 }
 
-/// One interface as the kernel reports it inside a namespace.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct LinkView {
-    /// The interface's name, e.g. `eth0`.
-    pub name: String,
-    /// Whether it is administratively up (`IFF_UP`).
-    pub up: bool,
-    /// Its hardware address, lowercase, when it has one.
-    pub mac: Option<String>,
-    /// Its addresses with their prefix lengths, in the kernel's order.
-    pub addrs: Vec<(IpAddr, u8)>,
-}
-
-/// The interfaces of the namespace at `path` (see [`links_in`]), `None` when it is not a
-/// live namespace.
-async fn read_links(op: &str, path: &Path) -> Result<Option<Vec<LinkView>>, AgentError> {
-    let ns = path.to_path_buf();
-    let r = tokio::task::spawn_blocking(move || {
-        if !is_nsfs(&ns) {
-            return Ok(None);
-        }
-        links_in(&ns).map(Some)
-    })
-    .await
-    .map_err(|e| AgentError::Network {
-        op: op.to_string(),
-        reason: e.to_string(),
-    })?;
-    r.map_err(|e| AgentError::Network {
-        op: op.to_string(),
-        reason: e.to_string(),
-    })
-}
-
-/// The interfaces of the network namespace at `ns`, read in-process: a thread of its own
-/// enters the namespace, asks the kernel (`getifaddrs`, a netlink dump) and ends with it, so
-/// no other thread ever runs in the bot's namespace. The periodic reconcile reads every bot's
-/// interface this way; it used to cost an `nsenter` and an `ip` process per bot and pass.
-pub fn links_in(ns: &Path) -> std::io::Result<Vec<LinkView>> {
-    in_netns(ns, || {
-        let mut links: Vec<LinkView> = Vec::new();
-        for ifa in nix::ifaddrs::getifaddrs().map_err(std::io::Error::from)? {
-            let at = match links.iter().position(|l| l.name == ifa.interface_name) {
-                Some(i) => i,
-                None => {
-                    links.push(LinkView {
-                        name: ifa.interface_name.clone(),
-                        ..LinkView::default()
-                    });
-                    links.len() - 1
-                }
-            };
-            let link = &mut links[at];
-            link.up |= ifa.flags.contains(nix::net::if_::InterfaceFlags::IFF_UP);
-            let Some(addr) = ifa.address else { continue };
-            if let Some(hw) = addr.as_link_addr().and_then(|l| l.addr()) {
-                link.mac = Some(
-                    hw.iter()
-                        .map(|x| format!("{x:02x}"))
-                        .collect::<Vec<_>>()
-                        .join(":"),
-                );
-            } else if let Some(v4) = addr.as_sockaddr_in() {
-                let len = ifa
-                    .netmask
-                    .as_ref()
-                    .and_then(|m| m.as_sockaddr_in())
-                    .map_or(32, |m| u32::from(m.ip()).count_ones());
-                link.addrs.push((IpAddr::V4(v4.ip()), len as u8));
-            } else if let Some(v6) = addr.as_sockaddr_in6() {
-                let len = ifa
-                    .netmask
-                    .as_ref()
-                    .and_then(|m| m.as_sockaddr_in6())
-                    .map_or(128, |m| u128::from(m.ip()).count_ones());
-                link.addrs.push((IpAddr::V6(v6.ip()), len as u8));
-            }
-        }
-        Ok(links)
-    })
-}
-
-/// Runs `f` on a thread of its own that first enters the network namespace at `ns`, and
-/// ends with it (a thread that entered a namespace never serves anything else).
-fn in_netns<T: Send + 'static>(
-    ns: &Path,
-    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
-) -> std::io::Result<T> {
-    let ns = ns.to_path_buf();
-    std::thread::Builder::new()
-        .name("memoh-netns".into())
-        .spawn(move || -> std::io::Result<T> {
-            let file = std::fs::File::open(&ns)?;
-            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
-                .map_err(std::io::Error::from)?;
-            f()
-        })?
-        .join()
-        .map_err(|_| std::io::Error::other("namespace thread panicked"))?
-}
-
-/// Writes `value` to the sysctls under `/proc/sys/` named in `keys`, inside the network
-/// namespace at `ns`: a thread of its own enters the namespace (network sysctls belong to the
-/// namespace of the task that opens them) and ends with it, so no other thread ever runs in
-/// the wrong namespace.
-fn write_sysctls_in(ns: &Path, keys: &[&str], value: &str) -> std::io::Result<()> {
-    let keys: Vec<String> = keys.iter().map(|k| k.to_string()).collect();
-    let value = value.to_string();
-    in_netns(ns, move || {
-        for k in &keys {
-            let p = Path::new("/proc/sys").join(k);
-            std::fs::write(&p, &value)
-                .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", p.display())))?;
-            let now = std::fs::read_to_string(&p)?;
-            if now.trim() != value {
-                return Err(std::io::Error::other(format!(
-                    "{} is {} after writing {value}",
-                    p.display(),
-                    now.trim()
-                )));
-            }
-        }
-        Ok(())
-    })
-}
-
 /// A random locally administered unicast MAC address.
 fn random_mac() -> String {
     let mut b = [0u8; 6];
@@ -516,6 +391,11 @@ fn random_mac() -> String {
         b.copy_from_slice(&n.to_le_bytes()[..6]);
     }
     b[0] = (b[0] & 0xfe) | 0x02;
+    mac_string(&b)
+}
+
+/// A hardware address as `aa:bb:cc:dd:ee:ff`.
+pub(super) fn mac_string(b: &[u8; 6]) -> String {
     b.iter()
         .map(|x| format!("{x:02x}"))
         .collect::<Vec<_>>()
@@ -529,59 +409,7 @@ fn usable_mac(mac: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use serde_json::Value;
-
     use super::*;
-
-    /// Parses `ip -j addr show dev X`: the addresses of the first (only) link; `None` when the
-    /// output lists no link (for example a link that is down when `up` was asked for).
-    fn parse_ip_addr_json(stdout: &[u8]) -> Result<Option<Vec<(IpAddr, u8)>>, String> {
-        let text = String::from_utf8_lossy(stdout);
-        if text.trim().is_empty() {
-            return Ok(None);
-        }
-        let v: Value = serde_json::from_str(&text).map_err(|e| format!("ip -j output: {e}"))?;
-        let Some(link) = v.as_array().and_then(|a| a.first()) else {
-            return Ok(None);
-        };
-        let mut addrs = Vec::new();
-        for a in link
-            .get("addr_info")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
-            let (Some(local), Some(len)) = (
-                a.get("local").and_then(Value::as_str),
-                a.get("prefixlen").and_then(Value::as_u64),
-            ) else {
-                continue;
-            };
-            let ip: IpAddr = local
-                .parse()
-                .map_err(|e| format!("ip -j address {local:?}: {e}"))?;
-            addrs.push((ip, u8::try_from(len).unwrap_or(u8::MAX)));
-        }
-        Ok(Some(addrs))
-    }
-
-    /// The interface names of `ip -j link show` output.
-    fn parse_link_names(json: &[u8]) -> Result<Vec<String>, String> {
-        let v: Value = serde_json::from_slice(json).map_err(|e| format!("ip -j link: {e}"))?;
-        Ok(v.as_array()
-            .ok_or("ip -j link: not an array")?
-            .iter()
-            .filter_map(|l| l["ifname"].as_str().map(str::to_string))
-            .collect())
-    }
-
-    #[test]
-    fn link_names() {
-        let out = br#"[{"ifindex":1,"ifname":"lo"},{"ifindex":2,"ifname":"eth0","link_index":7}]"#;
-        assert_eq!(parse_link_names(out).unwrap(), ["lo", "eth0"]);
-        assert_eq!(parse_link_names(b"[]").unwrap(), Vec::<String>::new());
-        assert!(parse_link_names(b"{").is_err());
-    }
 
     #[test]
     fn names() {
@@ -613,90 +441,5 @@ mod tests {
         assert!(!usable_mac("00:00:00:00:00:00"));
         assert!(!usable_mac(""));
         assert!(usable_mac("96:66:84:57:35:22"));
-    }
-
-    #[test]
-    fn ip_addr_json() {
-        let out = br#"[{"ifindex":2,"ifname":"eth0","addr_info":[
-            {"family":"inet","local":"10.210.3.7","prefixlen":24,"scope":"global"},
-            {"family":"inet6","local":"fe80::1","prefixlen":64,"scope":"link"}]}]"#;
-        let got = parse_ip_addr_json(out).unwrap().unwrap();
-        assert_eq!(
-            got,
-            vec![
-                ("10.210.3.7".parse().unwrap(), 24),
-                ("fe80::1".parse().unwrap(), 64)
-            ]
-        );
-        assert_eq!(parse_ip_addr_json(b"").unwrap(), None);
-        assert_eq!(parse_ip_addr_json(b"[]").unwrap(), None);
-        assert_eq!(
-            parse_ip_addr_json(br#"[{"ifname":"eth0","addr_info":[]}]"#).unwrap(),
-            Some(vec![])
-        );
-        assert!(parse_ip_addr_json(b"{").is_err());
-    }
-
-    /// `ip -j addr show` of the whole namespace as [`LinkView`]s.
-    fn parse_ip_addr_all(stdout: &[u8]) -> Vec<LinkView> {
-        let v: Value = serde_json::from_slice(stdout).unwrap();
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|l| {
-                let one = serde_json::to_vec(&[l]).unwrap();
-                LinkView {
-                    name: l["ifname"].as_str().unwrap().to_string(),
-                    up: l["flags"]
-                        .as_array()
-                        .is_some_and(|f| f.iter().any(|x| x == "UP")),
-                    mac: l["address"].as_str().map(str::to_ascii_lowercase),
-                    addrs: parse_ip_addr_json(&one).unwrap().unwrap_or_default(),
-                }
-            })
-            .collect()
-    }
-
-    /// The in-process read sees what `ip` sees: every link of the host's own namespace with
-    /// its state, hardware address and addresses (prefix lengths included). Needs root (to
-    /// enter a namespace) and iproute2; skipped without them.
-    #[test]
-    fn links_in_agrees_with_ip() {
-        if !nix::unistd::geteuid().is_root() {
-            eprintln!("skipped: needs root to enter a namespace");
-            return;
-        }
-        let ns = Path::new("/proc/self/ns/net");
-        let mut last = String::new();
-        // Links come and go on a busy host (other bots' veths): a few tries for one quiet
-        // moment in which both reads agree.
-        for _ in 0..5 {
-            let Ok(out) = std::process::Command::new("ip")
-                .args(["-j", "addr", "show"])
-                .output()
-            else {
-                eprintln!("skipped: no ip");
-                return;
-            };
-            let mut want = parse_ip_addr_all(&out.stdout);
-            let mut got = links_in(ns).unwrap();
-            // `ip` prints no address for a link that has none (a tunnel).
-            for l in want.iter_mut().chain(got.iter_mut()) {
-                if l.mac.as_deref() == Some("") {
-                    l.mac = None;
-                }
-            }
-            want.sort_by(|a, b| a.name.cmp(&b.name));
-            got.sort_by(|a, b| a.name.cmp(&b.name));
-            if want == got {
-                let lo = got.iter().find(|l| l.name == "lo").expect("lo");
-                assert!(lo.up);
-                assert!(lo.addrs.contains(&("127.0.0.1".parse().unwrap(), 8)));
-                return;
-            }
-            last = format!("ip: {want:?}\nin-process: {got:?}");
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        panic!("the in-process read disagrees with ip:\n{last}");
     }
 }
