@@ -24,6 +24,7 @@ containerd
 runc
 containernetworking-plugins
 busybox-static
+binutils
 skopeo
 docker-registry
 jq

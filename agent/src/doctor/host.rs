@@ -47,11 +47,31 @@ pub(super) fn socket_dir(cfg: &Config, host: &dyn Host) -> Check {
     }
 }
 
-/// The server binary every bot runs (`server_binary`): an executable file, or no bot starts.
+/// The server binary every bot runs (`server_binary`): an executable file, or no bot starts;
+/// statically linked, or it starts only in images that carry its loader and libraries.
 pub(super) fn server_binary(cfg: &Config, config_path: &str, host: &dyn Host) -> Check {
     let p = &cfg.server_binary;
-    match host.executable(p) {
-        Ok(()) => Check::ok("server", format!("{} is executable", p.display())),
+    match host.executable(p).and_then(|()| host.interpreter(p)) {
+        Ok(None) => Check::ok(
+            "server",
+            format!("{} is executable and statically linked", p.display()),
+        ),
+        Ok(Some(loader)) => Check::bad(
+            "server",
+            Status::Warn,
+            format!(
+                "server binary {} is dynamically linked (loader {loader}): bots whose image \
+                 lacks that loader and its libraries fail to start with \"exec {}: no such \
+                 file or directory\"",
+                p.display(),
+                crate::containerd::spec::bridge::BRIDGE_PATH
+            ),
+            format!(
+                "RUSTFLAGS='-C target-feature=+crt-static' cargo build --release \
+                 --target x86_64-unknown-linux-gnu -p container-server, then install it as {}",
+                p.display()
+            ),
+        ),
         Err(why) => Check::bad(
             "server",
             Status::Problem,
@@ -120,6 +140,10 @@ impl Host for RealHost {
 
     fn executable(&self, path: &Path) -> Result<(), String> {
         crate::containerd::spec::bridge::check_server_binary(path)
+    }
+
+    fn interpreter(&self, path: &Path) -> Result<Option<String>, String> {
+        crate::containerd::spec::bridge::elf_interpreter(path)
     }
 
     fn writable(&self, dir: &Path) -> Option<bool> {

@@ -123,6 +123,9 @@ pub trait Host: Send + Sync {
     fn files(&self, dir: &Path) -> Option<Vec<String>>;
     /// Whether `path` is an executable regular file; why not otherwise.
     fn executable(&self, path: &Path) -> Result<(), String>;
+    /// The dynamic loader the ELF executable `path` names (`None`: static); why it cannot be
+    /// read otherwise.
+    fn interpreter(&self, path: &Path) -> Result<Option<String>, String>;
 }
 
 /// Runs every check against `host`, in report order.

@@ -23,6 +23,8 @@ struct Fake {
     outputs: HashMap<String, Result<String, String>>,
     /// Saved attachments (files in `<state_dir>/cni`).
     attached: Vec<String>,
+    /// The server binary's dynamic loader (`None`: statically linked).
+    loader: Option<String>,
 }
 
 impl Default for Fake {
@@ -58,6 +60,7 @@ impl Default for Fake {
             cgroups: Cgroups::V2,
             network: Ok(false),
             bundles: Some(vec!["mcp-a".into(), "mcp-b".into()]),
+            loader: None,
             state_dir: true,
             outputs: HashMap::from([
                 (
@@ -99,6 +102,9 @@ impl Host for Fake {
     }
     fn writable(&self, dir: &Path) -> Option<bool> {
         self.dirs.get(dir).copied()
+    }
+    fn interpreter(&self, _path: &Path) -> Result<Option<String>, String> {
+        Ok(self.loader.clone())
     }
     fn executable(&self, path: &Path) -> Result<(), String> {
         if self.files.iter().any(|f| f == path) {
@@ -174,7 +180,8 @@ fn a_healthy_host_passes() {
     assert_eq!(checks.len(), 15);
     assert!(checks.iter().all(|c| c.status == Status::Ok), "{text}");
     assert_eq!(text.lines().count(), 16);
-    assert!(line(&text, "server").contains("/usr/local/lib/memoh/container-server is executable"));
+    assert!(line(&text, "server")
+        .contains("/usr/local/lib/memoh/container-server is executable and statically linked"));
     assert!(text.ends_with("all checks passed\n"));
     assert!(line(&text, "containerd").starts_with("ok      containerd   v2.0.0 at "));
     assert!(line(&text, "cni config").contains("/etc/cni/net.d is writable"));
@@ -286,6 +293,31 @@ fn each_problem_names_its_fix() {
         let summary = format!("{expect} problem(s), 0 warning(s)\n");
         assert!(text.ends_with(&summary), "{text}");
     }
+}
+
+#[test]
+fn a_dynamically_linked_server_is_a_warning_naming_its_loader() {
+    let host = Fake {
+        loader: Some("/lib64/ld-linux-x86-64.so.2".into()),
+        ..Fake::default()
+    };
+    let (_, text, code) = report(&host);
+    assert_eq!(code, 0, "a warning alone passes: {text}");
+    let l = line(&text, "server");
+    assert!(l.starts_with("warn "), "{l}");
+    assert!(
+        l.contains("dynamically linked (loader /lib64/ld-linux-x86-64.so.2)"),
+        "{l}"
+    );
+    assert!(
+        l.contains("exec /opt/memoh/bridge: no such file or directory"),
+        "{l}"
+    );
+    assert!(
+        l.contains("; fix: RUSTFLAGS='-C target-feature=+crt-static'"),
+        "{l}"
+    );
+    assert!(text.ends_with("0 problem(s), 1 warning(s)\n"), "{text}");
 }
 
 #[test]

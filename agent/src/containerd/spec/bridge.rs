@@ -124,6 +124,76 @@ pub fn check_server_binary(path: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// The program interpreter (`PT_INTERP`: the dynamic loader) the ELF executable at `path`
+/// names; `None` for a statically linked one. A dynamically linked server runs only in images
+/// that hold that loader and its libraries at the host's paths; in any other image the start
+/// fails with "exec /opt/memoh/bridge: no such file or directory". Blocking.
+pub fn elf_interpreter(path: &Path) -> Result<Option<String>, String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let mut head = [0u8; 64];
+    f.read_exact(&mut head)
+        .map_err(|_| "is not an ELF executable (too short)".to_string())?;
+    if head[..4] != *b"\x7fELF" {
+        return Err("is not an ELF executable".into());
+    }
+    let wide = match head[4] {
+        1 => false,
+        2 => true,
+        c => return Err(format!("has an unknown ELF class {c}")),
+    };
+    let little = match head[5] {
+        1 => true,
+        2 => false,
+        e => return Err(format!("has an unknown ELF byte order {e}")),
+    };
+    let num = |b: &[u8]| -> u64 {
+        let mut v = 0u64;
+        for (i, byte) in b.iter().enumerate() {
+            let shift = if little { i } else { b.len() - 1 - i };
+            v |= u64::from(*byte) << (8 * shift);
+        }
+        v
+    };
+    // e_phoff, e_phentsize, e_phnum; then p_type, p_offset, p_filesz within an entry.
+    let (phoff, phentsize, phnum) = if wide {
+        (
+            num(&head[0x20..0x28]),
+            num(&head[0x36..0x38]),
+            num(&head[0x38..0x3a]),
+        )
+    } else {
+        (
+            num(&head[0x1c..0x20]),
+            num(&head[0x2a..0x2c]),
+            num(&head[0x2c..0x2e]),
+        )
+    };
+    let (off_at, size_at, width) = if wide { (8, 0x20, 8) } else { (4, 0x10, 4) };
+    if phentsize < (size_at + width) as u64 || phnum > 4096 {
+        return Err("has malformed ELF program headers".into());
+    }
+    let mut table = vec![0u8; (phentsize * phnum) as usize];
+    f.seek(SeekFrom::Start(phoff))
+        .and_then(|_| f.read_exact(&mut table))
+        .map_err(|_| "has truncated ELF program headers".to_string())?;
+    for entry in table.chunks_exact(phentsize as usize) {
+        const PT_INTERP: u64 = 3;
+        if num(&entry[..4]) != PT_INTERP {
+            continue;
+        }
+        let offset = num(&entry[off_at..off_at + width]);
+        let size = num(&entry[size_at..size_at + width]).min(4096) as usize;
+        let mut name = vec![0u8; size];
+        f.seek(SeekFrom::Start(offset))
+            .and_then(|_| f.read_exact(&mut name))
+            .map_err(|_| "has a truncated ELF interpreter name".to_string())?;
+        let end = name.iter().position(|b| *b == 0).unwrap_or(name.len());
+        return Ok(Some(String::from_utf8_lossy(&name[..end]).into_owned()));
+    }
+    Ok(None)
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::{build_spec, tests::image, SpecOptions};
@@ -237,5 +307,61 @@ mod tests {
         assert_eq!(check_server_binary(&f), Err("is not executable".into()));
         std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o755)).unwrap();
         assert_eq!(check_server_binary(&f), Ok(()));
+    }
+
+    /// The loader `readelf -l` names for `path`, `None` when it names none.
+    fn readelf_interpreter(path: &Path) -> Option<String> {
+        let out = std::process::Command::new("readelf")
+            .arg("-lW")
+            .arg(path)
+            .output()
+            .expect("readelf (binutils)");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = text.lines().find(|l| l.contains("program interpreter:"))?;
+        let name = line
+            .split("interpreter:")
+            .nth(1)?
+            .trim()
+            .trim_end_matches(']');
+        Some(name.trim().to_string())
+    }
+
+    #[test]
+    fn the_interpreter_is_what_readelf_reads() {
+        // This test's own executable is dynamic here; the busybox of the test image and any
+        // static program on the host have no interpreter.
+        let mut seen = (false, false);
+        let candidates = [
+            std::env::current_exe().unwrap(),
+            "/bin/busybox".into(),
+            "/usr/bin/busybox".into(),
+            "/bin/sh".into(),
+            "/sbin/ldconfig".into(),
+            "/usr/bin/ls".into(),
+        ];
+        for p in candidates.iter().filter(|p| p.is_file()) {
+            let ours = elf_interpreter(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            assert_eq!(ours, readelf_interpreter(p), "{}", p.display());
+            match ours {
+                Some(_) => seen.0 = true,
+                None => seen.1 = true,
+            }
+        }
+        assert!(seen.0, "no dynamic program among {candidates:?}");
+        assert!(seen.1, "no static program among {candidates:?}");
+    }
+
+    #[test]
+    fn what_is_not_an_elf_executable_is_said() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("s");
+        std::fs::write(&f, "#!/bin/sh\nexec true\n".repeat(8)).unwrap();
+        assert_eq!(elf_interpreter(&f), Err("is not an ELF executable".into()));
+        std::fs::write(&f, b"\x7fELF").unwrap();
+        assert!(elf_interpreter(&f).unwrap_err().contains("too short"));
+        // A real header whose program headers were cut off.
+        let exe = std::fs::read(std::env::current_exe().unwrap()).unwrap();
+        std::fs::write(&f, &exe[..80]).unwrap();
+        assert!(elf_interpreter(&f).unwrap_err().contains("truncated"));
     }
 }
