@@ -7,7 +7,9 @@
 //! - creation throughput: `CreateBot` on the control API at concurrency 8 (the call returns
 //!   once the bot's server answers), against a same-run baseline of `ctr run -d --null-io` of
 //!   the same image, the same count at the same concurrency, in a containerd namespace of its
-//!   own (no network, no health check), grown step by step the same way;
+//!   own (no network, no health check), beside the bots of the earlier steps; the baseline's
+//!   containers are removed again before the agent creates its bots, so both meet the same
+//!   host;
 //! - the agent daemon's RSS (`VmRSS`), threads and open descriptors;
 //! - the sum of the bots' container-server RSS (each task's pid from `ListBots`) and of their
 //!   runc shims;
@@ -21,7 +23,9 @@
 //!
 //! Run with `cargo bench -p memoh-agent --bench load`; `-- --bots 10,50` or
 //! `MEMOH_LOAD_STEPS=10,50` changes the steps, `MEMOH_LOAD_CALLS` the number of exec calls per
-//! step (2000). Prints a markdown section; the default steps also append it to
+//! step (2000). More than 250 bots (up to 1 000) run on a /22. A step starts only if the host
+//! can take it: memory, kernel tasks (`pid_max`) and disk, estimated from the previous step.
+//! Prints a markdown section; the default steps also append it to
 //! `BENCHMARKS.md` at the workspace root (a run with other steps only prints it).
 
 #[path = "../tests/common/mod.rs"]
@@ -60,8 +64,23 @@ const CREATE_RATIO_TARGET: f64 = 1.2;
 const EXEC_SCALE_TARGET: f64 = 0.8;
 /// Host memory per idle bot target (server + shim + the agent's share), MiB (issue 19).
 const BOT_MEMORY_TARGET_MIB: f64 = 12.0;
-/// A step starts only while the host has this much `MemAvailable` (the machine is shared).
+/// A step starts only while the host has this much `MemAvailable` (the machine is shared),
+/// beyond what its bots are expected to take.
 const MIN_AVAILABLE_KIB: u64 = 8 * 1024 * 1024;
+/// Host memory one more bot (and its baseline container, while it runs) is assumed to take
+/// before a step has measured it, KiB.
+const FIRST_KIB_PER_BOT: u64 = 48 * 1024;
+/// Kernel tasks (threads) one more bot and its baseline container are assumed to take
+/// before a step has measured it: shims, servers, log drivers.
+const FIRST_TASKS_PER_BOT: u64 = 48;
+/// A step starts only if the host's tasks stay under this share of `pid_max` and
+/// `threads-max` (a fork failure would hit everything else on the machine).
+const MAX_TASK_SHARE: f64 = 0.7;
+/// A step starts only with this much free disk under the containerd state and `/tmp`, KiB.
+const MIN_FREE_DISK_KIB: u64 = 10 * 1024 * 1024;
+/// The most bots one bench agent runs: a Linux bridge has at most 1 024 ports, and the
+/// wide subnet (a /22) holds 1 021 bots.
+const MAX_BOTS: usize = 1000;
 
 /// What one step measured.
 #[derive(Debug, Default)]
@@ -119,6 +138,10 @@ struct Step {
     exec_failed: usize,
     /// Warm-up calls (one per bot).
     warmup: usize,
+    /// Kernel tasks (threads) of the whole host after the step.
+    host_tasks: u64,
+    /// Host `MemAvailable` after the step, KiB.
+    mem_available: u64,
     /// First error messages of this step.
     errors: Vec<String>,
 }
@@ -209,6 +232,24 @@ impl CtrBaseline {
         d
     }
 
+    /// Kills and removes the containers started so far (and their snapshots), keeping the
+    /// namespace and its image, so the next step's baseline and the agent's creations meet
+    /// the same host: the agent's bots, no baseline containers.
+    fn clear(&mut self) {
+        let (sock, ns) = (self.env.sock.clone(), self.ns.clone());
+        let r = std::thread::spawn(move || {
+            common::block_on(async {
+                stop_tasks(&sock, &ns).await?;
+                remove_containers(&sock, &ns).await
+            })
+        })
+        .join()
+        .unwrap_or_else(|_| Err("clearing panicked".into()));
+        if let Err(e) = r {
+            panic!("ctr baseline: clearing its containers: {e}");
+        }
+    }
+
     /// Kills and removes everything in the namespace, then the namespace; returns what is left.
     fn cleanup(&mut self) -> Vec<String> {
         self.cleaned = true;
@@ -273,6 +314,24 @@ async fn stop_tasks(sock: &Path, ns: &str) -> Result<(), String> {
         if let Err(e) = c.delete_task(id).await {
             eprintln!("ctr baseline: delete task {id}: {e}");
         }
+    }
+    Ok(())
+}
+
+/// Deletes every (task-less) container of namespace `ns` and its snapshot (`ctr run` names
+/// the snapshot after the container).
+async fn remove_containers(sock: &Path, ns: &str) -> Result<(), String> {
+    use memoh_agent::containerd::{prelude::*, Containerd};
+    let c = Containerd::connect(sock, ns, "overlayfs", "io.containerd.runc.v2")
+        .await
+        .map_err(|e| e.to_string())?;
+    for ct in c.list_containers(&[]).await.map_err(|e| e.to_string())? {
+        c.delete_container(&ct.id)
+            .await
+            .map_err(|e| format!("delete container {}: {e}", ct.id))?;
+        c.remove_snapshot(&ct.id)
+            .await
+            .map_err(|e| format!("remove snapshot {}: {e}", ct.id))?;
     }
     Ok(())
 }
@@ -345,6 +404,72 @@ fn pss(pid: u32) -> u64 {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
+}
+
+/// Kernel tasks (threads) on the host, from `/proc/loadavg`'s `running/total`.
+fn host_tasks() -> u64 {
+    let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    text.split_whitespace()
+        .nth(3)
+        .and_then(|f| f.split_once('/'))
+        .and_then(|(_, total)| total.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The fewest tasks the kernel allows: `kernel.pid_max` or `kernel.threads-max`.
+fn task_limit() -> u64 {
+    ["/proc/sys/kernel/pid_max", "/proc/sys/kernel/threads-max"]
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(p).ok()?.trim().parse().ok())
+        .min()
+        .unwrap_or(32768)
+}
+
+/// Free space of the file system holding `path`, KiB (0 when it cannot be read).
+fn free_disk(path: &Path) -> u64 {
+    nix::sys::statvfs::statvfs(path)
+        .map(|s| s.blocks_available() as u64 * s.fragment_size() as u64 / 1024)
+        .unwrap_or(0)
+}
+
+/// Why step `n` (adding `added` bots) must not start on this host now, if it must not;
+/// `per_bot` is the (memory KiB, tasks) one bot took in the previous step.
+fn refuse_step(added: usize, per_bot: (u64, u64)) -> Option<String> {
+    let added = added as u64;
+    let available = mem_available();
+    let need = MIN_AVAILABLE_KIB + added * per_bot.0;
+    if available < need {
+        return Some(format!(
+            "MemAvailable {} is below {} ({} reserved and {} a bot)",
+            mib(available),
+            mib(need),
+            mib(MIN_AVAILABLE_KIB),
+            mib(per_bot.0)
+        ));
+    }
+    let (tasks, limit) = (host_tasks(), task_limit());
+    let after = tasks + added * per_bot.1;
+    if after as f64 > MAX_TASK_SHARE * limit as f64 {
+        return Some(format!(
+            "the host would run about {after} tasks ({tasks} now and {} a bot), over {:.0} % \
+             of the kernel's {limit} (pid_max, threads-max)",
+            per_bot.1,
+            MAX_TASK_SHARE * 100.0
+        ));
+    }
+    let state = std::env::var("MEMOH_TEST_LIB").unwrap_or_else(|_| "/var/lib".into());
+    for dir in [Path::new(&state), &std::env::temp_dir()] {
+        let free = free_disk(dir);
+        if free < MIN_FREE_DISK_KIB {
+            return Some(format!(
+                "{} has {} free, below {}",
+                dir.display(),
+                mib(free),
+                mib(MIN_FREE_DISK_KIB)
+            ));
+        }
+    }
+    None
 }
 
 /// `MemAvailable` of the host, KiB.
@@ -442,10 +567,18 @@ fn main() {
         .map(|s| Duration::from_secs(s.parse().expect("MEMOH_LOAD_IDLE_SECS is a number")))
         .unwrap_or(DEFAULT_IDLE);
     let max = *steps.last().unwrap();
-    assert!(max <= 250, "the agent's /24 holds at most 253 bots");
+    assert!(
+        max <= MAX_BOTS,
+        "at most {MAX_BOTS} bots (a bridge has 1 024 ports)"
+    );
 
     // MCP off: the bench measures bots, and a second agent must not take 127.0.0.1:8091.
-    let mut a = TestAgent::new(&env, "mcp_listen = \"\"");
+    // A /24 holds 253 bots; more take a /22.
+    let mut a = if max <= 250 {
+        TestAgent::new(&env, "mcp_listen = \"\"")
+    } else {
+        TestAgent::wide(&env, "mcp_listen = \"\"")
+    };
     a.serve();
     let out = a.ok(&["image", "import", &env.tar.display().to_string()]);
     assert!(out.contains(IMAGE), "import printed {out:?}");
@@ -460,14 +593,11 @@ fn main() {
 
     let mut results = Vec::new();
     let mut have = 0;
+    // What one bot (with its baseline container while that runs) took in the last step.
+    let mut per_bot = (FIRST_KIB_PER_BOT, FIRST_TASKS_PER_BOT);
     for &n in &steps {
-        let available = mem_available();
-        if available < MIN_AVAILABLE_KIB {
-            println!(
-                "step {n} skipped: MemAvailable {} is below {}",
-                mib(available),
-                mib(MIN_AVAILABLE_KIB)
-            );
+        if let Some(why) = refuse_step(n - have, per_bot) {
+            println!("step {n} skipped: {why}");
             break;
         }
         let mut st = Step {
@@ -476,9 +606,24 @@ fn main() {
             ..Step::default()
         };
         println!("step {n}: {} more bots", st.added);
+        let (tasks_before, mem_before) = (host_tasks(), mem_available());
         st.ctr_wall = baseline.run(st.added, CREATE_CONCURRENCY);
+        let (tasks_ctr, mem_ctr) = (host_tasks(), mem_available());
+        baseline.clear();
         let new = &all[have..n];
         rt.block_on(create_bots(&a.socket, new, &mut st));
+        (st.host_tasks, st.mem_available) = (host_tasks(), mem_available());
+        // Both the bots and the baseline's containers count: the next baseline runs beside
+        // the bots before it is cleared. Never below the first guess.
+        let added = st.added.max(1) as u64;
+        let bot_tasks = st.host_tasks.saturating_sub(tasks_before);
+        let ctr_tasks = tasks_ctr.saturating_sub(tasks_before);
+        let bot_kib = mem_before.saturating_sub(st.mem_available);
+        let ctr_kib = mem_before.saturating_sub(mem_ctr);
+        per_bot = (
+            ((bot_kib + ctr_kib) / added).max(FIRST_KIB_PER_BOT / 2),
+            ((bot_tasks + ctr_tasks) / added).max(FIRST_TASKS_PER_BOT / 2),
+        );
         have = n;
         let live = &all[..n];
         rt.block_on(bot_rss(&a.socket, &mut st));
@@ -886,6 +1031,12 @@ fn table(steps: &[Step], calls: usize, td: &Teardown) -> String {
         "-",
     );
     row(
+        "host: kernel tasks / MemAvailable after the creates",
+        &|st| format!("{} / {}", st.host_tasks, mib(st.mem_available)),
+        "-",
+        "-",
+    );
+    row(
         "bots running (from `ListBots`)",
         &|st| st.running.to_string(),
         "all",
@@ -1056,7 +1207,8 @@ fn section(env: &Env, steps: &[usize], calls: usize, results: &[Step], td: &Tear
          concurrency 8 (the call returns once the bot's server answers its health check), \
          after the baseline started the same number of `ctr run -d --null-io` containers of \
          the same image at concurrency 8 in a namespace of its own (no network, no health \
-         check; those containers stay until the end, so both grow alike). Then RSS is read \
+         check; they run beside the bots of the earlier steps and are removed before the \
+         agent creates its bots, so both meet the same host). Then RSS is read \
          from `/proc/PID/status` (agent: the higher of before and after the exec load; bots: \
          each task's pid from `ListBots`, its parent is the shim), the agent's CPU time (its \
          own and its reaped children's, from `/proc/PID/stat`) is taken over an idle window \

@@ -236,10 +236,12 @@ pub struct TestAgent {
     pub network: String,
     /// Bridge the CNI plugin creates.
     pub bridge: String,
-    /// The bots' subnet, `10.2xx.y.0/24`.
+    /// The bots' subnet, `10.2xx.y.0/24` (or `/22`, see [`TestAgent::wide`]).
     pub subnet: String,
-    /// Its first three octets, `10.2xx.y`.
+    /// The first three octets of its network address, `10.2xx.y` (the gateway is `.1`).
     pub prefix: String,
+    /// The subnet's prefix length, 24 or 22.
+    pub subnet_len: u8,
     /// The config file.
     pub config: PathBuf,
     /// The control socket.
@@ -262,8 +264,17 @@ pub struct TestAgent {
 impl TestAgent {
     /// A guard with a fresh configuration (`extra` is appended to the TOML); not started.
     pub fn new(env: &Env, extra: &str) -> Self {
+        Self::with_subnet(env, extra, 24)
+    }
+
+    /// Like [`TestAgent::new`] with a `/22` (1 022 addresses) for more than 250 bots.
+    pub fn wide(env: &Env, extra: &str) -> Self {
+        Self::with_subnet(env, extra, 22)
+    }
+
+    fn with_subnet(env: &Env, extra: &str, subnet_len: u8) -> Self {
         let tag = tag();
-        let (prefix, subnet) = free_subnet(&tag);
+        let (prefix, subnet) = free_subnet(&tag, subnet_len);
         let dir = tempfile::Builder::new()
             .prefix("memoh-e2e-")
             .tempdir()
@@ -321,6 +332,7 @@ impl TestAgent {
             bridge,
             subnet,
             prefix,
+            subnet_len,
             config,
             socket,
             state_dir,
@@ -548,12 +560,20 @@ impl TestAgent {
         assert_eq!(fields[0], bot);
         assert_eq!(fields[1], "running", "bot create printed {out:?}");
         let ip = fields[2].to_string();
-        assert!(
-            ip.starts_with(&format!("{}.", self.prefix)),
-            "{ip} is not in {}",
-            self.subnet
-        );
+        assert!(self.holds(&ip), "{ip} is not in {}", self.subnet);
         (bot, ip)
+    }
+
+    /// Whether IPv4 address `ip` is in the bots' subnet.
+    pub fn holds(&self, ip: &str) -> bool {
+        let (Ok(ip), Ok(net)) = (
+            ip.parse::<std::net::Ipv4Addr>(),
+            format!("{}.0", self.prefix).parse::<std::net::Ipv4Addr>(),
+        ) else {
+            return false;
+        };
+        let mask = u32::MAX << (32 - u32::from(self.subnet_len));
+        u32::from(ip) & mask == u32::from(net) & mask
     }
 
     /// `bot inspect` as JSON.
@@ -876,23 +896,47 @@ pub fn one_line_failure(what: &str, out: &Output) -> String {
 }
 
 /// A /24 in 10.200-249.x.0 that no route on the host and no other guard of this process uses.
-fn free_subnet(tag: &str) -> (String, String) {
+fn free_subnet(tag: &str, len: u8) -> (String, String) {
+    assert!(len == 24 || len == 22, "a /24 or a /22");
+    // A /22 spans four third octets from a multiple of four.
+    let span = 1u32 << (24 - len);
     let routes = String::from_utf8_lossy(&sh("ip", &["-4", "route", "show"]).stdout).into_owned();
+    // Every destination the host routes (`default` is not one of ours to avoid).
+    let routed: Vec<(u32, u32)> = routes
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter_map(cidr)
+        .filter(|&(_, len)| len > 0)
+        .collect();
     let seed = u32::from_str_radix(tag, 16).unwrap();
     let mut taken = SUBNETS.lock().unwrap();
     for i in 0..5000u32 {
         let n = seed.wrapping_mul(2654435761).wrapping_add(i * 7);
         let second = 200 + (n % 50);
-        let third = 100 + ((n / 50) % 150);
+        let third = (100 + ((n / 50) % 150)) / span * span;
         let prefix = format!("10.{second}.{third}");
-        let subnet = format!("{prefix}.0/24");
-        if routes.contains(&format!("{prefix}.")) || taken.contains(&subnet) {
+        let subnet = format!("{prefix}.0/{len}");
+        let mine = cidr(&subnet).expect("a subnet");
+        let overlaps = |other: (u32, u32)| {
+            let mask = u32::MAX << (32 - mine.1.min(other.1));
+            mine.0 & mask == other.0 & mask
+        };
+        if routed.iter().copied().any(overlaps)
+            || taken.iter().filter_map(|s| cidr(s)).any(overlaps)
+        {
             continue;
         }
         taken.push(subnet.clone());
         return (prefix, subnet);
     }
-    panic!("no free 10.2xx.y.0/24 subnet");
+    panic!("no free 10.2xx.y.0/{len} subnet");
+}
+
+/// `a.b.c.d/len` or a bare address (a /32) as (address, prefix length).
+fn cidr(s: &str) -> Option<(u32, u32)> {
+    let (addr, len) = s.split_once('/').unwrap_or((s, "32"));
+    let len: u32 = len.parse().ok().filter(|l| *l <= 32)?;
+    Some((u32::from(addr.parse::<std::net::Ipv4Addr>().ok()?), len))
 }
 
 /// Task ids in namespace `ns`.
