@@ -134,10 +134,21 @@ impl Session {
     }
 }
 
-/// Waits up to 5 s for `n` live processes whose command line contains `marker`.
-async fn wait_count(marker: &str, n: usize) -> bool {
+/// Pids of live `sleep MARKER` processes: forked children that have `exec`'d (before that a
+/// child still shows its shell's command line, which matches the marker too).
+fn sleeps(marker: &str) -> Vec<i32> {
+    let want = format!("sleep\0{marker}\0");
+    pids_matching(marker)
+        .into_iter()
+        .filter(|p| std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| c == want.as_bytes()))
+        .collect()
+}
+
+/// Waits up to 5 s until both sleeps of `sleep M & sleep M` have started, so the shell
+/// forks nothing more and the set of matching processes holds still.
+async fn wait_both_sleeps(marker: &str) -> bool {
     let end = Instant::now() + Duration::from_secs(5);
-    while pids_matching(marker).len() < n {
+    while sleeps(marker).len() < 2 {
         if Instant::now() > end {
             return false;
         }
@@ -349,7 +360,7 @@ async fn pty_client_leaving_kills_the_group() {
     let cmd = format!("trap '' HUP; sleep {m} & sleep {m}");
     let x = Session::start(&mut c, pty(&cmd)).await.unwrap();
     // The shell and both sleeps.
-    assert!(wait_count(&m, 3).await, "{:?}", pids_matching(&m));
+    assert!(wait_both_sleeps(&m).await, "{:?}", pids_matching(&m));
     drop(x);
     assert_eq!(
         wait_gone(&m, Duration::from_secs(5)).await,
@@ -556,8 +567,11 @@ async fn pipe_mode_with_a_timeout_outlives_the_client() {
         ..Default::default()
     };
     let x = Session::start(&mut c, first).await.unwrap();
-    assert!(wait_count(&m, 3).await, "{:?}", pids_matching(&m));
+    // The shell and both sleeps, once neither sleep is a fork still on its way to `exec`
+    // (under load a snapshot taken at the first three pids once missed the second sleep).
+    assert!(wait_both_sleeps(&m).await, "{:?}", pids_matching(&m));
     let before = pids_matching(&m);
+    assert_eq!(before.len(), 3, "the shell and two sleeps: {before:?}");
     let t = Instant::now();
     drop(x);
     tokio::time::sleep(Duration::from_millis(800)).await;

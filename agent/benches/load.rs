@@ -67,11 +67,11 @@ const BOT_MEMORY_TARGET_MIB: f64 = 12.0;
 /// A step starts only while the host has this much `MemAvailable` (the machine is shared),
 /// beyond what its bots are expected to take.
 const MIN_AVAILABLE_KIB: u64 = 8 * 1024 * 1024;
-/// Host memory one more bot (and its baseline container, while it runs) is assumed to take
+/// Host memory one more bot (or its baseline container, the larger) is assumed to take
 /// before a step has measured it, KiB.
 const FIRST_KIB_PER_BOT: u64 = 48 * 1024;
-/// Kernel tasks (threads) one more bot and its baseline container are assumed to take
-/// before a step has measured it: shims, servers, log drivers.
+/// Kernel tasks (threads) one more bot (or its baseline container, the larger) is assumed
+/// to take before a step has measured it: shims, servers, log drivers.
 const FIRST_TASKS_PER_BOT: u64 = 48;
 /// A step starts only if the host's tasks stay under this share of `pid_max` and
 /// `threads-max` (a fork failure would hit everything else on the machine).
@@ -613,16 +613,17 @@ fn main() {
         let new = &all[have..n];
         rt.block_on(create_bots(&a.socket, new, &mut st));
         (st.host_tasks, st.mem_available) = (host_tasks(), mem_available());
-        // Both the bots and the baseline's containers count: the next baseline runs beside
-        // the bots before it is cleared. Never below the first guess.
+        // The next step's baseline runs beside the bots and is cleared before the agent
+        // creates more, so a bot costs the larger of the two. Never below half the first
+        // guess.
         let added = st.added.max(1) as u64;
         let bot_tasks = st.host_tasks.saturating_sub(tasks_before);
         let ctr_tasks = tasks_ctr.saturating_sub(tasks_before);
         let bot_kib = mem_before.saturating_sub(st.mem_available);
         let ctr_kib = mem_before.saturating_sub(mem_ctr);
         per_bot = (
-            ((bot_kib + ctr_kib) / added).max(FIRST_KIB_PER_BOT / 2),
-            ((bot_tasks + ctr_tasks) / added).max(FIRST_TASKS_PER_BOT / 2),
+            (bot_kib.max(ctr_kib) / added).max(FIRST_KIB_PER_BOT / 2),
+            (bot_tasks.max(ctr_tasks) / added).max(FIRST_TASKS_PER_BOT / 2),
         );
         have = n;
         let live = &all[..n];
