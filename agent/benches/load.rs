@@ -66,16 +66,19 @@ const EXEC_SCALE_TARGET: f64 = 0.8;
 const BOT_MEMORY_TARGET_MIB: f64 = 12.0;
 /// A step starts only while the host has this much `MemAvailable` (the machine is shared),
 /// beyond what its bots are expected to take.
-const MIN_AVAILABLE_KIB: u64 = 8 * 1024 * 1024;
+const MIN_AVAILABLE_KIB: u64 = 6 * 1024 * 1024;
 /// Host memory one more bot (or its baseline container, the larger) is assumed to take
 /// before a step has measured it, KiB.
 const FIRST_KIB_PER_BOT: u64 = 48 * 1024;
 /// Kernel tasks (threads) one more bot (or its baseline container, the larger) is assumed
 /// to take before a step has measured it: shims, servers, log drivers.
 const FIRST_TASKS_PER_BOT: u64 = 48;
+/// Disk one more bot (or its baseline container, the larger) is assumed to take before a
+/// step has measured it, KiB.
+const FIRST_DISK_KIB_PER_BOT: u64 = 8 * 1024;
 /// A step starts only if the host's tasks stay under this share of `pid_max` and
 /// `threads-max` (a fork failure would hit everything else on the machine).
-const MAX_TASK_SHARE: f64 = 0.7;
+const MAX_TASK_SHARE: f64 = 0.8;
 /// A step starts only with this much free disk under the containerd state and `/tmp`, KiB.
 const MIN_FREE_DISK_KIB: u64 = 10 * 1024 * 1024;
 /// The most bots one bench agent runs: a Linux bridge has at most 1 024 ports, and the
@@ -215,7 +218,10 @@ impl CtrBaseline {
                     if let Some(f) = &self.env.fifo_dir {
                         c.arg("--fifo-dir").arg(f);
                     }
-                    c.args([IMAGE, &format!("load-{i}")]);
+                    // The image's server as PID 1, as in a bot (which runs the host's copy):
+                    // the image's entrypoint would first copy the server into each
+                    // container's writable layer (156 MiB a container with a debug build).
+                    c.args([IMAGE, &format!("load-{i}"), "/opt/mcp"]);
                     let out = output_within(c, None, Duration::from_secs(120));
                     if !out.status.success() {
                         errors.lock().unwrap().push(format!(
@@ -432,42 +438,56 @@ fn free_disk(path: &Path) -> u64 {
         .unwrap_or(0)
 }
 
-/// Why step `n` (adding `added` bots) must not start on this host now, if it must not;
-/// `per_bot` is the (memory KiB, tasks) one bot took in the previous step.
-fn refuse_step(added: usize, per_bot: (u64, u64)) -> Option<String> {
+/// Free disk under the containerd state (`MEMOH_TEST_LIB`, else `/var/lib`) and `/tmp`, the
+/// lower, KiB.
+fn free_state_disk() -> u64 {
+    let state = std::env::var("MEMOH_TEST_LIB").unwrap_or_else(|_| "/var/lib".into());
+    free_disk(Path::new(&state)).min(free_disk(&std::env::temp_dir()))
+}
+
+/// What one more bot (or its baseline container, the larger) takes: memory and disk in KiB,
+/// kernel tasks.
+#[derive(Clone, Copy)]
+struct PerBot {
+    mem_kib: u64,
+    tasks: u64,
+    disk_kib: u64,
+}
+
+/// Why a step adding `added` bots must not start on this host now, if it must not.
+fn refuse_step(added: usize, per_bot: PerBot) -> Option<String> {
     let added = added as u64;
     let available = mem_available();
-    let need = MIN_AVAILABLE_KIB + added * per_bot.0;
+    let need = MIN_AVAILABLE_KIB + added * per_bot.mem_kib;
     if available < need {
         return Some(format!(
             "MemAvailable {} is below {} ({} reserved and {} a bot)",
             mib(available),
             mib(need),
             mib(MIN_AVAILABLE_KIB),
-            mib(per_bot.0)
+            mib(per_bot.mem_kib)
         ));
     }
     let (tasks, limit) = (host_tasks(), task_limit());
-    let after = tasks + added * per_bot.1;
+    let after = tasks + added * per_bot.tasks;
     if after as f64 > MAX_TASK_SHARE * limit as f64 {
         return Some(format!(
             "the host would run about {after} tasks ({tasks} now and {} a bot), over {:.0} % \
              of the kernel's {limit} (pid_max, threads-max)",
-            per_bot.1,
+            per_bot.tasks,
             MAX_TASK_SHARE * 100.0
         ));
     }
-    let state = std::env::var("MEMOH_TEST_LIB").unwrap_or_else(|_| "/var/lib".into());
-    for dir in [Path::new(&state), &std::env::temp_dir()] {
-        let free = free_disk(dir);
-        if free < MIN_FREE_DISK_KIB {
-            return Some(format!(
-                "{} has {} free, below {}",
-                dir.display(),
-                mib(free),
-                mib(MIN_FREE_DISK_KIB)
-            ));
-        }
+    let free = free_state_disk();
+    let need = MIN_FREE_DISK_KIB + added * per_bot.disk_kib;
+    if free < need {
+        return Some(format!(
+            "the containerd state and /tmp have {} free, below {} ({} reserved and {} a bot)",
+            mib(free),
+            mib(need),
+            mib(MIN_FREE_DISK_KIB),
+            mib(per_bot.disk_kib)
+        ));
     }
     None
 }
@@ -594,7 +614,11 @@ fn main() {
     let mut results = Vec::new();
     let mut have = 0;
     // What one bot (with its baseline container while that runs) took in the last step.
-    let mut per_bot = (FIRST_KIB_PER_BOT, FIRST_TASKS_PER_BOT);
+    let mut per_bot = PerBot {
+        mem_kib: FIRST_KIB_PER_BOT,
+        tasks: FIRST_TASKS_PER_BOT,
+        disk_kib: FIRST_DISK_KIB_PER_BOT,
+    };
     for &n in &steps {
         if let Some(why) = refuse_step(n - have, per_bot) {
             println!("step {n} skipped: {why}");
@@ -606,25 +630,29 @@ fn main() {
             ..Step::default()
         };
         println!("step {n}: {} more bots", st.added);
-        let (tasks_before, mem_before) = (host_tasks(), mem_available());
+        let (tasks_before, mem_before, disk_before) =
+            (host_tasks(), mem_available(), free_state_disk());
         st.ctr_wall = baseline.run(st.added, CREATE_CONCURRENCY);
-        let (tasks_ctr, mem_ctr) = (host_tasks(), mem_available());
+        let (tasks_ctr, mem_ctr, disk_ctr) = (host_tasks(), mem_available(), free_state_disk());
         baseline.clear();
         let new = &all[have..n];
         rt.block_on(create_bots(&a.socket, new, &mut st));
         (st.host_tasks, st.mem_available) = (host_tasks(), mem_available());
         // The next step's baseline runs beside the bots and is cleared before the agent
-        // creates more, so a bot costs the larger of the two. Never below half the first
-        // guess.
+        // creates more, so a bot costs the larger of the two; with a margin (memory moves
+        // with the page cache, tasks with the calls in flight).
         let added = st.added.max(1) as u64;
         let bot_tasks = st.host_tasks.saturating_sub(tasks_before);
         let ctr_tasks = tasks_ctr.saturating_sub(tasks_before);
         let bot_kib = mem_before.saturating_sub(st.mem_available);
         let ctr_kib = mem_before.saturating_sub(mem_ctr);
-        per_bot = (
-            (bot_kib.max(ctr_kib) / added).max(FIRST_KIB_PER_BOT / 2),
-            (bot_tasks.max(ctr_tasks) / added).max(FIRST_TASKS_PER_BOT / 2),
-        );
+        let bot_disk = disk_before.saturating_sub(free_state_disk());
+        let ctr_disk = disk_before.saturating_sub(disk_ctr);
+        per_bot = PerBot {
+            mem_kib: (bot_kib.max(ctr_kib) * 3 / 2 / added).max(FIRST_KIB_PER_BOT / 8),
+            tasks: (bot_tasks.max(ctr_tasks) * 11 / 10 / added).max(FIRST_TASKS_PER_BOT / 3),
+            disk_kib: (bot_disk.max(ctr_disk) * 2 / added).max(FIRST_DISK_KIB_PER_BOT / 8),
+        };
         have = n;
         let live = &all[..n];
         rt.block_on(bot_rss(&a.socket, &mut st));
