@@ -430,6 +430,67 @@ async fn import_resolve_run_and_remove() {
     .await;
 }
 
+/// Listing answers however many containers there are: at about 400 bots the records
+/// (10 KiB of spec each) outgrew the 4 MiB one gRPC message may carry by default, and every
+/// list (`ListBots`, the watcher's recovery) failed. Six records of 0.9 MiB make 5.4 MiB.
+#[tokio::test]
+async fn listing_outgrows_one_message() {
+    let Some(env) = Env::get(false) else { return };
+    let env = &env;
+    in_namespace(env, "many", |c| async move {
+        c.import_archive(&env.tar, None, &no_progress)
+            .await
+            .unwrap();
+        let img = c.resolve_image(IMAGE).await.unwrap();
+        let pad = "x".repeat(900 << 10);
+        for i in 0..6 {
+            let id = format!("mcp-many{i}");
+            let mut opts = SpecOptions::new(&id, &format!("many{i}"));
+            opts.extra_env.push(("PAD".into(), pad.clone()));
+            let spec = build_spec(&img.config, &opts).unwrap();
+            c.create_container(&NewContainer {
+                id: id.clone(),
+                image: img.name.clone(),
+                snapshot_key: id.clone(),
+                labels: [(LABEL_BOT_ID.to_string(), format!("many{i}"))].into(),
+                spec,
+            })
+            .await
+            .unwrap();
+        }
+        let listed = c.list_containers(&[]).await.expect("list all");
+        let mut ids: Vec<_> = listed.iter().map(|c| c.id.clone()).collect();
+        ids.sort();
+        assert_eq!(
+            ids,
+            (0..6).map(|i| format!("mcp-many{i}")).collect::<Vec<_>>()
+        );
+        for ct in &listed {
+            let env = ct
+                .spec
+                .as_ref()
+                .and_then(|s| s.process().as_ref())
+                .and_then(|p| p.env().clone())
+                .unwrap_or_default();
+            assert!(
+                env.iter()
+                    .any(|e| e.len() == pad.len() + 4 && e.starts_with("PAD=x")),
+                "{}: the record came back whole",
+                ct.id
+            );
+        }
+        let filtered = c
+            .list_containers(&[label_filter(LABEL_BOT_ID, Some("many3"))])
+            .await
+            .unwrap();
+        assert_eq!(filtered.len(), 1);
+        for i in 0..6 {
+            assert!(c.delete_container(&format!("mcp-many{i}")).await.unwrap());
+        }
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn snapshot_versions_and_labels() {
     let Some(env) = Env::get(false) else { return };

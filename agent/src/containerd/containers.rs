@@ -106,9 +106,13 @@ fn from_pb(c: Container) -> ContainerInfo {
     }
 }
 
+/// The largest single message taken from the containers service: one container record (its
+/// OCI spec is a few KiB; a spec with many mounts or a large environment, tens).
+const MAX_CONTAINER_MESSAGE: usize = 16 << 20;
+
 impl Containerd {
     fn containers(&self) -> ContainersClient<tonic::transport::Channel> {
-        ContainersClient::new(self.channel.clone())
+        ContainersClient::new(self.channel.clone()).max_decoding_message_size(MAX_CONTAINER_MESSAGE)
     }
 }
 
@@ -153,16 +157,26 @@ impl Containers for Containerd {
     }
 
     async fn list_containers(&self, filters: &[String]) -> Result<Vec<ContainerInfo>, AgentError> {
+        // One message per container: `List` answers in one message, which outgrows the 4 MiB
+        // a gRPC client takes by default at about 400 bots (10 KiB of record each).
         let req = self.request(ListContainersRequest {
             filters: filters.to_vec(),
         });
-        let out = self
+        let mut stream = self
             .containers()
-            .list(req)
+            .list_stream(req)
             .await
             .map_err(|s| AgentError::containerd("list containers", s))?
             .into_inner();
-        Ok(out.containers.into_iter().map(from_pb).collect())
+        let mut out = Vec::new();
+        while let Some(m) = stream
+            .message()
+            .await
+            .map_err(|s| AgentError::containerd("list containers", s))?
+        {
+            out.extend(m.container.map(from_pb));
+        }
+        Ok(out)
     }
 
     async fn delete_container(&self, id: &str) -> Result<bool, AgentError> {
