@@ -22,6 +22,53 @@ pub(super) fn sysctl(
     }
 }
 
+/// The host's IPv4 neighbour (ARP) table against the bots the subnet holds: the agent calls
+/// every running bot, one entry each. Above `gc_thresh2` entries the kernel collects them
+/// forcibly, at `gc_thresh3` it refuses new ones, and calls to bots fail (measured: at 1 000
+/// bots with the kernel's 512 / 1 024, 1 385 of 3 000 execs and 75 of 990 creates failed).
+pub(super) fn neighbours(cfg: &Config, host: &dyn Host) -> Check {
+    const BASE: &str = "/proc/sys/net/ipv4/neigh/default";
+    let read = |name: &str| -> Option<u64> { host.read(&Path::new(BASE).join(name))?.parse().ok() };
+    // The bots the subnet can hold, bounded: past a few thousand a host has other limits.
+    let hosts = cfg
+        .cni_subnet
+        .split_once('/')
+        .and_then(|(_, len)| len.parse::<u32>().ok())
+        .filter(|len| (8..=30).contains(len))
+        .map_or(NEIGHBOUR_BOTS, |len| {
+            ((1u64 << (32 - len)) - 3).min(NEIGHBOUR_BOTS)
+        });
+    let (Some(thresh2), Some(thresh3)) = (read("gc_thresh2"), read("gc_thresh3")) else {
+        return Check::ok("neighbours", "no IPv4 neighbour table limits to read");
+    };
+    if thresh2 >= hosts && thresh3 > thresh2 {
+        return Check::ok(
+            "neighbours",
+            format!("the ARP table holds {thresh2} entries before forced collection (gc_thresh2)"),
+        );
+    }
+    let want = hosts.next_power_of_two();
+    Check::bad(
+        "neighbours",
+        Status::Warn,
+        format!(
+            "the ARP table is collected forcibly above {thresh2} entries and full at {thresh3} \
+             (net.ipv4.neigh.default.gc_thresh2, gc_thresh3), the subnet {} holds {hosts} bots: \
+             with more than about {thresh2} bots running, calls to bots fail",
+            cfg.cni_subnet
+        ),
+        format!(
+            "sysctl -w net.ipv4.neigh.default.gc_thresh1={} net.ipv4.neigh.default.gc_thresh2={want} \
+             net.ipv4.neigh.default.gc_thresh3={} (and the same in /etc/sysctl.d)",
+            want / 2,
+            want * 2
+        ),
+    )
+}
+
+/// The most bots the neighbour check plans for.
+const NEIGHBOUR_BOTS: u64 = 4096;
+
 pub(super) fn socket_dir(cfg: &Config, host: &dyn Host) -> Check {
     let Some(dir) = cfg.control_socket.parent() else {
         return Check::ok("socket dir", "/");

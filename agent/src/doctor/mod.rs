@@ -20,7 +20,7 @@ use crate::config::Config;
 
 use self::containerd::task_bundles;
 pub use self::host::RealHost;
-use self::host::{server_binary, socket_dir, sysctl};
+use self::host::{neighbours, server_binary, socket_dir, sysctl};
 use self::network::{
     bridge_netfilter, cni_config, cni_plugins, firewall_state, iptables, nftables,
 };
@@ -168,6 +168,7 @@ pub async fn run_checks(cfg: &Config, config_path: &str, host: &dyn Host) -> Vec
         "bots cannot reach the outside",
         "sysctl -w net.ipv4.ip_forward=1",
     ));
+    out.push(neighbours(cfg, host));
     out.push(nftables(host));
     out.push(bridge_netfilter(host));
     out.push(firewall_state(cfg, host));

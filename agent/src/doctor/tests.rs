@@ -54,6 +54,14 @@ impl Default for Fake {
                     "/proc/sys/net/bridge/bridge-nf-call-ip6tables".into(),
                     "1".into(),
                 ),
+                (
+                    "/proc/sys/net/ipv4/neigh/default/gc_thresh2".into(),
+                    "4096".into(),
+                ),
+                (
+                    "/proc/sys/net/ipv4/neigh/default/gc_thresh3".into(),
+                    "8192".into(),
+                ),
             ]),
             iptables: Ok(()),
             root: true,
@@ -177,9 +185,9 @@ fn line<'a>(text: &'a str, name: &str) -> &'a str {
 fn a_healthy_host_passes() {
     let (checks, text, code) = report(&Fake::default());
     assert_eq!(code, 0, "{text}");
-    assert_eq!(checks.len(), 15);
+    assert_eq!(checks.len(), 16);
     assert!(checks.iter().all(|c| c.status == Status::Ok), "{text}");
-    assert_eq!(text.lines().count(), 16);
+    assert_eq!(text.lines().count(), 17);
     assert!(line(&text, "server")
         .contains("/usr/local/lib/memoh/container-server is executable and statically linked"));
     assert!(text.ends_with("all checks passed\n"));
@@ -293,6 +301,35 @@ fn each_problem_names_its_fix() {
         let summary = format!("{expect} problem(s), 0 warning(s)\n");
         assert!(text.ends_with(&summary), "{text}");
     }
+}
+
+#[test]
+fn the_kernels_default_neighbour_table_is_a_warning_for_a_large_subnet() {
+    let mut host = Fake::default();
+    for (k, v) in [("gc_thresh2", "512"), ("gc_thresh3", "1024")] {
+        host.sysctls.insert(
+            format!("/proc/sys/net/ipv4/neigh/default/{k}").into(),
+            v.into(),
+        );
+    }
+    let (_, text, code) = report(&host);
+    assert_eq!(code, 0, "a warning alone passes: {text}");
+    let l = line(&text, "neighbours");
+    assert!(l.starts_with("warn "), "{l}");
+    assert!(l.contains("above 512 entries and full at 1024"), "{l}");
+    // The default subnet (a /16) is planned for at most 4096 bots.
+    assert!(l.contains("10.88.0.0/16 holds 4096 bots"), "{l}");
+    assert!(
+        l.contains(
+            "; fix: sysctl -w net.ipv4.neigh.default.gc_thresh1=2048 \
+             net.ipv4.neigh.default.gc_thresh2=4096 net.ipv4.neigh.default.gc_thresh3=8192"
+        ),
+        "{l}"
+    );
+    // A /24 fits under the kernel's defaults.
+    let mut small = Config::default();
+    small.cni_subnet = "10.1.2.0/24".into();
+    assert_eq!(neighbours(&small, &host).status, Status::Ok);
 }
 
 #[test]
