@@ -434,7 +434,7 @@ fn task_limit() -> u64 {
 /// Free space of the file system holding `path`, KiB (0 when it cannot be read).
 fn free_disk(path: &Path) -> u64 {
     nix::sys::statvfs::statvfs(path)
-        .map(|s| s.blocks_available() as u64 * s.fragment_size() as u64 / 1024)
+        .map(|s| s.blocks_available() * s.fragment_size() / 1024)
         .unwrap_or(0)
 }
 

@@ -445,7 +445,7 @@ async fn listing_outgrows_one_message() {
         let pad = "x".repeat(900 << 10);
         for i in 0..6 {
             let id = format!("mcp-many{i}");
-            let mut opts = SpecOptions::new(&id, &format!("many{i}"));
+            let mut opts = SpecOptions::new(&id, format!("many{i}"));
             opts.extra_env.push(("PAD".into(), pad.clone()));
             let spec = build_spec(&img.config, &opts).unwrap();
             c.create_container(&NewContainer {

@@ -327,8 +327,10 @@ fn the_kernels_default_neighbour_table_is_a_warning_for_a_large_subnet() {
         "{l}"
     );
     // A /24 fits under the kernel's defaults.
-    let mut small = Config::default();
-    small.cni_subnet = "10.1.2.0/24".into();
+    let small = Config {
+        cni_subnet: "10.1.2.0/24".into(),
+        ..Config::default()
+    };
     assert_eq!(neighbours(&small, &host).status, Status::Ok);
 }
 
