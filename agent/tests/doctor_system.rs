@@ -66,7 +66,13 @@ fn doctor_passes_against_a_working_agent() {
             "{name} is not ok:\n{text}"
         );
     }
-    assert!(!text.contains("problem"), "{text}");
+    // Warnings may remain (the test's server binary is a dynamically linked debug build).
+    assert!(!text.lines().any(|l| l.starts_with("problem ")), "{text}");
+    let last = text.lines().last().unwrap_or_default();
+    assert!(
+        last == "all checks passed" || last.starts_with("0 problem(s), "),
+        "{text}"
+    );
 }
 
 #[test]
