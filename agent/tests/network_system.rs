@@ -519,3 +519,126 @@ async fn two_agents_on_one_host_share_the_isolation_chain() {
         f.chain
     );
 }
+
+/// The agent's two tables of `table` as `nft -j` lists them, reduced to what a bot's packets
+/// meet: each set's elements (sorted) and each chain's rules in order, without handles or
+/// counter values; and the packets the input chain's "bot to host" drop counted.
+fn tables_of(table: &str) -> (std::collections::BTreeMap<String, Vec<String>>, u64) {
+    let mut out = std::collections::BTreeMap::new();
+    let mut dropped = 0;
+    for family in ["bridge", "inet"] {
+        let o = sh("nft", &["-j", "list", "table", family, table]);
+        assert!(o.status.success(), "nft list table {family} {table}");
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        for item in v["nftables"].as_array().unwrap() {
+            if let Some(set) = item.get("set") {
+                let mut elems: Vec<String> = set["elem"]
+                    .as_array()
+                    .map(|a| a.iter().map(|e| e.to_string()).collect())
+                    .unwrap_or_default();
+                elems.sort();
+                out.insert(format!("{family} set {}", set["name"]), elems);
+            }
+            if let Some(rule) = item.get("rule") {
+                let mut expr = rule["expr"].clone();
+                let is_host_drop = rule["comment"] == "bot to host";
+                for e in expr.as_array_mut().unwrap() {
+                    if let Some(c) = e.get_mut("counter") {
+                        if is_host_drop {
+                            dropped += c["packets"].as_u64().unwrap_or(0);
+                        }
+                        *c = serde_json::Value::Null;
+                    }
+                }
+                out.entry(format!("{family} chain {}", rule["chain"]))
+                    .or_insert_with(Vec::new)
+                    .push(format!("{expr} {}", rule["comment"]));
+            }
+        }
+    }
+    (out, dropped)
+}
+
+/// One bot attached or detached changes the agent's tables in place, not by a rebuild: the
+/// drop counters keep counting (a rebuild starts them at zero, shown below), and what the
+/// tables hold then is exactly what a rebuild from the saved attachments makes.
+#[tokio::test]
+async fn one_attachment_changes_the_tables_in_place() {
+    if !require_root() {
+        return;
+    }
+    let mut f = Fixture::new(21);
+    let table = format!("mtst-{}", f.tag);
+    let bots: Vec<String> = ["a", "b", "c"].iter().map(|n| f.bot(n)).collect();
+    let mut nets = Vec::new();
+    for bot in &bots[..2] {
+        let ns = f.net.create_netns(bot).await.unwrap();
+        nets.push(f.net.setup(bot, &ns).await.unwrap());
+    }
+    let gateway = nets[0].gateway.unwrap().to_string();
+    // Bot a knocks on a port of the host: the input chain drops and counts it.
+    let knock = || {
+        let ns = f.net.netns_name(&bots[0]);
+        let gateway = gateway.clone();
+        async move { in_netns(&ns, &["busybox", "nc", "-w", "1", &gateway, "7"]).await }
+    };
+    assert!(!knock().await, "a bot reached a closed port of the host");
+    let (_, knocked) = tables_of(&table);
+    assert!(knocked > 0, "the knock was not counted");
+
+    // c attaches: its port joins the sets in place; the counter keeps its count.
+    let ns = f.net.create_netns(&bots[2]).await.unwrap();
+    let c = f.net.setup(&bots[2], &ns).await.unwrap();
+    let (now, count) = tables_of(&table);
+    let veth_c = c.host_veth.clone().unwrap();
+    assert!(
+        now["bridge set \"ports\""].contains(&format!("\"{veth_c}\"")),
+        "{now:?}"
+    );
+    assert!(
+        count >= knocked,
+        "attaching c replaced the tables (counter {count}, was {knocked})"
+    );
+    // Exactly what a rebuild makes; and a rebuild does start the counters at zero.
+    f.net.contain().await.unwrap();
+    let (rebuilt, count) = tables_of(&table);
+    assert_eq!(now, rebuilt, "in place vs rebuilt");
+    assert_eq!(
+        count, 0,
+        "a rebuild keeps counters: this test could not tell"
+    );
+
+    // b detaches: its entries leave in place, the rest is a rebuild's.
+    assert!(!knock().await);
+    let (_, knocked) = tables_of(&table);
+    assert!(knocked > 0);
+    f.net.teardown(&bots[1]).await.unwrap();
+    let (now, count) = tables_of(&table);
+    assert!(count >= knocked, "detaching b replaced the tables");
+    let veth_b = nets[1].host_veth.clone().unwrap();
+    assert!(
+        !format!("{now:?}").contains(&veth_b),
+        "b's port is still in the tables: {now:?}"
+    );
+    f.net.contain().await.unwrap();
+    assert_eq!(
+        now,
+        tables_of(&table).0,
+        "in place vs rebuilt after a detach"
+    );
+
+    // Tables changed behind the agent's back: the next change rebuilds them.
+    assert!(sh("nft", &["delete", "table", "bridge", &table])
+        .status
+        .success());
+    f.net.teardown(&bots[2]).await.unwrap();
+    let (now, _) = tables_of(&table);
+    assert!(!format!("{now:?}").contains(&veth_c), "{now:?}");
+    assert!(now.contains_key("bridge set \"ports\""), "{now:?}");
+
+    // The last bot takes the tables with it.
+    f.net.teardown(&bots[0]).await.unwrap();
+    let tables = String::from_utf8_lossy(&sh("nft", &["list", "tables"]).stdout).to_string();
+    assert!(!tables.contains(&table), "{tables}");
+    assert!(f.reservations().is_empty());
+}

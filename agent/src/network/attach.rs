@@ -10,7 +10,8 @@ use serde_json::Value;
 
 use super::Network;
 use super::{
-    bot_addrs, lock, state, BotNetwork, Firewall, Netns, NetworkConfList, PluginExec, RuntimeConf,
+    bot_addrs, lock, rules::Change, state, BotNetwork, Firewall, Netns, NetworkConfList,
+    PluginExec, RuntimeConf,
 };
 use crate::error::AgentError;
 use crate::ids;
@@ -25,6 +26,18 @@ pub fn is_retryable_add_error(e: &AgentError) -> bool {
         || (msg.contains("bridge") && (msg.contains("mac address") || msg.contains("bridge's mac")))
 }
 
+/// How often each of `bots` kept attachments is due for CNI CHECK under `cfg`: never more
+/// often than `check_every`, and for the fleet about once every `check_gap` on average.
+pub(super) fn check_period(cfg: &super::NetworkConfig, bots: usize) -> std::time::Duration {
+    if cfg.check_every.is_zero() {
+        return cfg.check_every;
+    }
+    let fleet = cfg
+        .check_gap
+        .saturating_mul(u32::try_from(bots).unwrap_or(u32::MAX));
+    cfg.check_every.max(fleet)
+}
+
 impl<E: PluginExec, F: Firewall, N: Netns> Network<E, F, N> {
     /// Attaches bot `bot`, whose namespace is `netns`, and returns its address.
     ///
@@ -35,7 +48,7 @@ impl<E: PluginExec, F: Firewall, N: Netns> Network<E, F, N> {
     /// alone this time (no other plugin runs during that ADD).
     pub async fn setup(&self, bot: &str, netns: &Path) -> Result<BotNetwork, AgentError> {
         let (bn, fresh) = self.attach(bot, netns).await?;
-        if let Err(e) = self.host_rules(&bn).await {
+        if let Err(e) = self.host_rules(&bn, false).await {
             if fresh {
                 return Err(self.detach_uncontained(&bn, e).await);
             }
@@ -55,7 +68,7 @@ impl<E: PluginExec, F: Firewall, N: Netns> Network<E, F, N> {
     ) -> Result<BotNetwork, AgentError> {
         let (bn, fresh) = self.attach(bot, netns).await?;
         if fresh {
-            if let Err(e) = self.contain().await {
+            if let Err(e) = self.contain_one(Change::Attached(&bn)).await {
                 return Err(self.detach_uncontained(&bn, e).await);
             }
         }
@@ -108,8 +121,10 @@ impl<E: PluginExec, F: Firewall, N: Netns> Network<E, F, N> {
 
         steps.mark("saved");
         // Containment must work before the bot gets any network: a host where the ruleset
-        // cannot be applied refuses the bot before ADD makes its interface.
-        if self.cfg.containment.enabled || self.cfg.isolate {
+        // cannot be applied refuses the bot before ADD makes its interface. Tables the agent
+        // knows are in place need no new proof (a delta that fails after ADD still detaches
+        // the bot).
+        if (self.cfg.containment.enabled || self.cfg.isolate) && !self.ruleset_known() {
             self.contain().await.map_err(|e| AgentError::Network {
                 op: format!("contain bot {bot}"),
                 reason: format!("isolation cannot be put in place, the bot is not started: {e}"),
@@ -252,7 +267,7 @@ impl<E: PluginExec, F: Firewall, N: Netns> Network<E, F, N> {
         if let Some(bn) = &freed {
             state::remember_address(&self.cfg.state_dir, bot, bn.ip).await;
         }
-        self.release(freed.as_ref()).await;
+        self.release(bot, freed.as_ref()).await;
         tracing::info!(bot, "bot detached from the network");
         Ok(())
     }
@@ -261,13 +276,10 @@ impl<E: PluginExec, F: Firewall, N: Netns> Network<E, F, N> {
     /// bot), and the isolation and MASQUERADE rules of its bridge and subnet once no other
     /// bot of this agent uses them. Failures are only logged: they leave a stricter or stale
     /// rule, never an open one, and must not keep a bot from being deleted.
-    pub(super) async fn release(&self, freed: Option<&BotNetwork>) {
-        let ticket = self.ticket();
+    pub(super) async fn release(&self, bot: &str, freed: Option<&BotNetwork>) {
         let _g = self.contain_lock.lock().await;
-        if !self.ruleset_covers(ticket) {
-            if let Err(e) = self.contain_locked().await {
-                tracing::warn!(error = %e, "cannot rebuild the containment ruleset");
-            }
+        if let Err(e) = self.contain_change(Change::Detached(bot)).await {
+            tracing::warn!(error = %e, "cannot take the bot out of the containment ruleset");
         }
         let Some(freed) = freed else { return };
         let left = match self.attached().await {
@@ -473,13 +485,13 @@ impl<E: PluginExec, F: Firewall, N: Netns> Network<E, F, N> {
         Ok(bn)
     }
 
-    /// Whether bot `bot`'s attachment is due for CNI CHECK ([`NetworkConfig::check_every`]).
-    fn check_due(&self, bot: &str) -> bool {
-        let every = self.cfg.check_every;
-        every.is_zero()
-            || lock(&self.checked)
-                .get(bot)
-                .is_none_or(|t| t.elapsed() >= every)
+    /// Whether bot `bot`'s attachment is due for CNI CHECK: every
+    /// [`NetworkConfig::check_every`], or every `bots × check_gap` when that is longer
+    /// ([`NetworkConfig::check_gap`]).
+    pub(super) fn check_due(&self, bot: &str) -> bool {
+        let checked = lock(&self.checked);
+        let every = check_period(&self.cfg, checked.len());
+        every.is_zero() || checked.get(bot).is_none_or(|t| t.elapsed() >= every)
     }
 
     /// Bot `bot`'s attachment passed CHECK (or ADD made it) just now.

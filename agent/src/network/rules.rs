@@ -9,7 +9,7 @@
 //! answers it: such a pass read the saved attachments (and checked the host rules) after the
 //! caller's own change, exactly as a pass of the caller's own would have.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
 
 use super::Network;
@@ -32,6 +32,27 @@ pub(super) struct Passes {
     /// Tickets covered by a successful check of the host rules, per (MASQUERADE subnet,
     /// isolated bridge) the check was for.
     host: HashMap<(Option<String>, Option<String>), u64>,
+}
+
+/// What the agent's tables hold, as far as the agent knows: the ports and sets of the last
+/// ruleset it applied, with every change since applied as a delta. `None` (the
+/// [`Network`]'s `applied`) when the agent does not know: before its first rebuild, after a
+/// failure, after it removed tables or rules, and while it has no bot attached.
+#[derive(Debug, Clone)]
+pub(super) struct Applied {
+    /// The ports in the tables, by bot.
+    ports: BTreeMap<String, containment::BotPort>,
+    /// The sets in the tables.
+    sets: Vec<containment::Set>,
+}
+
+/// One attachment change that [`Network::contain_change`] brings into the ruleset.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Change<'a> {
+    /// The bot was attached (or attached again, maybe on another port).
+    Attached(&'a BotNetwork),
+    /// The bot's attachment is gone.
+    Detached(&'a str),
 }
 
 impl<E: PluginExec, F: Firewall, N: Netns> Network<E, F, N> {
@@ -58,6 +79,8 @@ impl<E: PluginExec, F: Firewall, N: Netns> Network<E, F, N> {
         let mut p = lock(&self.passes);
         p.ruleset = 0;
         p.host.clear();
+        drop(p);
+        *lock(&self.applied) = None;
     }
 }
 
@@ -116,69 +139,38 @@ impl<E: PluginExec, F: Firewall, N: Netns> Network<E, F, N> {
         Ok(())
     }
 
-    /// The rebuild itself.
+    /// The rebuild itself; records what the tables hold now (nothing known when it fails).
     async fn rebuild_ruleset(&self) -> Result<(), AgentError> {
+        *lock(&self.applied) = None;
         let policy = &self.cfg.containment;
         if !policy.enabled && !self.cfg.isolate {
             return Ok(());
         }
-        let mut ports = Vec::new();
+        let mut ports = BTreeMap::new();
         for bn in self.attached().await? {
-            let (Some(bridge), Some(veth)) = (bn.bridge.clone(), bn.host_veth.clone()) else {
-                tracing::warn!(bot = %bn.bot, "attachment without a bridge port; not in the ruleset");
+            let Some(port) = self.bot_port(&bn).await else {
                 continue;
             };
-            let isolated = self.isolates(&bridge);
             // Re-asserted on every rebuild: nothing but the agent should ever clear it.
-            if isolated && self.netns.link_exists(&veth).await {
-                match self.netns.set_port_isolated(&veth, true).await {
+            if port.isolated && self.netns.link_exists(&port.veth).await {
+                match self.netns.set_port_isolated(&port.veth, true).await {
                     Ok(true) => {
-                        tracing::warn!(bot = %bn.bot, port = %veth, "bridge port was not isolated; isolated it again")
+                        tracing::warn!(bot = %bn.bot, port = %port.veth, "bridge port was not isolated; isolated it again")
                     }
                     Ok(false) => {}
                     Err(e) => {
-                        tracing::warn!(bot = %bn.bot, port = %veth, error = %e, "cannot isolate the bridge port")
+                        tracing::warn!(bot = %bn.bot, port = %port.veth, error = %e, "cannot isolate the bridge port")
                     }
                 }
             }
-            let mut mac = bn
-                .result
-                .interfaces
-                .iter()
-                .find(|i| {
-                    i.name == self.cfg.ifname && i.sandbox.as_deref().is_some_and(|s| !s.is_empty())
-                })
-                .and_then(|i| i.mac.clone());
-            if mac.is_none() {
-                mac = match self.netns.interface_mac(&bn.netns, &self.cfg.ifname).await {
-                    Ok(m) => m,
-                    Err(e) => {
-                        tracing::warn!(bot = %bn.bot, error = %e, "cannot read the bot's mac; all it sends is dropped");
-                        None
-                    }
-                };
-            }
-            ports.push(containment::BotPort {
-                bot: bn.bot.clone(),
-                addrs: bot_addrs(&bn),
-                gateways: bn.gateway.into_iter().collect(),
-                veth,
-                bridge,
-                mac,
-                isolated,
-            });
+            ports.insert(bn.bot.clone(), port);
         }
-        let resolvers = match &policy.resolv_conf {
-            Some(p) => tokio::fs::read_to_string(p)
-                .await
-                .map(|t| containment::nameservers(&t))
-                .unwrap_or_default(),
-            None => Vec::new(),
-        };
-        let script = if ports.is_empty() {
+        let resolvers = self.resolvers().await;
+        let list: Vec<containment::BotPort> = ports.values().cloned().collect();
+        let script = if list.is_empty() {
             containment::remove_script(&policy.table)
         } else {
-            containment::render(policy, &ports, &resolvers).map_err(|reason| {
+            containment::render(policy, &list, &resolvers).map_err(|reason| {
                 AgentError::Network {
                     op: "render the containment ruleset".into(),
                     reason,
@@ -186,8 +178,126 @@ impl<E: PluginExec, F: Firewall, N: Netns> Network<E, F, N> {
             })?
         };
         self.firewall.apply_ruleset(&script).await?;
-        tracing::debug!(table = %policy.table, bots = ports.len(), "containment ruleset applied");
+        if !list.is_empty() {
+            *lock(&self.applied) = Some(Applied {
+                sets: containment::sets(policy, &list, &resolvers),
+                ports,
+            });
+        }
+        tracing::debug!(table = %policy.table, bots = list.len(), "containment ruleset applied");
         Ok(())
+    }
+
+    /// Brings one attachment change into the ruleset: when the agent knows what its tables
+    /// hold, one `nft -f` transaction adds and deletes the set elements that change (its
+    /// cost does not grow with the number of bots); otherwise, or when that transaction
+    /// fails (the tables were changed behind the agent's back), or when the change is more
+    /// than elements, a rebuild. The caller holds `contain_lock`.
+    pub(super) async fn contain_change(&self, change: Change<'_>) -> Result<(), AgentError> {
+        let policy = &self.cfg.containment;
+        if !policy.enabled && !self.cfg.isolate {
+            return Ok(());
+        }
+        let Some(old) = lock(&self.applied).clone() else {
+            return self.contain_locked().await;
+        };
+        let mut ports = old.ports;
+        match change {
+            Change::Attached(bn) => {
+                let Some(port) = self.bot_port(bn).await else {
+                    return self.contain_locked().await;
+                };
+                ports.insert(bn.bot.clone(), port);
+            }
+            Change::Detached(bot) => {
+                if ports.remove(bot).is_none() {
+                    return Ok(());
+                }
+            }
+        }
+        if ports.is_empty() {
+            // The last bot: the tables go, as a rebuild removes them.
+            return self.contain_locked().await;
+        }
+        let list: Vec<containment::BotPort> = ports.values().cloned().collect();
+        if let Err(reason) = containment::validate(policy, &list) {
+            return Err(AgentError::Network {
+                op: "render the containment ruleset".into(),
+                reason,
+            });
+        }
+        let resolvers = self.resolvers().await;
+        let sets = containment::sets(policy, &list, &resolvers);
+        let Some(script) = containment::delta(&policy.table, &old.sets, &sets) else {
+            return self.contain_locked().await;
+        };
+        if !script.is_empty() {
+            if let Err(e) = self.firewall.apply_ruleset(&script).await {
+                tracing::warn!(error = %e, "cannot change the containment ruleset in place; rebuilding it");
+                return self.contain_locked().await;
+            }
+        }
+        *lock(&self.applied) = Some(Applied { ports, sets });
+        tracing::debug!(table = %policy.table, bots = list.len(), "containment ruleset changed in place");
+        Ok(())
+    }
+
+    /// [`Network::contain_change`] under `contain_lock`.
+    pub(super) async fn contain_one(&self, change: Change<'_>) -> Result<(), AgentError> {
+        let _g = self.contain_lock.lock().await;
+        self.contain_change(change).await
+    }
+
+    /// Whether the agent knows what its tables hold (a rebuild succeeded and nothing
+    /// removed or failed since): then the tables can be changed in place.
+    pub(super) fn ruleset_known(&self) -> bool {
+        lock(&self.applied).is_some()
+    }
+
+    /// The port `bn` has in the ruleset; `None` (logged) for an attachment without a bridge
+    /// port.
+    async fn bot_port(&self, bn: &BotNetwork) -> Option<containment::BotPort> {
+        let (Some(bridge), Some(veth)) = (bn.bridge.clone(), bn.host_veth.clone()) else {
+            tracing::warn!(bot = %bn.bot, "attachment without a bridge port; not in the ruleset");
+            return None;
+        };
+        let mut mac = bn
+            .result
+            .interfaces
+            .iter()
+            .find(|i| {
+                i.name == self.cfg.ifname && i.sandbox.as_deref().is_some_and(|s| !s.is_empty())
+            })
+            .and_then(|i| i.mac.clone());
+        if mac.is_none() {
+            mac = match self.netns.interface_mac(&bn.netns, &self.cfg.ifname).await {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(bot = %bn.bot, error = %e, "cannot read the bot's mac; all it sends is dropped");
+                    None
+                }
+            };
+        }
+        Some(containment::BotPort {
+            bot: bn.bot.clone(),
+            addrs: bot_addrs(bn),
+            gateways: bn.gateway.into_iter().collect(),
+            isolated: self.isolates(&bridge),
+            veth,
+            bridge,
+            mac,
+        })
+    }
+
+    /// The nameservers bots may reach (from the policy's resolv.conf; none when unreadable).
+    async fn resolvers(&self) -> Vec<std::net::IpAddr> {
+        match &self.cfg.containment.resolv_conf {
+            Some(p) => tokio::fs::read_to_string(p)
+                .await
+                .map(|t| containment::nameservers(&t))
+                .unwrap_or_default(),
+            None => Vec::new(),
+        }
     }
 
     /// Makes sure the MASQUERADE rule for `subnet` exists; returns whether it was added.
@@ -231,15 +341,22 @@ impl<E: PluginExec, F: Firewall, N: Netns> Network<E, F, N> {
     }
 
     /// Makes sure the host rules `bn`'s network needs exist: the MASQUERADE fallback for its
-    /// subnet and the isolation of its bridge (as [`Network::setup`] does).
+    /// subnet and the isolation of its bridge (as [`Network::setup`] does), and rebuilds the
+    /// containment ruleset from the saved attachments (the periodic reconcile: whatever
+    /// changed the tables behind the agent's back is undone).
     pub async fn ensure_host_rules(&self, bn: &BotNetwork) -> Result<(), AgentError> {
-        self.host_rules(bn).await
+        self.host_rules(bn, true).await
     }
 
     /// MASQUERADE for the bot's subnet, isolation on its bridge (with bridge netfilter on for
-    /// its iptables layer), and the containment ruleset rebuilt, as configured.
+    /// its iptables layer), and the containment ruleset: rebuilt when `rebuild`, otherwise
+    /// with `bn`'s attachment brought in ([`Network::contain_change`]), as configured.
     /// A check of the same rules, and a rebuild, that began after this call answer for it too.
-    pub(super) async fn host_rules(&self, bn: &BotNetwork) -> Result<(), AgentError> {
+    pub(super) async fn host_rules(
+        &self,
+        bn: &BotNetwork,
+        rebuild: bool,
+    ) -> Result<(), AgentError> {
         let mut steps = crate::steps::Steps::start();
         let ticket = self.ticket();
         let _g = self.contain_lock.lock().await;
@@ -260,7 +377,11 @@ impl<E: PluginExec, F: Firewall, N: Netns> Network<E, F, N> {
             *c = (*c).max(seen);
         }
         steps.mark("host_rules");
-        let (shared, r) = self.contain_unless_covered(ticket).await;
+        let (shared, r) = if rebuild {
+            self.contain_unless_covered(ticket).await
+        } else {
+            (false, self.contain_change(Change::Attached(bn)).await)
+        };
         steps.mark("ruleset");
         tracing::debug!(bot = %bn.bot, total_ms = steps.total_ms(), checked, shared, %steps, "host rules steps");
         r

@@ -168,6 +168,18 @@ impl Firewall for FakeFirewall {
                 reason: "cannot run nft".into(),
             });
         }
+        if script.contains("element ") {
+            // A delta: applied to the ruleset in place, failing as nft does (missing tables,
+            // deleting what is not there) without changing anything.
+            let mut rs = self.ruleset.lock().unwrap();
+            *rs = apply_delta(&rs, script).map_err(|reason| AgentError::Network {
+                op: "nft".into(),
+                reason,
+            })?;
+            drop(rs);
+            self.log("delta".into());
+            return Ok(());
+        }
         let kind = if script.contains("chain") {
             "ruleset"
         } else {
@@ -191,6 +203,71 @@ impl Firewall for FakeFirewall {
         self.log("bridge-nf".into());
         Ok(vec![])
     }
+}
+
+/// `ruleset` (a full script of [`containment::render`]) with the `add element` and `delete
+/// element` lines of `delta` applied, as nft applies them: all or nothing, an error for a
+/// missing table or set, or for deleting an element that is not there.
+fn apply_delta(ruleset: &str, delta: &str) -> Result<String, String> {
+    let mut lines: Vec<String> = ruleset.lines().map(String::from).collect();
+    for d in delta.lines() {
+        let (add, rest) = match d.split_once(' ') {
+            Some(("add", r)) => (true, r),
+            Some(("delete", r)) => (false, r),
+            _ => return Err(format!("unexpected line {d:?}")),
+        };
+        let w: Vec<&str> = rest.splitn(5, ' ').collect();
+        let [_element, family, table, set, items] = w[..] else {
+            return Err(format!("unexpected line {d:?}"));
+        };
+        let items: Vec<String> = items
+            .trim_start_matches('{')
+            .trim_end_matches('}')
+            .split(", ")
+            .map(|i| i.trim().to_string())
+            .collect();
+        let header = format!("table {family} {table} {{");
+        let start = lines
+            .iter()
+            .position(|l| *l == header)
+            .ok_or_else(|| format!("no table {family} {table}"))?;
+        let prefix = format!("  set {set} {{ ");
+        let at = lines[start..]
+            .iter()
+            .position(|l| l.starts_with(&prefix))
+            .map(|i| start + i)
+            .ok_or_else(|| format!("no set {set} in {family} {table}"))?;
+        let line = &lines[at];
+        let (decl, mut elements) = match line.split_once("; elements = { ") {
+            Some((decl, els)) => (
+                decl[prefix.len()..].to_string(),
+                els.trim_end_matches(" }; }")
+                    .split(", ")
+                    .map(String::from)
+                    .collect::<std::collections::BTreeSet<String>>(),
+            ),
+            None => (
+                line[prefix.len()..].trim_end_matches("; }").to_string(),
+                Default::default(),
+            ),
+        };
+        for i in items {
+            if add {
+                elements.insert(i);
+            } else if !elements.remove(&i) {
+                return Err(format!("delete element {i}: No such file or directory"));
+            }
+        }
+        lines[at] = if elements.is_empty() {
+            format!("{prefix}{decl}; }}")
+        } else {
+            format!(
+                "{prefix}{decl}; elements = {{ {} }}; }}",
+                elements.into_iter().collect::<Vec<_>>().join(", ")
+            )
+        };
+    }
+    Ok(lines.join("\n") + "\n")
 }
 
 struct Env {
@@ -217,6 +294,7 @@ fn env_checking_every(check_every: Duration) -> Env {
         ifname: "eth0".into(),
         plugin_timeout: Duration::from_secs(5),
         check_every,
+        check_gap: Duration::ZERO,
         masquerade: true,
         isolate: true,
         containment: Policy::strict("memoh-test"),
@@ -348,10 +426,10 @@ async fn the_last_teardown_removes_the_agents_rules() {
     let fw = e.net.firewall();
     let before = fw.calls().len();
 
-    // One bot left: the ruleset loses a, the shared rules stay.
+    // One bot left: the ruleset loses a (in place), the shared rules stay.
     e.net.teardown("a").await.unwrap();
     let calls = fw.calls()[before..].to_vec();
-    assert!(calls.contains(&"ruleset".to_string()), "{calls:?}");
+    assert_eq!(calls, ["delta"]);
     assert!(!calls.iter().any(|c| c.starts_with("un")), "{calls:?}");
     let rules = fw.ruleset.lock().unwrap().clone();
     assert!(
@@ -373,6 +451,87 @@ async fn the_last_teardown_removes_the_agents_rules() {
         .contains("delete table inet memoh-test"));
 }
 
+/// After the first rebuild, each attachment change is a delta of its own entries, and the
+/// ruleset it leaves is, to the byte, the one a rebuild renders.
+#[tokio::test]
+async fn attachment_changes_are_deltas_that_match_a_rebuild() {
+    let e = env();
+    let exec = e.net.cni().exec();
+    for (i, bot) in ["a", "b", "c"].iter().enumerate() {
+        let ns = format!("/run/netns/memoh-test.{bot}");
+        e.net.netns().set(&ns, &[]);
+        let mut r = add_result(&format!("10.210.3.{}", 2 + i));
+        r["interfaces"][1]["name"] = json!(format!("veth000{}", 1 + i));
+        exec.answer(CniCommand::Add, Ok(Some(r)));
+        e.net.setup(bot, Path::new(&ns)).await.unwrap();
+    }
+    let fw = e.net.firewall();
+    let changes: Vec<String> = fw
+        .calls()
+        .into_iter()
+        .filter(|c| c.contains("ruleset") || c == "delta")
+        .collect();
+    assert_eq!(changes, ["no-ruleset", "ruleset", "delta", "delta"]);
+    let rules = || fw.ruleset.lock().unwrap().clone();
+    let in_place = rules();
+    assert!(in_place.contains("\"veth0003\" . 02:00:00:00:00:aa . 10.210.3.4"));
+    e.net.contain().await.unwrap();
+    assert_eq!(in_place, rules(), "in place vs rebuilt");
+
+    e.net.teardown("b").await.unwrap();
+    assert_eq!(fw.calls().last().unwrap(), "delta");
+    let in_place = rules();
+    assert!(!in_place.contains("veth0002"), "{in_place}");
+    e.net.contain().await.unwrap();
+    assert_eq!(in_place, rules(), "in place vs rebuilt after a detach");
+}
+
+/// A delta that cannot apply (the tables were replaced behind the agent's back) becomes a
+/// rebuild, and the bot is attached and contained all the same.
+#[tokio::test]
+async fn a_delta_that_fails_becomes_a_rebuild() {
+    let e = env();
+    let exec = e.net.cni().exec();
+    e.net.netns().set(NS, &[]);
+    exec.answer(CniCommand::Add, Ok(Some(add_result("10.210.3.2"))));
+    e.net.setup("a", Path::new(NS)).await.unwrap();
+    let fw = e.net.firewall();
+    *fw.ruleset.lock().unwrap() = "table inet memoh-test { }".into();
+    let ns_b = "/run/netns/memoh-test.b";
+    e.net.netns().set(ns_b, &[]);
+    let mut r = add_result("10.210.3.3");
+    r["interfaces"][1]["name"] = json!("veth0002");
+    exec.answer(CniCommand::Add, Ok(Some(r)));
+    e.net.setup("b", Path::new(ns_b)).await.unwrap();
+    assert_eq!(fw.calls().last().unwrap(), "ruleset");
+    let rules = fw.ruleset.lock().unwrap().clone();
+    assert!(
+        rules.contains("veth0001") && rules.contains("veth0002"),
+        "{rules}"
+    );
+    // And the next change is in place again.
+    e.net.teardown("a").await.unwrap();
+    assert_eq!(fw.calls().last().unwrap(), "delta");
+}
+
+#[test]
+fn cni_check_comes_less_often_with_many_bots() {
+    let mut cfg = env().net.config().clone();
+    cfg.check_every = Duration::from_secs(120);
+    cfg.check_gap = Duration::from_secs(1);
+    let period = |bots| attach::check_period(&cfg, bots);
+    assert_eq!(period(1), Duration::from_secs(120));
+    assert_eq!(period(120), Duration::from_secs(120));
+    // 1 000 bots: one CHECK a second for the fleet, not eight.
+    assert_eq!(period(1000), Duration::from_secs(1000));
+    cfg.check_gap = Duration::ZERO;
+    assert_eq!(attach::check_period(&cfg, 1000), Duration::from_secs(120));
+    // CHECK on every pass stays that.
+    cfg.check_every = Duration::ZERO;
+    cfg.check_gap = Duration::from_secs(1);
+    assert_eq!(attach::check_period(&cfg, 1000), Duration::ZERO);
+}
+
 #[tokio::test]
 async fn healthy_bot_keeps_its_address() {
     let e = env();
@@ -387,8 +546,8 @@ async fn healthy_bot_keeps_its_address() {
     assert_eq!(first, again);
     assert_eq!(commands(&e), [CniCommand::Add, CniCommand::Check]);
     // Host rules are ensured on every setup, healthy or not (the first also checked the
-    // ruleset applies before ADD).
-    assert_eq!(e.net.firewall().calls().len(), 9);
+    // ruleset applies before ADD); the kept attachment changes nothing in the ruleset.
+    assert_eq!(e.net.firewall().calls().len(), 8);
 }
 
 /// A kept attachment's address is checked on every setup, CNI CHECK only when due: a fresh

@@ -86,6 +86,7 @@ impl Fixture {
             plugin_timeout: Duration::from_secs(30),
             // CHECK on every setup: these tests run the real plugins' CHECK too.
             check_every: Duration::ZERO,
+            check_gap: Duration::ZERO,
             masquerade: true,
             isolate: true,
             containment: Policy::strict(&format!("mtst-{tag}")),

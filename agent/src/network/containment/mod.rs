@@ -6,8 +6,10 @@
 //! every frame a bot sends at layer 2, and one in the `inet` family, which sees what a bot
 //! sends to the host (`input`) or through it (`forward`). The whole ruleset is rendered from
 //! the saved attachments of the agent's bots and its settings ([`render`]) and replaced in one
-//! `nft -f` transaction whenever a bot is attached or detached, so the kernel never holds half
-//! of it; the tables go with the agent's last bot.
+//! `nft -f` transaction, so the kernel never holds half of it; the tables go with the agent's
+//! last bot. The chains match only against named sets ([`sets`]), so attaching or detaching
+//! one bot is one transaction of `add element`/`delete element` for that bot's entries
+//! ([`delta`]): its cost does not grow with the number of bots, where a rebuild's does.
 //!
 //! What a bot can and cannot do:
 //!
@@ -292,7 +294,7 @@ pub fn valid_mac(s: &str) -> bool {
 
 mod render;
 
-pub use render::{nameservers, remove_script, render};
+pub use render::{delta, nameservers, remove_script, render, sets, validate, Set};
 
 #[cfg(test)]
 mod tests;

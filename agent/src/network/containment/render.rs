@@ -76,10 +76,55 @@ pub fn remove_script(table: &str) -> String {
     )
 }
 
-/// Renders the whole ruleset for `ports` under `policy`: one `nft -f` script that replaces
-/// both tables atomically. Ports whose names or MAC are unusable are refused (an error names
-/// the bot), never silently left out.
-pub fn render(policy: &Policy, ports: &[BotPort], resolvers: &[IpAddr]) -> Result<String, String> {
+/// One named set of the ruleset: where it lives, how it is declared, what it holds. The
+/// ruleset's chains only match against sets, so two rulesets for the same policy differ in
+/// their sets' elements alone ([`delta`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Set {
+    /// The table's family: `bridge` or `inet`.
+    pub family: &'static str,
+    /// The set's name.
+    pub name: &'static str,
+    /// Its declaration without the elements, e.g. `type ifname`.
+    pub decl: String,
+    /// Its elements as nft reads them (`"veth1" . 02:aa:bb:cc:dd:ee`).
+    pub elements: BTreeSet<String>,
+}
+
+impl Set {
+    fn new<I: IntoIterator<Item = String>>(
+        family: &'static str,
+        name: &'static str,
+        decl: impl Into<String>,
+        items: I,
+    ) -> Self {
+        Self {
+            family,
+            name,
+            decl: decl.into(),
+            elements: items.into_iter().collect(),
+        }
+    }
+
+    /// Whether nft merges and splits its elements as ranges (no element-wise delta then).
+    fn interval(&self) -> bool {
+        self.decl.contains("flags interval")
+    }
+
+    fn write(&self, s: &mut String) {
+        let _ = writeln!(
+            s,
+            "  set {} {{ {};{} }}",
+            self.name,
+            self.decl,
+            elements(self.elements.iter().cloned())
+        );
+    }
+}
+
+/// Refuses ports whose names or MAC could not be written into a ruleset safely (an error
+/// names the bot), and a table name nft cannot take.
+pub fn validate(policy: &Policy, ports: &[BotPort]) -> Result<(), String> {
     let t = &policy.table;
     if !valid_table_name(t) {
         return Err(format!("nftables table name {t:?} is not usable"));
@@ -97,6 +142,12 @@ pub fn render(policy: &Policy, ports: &[BotPort], resolvers: &[IpAddr]) -> Resul
             }
         }
     }
+    Ok(())
+}
+
+/// Every set of the ruleset for `ports` under `policy`, in the order they are declared. The
+/// caller has [`validate`]d the ports.
+pub fn sets(policy: &Policy, ports: &[BotPort], resolvers: &[IpAddr]) -> Vec<Set> {
     let v4 = |p: &BotPort| {
         p.addrs
             .iter()
@@ -115,60 +166,237 @@ pub fn render(policy: &Policy, ports: &[BotPort], resolvers: &[IpAddr]) -> Resul
             })
             .collect::<Vec<Ipv6Addr>>()
     };
-
-    let mut s = String::new();
-    let _ = writeln!(s, "table bridge {t}\ndelete table bridge {t}");
-    let _ = writeln!(s, "table bridge {t} {{");
-    let _ = writeln!(
-        s,
-        "  set ports {{ type ifname;{} }}",
-        elements(ports.iter().map(|p| quoted(&p.veth)))
-    );
-    let _ = writeln!(
-        s,
-        "  set isolated {{ type ifname;{} }}",
-        elements(ports.iter().filter(|p| p.isolated).map(|p| quoted(&p.veth)))
-    );
+    let mut out = vec![
+        Set::new(
+            "bridge",
+            "ports",
+            "type ifname",
+            ports.iter().map(|p| quoted(&p.veth)),
+        ),
+        Set::new(
+            "bridge",
+            "isolated",
+            "type ifname",
+            ports.iter().filter(|p| p.isolated).map(|p| quoted(&p.veth)),
+        ),
+    ];
     if policy.enabled {
-        let _ = writeln!(
-            s,
-            "  set ports6 {{ type ifname;{} }}",
-            elements(
-                ports
-                    .iter()
-                    .filter(|p| !v6(p).is_empty())
-                    .map(|p| quoted(&p.veth))
-            )
-        );
-        let _ = writeln!(
-            s,
-            "  set hw {{ type ifname . ether_addr;{} }}",
-            elements(ports.iter().filter_map(|p| {
+        out.push(Set::new(
+            "bridge",
+            "ports6",
+            "type ifname",
+            ports
+                .iter()
+                .filter(|p| !v6(p).is_empty())
+                .map(|p| quoted(&p.veth)),
+        ));
+        out.push(Set::new(
+            "bridge",
+            "hw",
+            "type ifname . ether_addr",
+            ports.iter().filter_map(|p| {
                 p.mac
                     .as_ref()
                     .map(|m| format!("{} . {}", quoted(&p.veth), m.to_ascii_lowercase()))
-            }))
-        );
-        let _ = writeln!(
-            s,
-            "  set addr4 {{ type ifname . ether_addr . ipv4_addr;{} }}",
-            elements(ports.iter().flat_map(|p| {
+            }),
+        ));
+        out.push(Set::new(
+            "bridge",
+            "addr4",
+            "type ifname . ether_addr . ipv4_addr",
+            ports.iter().flat_map(|p| {
                 let mac = p.mac.clone();
                 v4(p).into_iter().filter_map(move |a| {
                     mac.as_ref()
                         .map(|m| format!("{} . {} . {a}", quoted(&p.veth), m.to_ascii_lowercase()))
                 })
-            }))
-        );
-        let _ = writeln!(
-            s,
-            "  set addr6 {{ type ifname . ipv6_addr;{} }}",
-            elements(ports.iter().flat_map(|p| {
+            }),
+        ));
+        out.push(Set::new(
+            "bridge",
+            "addr6",
+            "type ifname . ipv6_addr",
+            ports.iter().flat_map(|p| {
                 v6(p)
                     .into_iter()
                     .map(move |a| format!("{} . {a}", quoted(&p.veth)))
-            }))
-        );
+            }),
+        ));
+    }
+
+    let bridges: BTreeSet<&str> = ports.iter().map(|p| p.bridge.as_str()).collect();
+    let isolated_bridges: BTreeSet<&str> = ports
+        .iter()
+        .filter(|p| p.isolated)
+        .map(|p| p.bridge.as_str())
+        .collect();
+    out.push(Set::new(
+        "inet",
+        "bridges",
+        "type ifname",
+        bridges.iter().map(|b| quoted(b)),
+    ));
+    out.push(Set::new(
+        "inet",
+        "bridged_isolated",
+        "type ifname . ifname",
+        isolated_bridges
+            .iter()
+            .map(|b| format!("{} . {}", quoted(b), quoted(b))),
+    ));
+    out.push(Set::new(
+        "inet",
+        "bridged_open",
+        "type ifname . ifname",
+        bridges
+            .iter()
+            .filter(|b| !isolated_bridges.contains(*b))
+            .map(|b| format!("{} . {}", quoted(b), quoted(b))),
+    ));
+    if policy.enabled {
+        let gateways = |v6: bool| {
+            ports
+                .iter()
+                .flat_map(|p| p.gateways.iter())
+                .filter(move |g| g.is_ipv6() == v6)
+                .map(|g| g.to_string())
+        };
+        let resolvers = |v6: bool| {
+            resolvers
+                .iter()
+                .filter(move |a| a.is_ipv6() == v6)
+                .map(|a| a.to_string())
+        };
+        out.push(Set::new(
+            "inet",
+            "gateways4",
+            "type ipv4_addr",
+            gateways(false),
+        ));
+        out.push(Set::new(
+            "inet",
+            "gateways6",
+            "type ipv6_addr",
+            gateways(true),
+        ));
+        out.push(Set::new(
+            "inet",
+            "resolvers4",
+            "type ipv4_addr",
+            resolvers(false),
+        ));
+        out.push(Set::new(
+            "inet",
+            "resolvers6",
+            "type ipv6_addr",
+            resolvers(true),
+        ));
+        out.push(Set::new(
+            "inet",
+            "host_ports",
+            "type inet_proto . inet_service; flags interval",
+            merged_ports(&policy.host_ports_allowed).iter().map(|p| {
+                if p.first == p.last {
+                    format!("{} . {}", p.proto.as_str(), p.first)
+                } else {
+                    format!("{} . {}-{}", p.proto.as_str(), p.first, p.last)
+                }
+            }),
+        ));
+        fn blocked(list: &'static [&'static str]) -> impl Iterator<Item = Cidr> {
+            list.iter()
+                .map(|c| c.parse::<Cidr>().expect("built-in cidr"))
+        }
+        let cidrs = |v6: bool, list: &mut dyn Iterator<Item = Cidr>| {
+            list.filter(|c| c.addr.is_ipv6() == v6)
+                .map(|c| c.to_string())
+                .collect::<Vec<_>>()
+        };
+        for (name, v6, list) in [
+            (
+                "egress4",
+                false,
+                cidrs(false, &mut policy.egress_allowed.iter().copied()),
+            ),
+            (
+                "egress6",
+                true,
+                cidrs(true, &mut policy.egress_allowed.iter().copied()),
+            ),
+            ("blocked4", false, cidrs(false, &mut blocked(BLOCKED_V4))),
+            ("blocked6", true, cidrs(true, &mut blocked(BLOCKED_V6))),
+        ] {
+            let ty = if v6 { "ipv6_addr" } else { "ipv4_addr" };
+            out.push(Set::new(
+                "inet",
+                name,
+                format!("type {ty}; flags interval; auto-merge"),
+                list,
+            ));
+        }
+    }
+    out
+}
+
+/// The script that turns the sets `old` into `new` (both from [`sets`] for the same policy)
+/// in one transaction: `add element` for what `new` holds in addition, `delete element` for
+/// what it no longer holds; empty when nothing changed. `None` when the two differ in more
+/// than elements, or in the elements of an interval set (nft merges those): only a rebuild
+/// can make that change.
+pub fn delta(table: &str, old: &[Set], new: &[Set]) -> Option<String> {
+    if old.len() != new.len() {
+        return None;
+    }
+    let mut s = String::new();
+    for (o, n) in old.iter().zip(new) {
+        if (o.family, o.name, &o.decl) != (n.family, n.name, &n.decl) {
+            return None;
+        }
+        if o.elements == n.elements {
+            continue;
+        }
+        if n.interval() {
+            return None;
+        }
+        let join = |v: Vec<&String>| v.into_iter().cloned().collect::<Vec<_>>().join(", ");
+        let added: Vec<&String> = n.elements.difference(&o.elements).collect();
+        let gone: Vec<&String> = o.elements.difference(&n.elements).collect();
+        if !added.is_empty() {
+            let _ = writeln!(
+                s,
+                "add element {} {table} {} {{ {} }}",
+                n.family,
+                n.name,
+                join(added)
+            );
+        }
+        if !gone.is_empty() {
+            let _ = writeln!(
+                s,
+                "delete element {} {table} {} {{ {} }}",
+                n.family,
+                n.name,
+                join(gone)
+            );
+        }
+    }
+    Some(s)
+}
+
+/// Renders the whole ruleset for `ports` under `policy`: one `nft -f` script that replaces
+/// both tables atomically. Ports whose names or MAC are unusable are refused (an error names
+/// the bot), never silently left out.
+pub fn render(policy: &Policy, ports: &[BotPort], resolvers: &[IpAddr]) -> Result<String, String> {
+    validate(policy, ports)?;
+    let t = &policy.table;
+    let sets = sets(policy, ports, resolvers);
+    let mut s = String::new();
+    let _ = writeln!(s, "table bridge {t}\ndelete table bridge {t}");
+    let _ = writeln!(s, "table bridge {t} {{");
+    for set in sets.iter().filter(|x| x.family == "bridge") {
+        set.write(&mut s);
+    }
+    if policy.enabled {
         let _ = writeln!(s, "  chain prerouting {{");
         let _ = writeln!(
             s,
@@ -218,118 +446,12 @@ pub fn render(policy: &Policy, ports: &[BotPort], resolvers: &[IpAddr]) -> Resul
     let _ = writeln!(s, "  }}");
     let _ = writeln!(s, "}}");
 
-    let bridges: BTreeSet<&str> = ports.iter().map(|p| p.bridge.as_str()).collect();
-    let isolated_bridges: BTreeSet<&str> = ports
-        .iter()
-        .filter(|p| p.isolated)
-        .map(|p| p.bridge.as_str())
-        .collect();
     let _ = writeln!(s, "table inet {t}\ndelete table inet {t}");
     let _ = writeln!(s, "table inet {t} {{");
-    let _ = writeln!(
-        s,
-        "  set bridges {{ type ifname;{} }}",
-        elements(bridges.iter().map(|b| quoted(b)))
-    );
-    let _ = writeln!(
-        s,
-        "  set bridged_isolated {{ type ifname . ifname;{} }}",
-        elements(
-            isolated_bridges
-                .iter()
-                .map(|b| format!("{} . {}", quoted(b), quoted(b)))
-        )
-    );
-    let _ = writeln!(
-        s,
-        "  set bridged_open {{ type ifname . ifname;{} }}",
-        elements(
-            bridges
-                .iter()
-                .filter(|b| !isolated_bridges.contains(*b))
-                .map(|b| format!("{} . {}", quoted(b), quoted(b)))
-        )
-    );
+    for set in sets.iter().filter(|x| x.family == "inet") {
+        set.write(&mut s);
+    }
     if policy.enabled {
-        let gateways = |v6: bool| {
-            ports
-                .iter()
-                .flat_map(|p| p.gateways.iter())
-                .filter(|g| g.is_ipv6() == v6)
-                .map(|g| g.to_string())
-                .collect::<Vec<_>>()
-        };
-        let cidrs = |v6: bool, list: &mut dyn Iterator<Item = Cidr>| {
-            list.filter(|c| c.addr.is_ipv6() == v6)
-                .map(|c| c.to_string())
-                .collect::<Vec<_>>()
-        };
-        let _ = writeln!(
-            s,
-            "  set gateways4 {{ type ipv4_addr;{} }}",
-            elements(gateways(false))
-        );
-        let _ = writeln!(
-            s,
-            "  set gateways6 {{ type ipv6_addr;{} }}",
-            elements(gateways(true))
-        );
-        let _ = writeln!(
-            s,
-            "  set resolvers4 {{ type ipv4_addr;{} }}",
-            elements(
-                resolvers
-                    .iter()
-                    .filter(|a| a.is_ipv4())
-                    .map(|a| a.to_string())
-            )
-        );
-        let _ = writeln!(
-            s,
-            "  set resolvers6 {{ type ipv6_addr;{} }}",
-            elements(
-                resolvers
-                    .iter()
-                    .filter(|a| a.is_ipv6())
-                    .map(|a| a.to_string())
-            )
-        );
-        let _ = writeln!(
-            s,
-            "  set host_ports {{ type inet_proto . inet_service; flags interval;{} }}",
-            elements(merged_ports(&policy.host_ports_allowed).iter().map(|p| {
-                if p.first == p.last {
-                    format!("{} . {}", p.proto.as_str(), p.first)
-                } else {
-                    format!("{} . {}-{}", p.proto.as_str(), p.first, p.last)
-                }
-            }))
-        );
-        fn blocked(list: &'static [&'static str]) -> impl Iterator<Item = Cidr> {
-            list.iter()
-                .map(|c| c.parse::<Cidr>().expect("built-in cidr"))
-        }
-        for (name, v6, list) in [
-            (
-                "egress4",
-                false,
-                cidrs(false, &mut policy.egress_allowed.iter().copied()),
-            ),
-            (
-                "egress6",
-                true,
-                cidrs(true, &mut policy.egress_allowed.iter().copied()),
-            ),
-            ("blocked4", false, cidrs(false, &mut blocked(BLOCKED_V4))),
-            ("blocked6", true, cidrs(true, &mut blocked(BLOCKED_V6))),
-        ] {
-            let ty = if v6 { "ipv6_addr" } else { "ipv4_addr" };
-            let _ = writeln!(
-                s,
-                "  set {name} {{ type {ty}; flags interval; auto-merge;{} }}",
-                elements(list)
-            );
-        }
         let _ = writeln!(s, "  chain input {{");
         let _ = writeln!(
             s,

@@ -168,3 +168,61 @@ fn unusable_names_are_refused() {
     assert!(render(&Policy::strict("9bad"), &[], &[]).is_err());
     assert!(remove_script("memoh-default").contains("delete table inet memoh-default"));
 }
+
+#[test]
+fn a_delta_adds_and_deletes_one_bots_entries() {
+    let policy = Policy::strict("memoh-default");
+    let a = port("a", "vetha", "10.88.0.2", true);
+    let mut b = port("b", "vethb", "10.88.0.3", true);
+    b.mac = Some("02:aa:bb:cc:dd:02".into());
+    let two = sets(&policy, &[a.clone(), b.clone()], &[]);
+    let one = sets(&policy, std::slice::from_ref(&a), &[]);
+    let add = delta("memoh-default", &one, &two).unwrap();
+    assert_eq!(
+        add,
+        "add element bridge memoh-default ports { \"vethb\" }\n\
+         add element bridge memoh-default isolated { \"vethb\" }\n\
+         add element bridge memoh-default hw { \"vethb\" . 02:aa:bb:cc:dd:02 }\n\
+         add element bridge memoh-default addr4 { \"vethb\" . 02:aa:bb:cc:dd:02 . 10.88.0.3 }\n"
+    );
+    // The reverse deletes the same entries; the bridge and gateway stay (a still uses them).
+    assert_eq!(
+        delta("memoh-default", &two, &one).unwrap(),
+        add.replace("add element", "delete element")
+    );
+    assert_eq!(delta("memoh-default", &two, &two).unwrap(), "");
+    // A bot on a new bridge brings the bridge's entries too.
+    let mut c = port("c", "vethc", "10.89.0.2", false);
+    c.bridge = "cni1".into();
+    let three = sets(&policy, &[a.clone(), b.clone(), c], &[]);
+    let d = delta("memoh-default", &two, &three).unwrap();
+    assert!(
+        d.contains("add element inet memoh-default bridges { \"cni1\" }"),
+        "{d}"
+    );
+    assert!(
+        d.contains("add element inet memoh-default bridged_open { \"cni1\" . \"cni1\" }"),
+        "{d}"
+    );
+    assert!(!d.contains("isolated { \"vethc\""), "{d}");
+}
+
+#[test]
+fn more_than_elements_is_not_a_delta() {
+    let a = port("a", "vetha", "10.88.0.2", true);
+    let strict = Policy::strict("memoh-default");
+    let on = sets(&strict, std::slice::from_ref(&a), &[]);
+    let off = sets(&Policy::off("memoh-default"), std::slice::from_ref(&a), &[]);
+    assert_eq!(delta("memoh-default", &on, &off), None);
+    // Interval sets merge their elements: a change there needs a rebuild.
+    let mut wider = strict.clone();
+    wider.egress_allowed = vec!["10.1.0.0/16".parse().unwrap()];
+    let egress = sets(&wider, std::slice::from_ref(&a), &[]);
+    assert_eq!(delta("memoh-default", &on, &egress), None);
+    // Resolvers are plain elements.
+    let dns = sets(&strict, &[a], &["10.255.255.53".parse().unwrap()]);
+    assert_eq!(
+        delta("memoh-default", &on, &dns).unwrap(),
+        "add element inet memoh-default resolvers4 { 10.255.255.53 }\n"
+    );
+}
