@@ -100,6 +100,14 @@ struct Step {
     create_failed: usize,
     /// Wall time of the same number of `ctr run -d`.
     ctr_wall: Duration,
+    /// Busy CPU time of the whole machine while the baseline ran, seconds.
+    ctr_cpu: f64,
+    /// Busy CPU time of the whole machine while the agent created this step's bots, seconds.
+    create_cpu: f64,
+    /// The agent's own CPU time in that window, seconds.
+    create_agent_cpu: f64,
+    /// CPU time of the agent's reaped children (CNI plugins, iptables, nft) in that window.
+    create_child_cpu: f64,
     /// Agent VmRSS, KiB.
     agent_rss: u64,
     /// Agent threads.
@@ -402,6 +410,29 @@ fn cpu_seconds(pid: u32) -> (f64, f64) {
     ((at(14) + at(15)) / tick, (at(16) + at(17)) / tick)
 }
 
+/// Busy CPU time of the whole machine since boot (every core; all but idle and iowait),
+/// seconds, from the first line of `/proc/stat`.
+fn machine_busy() -> f64 {
+    let text = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let f: Vec<f64> = text
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .map(|x| x.parse().unwrap_or(0.0))
+        .collect();
+    let tick = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    // user nice system idle iowait irq softirq steal
+    let busy: f64 = f.iter().take(8).sum::<f64>()
+        - f.get(3).copied().unwrap_or(0.0)
+        - f.get(4).copied().unwrap_or(0.0);
+    busy / tick
+}
+
 /// `Pss` of `pid` from `/proc/PID/smaps_rollup`, KiB (shared pages divided among their users).
 fn pss(pid: u32) -> u64 {
     let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
@@ -632,11 +663,17 @@ fn main() {
         println!("step {n}: {} more bots", st.added);
         let (tasks_before, mem_before, disk_before) =
             (host_tasks(), mem_available(), free_state_disk());
+        let busy = machine_busy();
         st.ctr_wall = baseline.run(st.added, CREATE_CONCURRENCY);
+        st.ctr_cpu = machine_busy() - busy;
         let (tasks_ctr, mem_ctr, disk_ctr) = (host_tasks(), mem_available(), free_state_disk());
         baseline.clear();
         let new = &all[have..n];
+        let (busy, (own, children)) = (machine_busy(), cpu_seconds(agent_pid));
         rt.block_on(create_bots(&a.socket, new, &mut st));
+        let (own2, children2) = cpu_seconds(agent_pid);
+        st.create_cpu = machine_busy() - busy;
+        (st.create_agent_cpu, st.create_child_cpu) = (own2 - own, children2 - children);
         (st.host_tasks, st.mem_available) = (host_tasks(), mem_available());
         // The next step's baseline runs beside the bots and is cleared before the agent
         // creates more, so a bot costs the larger of the two; with a margin (memory moves
@@ -1004,6 +1041,24 @@ fn table(steps: &[Step], calls: usize, td: &Teardown) -> String {
         &|st| format!("{:.2}x", ratio(st)),
         "<= 1.2x",
         yes_no(steps.iter().all(|st| ratio(st) <= CREATE_RATIO_TARGET)),
+    );
+    row(
+        "machine CPU per container created: baseline / agent, core-ms",
+        &|st| {
+            let per = |cpu: f64| cpu * 1000.0 / st.added.max(1) as f64;
+            format!("{:.0} / {:.0}", per(st.ctr_cpu), per(st.create_cpu))
+        },
+        "-",
+        "-",
+    );
+    row(
+        "of the agent's: the agent itself / its children (CNI plugins, iptables, nft), core-ms per bot",
+        &|st| {
+            let per = |cpu: f64| cpu * 1000.0 / st.added.max(1) as f64;
+            format!("{:.0} / {:.0}", per(st.create_agent_cpu), per(st.create_child_cpu))
+        },
+        "-",
+        "-",
     );
     row(
         "`CreateBot` latency p50 / p99",

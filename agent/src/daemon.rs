@@ -138,6 +138,12 @@ pub async fn run(
         .build_v1()
         .map_err(|e| AgentError::FailedPrecondition(format!("reflection: {e}")))?;
     let router = tonic::transport::Server::builder()
+        // The windows and frames every connection of ours uses (the bots' servers and the
+        // clients too): a raw transfer through the socket is not held to 16 KiB frames and
+        // the protocol's 64 KiB window.
+        .initial_stream_window_size(4 * 1024 * 1024)
+        .initial_connection_window_size(8 * 1024 * 1024)
+        .max_frame_size(1 << 20)
         // A client's pooled connection carries calls for as long as it lives: h2's cumulative
         // budget of streams it resets on its own (1024 by default) would end it with a GOAWAY
         // after some thousands of streaming calls, failing the one in flight.
