@@ -15,7 +15,10 @@
 //!   socket against the same transfers straight to the bot (best of 3 each, alternating);
 //! - `cp` of 1 GiB into and out of the bot through the CLI (a local file on each side) against
 //!   the same transfer straight to the bot from and into memory, and from and into a local
-//!   file on the same disk (best of 3 each, alternating).
+//!   file on the same disk (best of 3 each, alternating);
+//! - the machine's own cost of one more hop, the floor under the proxy's download figures:
+//!   512 MiB read from a TCP loopback socket through a plain relay thread (TCP in, unix
+//!   socket out, 64 KiB reads and writes) against the same bytes read straight (best of 3).
 //!
 //! Run with `cargo bench -p memoh-agent --bench agent`. Prints a markdown table and appends a
 //! dated "memoh-agent" section with the machine to `BENCHMARKS.md` at the workspace root.
@@ -293,6 +296,37 @@ fn main() {
             ),
         });
     }
+    // The machine's own cost of one more hop: the same bytes read from a TCP loopback socket
+    // straight, and through a plain relay (TCP in, unix socket out, as the agent sits between
+    // a bot and a client), best of 3 each, alternating.
+    let (relayed, straight) = relay_baseline();
+    let relay_ratio = straight.as_secs_f64() / relayed.as_secs_f64();
+    rows.push(Row {
+        what: "plain relay of 512 MiB: TCP loopback in, unix socket out, 64 KiB reads and writes",
+        value: relayed,
+        baseline_name: "the same bytes straight from the TCP loopback socket, best of 3",
+        baseline: straight,
+        target: "-",
+        met: true,
+        ratio: format!(
+            "{relay_ratio:.2}x ({:.0} vs {:.0} MB/s)",
+            mbps(relayed, "512"),
+            mbps(straight, "512")
+        ),
+    });
+    let read_ratio = t.read_direct.as_secs_f64() / t.read_via.as_secs_f64();
+    rows.push(Row {
+        what: "ReadRaw through the socket over direct, against the plain relay's own ratio",
+        value: t.read_via,
+        baseline_name: "the plain relay's ratio (above)",
+        baseline: relayed,
+        target: "-",
+        met: true,
+        ratio: format!(
+            "{:.2}x ({read_ratio:.2} / {relay_ratio:.2})",
+            read_ratio / relay_ratio
+        ),
+    });
     drop(a);
 
     let table = render(&rows);
@@ -323,6 +357,80 @@ fn mbps(d: Duration, what: &str) -> f64 {
         RAW_MIB as f64
     };
     mib * 1024.0 * 1024.0 / 1e6 / d.as_secs_f64()
+}
+
+/// Best wall times (of [`TRANSFER_RUNS`], alternating) of reading [`RAW_MIB`] from a TCP
+/// loopback source through a relay thread (TCP in, unix socket out, 64 KiB reads and
+/// writes, no splice) and straight from the source: (relayed, straight).
+fn relay_baseline() -> (Duration, Duration) {
+    use std::io::{Read, Write};
+    const CHUNK: usize = 64 * 1024;
+    let total = RAW_MIB * 1024 * 1024;
+    let source = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let source_addr = source.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let chunk = vec![0x5au8; CHUNK];
+        for conn in source.incoming() {
+            let Ok(mut conn) = conn else { return };
+            std::thread::spawn({
+                let chunk = chunk.clone();
+                move || {
+                    let _ = conn.set_nodelay(true);
+                    for _ in 0..total / CHUNK {
+                        if conn.write_all(&chunk).is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let relay_path = dir.path().join("relay.sock");
+    let relay = std::os::unix::net::UnixListener::bind(&relay_path).unwrap();
+    std::thread::spawn(move || {
+        for conn in relay.incoming() {
+            let Ok(mut out) = conn else { return };
+            std::thread::spawn(move || {
+                let Ok(mut inp) = std::net::TcpStream::connect(source_addr) else {
+                    return;
+                };
+                let mut buf = vec![0u8; CHUNK];
+                loop {
+                    match inp.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            if out.write_all(&buf[..n]).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    fn drain(mut r: impl Read) -> usize {
+        let mut buf = vec![0u8; CHUNK];
+        let mut got = 0;
+        loop {
+            match r.read(&mut buf) {
+                Ok(0) | Err(_) => return got,
+                Ok(n) => got += n,
+            }
+        }
+    }
+    let (mut relayed, mut straight) = (Vec::new(), Vec::new());
+    for _ in 0..TRANSFER_RUNS {
+        let t = Instant::now();
+        let got = drain(std::os::unix::net::UnixStream::connect(&relay_path).unwrap());
+        relayed.push(t.elapsed());
+        assert_eq!(got, total, "the relay moved {got} of {total} bytes");
+        let t = Instant::now();
+        let got = drain(std::net::TcpStream::connect(source_addr).unwrap());
+        straight.push(t.elapsed());
+        assert_eq!(got, total, "the source sent {got} of {total} bytes");
+    }
+    (best(&relayed), best(&straight))
 }
 
 /// `n` MiB of incompressible-looking bytes in 1 MiB buffers.
