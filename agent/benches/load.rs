@@ -410,6 +410,11 @@ fn cpu_seconds(pid: u32) -> (f64, f64) {
     ((at(14) + at(15)) / tick, (at(16) + at(17)) / tick)
 }
 
+/// `cpu` seconds spread over the bots `st` created, in milliseconds a bot.
+fn per_bot_ms(cpu: f64, st: &Step) -> f64 {
+    cpu * 1000.0 / st.added.max(1) as f64
+}
+
 /// Busy CPU time of the whole machine since boot (every core; all but idle and iowait),
 /// seconds, from the first line of `/proc/stat`.
 fn machine_busy() -> f64 {
@@ -1045,8 +1050,11 @@ fn table(steps: &[Step], calls: usize, td: &Teardown) -> String {
     row(
         "machine CPU per container created: baseline / agent, core-ms",
         &|st| {
-            let per = |cpu: f64| cpu * 1000.0 / st.added.max(1) as f64;
-            format!("{:.0} / {:.0}", per(st.ctr_cpu), per(st.create_cpu))
+            format!(
+                "{:.0} / {:.0}",
+                per_bot_ms(st.ctr_cpu, st),
+                per_bot_ms(st.create_cpu, st)
+            )
         },
         "-",
         "-",
@@ -1054,8 +1062,11 @@ fn table(steps: &[Step], calls: usize, td: &Teardown) -> String {
     row(
         "of the agent's: the agent itself / its children (CNI plugins, iptables, nft), core-ms per bot",
         &|st| {
-            let per = |cpu: f64| cpu * 1000.0 / st.added.max(1) as f64;
-            format!("{:.0} / {:.0}", per(st.create_agent_cpu), per(st.create_child_cpu))
+            format!(
+                "{:.0} / {:.0}",
+                per_bot_ms(st.create_agent_cpu, st),
+                per_bot_ms(st.create_child_cpu, st)
+            )
         },
         "-",
         "-",
